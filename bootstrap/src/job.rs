@@ -148,6 +148,9 @@ mod tests {
 
     #[test]
     fn results_go_under_the_prefix_and_the_key() {
-        assert_eq!(sample().results_key_prefix(), "analysis/in/report 2024.csv/");
+        assert_eq!(
+            sample().results_key_prefix(),
+            "analysis/in/report 2024.csv/"
+        );
     }
 }

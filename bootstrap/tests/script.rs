@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use s3spot_bootstrap::{
-    JobSpec, MAX_USER_DATA_BYTES, RenderError, WorkerArtifact, job_from_user_data,
-    render_user_data,
+    JobSpec, MAX_USER_DATA_BYTES, RenderError, WorkerArtifact, job_from_user_data, render_user_data,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -159,13 +158,23 @@ fn hostile_keys_never_appear_in_the_script_and_it_parses() {
             .script()
             .to_owned();
         let visible = key.trim_start_matches("in/");
-        assert!(!script.contains(visible), "key {key:?} leaked into the script");
-        assert!(!script.contains("pwned"), "key {key:?} leaked into the script");
+        assert!(
+            !script.contains(visible),
+            "key {key:?} leaked into the script"
+        );
+        assert!(
+            !script.contains("pwned"),
+            "key {key:?} leaked into the script"
+        );
         let check = Command::new("bash")
             .args(["-n", "-c", &script])
             .output()
             .unwrap();
-        assert!(check.status.success(), "bash -n, key {key:?}: {}", show(&check));
+        assert!(
+            check.status.success(),
+            "bash -n, key {key:?}: {}",
+            show(&check)
+        );
         assert_eq!(job_from_user_data(&script).unwrap().key, key);
     }
 }
@@ -183,10 +192,17 @@ fn hostile_keys_reach_the_worker_intact_and_are_never_run() {
         assert_eq!(args.len(), 4, "{args:?}");
         assert_eq!(args[..3], ["run", "--no-shutdown", "--job"]);
         assert_eq!(JobSpec::decode(&args[3]).unwrap(), spec, "key {key:?}");
-        assert!(sandbox.path("shutdown-ran").exists(), "no shutdown for {key:?}");
+        assert!(
+            sandbox.path("shutdown-ran").exists(),
+            "no shutdown for {key:?}"
+        );
         fs::remove_file(sandbox.path("shutdown-ran")).unwrap();
     }
-    assert_eq!(sandbox.pwned(), Vec::<String>::new(), "the shell ran part of a key");
+    assert_eq!(
+        sandbox.pwned(),
+        Vec::<String>::new(),
+        "the shell ran part of a key"
+    );
 }
 
 #[test]
@@ -201,7 +217,10 @@ fn the_script_fetches_the_configured_worker_and_logs_to_its_file() {
     );
     assert!(output.status.success(), "{}", show(&output));
     let aws = sandbox.args("aws-args");
-    assert_eq!(aws[..4], ["s3", "cp", "--only-show-errors", spec.worker.uri.as_str()]);
+    assert_eq!(
+        aws[..4],
+        ["s3", "cp", "--only-show-errors", spec.worker.uri.as_str()]
+    );
     assert!(aws[4].ends_with("s3spot-worker.download"), "{aws:?}");
     assert!(sandbox.path("home/s3spot-worker").exists());
     assert_eq!(sandbox.pwned(), Vec::<String>::new());
@@ -218,7 +237,10 @@ fn a_worker_with_the_wrong_sha256_is_never_run_and_the_instance_still_shuts_down
     let output = sandbox.run(render_user_data(&spec, None).unwrap().script(), &[]);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("sha256 mismatch"));
-    assert!(!sandbox.path("worker-args").exists(), "the unverified worker ran");
+    assert!(
+        !sandbox.path("worker-args").exists(),
+        "the unverified worker ran"
+    );
     assert!(!sandbox.path("home/s3spot-worker").exists());
     assert!(sandbox.path("shutdown-ran").exists());
 }
@@ -253,11 +275,17 @@ fn rendering_is_deterministic() {
     let spec = job("in/$(x).csv", &"ab".repeat(32));
     let first = render_user_data(&spec, Some("us-east-1")).unwrap();
     for _ in 0..3 {
-        assert_eq!(render_user_data(&spec.clone(), Some("us-east-1")).unwrap(), first);
+        assert_eq!(
+            render_user_data(&spec.clone(), Some("us-east-1")).unwrap(),
+            first
+        );
     }
     let mut next_attempt = spec.clone();
     next_attempt.attempt = 2;
-    assert_ne!(render_user_data(&next_attempt, Some("us-east-1")).unwrap(), first);
+    assert_ne!(
+        render_user_data(&next_attempt, Some("us-east-1")).unwrap(),
+        first
+    );
 }
 
 #[test]
@@ -299,7 +327,12 @@ fn a_nul_byte_in_an_operator_value_is_an_error_not_a_truncated_script() {
 #[test]
 fn every_template_expression_is_a_number_or_shell_quoted() {
     let template = include_str!("../bootstrap.sh.tera");
-    let numbers = ["attempt", "max_runtime_secs", "hard_limit_secs", "kill_after_secs"];
+    let numbers = [
+        "attempt",
+        "max_runtime_secs",
+        "hard_limit_secs",
+        "kill_after_secs",
+    ];
     let mut expressions = 0;
     for expression in template.split("{{").skip(1) {
         let expression = expression.split("}}").next().unwrap().trim();

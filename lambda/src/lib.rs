@@ -1,1 +1,29 @@
+//! s3spot's launcher: S3 "object created" events in, one spot instance per object out.
+//!
+//! An event is parsed into records ([`event`]), each record is skipped or planned into a job
+//! with its user-data ([`plan`]), and each job is launched through a [`Launcher`] with a
+//! deterministic `ClientToken` ([`token`]). [`Handler`] ties them together; [`Ec2Launcher`] is
+//! the launcher for AWS.
 
+pub mod config;
+pub mod ec2;
+pub mod event;
+pub mod handler;
+pub mod key;
+pub mod launcher;
+pub mod plan;
+pub mod token;
+
+pub use config::{Config, ConfigError, JobConfig};
+pub use ec2::Ec2Launcher;
+pub use handler::{Handler, HandlerError, Report, Response, error_chain};
+pub use launcher::{LaunchError, LaunchRequest, Launched, Launcher};
+
+impl From<HandlerError> for lambda_runtime::Diagnostic {
+    fn from(error: HandlerError) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: error.kind().to_owned(),
+            error_message: error_chain(&error),
+        }
+    }
+}

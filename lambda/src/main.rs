@@ -1,1 +1,36 @@
-fn main() {}
+//! `s3spot-lambda`: serves the Lambda Runtime API with the s3spot handler.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use lambda_runtime::{LambdaEvent, service_fn};
+use s3spot_lambda::{Config, Ec2Launcher, Handler};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // JSON when AWS_LAMBDA_LOG_FORMAT=JSON; level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
+    lambda_runtime::tracing::init_default_subscriber();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("s3spot-lambda: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let mut config = Config::from_env().context("bad configuration")?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    config.job.region = sdk.region().map(ToString::to_string);
+    let handler = Arc::new(Handler::new(config, Ec2Launcher::new(&sdk)));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let handler = Arc::clone(&handler);
+        async move { handler.handle(event.payload).await }
+    }))
+    .await
+    .map_err(|error| anyhow::anyhow!(error))
+    .context("the Lambda runtime stopped")
+}

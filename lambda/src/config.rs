@@ -1,0 +1,663 @@
+//! Configuration: `S3SPOT_*` environment variables, read and checked once at start-up.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use s3spot_bootstrap::{DEFAULT_RESULTS_PREFIX, WorkerArtifact};
+
+/// Every variable this crate reads, so that the process environment is read in one place.
+pub const VARIABLES: &[&str] = &[
+    "S3SPOT_LAUNCH_TEMPLATE",
+    "S3SPOT_LAUNCH_TEMPLATE_VERSION",
+    "S3SPOT_WORKER_URI",
+    "S3SPOT_WORKER_SHA256",
+    "S3SPOT_COMMAND",
+    "S3SPOT_MAX_RUNTIME",
+    "S3SPOT_RESULTS_BUCKET",
+    "S3SPOT_RESULTS_PREFIX",
+    "S3SPOT_SKIP_SUBSTRING",
+    "S3SPOT_MARKET",
+    "S3SPOT_INSTANCE_TYPES",
+    "S3SPOT_MAX_INSTANCES",
+    "S3SPOT_PIPELINE",
+];
+
+const DEFAULT_MAX_RUNTIME_SECS: u64 = 3600;
+/// A week. A longer limit is almost certainly a typo, and it would let a hung job bill for it.
+const MAX_MAX_RUNTIME_SECS: u64 = 7 * 24 * 3600;
+const DEFAULT_MAX_INSTANCES: u32 = 20;
+const DEFAULT_SKIP_SUBSTRING: &str = "analysis";
+const DEFAULT_PIPELINE: &str = "s3spot";
+const DEFAULT_TEMPLATE_VERSION: &str = "$Default";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var} is not set; {hint}")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration: what a job is, and how it is launched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub job: JobConfig,
+    pub launch: LaunchConfig,
+}
+
+/// What goes into every [`s3spot_bootstrap::JobSpec`], and which objects are not jobs at all.
+/// `s3spot render` needs only this part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    pub worker: WorkerArtifact,
+    pub command: Option<String>,
+    pub max_runtime_secs: u64,
+    /// `None`: results go to the input bucket.
+    pub results_bucket: Option<String>,
+    pub results_prefix: String,
+    /// Lowercased; `None` when the rule is switched off with an empty value.
+    pub skip_substring: Option<String>,
+    /// Exported for the AWS CLI on the instance. Not an `S3SPOT_*` variable: the binary fills it
+    /// in from the SDK's region.
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub template: LaunchTemplate,
+    /// `$Default`, `$Latest` or a version number.
+    pub template_version: String,
+    pub market: Market,
+    /// Override types, tried in order; empty: the template's type.
+    pub instance_types: Vec<String>,
+    pub max_instances: u32,
+    pub pipeline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchTemplate {
+    Id(String),
+    Name(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Market {
+    Spot,
+    OnDemand,
+    SpotThenOnDemand,
+}
+
+/// The market a single launch attempt uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MarketType {
+    Spot,
+    OnDemand,
+}
+
+impl MarketType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MarketType::Spot => "spot",
+            MarketType::OnDemand => "on-demand",
+        }
+    }
+}
+
+impl fmt::Display for MarketType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One way to launch: a market and, if configured, an instance type overriding the template's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LaunchOption {
+    pub market: MarketType,
+    pub instance_type: Option<String>,
+}
+
+impl fmt::Display for LaunchOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.instance_type {
+            Some(instance_type) => write!(f, "{} {instance_type}", self.market),
+            None => write!(f, "{} (template's instance type)", self.market),
+        }
+    }
+}
+
+impl LaunchConfig {
+    /// The options to try, in order: every type on spot, then every type on demand.
+    pub fn options(&self) -> Vec<LaunchOption> {
+        let markets: &[MarketType] = match self.market {
+            Market::Spot => &[MarketType::Spot],
+            Market::OnDemand => &[MarketType::OnDemand],
+            Market::SpotThenOnDemand => &[MarketType::Spot, MarketType::OnDemand],
+        };
+        let types: Vec<Option<String>> = if self.instance_types.is_empty() {
+            vec![None]
+        } else {
+            self.instance_types.iter().cloned().map(Some).collect()
+        };
+        markets
+            .iter()
+            .flat_map(|&market| {
+                types.iter().map(move |instance_type| LaunchOption {
+                    market,
+                    instance_type: instance_type.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars = read_env()?;
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    /// Reads variables through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Ok(Config {
+            job: JobConfig::from_lookup(&lookup)?,
+            launch: LaunchConfig::from_lookup(&lookup)?,
+        })
+    }
+}
+
+impl JobConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars = read_env()?;
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let uri = required(
+            &lookup,
+            "S3SPOT_WORKER_URI",
+            "set it to the s3://bucket/key of the s3spot-worker binary",
+        )?;
+        parse_s3_uri(&uri).map_err(|reason| invalid("S3SPOT_WORKER_URI", &uri, reason))?;
+        let sha256 = required(
+            &lookup,
+            "S3SPOT_WORKER_SHA256",
+            "set it to the output of `sha256sum s3spot-worker`",
+        )?;
+        let sha256 = parse_sha256(&sha256)
+            .map_err(|reason| invalid("S3SPOT_WORKER_SHA256", &sha256, reason))?;
+
+        let max_runtime_secs = match lookup("S3SPOT_MAX_RUNTIME") {
+            None => DEFAULT_MAX_RUNTIME_SECS,
+            Some(value) => value
+                .parse::<u64>()
+                .ok()
+                .filter(|secs| (1..=MAX_MAX_RUNTIME_SECS).contains(secs))
+                .ok_or_else(|| {
+                    invalid(
+                        "S3SPOT_MAX_RUNTIME",
+                        &value,
+                        format!(
+                            "expected whole seconds from 1 to {MAX_MAX_RUNTIME_SECS}, e.g. 3600"
+                        ),
+                    )
+                })?,
+        };
+
+        let results_bucket = non_empty(lookup("S3SPOT_RESULTS_BUCKET"));
+        if let Some(bucket) = &results_bucket {
+            check_bucket_name(bucket)
+                .map_err(|reason| invalid("S3SPOT_RESULTS_BUCKET", bucket, reason))?;
+        }
+
+        let results_prefix =
+            lookup("S3SPOT_RESULTS_PREFIX").unwrap_or_else(|| DEFAULT_RESULTS_PREFIX.to_owned());
+        if results_prefix.is_empty()
+            || !results_prefix.ends_with('/')
+            || results_prefix.starts_with('/')
+        {
+            return Err(invalid(
+                "S3SPOT_RESULTS_PREFIX",
+                &results_prefix,
+                "expected a folder-style prefix that ends with '/' and does not start with one, e.g. \"analysis/\"",
+            ));
+        }
+
+        let skip_substring = match lookup("S3SPOT_SKIP_SUBSTRING") {
+            None => Some(DEFAULT_SKIP_SUBSTRING.to_owned()),
+            Some(value) if value.is_empty() => None,
+            Some(value) => Some(value.to_lowercase()),
+        };
+
+        Ok(JobConfig {
+            worker: WorkerArtifact { uri, sha256 },
+            command: non_empty(lookup("S3SPOT_COMMAND")),
+            max_runtime_secs,
+            results_bucket,
+            results_prefix,
+            skip_substring,
+            region: None,
+        })
+    }
+}
+
+impl LaunchConfig {
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let template = required(
+            &lookup,
+            "S3SPOT_LAUNCH_TEMPLATE",
+            "set it to the launch template's name or its lt- id",
+        )?;
+        let template = parse_launch_template(&template)
+            .map_err(|reason| invalid("S3SPOT_LAUNCH_TEMPLATE", &template, reason))?;
+
+        let template_version = lookup("S3SPOT_LAUNCH_TEMPLATE_VERSION")
+            .unwrap_or_else(|| DEFAULT_TEMPLATE_VERSION.to_owned());
+        let version_ok = template_version == "$Default"
+            || template_version == "$Latest"
+            || template_version.parse::<u64>().is_ok_and(|v| v >= 1);
+        if !version_ok {
+            return Err(invalid(
+                "S3SPOT_LAUNCH_TEMPLATE_VERSION",
+                &template_version,
+                "expected $Default, $Latest or a version number such as 3",
+            ));
+        }
+
+        let market = match lookup("S3SPOT_MARKET").as_deref() {
+            None | Some("spot") => Market::Spot,
+            Some("on-demand") => Market::OnDemand,
+            Some("spot-then-on-demand") => Market::SpotThenOnDemand,
+            Some(other) => {
+                return Err(invalid(
+                    "S3SPOT_MARKET",
+                    other,
+                    "expected spot, on-demand or spot-then-on-demand",
+                ));
+            }
+        };
+
+        let instance_types = match non_empty(lookup("S3SPOT_INSTANCE_TYPES")) {
+            None => Vec::new(),
+            Some(list) => parse_instance_types(&list)
+                .map_err(|reason| invalid("S3SPOT_INSTANCE_TYPES", &list, reason))?,
+        };
+
+        let max_instances = match lookup("S3SPOT_MAX_INSTANCES") {
+            None => DEFAULT_MAX_INSTANCES,
+            Some(value) => value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    invalid(
+                        "S3SPOT_MAX_INSTANCES",
+                        &value,
+                        "expected a whole number of instances, at least 1",
+                    )
+                })?,
+        };
+
+        let pipeline = lookup("S3SPOT_PIPELINE").unwrap_or_else(|| DEFAULT_PIPELINE.to_owned());
+        if pipeline.is_empty() || pipeline.chars().count() > 256 {
+            return Err(invalid(
+                "S3SPOT_PIPELINE",
+                &pipeline,
+                "expected 1 to 256 characters (it is a tag value)",
+            ));
+        }
+
+        Ok(LaunchConfig {
+            template,
+            template_version,
+            market,
+            instance_types,
+            max_instances,
+            pipeline,
+        })
+    }
+}
+
+fn read_env() -> Result<HashMap<&'static str, String>, ConfigError> {
+    let mut vars = HashMap::new();
+    for &name in VARIABLES {
+        match std::env::var(name) {
+            Ok(value) => {
+                vars.insert(name, value);
+            }
+            Err(std::env::VarError::NotPresent) => {}
+            Err(std::env::VarError::NotUnicode(value)) => {
+                return Err(invalid(
+                    name,
+                    &value.to_string_lossy(),
+                    "it is not valid UTF-8",
+                ));
+            }
+        }
+    }
+    Ok(vars)
+}
+
+fn required(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    hint: &'static str,
+) -> Result<String, ConfigError> {
+    non_empty(lookup(var)).ok_or(ConfigError::Missing { var, hint })
+}
+
+/// Deployment templates pass "" for "not set"; treat it so.
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Splits `s3://bucket/key` into its parts.
+pub fn parse_s3_uri(uri: &str) -> Result<(&str, &str), String> {
+    let rest = uri
+        .strip_prefix("s3://")
+        .ok_or("expected s3://bucket/key")?;
+    let (bucket, key) = rest
+        .split_once('/')
+        .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
+        .ok_or("expected s3://bucket/key, with both a bucket and a key")?;
+    check_bucket_name(bucket)?;
+    Ok((bucket, key))
+}
+
+fn parse_sha256(value: &str) -> Result<String, String> {
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err("expected 64 hex digits, as printed by `sha256sum`".into())
+    }
+}
+
+fn check_bucket_name(bucket: &str) -> Result<(), String> {
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '.' or '-')"
+        ))
+    }
+}
+
+fn parse_launch_template(value: &str) -> Result<LaunchTemplate, String> {
+    if let Some(id) = value.strip_prefix("lt-") {
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(LaunchTemplate::Id(value.to_owned()));
+        }
+        return Err("an lt- id is followed by hex digits, e.g. lt-0abcd1234ef567890".into());
+    }
+    let name_ok = (3..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"()./_-".contains(&b));
+    if name_ok {
+        Ok(LaunchTemplate::Name(value.to_owned()))
+    } else {
+        Err(
+            "expected a launch template name (3 to 128 of A-Z a-z 0-9 ( ) . / _ -) or an lt- id"
+                .into(),
+        )
+    }
+}
+
+fn parse_instance_types(list: &str) -> Result<Vec<String>, String> {
+    let mut types = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let ok = item.split_once('.').is_some_and(|(family, size)| {
+            !family.is_empty()
+                && !size.is_empty()
+                && item
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        });
+        if !ok {
+            return Err(format!(
+                "{item:?} is not an instance type; expected a comma-separated list such as m7i.large,m6i.large"
+            ));
+        }
+        if types.iter().any(|t| t == item) {
+            return Err(format!("{item} is listed twice"));
+        }
+        types.push(item.to_owned());
+    }
+    Ok(types)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
+        ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
+        (
+            "S3SPOT_WORKER_SHA256",
+            "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
+        ),
+    ];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let mut vars: Vec<(&str, &str)> = extra.to_vec();
+        vars.extend_from_slice(MINIMAL);
+        Config::from_lookup(lookup(&vars))
+    }
+
+    #[test]
+    fn defaults() {
+        let config = with(&[]).unwrap();
+        assert_eq!(
+            config.launch.template,
+            LaunchTemplate::Name("s3spot-worker".into())
+        );
+        assert_eq!(config.launch.template_version, "$Default");
+        assert_eq!(config.launch.market, Market::Spot);
+        assert!(config.launch.instance_types.is_empty());
+        assert_eq!(config.launch.max_instances, 20);
+        assert_eq!(config.launch.pipeline, "s3spot");
+        assert_eq!(config.job.max_runtime_secs, 3600);
+        assert_eq!(config.job.results_bucket, None);
+        assert_eq!(config.job.results_prefix, "analysis/");
+        assert_eq!(config.job.skip_substring.as_deref(), Some("analysis"));
+        assert_eq!(config.job.command, None);
+        assert_eq!(
+            config.job.worker.sha256,
+            "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+        );
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let config = with(&[
+            ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "7"),
+            ("S3SPOT_COMMAND", "./process \"$S3SPOT_INPUT\""),
+            ("S3SPOT_MAX_RUNTIME", "60"),
+            ("S3SPOT_RESULTS_BUCKET", "results-bucket"),
+            ("S3SPOT_RESULTS_PREFIX", "out/"),
+            ("S3SPOT_SKIP_SUBSTRING", "Processed"),
+            ("S3SPOT_MARKET", "spot-then-on-demand"),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large, m6i.large"),
+            ("S3SPOT_MAX_INSTANCES", "3"),
+            ("S3SPOT_PIPELINE", "genomics"),
+        ])
+        .unwrap();
+        assert_eq!(config.launch.template_version, "7");
+        assert_eq!(
+            config.job.command.as_deref(),
+            Some("./process \"$S3SPOT_INPUT\"")
+        );
+        assert_eq!(config.job.max_runtime_secs, 60);
+        assert_eq!(config.job.results_bucket.as_deref(), Some("results-bucket"));
+        assert_eq!(config.job.results_prefix, "out/");
+        assert_eq!(config.job.skip_substring.as_deref(), Some("processed"));
+        assert_eq!(config.launch.market, Market::SpotThenOnDemand);
+        assert_eq!(config.launch.instance_types, ["m7i.large", "m6i.large"]);
+        assert_eq!(config.launch.max_instances, 3);
+        assert_eq!(config.launch.pipeline, "genomics");
+        assert_eq!(VARIABLES.len(), 13);
+    }
+
+    #[test]
+    fn template_ids_and_names() {
+        let config = with(&[("S3SPOT_LAUNCH_TEMPLATE", "lt-0abcdef1234567890")]).unwrap();
+        assert_eq!(
+            config.launch.template,
+            LaunchTemplate::Id("lt-0abcdef1234567890".into())
+        );
+    }
+
+    #[test]
+    fn empty_values_mean_unset_or_off() {
+        let config = with(&[
+            ("S3SPOT_COMMAND", ""),
+            ("S3SPOT_RESULTS_BUCKET", ""),
+            ("S3SPOT_INSTANCE_TYPES", ""),
+            ("S3SPOT_SKIP_SUBSTRING", ""),
+        ])
+        .unwrap();
+        assert_eq!(config.job.command, None);
+        assert_eq!(config.job.results_bucket, None);
+        assert!(config.launch.instance_types.is_empty());
+        assert_eq!(config.job.skip_substring, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("S3SPOT_LAUNCH_TEMPLATE", "lt-xyz", "lt- id"),
+            ("S3SPOT_LAUNCH_TEMPLATE", "a b", "launch template name"),
+            ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "latest", "$Latest"),
+            ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "0", "version number"),
+            (
+                "S3SPOT_WORKER_URI",
+                "https://example.com/worker",
+                "s3://bucket/key",
+            ),
+            (
+                "S3SPOT_WORKER_URI",
+                "s3://artifacts/",
+                "both a bucket and a key",
+            ),
+            ("S3SPOT_WORKER_URI", "s3://Artifacts/w", "bucket name"),
+            ("S3SPOT_WORKER_SHA256", "abc", "64 hex digits"),
+            ("S3SPOT_MAX_RUNTIME", "1h", "whole seconds"),
+            ("S3SPOT_MAX_RUNTIME", "0", "whole seconds"),
+            ("S3SPOT_MAX_RUNTIME", "99999999", "whole seconds"),
+            ("S3SPOT_RESULTS_BUCKET", "My_Bucket", "bucket name"),
+            ("S3SPOT_RESULTS_PREFIX", "analysis", "ends with '/'"),
+            ("S3SPOT_RESULTS_PREFIX", "/analysis/", "does not start"),
+            (
+                "S3SPOT_MARKET",
+                "spot-only",
+                "spot, on-demand or spot-then-on-demand",
+            ),
+            (
+                "S3SPOT_INSTANCE_TYPES",
+                "m5.large,,c5.large",
+                "not an instance type",
+            ),
+            (
+                "S3SPOT_INSTANCE_TYPES",
+                "m5.large;c5.large",
+                "not an instance type",
+            ),
+            ("S3SPOT_INSTANCE_TYPES", "m5.large,m5.large", "listed twice"),
+            ("S3SPOT_MAX_INSTANCES", "0", "at least 1"),
+            ("S3SPOT_MAX_INSTANCES", "-1", "at least 1"),
+            ("S3SPOT_PIPELINE", "", "1 to 256"),
+        ];
+        for &(var, value, expected) in cases {
+            let err = with(&[(var, value)]).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("{var}={value:?} is invalid")),
+                "{var}={value:?}: {message}"
+            );
+            assert!(message.contains(expected), "{var}={value:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn missing_required_variables_say_what_to_set() {
+        for var in [
+            "S3SPOT_LAUNCH_TEMPLATE",
+            "S3SPOT_WORKER_URI",
+            "S3SPOT_WORKER_SHA256",
+        ] {
+            let vars: Vec<(&str, &str)> =
+                MINIMAL.iter().copied().filter(|(n, _)| *n != var).collect();
+            let err = Config::from_lookup(lookup(&vars)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Missing { var: v, .. } if v == var),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("{var} is not set; set it to"))
+            );
+        }
+    }
+
+    #[test]
+    fn the_job_part_needs_no_launch_template() {
+        let vars: Vec<(&str, &str)> = MINIMAL[1..].to_vec();
+        assert!(JobConfig::from_lookup(lookup(&vars)).is_ok());
+        assert!(Config::from_lookup(lookup(&vars)).is_err());
+    }
+
+    #[test]
+    fn options_go_through_every_type_on_spot_before_on_demand() {
+        let mut launch = with(&[]).unwrap().launch;
+        let describe = |launch: &LaunchConfig| {
+            launch
+                .options()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(describe(&launch), ["spot (template's instance type)"]);
+        launch.market = Market::OnDemand;
+        assert_eq!(describe(&launch), ["on-demand (template's instance type)"]);
+        launch.market = Market::SpotThenOnDemand;
+        launch.instance_types = vec!["m7i.large".into(), "m6i.large".into()];
+        assert_eq!(
+            describe(&launch),
+            [
+                "spot m7i.large",
+                "spot m6i.large",
+                "on-demand m7i.large",
+                "on-demand m6i.large"
+            ]
+        );
+    }
+}

@@ -1,0 +1,240 @@
+//! [`Launcher`] on EC2: `RunInstances` from a launch template, `DescribeInstances` for the guard.
+
+use aws_sdk_ec2::config::interceptors::InterceptorContext;
+use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::run_instances::RunInstancesError;
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, InstanceInterruptionBehavior, InstanceMarketOptionsRequest,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
+    LaunchTemplateSpecification, MarketType as Ec2MarketType, ResourceType, ShutdownBehavior,
+    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+};
+
+use crate::config::{LaunchTemplate, MarketType};
+use crate::launcher::{LaunchError, LaunchRequest, Launched, Launcher, TAG_PIPELINE};
+
+/// Errors that mean "no capacity for this option": move on to the next one.
+const CAPACITY_ERRORS: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "SpotMaxPriceTooLow",
+    "MaxSpotInstanceCountExceeded",
+    "UnfulfillableCapacity",
+];
+
+/// Account limits: another option would hit the same wall, and waiting frees them up.
+const QUOTA_ERRORS: &[&str] = &["VcpuLimitExceeded", "InstanceLimitExceeded"];
+
+/// Codes that are worth retrying later even after the SDK's own retries ran out.
+const TRANSIENT_ERRORS: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "InternalError",
+    "ServiceUnavailable",
+    "Unavailable",
+];
+
+#[derive(Debug, Clone)]
+pub struct Ec2Launcher {
+    client: aws_sdk_ec2::Client,
+}
+
+impl Ec2Launcher {
+    /// A launcher on the standard AWS configuration (region, credential chain, `AWS_ENDPOINT_URL`
+    /// / `AWS_ENDPOINT_URL_EC2`, retries), tuned by [`configure`].
+    pub fn new(sdk: &aws_config::SdkConfig) -> Self {
+        let config = configure(aws_sdk_ec2::config::Builder::from(sdk)).build();
+        Self::from_client(aws_sdk_ec2::Client::from_conf(config))
+    }
+
+    /// For clients built elsewhere, e.g. with [`configure`] applied to a test configuration.
+    pub fn from_client(client: aws_sdk_ec2::Client) -> Self {
+        Ec2Launcher { client }
+    }
+}
+
+/// What s3spot changes in the SDK's EC2 configuration: capacity errors are final.
+///
+/// `InsufficientInstanceCapacity` comes back as HTTP 500, which the SDK would retry three times
+/// with backoff. Capacity seldom returns within seconds; the next instance type or market
+/// often has it now.
+pub fn configure(builder: aws_sdk_ec2::config::Builder) -> aws_sdk_ec2::config::Builder {
+    builder.retry_classifier(CapacityIsFinal)
+}
+
+#[derive(Debug)]
+struct CapacityIsFinal;
+
+impl ClassifyRetry for CapacityIsFinal {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let code = match ctx.output_or_error() {
+            Some(Err(error)) => error
+                .as_operation_error()
+                .and_then(|e| e.downcast_ref::<RunInstancesError>())
+                .and_then(ProvideErrorMetadata::code),
+            _ => None,
+        };
+        match code {
+            Some(code) if CAPACITY_ERRORS.contains(&code) => RetryAction::RetryForbidden,
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "s3spot: capacity errors are not retried"
+    }
+}
+
+impl Launcher for Ec2Launcher {
+    async fn count_active(&self, pipeline: &str) -> Result<usize, LaunchError> {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_PIPELINE}"))
+                    .values(pipeline)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .build(),
+            )
+            .max_results(1000)
+            .into_paginator()
+            .send();
+        let mut count = 0;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| api_error("DescribeInstances", &e))?;
+            count += page
+                .reservations()
+                .iter()
+                .map(|r| r.instances().len())
+                .sum::<usize>();
+        }
+        Ok(count)
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> Result<Launched, LaunchError> {
+        let template = match &request.template {
+            LaunchTemplate::Id(id) => LaunchTemplateSpecification::builder().launch_template_id(id),
+            LaunchTemplate::Name(name) => {
+                LaunchTemplateSpecification::builder().launch_template_name(name)
+            }
+        }
+        .version(&request.template_version)
+        .build();
+        let tags: Vec<Tag> = request
+            .tags
+            .iter()
+            .map(|(key, value)| Tag::builder().key(key).value(value).build())
+            .collect();
+        let tag = |resource: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(resource)
+                .set_tags(Some(tags.clone()))
+                .build()
+        };
+        let spot = (request.option.market == MarketType::Spot).then(|| {
+            InstanceMarketOptionsRequest::builder()
+                .market_type(Ec2MarketType::Spot)
+                .spot_options(
+                    SpotMarketOptions::builder()
+                        .spot_instance_type(SpotInstanceType::OneTime)
+                        .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                        .build(),
+                )
+                .build()
+        });
+        let output = self
+            .client
+            .run_instances()
+            .launch_template(template)
+            .min_count(1)
+            .max_count(1)
+            .client_token(&request.client_token)
+            .user_data(&request.user_data)
+            // The template is trusted for image, network and profile, but these two are what
+            // keep a finished job from billing and its credentials from leaking: state them.
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .set_instance_market_options(spot)
+            .set_instance_type(
+                request
+                    .option
+                    .instance_type
+                    .as_deref()
+                    .map(InstanceType::from),
+            )
+            .tag_specifications(tag(ResourceType::Instance))
+            .tag_specifications(tag(ResourceType::Volume))
+            .send()
+            .await
+            .map_err(classify_run_instances)?;
+        let instance = output.instances().first().ok_or_else(|| LaunchError::Api {
+            operation: "RunInstances",
+            message: "the response lists no instance".into(),
+            retryable: true,
+        })?;
+        Ok(Launched {
+            instance_id: instance.instance_id().unwrap_or_default().to_owned(),
+            instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
+        })
+    }
+}
+
+fn classify_run_instances(error: SdkError<RunInstancesError>) -> LaunchError {
+    let message = || error.message().unwrap_or_default().to_owned();
+    match error.code() {
+        Some(code) if CAPACITY_ERRORS.contains(&code) => LaunchError::Capacity {
+            code: code.to_owned(),
+            message: message(),
+        },
+        Some(code) if QUOTA_ERRORS.contains(&code) => LaunchError::Quota {
+            code: code.to_owned(),
+            message: message(),
+        },
+        Some("IdempotentInstanceTerminated") => LaunchError::AlreadyLaunched,
+        Some("IdempotentParameterMismatch") => {
+            LaunchError::ParameterMismatch { message: message() }
+        }
+        _ => api_error("RunInstances", &error),
+    }
+}
+
+fn api_error<E>(operation: &'static str, error: &SdkError<E>) -> LaunchError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let retryable = match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => {
+            service.raw().status().is_server_error()
+                || error
+                    .code()
+                    .is_some_and(|code| TRANSIENT_ERRORS.contains(&code))
+        }
+        _ => false,
+    };
+    let message = match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(error).to_string(),
+    };
+    LaunchError::Api {
+        operation,
+        message,
+        retryable,
+    }
+}

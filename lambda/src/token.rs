@@ -1,0 +1,177 @@
+//! Deterministic identities: the job id (an instance tag) and the `RunInstances` `ClientToken`.
+//!
+//! S3 delivers each event at least once and Lambda retries, so the same object may be handled
+//! several times. EC2 launches at most one instance per `ClientToken` (and reports
+//! `IdempotentInstanceTerminated` once it has gone), so the token must come from the event alone.
+
+use sha2::{Digest as _, Sha256};
+
+use crate::config::LaunchOption;
+use crate::event::ObjectCreated;
+
+/// What tells this upload of the key apart from other uploads of the same key, best first: a
+/// version id is unique per upload, a sequencer per event, an ETag per content. `eventTime` is a
+/// last resort for hand-written events that carry none of them.
+fn upload_identity(object: &ObjectCreated) -> (&'static str, &str) {
+    [
+        ("version", &object.version_id),
+        ("sequencer", &object.sequencer),
+        ("etag", &object.etag),
+        ("event-time", &object.event_time),
+    ]
+    .into_iter()
+    .find_map(|(kind, value)| value.as_deref().map(|value| (kind, value)))
+    .unwrap_or(("none", ""))
+}
+
+/// Hex sha256 of a JSON array of the parts: JSON keeps the parts apart whatever they contain.
+fn digest(parts: &serde_json::Value) -> String {
+    hex::encode(Sha256::digest(parts.to_string()))
+}
+
+/// 32 hex digits naming one upload of one object in one pipeline.
+pub fn job_id(pipeline: &str, object: &ObjectCreated) -> String {
+    let (kind, value) = upload_identity(object);
+    let mut id = digest(&serde_json::json!([
+        "s3spot-job-v1",
+        pipeline,
+        object.bucket,
+        object.key,
+        kind,
+        value
+    ]));
+    id.truncate(32);
+    id
+}
+
+/// `<job id>-<attempt>-<option>`: at most 32 + 1 + 10 + 1 + 12 = 56 characters, within EC2's 64.
+/// Each launch option gets its own token, so falling back from spot to on-demand is a new request
+/// rather than a parameter mismatch.
+pub fn client_token(job_id: &str, attempt: u32, option: &LaunchOption) -> String {
+    let option_digest = digest(&serde_json::json!([option.market, option.instance_type]));
+    format!("{job_id}-{attempt}-{}", &option_digest[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MarketType;
+
+    fn object() -> ObjectCreated {
+        ObjectCreated {
+            bucket: "data".into(),
+            key: "in/data.csv".into(),
+            version_id: Some("v1".into()),
+            etag: Some("e1".into()),
+            size: Some(10),
+            sequencer: Some("0A".into()),
+            event_time: Some("2024-05-01T12:00:00.000Z".into()),
+        }
+    }
+
+    fn spot() -> LaunchOption {
+        LaunchOption {
+            market: MarketType::Spot,
+            instance_type: None,
+        }
+    }
+
+    #[test]
+    fn the_same_event_gives_the_same_token() {
+        let id = job_id("s3spot", &object());
+        assert_eq!(id, job_id("s3spot", &object()));
+        assert_eq!(id.len(), 32);
+        assert_eq!(client_token(&id, 1, &spot()), client_token(&id, 1, &spot()));
+    }
+
+    #[test]
+    fn tokens_fit_ec2s_limit_even_at_the_largest_attempt() {
+        let id = job_id("s3spot", &object());
+        let option = LaunchOption {
+            market: MarketType::OnDemand,
+            instance_type: Some("u-24tb1.224xlarge".into()),
+        };
+        let token = client_token(&id, u32::MAX, &option);
+        assert!(token.len() <= 64, "{token}");
+        assert!(token.is_ascii());
+    }
+
+    #[test]
+    fn every_input_changes_the_token() {
+        let base = object();
+        let id = job_id("s3spot", &base);
+        let token = client_token(&id, 1, &spot());
+        let mut variants = vec![
+            client_token(&job_id("other-pipeline", &base), 1, &spot()),
+            client_token(&id, 2, &spot()),
+            client_token(
+                &id,
+                1,
+                &LaunchOption {
+                    market: MarketType::OnDemand,
+                    instance_type: None,
+                },
+            ),
+            client_token(
+                &id,
+                1,
+                &LaunchOption {
+                    market: MarketType::Spot,
+                    instance_type: Some("m7i.large".into()),
+                },
+            ),
+        ];
+        for change in [
+            |o: &mut ObjectCreated| o.bucket = "data2".into(),
+            |o: &mut ObjectCreated| o.key = "in/data.csv2".into(),
+            |o: &mut ObjectCreated| o.version_id = Some("v2".into()),
+        ] {
+            let mut changed = base.clone();
+            change(&mut changed);
+            variants.push(client_token(&job_id("s3spot", &changed), 1, &spot()));
+        }
+        for variant in &variants {
+            assert_ne!(variant, &token);
+        }
+        let mut unique = variants.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), variants.len());
+    }
+
+    #[test]
+    fn identity_falls_back_from_version_to_sequencer_to_etag() {
+        let mut object = object();
+        let with_version = job_id("s3spot", &object);
+        object.sequencer = Some("0B".into());
+        object.etag = Some("e2".into());
+        assert_eq!(job_id("s3spot", &object), with_version, "version id wins");
+
+        object.version_id = None;
+        let with_sequencer = job_id("s3spot", &object);
+        object.etag = Some("e3".into());
+        assert_eq!(
+            job_id("s3spot", &object),
+            with_sequencer,
+            "then the sequencer"
+        );
+        object.sequencer = Some("0C".into());
+        assert_ne!(job_id("s3spot", &object), with_sequencer);
+
+        object.sequencer = None;
+        let with_etag = job_id("s3spot", &object);
+        object.etag = Some("e4".into());
+        assert_ne!(job_id("s3spot", &object), with_etag, "then the ETag");
+    }
+
+    #[test]
+    fn parts_cannot_run_into_each_other() {
+        let mut a = object();
+        a.bucket = "ab".into();
+        a.key = "c".into();
+        let mut b = object();
+        b.bucket = "a".into();
+        b.key = "bc".into();
+        assert_ne!(job_id("s3spot", &a), job_id("s3spot", &b));
+    }
+}

@@ -1,0 +1,353 @@
+//! EC2 error sequences, played by aws-smithy-mocks to the real `Ec2Launcher` and SDK client (with
+//! s3spot's retry configuration), under the real handler.
+
+use std::time::Duration;
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
+use aws_sdk_ec2::operation::run_instances::{RunInstancesInput, RunInstancesOutput};
+use aws_sdk_ec2::types::{
+    HttpTokensState, Instance, InstanceType, MarketType, Reservation, ResourceType,
+    ShutdownBehavior, SpotInstanceType,
+};
+use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
+use s3spot_lambda::handler::Report;
+use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, ec2};
+use serde_json::Value;
+
+fn config(extra: &[(&str, &str)]) -> Config {
+    let base = [
+        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
+        ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "4"),
+        ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
+        ("S3SPOT_WORKER_SHA256", &"d".repeat(64)),
+    ];
+    Config::from_lookup(|name| {
+        extra
+            .iter()
+            .chain(base.iter())
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| (*v).to_owned())
+    })
+    .unwrap()
+}
+
+fn console_event() -> Value {
+    let path = format!("{}/../events/s3-put.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An EC2 Query-protocol error response.
+fn ec2_error(code: &str, message: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>{message}</Message></Error></Errors><RequestID>7a62c49f-347e-4fc4-9331-6e8eEXAMPLE</RequestID></Response>"
+    )
+}
+
+fn launched(id: &str, instance_type: &str) -> RunInstancesOutput {
+    RunInstancesOutput::builder()
+        .instances(
+            Instance::builder()
+                .instance_id(id)
+                .instance_type(InstanceType::from(instance_type))
+                .build(),
+        )
+        .build()
+}
+
+/// What every RunInstances call s3spot makes must look like.
+fn well_formed(request: &RunInstancesInput) -> bool {
+    let template = request.launch_template().unwrap();
+    let tagged = |resource: ResourceType| {
+        request.tag_specifications().iter().any(|spec| {
+            spec.resource_type() == Some(&resource)
+                && spec
+                    .tags()
+                    .iter()
+                    .any(|t| t.key() == Some("s3spot:pipeline"))
+                && spec.tags().iter().any(|t| t.key() == Some("s3spot:job"))
+        })
+    };
+    template.launch_template_name() == Some("s3spot-worker")
+        && template.version() == Some("4")
+        && request.min_count() == Some(1)
+        && request.max_count() == Some(1)
+        && request.client_token().is_some_and(|t| t.len() <= 64)
+        && request.image_id().is_none()
+        && request.user_data().is_some_and(|u| {
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, u)
+                .is_ok_and(|script| script.starts_with(b"#!/bin/bash\n"))
+        })
+        && request.instance_initiated_shutdown_behavior() == Some(&ShutdownBehavior::Terminate)
+        && request.metadata_options().and_then(|m| m.http_tokens())
+            == Some(&HttpTokensState::Required)
+        && tagged(ResourceType::Instance)
+        && tagged(ResourceType::Volume)
+}
+
+fn is_spot(request: &RunInstancesInput) -> bool {
+    request.instance_market_options().is_some_and(|m| {
+        m.market_type() == Some(&MarketType::Spot)
+            && m.spot_options().and_then(|s| s.spot_instance_type())
+                == Some(&SpotInstanceType::OneTime)
+    })
+}
+
+fn none_running() -> Rule {
+    mock!(Client::describe_instances).then_output(|| DescribeInstancesOutput::builder().build())
+}
+
+/// The production configuration, with backoff shortened so that retried sequences run fast.
+fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher> {
+    let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, rules, |builder| {
+        ec2::configure(builder).retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(3)
+                .with_initial_backoff(Duration::from_millis(1)),
+        )
+    });
+    Handler::new(config, Ec2Launcher::from_client(client))
+}
+
+async fn report(handler: &Handler<Ec2Launcher>) -> Report {
+    match handler.handle(console_event()).await {
+        Ok(Response::Report(report)) => report,
+        other => panic!("expected a report, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn capacity_errors_fall_back_at_once_without_sdk_retries() {
+    let describe = none_running();
+    let spot = mock!(Client::run_instances)
+        .match_requests(|r| well_formed(r) && is_spot(r))
+        .sequence()
+        .http_status(
+            500,
+            Some(ec2_error(
+                "InsufficientInstanceCapacity",
+                "We currently do not have sufficient m7i.large capacity in the Availability Zone you requested.",
+            )),
+        )
+        .http_status(400, Some(ec2_error("SpotMaxPriceTooLow", "Your Spot request price is lower than the minimum required Spot request fulfillment price.")))
+        .build();
+    let on_demand = mock!(Client::run_instances)
+        .match_requests(|r| {
+            well_formed(r)
+                && r.instance_market_options().is_none()
+                && r.instance_type() == Some(&InstanceType::from("m7i.large"))
+        })
+        .then_output(|| launched("i-0123456789abcdef0", "m7i.large"));
+    let handler = handler(
+        config(&[
+            ("S3SPOT_MARKET", "spot-then-on-demand"),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
+        ]),
+        &[&describe, &spot, &on_demand],
+    );
+
+    let report = report(&handler).await;
+    assert_eq!(report.failed, []);
+    assert_eq!(report.launched[0].instance_id, "i-0123456789abcdef0");
+    assert_eq!(report.launched[0].market, "on-demand");
+    assert_eq!(
+        report.launched[0].instance_type.as_deref(),
+        Some("m7i.large")
+    );
+    assert_eq!(
+        spot.num_calls(),
+        2,
+        "one call per spot option: the 500 was not retried"
+    );
+    assert_eq!(on_demand.num_calls(), 1);
+    assert_eq!(describe.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn throttling_is_retried_by_the_sdk() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .match_requests(|r| well_formed(r) && is_spot(r))
+        .sequence()
+        .http_status(
+            503,
+            Some(ec2_error("RequestLimitExceeded", "Request limit exceeded.")),
+        )
+        .times(2)
+        .output(|| launched("i-0fedcba9876543210", "t3.micro"))
+        .build();
+    let handler = handler(config(&[]), &[&describe, &run]);
+    let report = report(&handler).await;
+    assert_eq!(report.launched[0].instance_id, "i-0fedcba9876543210");
+    assert_eq!(run.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn throttling_that_outlasts_the_sdk_retries_is_retryable() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .sequence()
+        .http_status(
+            503,
+            Some(ec2_error("RequestLimitExceeded", "Request limit exceeded.")),
+        )
+        .repeatedly()
+        .build();
+    let handler = handler(config(&[]), &[&describe, &run]);
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(
+        report.failed[0].error.contains("RequestLimitExceeded"),
+        "{}",
+        report.failed[0].error
+    );
+    assert_eq!(run.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn an_instance_already_launched_and_terminated_is_not_an_error() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances).sequence().http_status(
+        400,
+        Some(ec2_error(
+            "IdempotentInstanceTerminated",
+            "The client token you provided is associated with a resource that is already deleted.",
+        )),
+    ).build();
+    let handler = handler(
+        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &[&describe, &run],
+    );
+    let report = report(&handler).await;
+    assert_eq!(report.failed, []);
+    assert_eq!(report.launched, []);
+    assert!(report.skipped[0].reason.starts_with("already launched"));
+    assert_eq!(
+        run.num_calls(),
+        1,
+        "no on-demand launch for a job that already ran"
+    );
+}
+
+#[tokio::test]
+async fn the_vcpu_quota_fails_the_record_as_retryable_without_falling_back() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .sequence()
+        .http_status(
+            400,
+            Some(ec2_error(
+                "VcpuLimitExceeded",
+                "You have requested more vCPU capacity than your current vCPU limit of 32 allows.",
+            )),
+        )
+        .build();
+    let handler = handler(
+        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &[&describe, &run],
+    );
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(report.failed[0].retryable);
+    assert!(
+        report.failed[0]
+            .error
+            .contains("account limit reached (VcpuLimitExceeded)")
+    );
+    assert_eq!(run.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_parameter_mismatch_is_a_clear_permanent_error() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances).sequence().http_status(
+        400,
+        Some(ec2_error(
+            "IdempotentParameterMismatch",
+            "The arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+        )),
+    ).build();
+    let handler = handler(config(&[]), &[&describe, &run]);
+    let report = report(&handler).await;
+    assert!(!report.failed[0].retryable);
+    assert!(
+        report.failed[0]
+            .error
+            .contains("IdempotentParameterMismatch")
+    );
+}
+
+#[tokio::test]
+async fn other_client_errors_are_permanent_and_quote_ec2() {
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .sequence()
+        .http_status(
+            400,
+            Some(ec2_error(
+                "InvalidLaunchTemplateName.NotFoundException",
+                "The specified launch template, with template name s3spot-worker, does not exist.",
+            )),
+        )
+        .build();
+    let handler = handler(config(&[]), &[&describe, &run]);
+    let report = report(&handler).await;
+    assert!(!report.failed[0].retryable);
+    assert_eq!(
+        report.failed[0].error,
+        "RunInstances failed: InvalidLaunchTemplateName.NotFoundException: The specified launch \
+         template, with template name s3spot-worker, does not exist."
+    );
+}
+
+#[tokio::test]
+async fn the_guard_counts_every_page_of_instances() {
+    let page = |next: Option<&str>, instances: usize| {
+        let mut reservation = Reservation::builder();
+        for i in 0..instances {
+            reservation =
+                reservation.instances(Instance::builder().instance_id(format!("i-{i}")).build());
+        }
+        DescribeInstancesOutput::builder()
+            .reservations(reservation.build())
+            .set_next_token(next.map(Into::into))
+            .build()
+    };
+    let filtered = |r: &DescribeInstancesInput| {
+        r.filters()
+            .iter()
+            .any(|f| f.name() == Some("tag:s3spot:pipeline") && f.values() == ["s3spot"])
+            && r.filters().iter().any(|f| {
+                f.name() == Some("instance-state-name") && f.values() == ["pending", "running"]
+            })
+    };
+    let first = mock!(Client::describe_instances)
+        .match_requests(move |r| filtered(r) && r.next_token().is_none())
+        .then_output(move || page(Some("page-2"), 2));
+    let second = mock!(Client::describe_instances)
+        .match_requests(move |r| filtered(r) && r.next_token() == Some("page-2"))
+        .then_output(move || page(None, 1));
+    let run = mock!(Client::run_instances).then_output(|| launched("i-1", "t3.micro"));
+    let handler = handler(
+        config(&[("S3SPOT_MAX_INSTANCES", "3")]),
+        &[&first, &second, &run],
+    );
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected the guard to stop the launch")
+    };
+    assert!(
+        report.failed[0]
+            .error
+            .contains("3 instances of pipeline \"s3spot\""),
+        "{}",
+        report.failed[0].error
+    );
+    assert_eq!(
+        (first.num_calls(), second.num_calls(), run.num_calls()),
+        (1, 1, 0)
+    );
+}

@@ -1,0 +1,557 @@
+//! The handler's decisions, through a scripted launcher: what is launched, skipped and failed,
+//! and what a retry sees.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use s3spot_bootstrap::job_from_user_data;
+use s3spot_lambda::config::MarketType;
+use s3spot_lambda::handler::{FailedRecord, Report};
+use s3spot_lambda::{
+    Config, Handler, HandlerError, LaunchError, LaunchRequest, Launched, Launcher, Response,
+};
+use serde_json::{Value, json};
+
+/// Answers `count_active` with `active` and each launch with the next scripted result (success
+/// once the script runs out), recording every request.
+#[derive(Default)]
+struct ScriptedLauncher {
+    active: usize,
+    count_fails: bool,
+    script: Mutex<VecDeque<Result<Launched, LaunchError>>>,
+    requests: Mutex<Vec<LaunchRequest>>,
+    counts: Mutex<usize>,
+}
+
+impl ScriptedLauncher {
+    fn with_script(script: Vec<Result<Launched, LaunchError>>) -> Self {
+        ScriptedLauncher {
+            script: Mutex::new(script.into()),
+            ..Default::default()
+        }
+    }
+
+    fn requests(&self) -> Vec<LaunchRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Launcher for ScriptedLauncher {
+    async fn count_active(&self, _pipeline: &str) -> Result<usize, LaunchError> {
+        *self.counts.lock().unwrap() += 1;
+        if self.count_fails {
+            return Err(LaunchError::Api {
+                operation: "DescribeInstances",
+                message: "UnauthorizedOperation: not allowed".into(),
+                retryable: false,
+            });
+        }
+        Ok(self.active)
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> Result<Launched, LaunchError> {
+        let mut requests = self.requests.lock().unwrap();
+        requests.push(request.clone());
+        let n = requests.len();
+        self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
+            Ok(Launched {
+                instance_id: format!("i-{n:017x}"),
+                instance_type: Some(
+                    request
+                        .option
+                        .instance_type
+                        .clone()
+                        .unwrap_or_else(|| "t3.micro".into()),
+                ),
+            })
+        })
+    }
+}
+
+fn config(extra: &[(&str, &str)]) -> Config {
+    let base = [
+        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
+        ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
+        ("S3SPOT_WORKER_SHA256", &"c".repeat(64)),
+    ];
+    Config::from_lookup(|name| {
+        extra
+            .iter()
+            .chain(base.iter())
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| (*v).to_owned())
+    })
+    .unwrap()
+}
+
+fn event(name: &str) -> Value {
+    let path = format!("{}/../events/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn capacity() -> Result<Launched, LaunchError> {
+    Err(LaunchError::Capacity {
+        code: "InsufficientInstanceCapacity".into(),
+        message: "no t3.micro capacity".into(),
+    })
+}
+
+async fn report(handler: &Handler<&ScriptedLauncher>, event: Value) -> Report {
+    match handler.handle(event).await {
+        Ok(Response::Report(report)) => report,
+        other => panic!("expected a report, got {other:?}"),
+    }
+}
+
+fn keys<T>(items: &[T], key: impl Fn(&T) -> &str) -> Vec<String> {
+    items.iter().map(|i| key(i).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_console_test_event_launches_one_spot_instance() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("s3-put.json")).await;
+    assert_eq!(report.skipped, []);
+    assert_eq!(report.failed, []);
+    assert_eq!(report.launched.len(), 1);
+    let launched = &report.launched[0];
+    assert_eq!(
+        (launched.bucket.as_str(), launched.key.as_str()),
+        ("example-bucket", "test/key")
+    );
+    assert_eq!(launched.market, "spot");
+    assert_eq!(launched.instance_id, "i-00000000000000001");
+
+    let request = &launcher.requests()[0];
+    assert_eq!(request.option.market, MarketType::Spot);
+    assert_eq!(
+        request.option.instance_type, None,
+        "the template's type is kept"
+    );
+    assert_eq!(request.template_version, "$Default");
+    assert_eq!(request.client_token, launched.client_token);
+    let script = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &request.user_data,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let job = job_from_user_data(&script).unwrap();
+    assert_eq!(
+        (job.bucket.as_str(), job.key.as_str()),
+        ("example-bucket", "test/key")
+    );
+    assert_eq!(job.sequencer.as_deref(), Some("0A1B2C3D4E5F678901"));
+    assert_eq!(job.attempt, 1);
+}
+
+#[tokio::test]
+async fn tags_name_the_pipeline_the_object_and_the_job() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[("S3SPOT_PIPELINE", "genomics")]), &launcher);
+    let long_key = format!("in/{}", "é".repeat(400));
+    let event = json!({"Records": [
+        {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "data"}, "object": {"key": "in/a.csv", "eTag": "e"}}},
+        {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "data"}, "object": {"key": long_key, "eTag": "e"}}},
+    ]});
+    report(&handler, event).await;
+    let requests = launcher.requests();
+    let tag = |request: &LaunchRequest, name: &str| {
+        request
+            .tags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} tag"))
+    };
+    assert_eq!(tag(&requests[0], "Name"), "s3spot: in/a.csv");
+    assert_eq!(tag(&requests[0], "s3spot:pipeline"), "genomics");
+    assert_eq!(tag(&requests[0], "s3spot:bucket"), "data");
+    assert_eq!(tag(&requests[0], "s3spot:key"), "in/a.csv");
+    assert_eq!(tag(&requests[0], "s3spot:attempt"), "1");
+    assert_eq!(tag(&requests[0], "s3spot:job").len(), 32);
+    assert!(
+        requests[0]
+            .client_token
+            .starts_with(&tag(&requests[0], "s3spot:job"))
+    );
+    assert_ne!(
+        tag(&requests[0], "s3spot:job"),
+        tag(&requests[1], "s3spot:job")
+    );
+    for name in ["Name", "s3spot:key"] {
+        let value = tag(&requests[1], name);
+        assert_eq!(value.chars().count(), 256, "{name} is bounded");
+    }
+    assert!(long_key.starts_with(&tag(&requests[1], "s3spot:key")));
+}
+
+#[tokio::test]
+async fn a_redelivered_event_sends_identical_requests() {
+    for name in [
+        "s3-put.json",
+        "awsfun-put.json",
+        "eventbridge-object-created.json",
+        "multi-record.json",
+    ] {
+        let launcher = ScriptedLauncher::default();
+        let handler = Handler::new(config(&[]), &launcher);
+        report(&handler, event(name)).await;
+        report(&handler, event(name)).await;
+        let requests = launcher.requests();
+        assert!(!requests.is_empty(), "{name}");
+        let (first, second) = requests.split_at(requests.len() / 2);
+        assert_eq!(first, second, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn skipped_and_ignored_records_do_not_stop_the_ones_after_them() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("multi-record.json")).await;
+    assert_eq!(
+        keys(&report.launched, |l| &l.key),
+        ["in/first.csv", "in/second.csv"]
+    );
+    assert_eq!(
+        keys(&report.skipped, |s| &s.key),
+        [
+            "analysis/in/first.csv/report.json",
+            "in/old.csv",
+            "in/new-folder/"
+        ]
+    );
+    assert!(report.skipped[0].reason.contains("results prefix"));
+    assert!(report.skipped[1].reason.contains("ObjectRemoved:Delete"));
+    assert!(report.skipped[2].reason.contains("folder marker"));
+    assert_eq!(report.failed, []);
+}
+
+#[tokio::test]
+async fn analysis_keys_are_skipped_in_any_case() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("analysis-key.json")).await;
+    assert_eq!(report.launched, []);
+    assert!(report.skipped[0].reason.contains("\"analysis\""));
+    assert!(launcher.requests().is_empty());
+    assert_eq!(
+        *launcher.counts.lock().unwrap(),
+        0,
+        "no AWS call for a skipped key"
+    );
+}
+
+#[tokio::test]
+async fn url_encoded_keys_are_decoded_and_eventbridge_keys_are_not() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("url-encoded-keys.json")).await;
+    assert_eq!(
+        keys(&report.launched, |l| &l.key),
+        [
+            "in/quarterly report 2024.csv",
+            "in/c++ notes+draft.txt",
+            "in/run-2024-05-01T12:00:00Z.log",
+            "in/café/名前 📊.csv"
+        ]
+    );
+    let report = self::report(&handler, event("eventbridge-object-created.json")).await;
+    assert_eq!(
+        keys(&report.launched, |l| &l.key),
+        ["in/raw key+plus%percent.csv"]
+    );
+}
+
+#[tokio::test]
+async fn capacity_errors_move_on_to_the_next_option() {
+    let launcher = ScriptedLauncher::with_script(vec![capacity(), capacity(), capacity()]);
+    let handler = Handler::new(
+        config(&[
+            ("S3SPOT_MARKET", "spot-then-on-demand"),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
+        ]),
+        &launcher,
+    );
+    let report = report(&handler, event("s3-put.json")).await;
+    let tried: Vec<String> = launcher
+        .requests()
+        .iter()
+        .map(|r| r.option.to_string())
+        .collect();
+    assert_eq!(
+        tried,
+        [
+            "spot m7i.large",
+            "spot m6i.large",
+            "on-demand m7i.large",
+            "on-demand m6i.large"
+        ]
+    );
+    let tokens: std::collections::HashSet<_> = launcher
+        .requests()
+        .iter()
+        .map(|r| r.client_token.clone())
+        .collect();
+    assert_eq!(tokens.len(), 4, "one token per option");
+    assert_eq!(report.launched[0].market, "on-demand");
+    assert_eq!(
+        report.launched[0].instance_type.as_deref(),
+        Some("m6i.large")
+    );
+}
+
+#[tokio::test]
+async fn no_capacity_anywhere_is_a_retryable_failure_that_names_every_option() {
+    let launcher = ScriptedLauncher::with_script(vec![capacity(), capacity()]);
+    let handler = Handler::new(
+        config(&[("S3SPOT_INSTANCE_TYPES", "c7i.large,c6i.large")]),
+        &launcher,
+    );
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
+        panic!("expected a retryable failure")
+    };
+    let failed = &report.failed[0];
+    assert!(failed.retryable);
+    assert!(
+        failed
+            .error
+            .contains("spot c7i.large: no capacity (InsufficientInstanceCapacity)"),
+        "{}",
+        failed.error
+    );
+    assert!(failed.error.contains("spot c6i.large"), "{}", failed.error);
+}
+
+#[tokio::test]
+async fn a_retryable_failure_finishes_the_other_records_then_fails_the_invocation() {
+    let quota = Err(LaunchError::Quota {
+        code: "VcpuLimitExceeded".into(),
+        message: "You have requested more vCPU capacity than your current vCPU limit".into(),
+    });
+    let launcher = ScriptedLauncher::with_script(vec![quota]);
+    let handler = Handler::new(
+        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &launcher,
+    );
+    let error = handler
+        .handle(event("multi-record.json"))
+        .await
+        .unwrap_err();
+    let HandlerError::Retryable(report) = &error else {
+        panic!("{error}")
+    };
+    assert_eq!(
+        launcher.requests().len(),
+        2,
+        "quota errors do not fall back to on-demand"
+    );
+    assert_eq!(keys(&report.failed, |f| &f.key), ["in/first.csv"]);
+    assert!(report.failed[0].error.contains("VcpuLimitExceeded"));
+    assert_eq!(keys(&report.launched, |l| &l.key), ["in/second.csv"]);
+    assert_eq!(report.skipped.len(), 3);
+
+    let message = error.to_string();
+    assert!(
+        message.starts_with("1 of 5 records failed with retryable errors"),
+        "{message}"
+    );
+    assert!(message.contains("in/first.csv"), "{message}");
+    let diagnostic = lambda_runtime::Diagnostic::from(error);
+    assert_eq!(diagnostic.error_type, "S3spot.RetryableFailure");
+}
+
+#[tokio::test]
+async fn non_retryable_failures_are_reported_without_failing_the_invocation() {
+    let mismatch = Err(LaunchError::ParameterMismatch {
+        message: "Arguments on this idempotent request are inconsistent".into(),
+    });
+    let launcher = ScriptedLauncher::with_script(vec![mismatch]);
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("s3-put.json")).await;
+    assert_eq!(report.launched, []);
+    let FailedRecord {
+        error, retryable, ..
+    } = &report.failed[0];
+    assert!(!retryable);
+    assert!(error.contains("IdempotentParameterMismatch"), "{error}");
+    assert!(error.contains("configuration"), "{error}");
+}
+
+#[tokio::test]
+async fn an_already_terminated_launch_is_not_an_error() {
+    let launcher = ScriptedLauncher::with_script(vec![Err(LaunchError::AlreadyLaunched)]);
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("s3-put.json")).await;
+    assert_eq!(report.failed, []);
+    assert_eq!(report.launched, []);
+    assert!(report.skipped[0].reason.starts_with("already launched"));
+}
+
+#[tokio::test]
+async fn the_runaway_guard_stops_launches_at_the_cap() {
+    let launcher = ScriptedLauncher {
+        active: 1,
+        ..Default::default()
+    };
+    let handler = Handler::new(config(&[("S3SPOT_MAX_INSTANCES", "2")]), &launcher);
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("url-encoded-keys.json")).await
+    else {
+        panic!("expected a retryable failure")
+    };
+    assert_eq!(
+        report.launched.len(),
+        1,
+        "1 running + 1 launched = the cap of 2"
+    );
+    assert_eq!(report.failed.len(), 3);
+    for failed in &report.failed {
+        assert!(failed.retryable);
+        assert!(
+            failed.error.contains("S3SPOT_MAX_INSTANCES cap of 2"),
+            "{}",
+            failed.error
+        );
+    }
+    assert_eq!(
+        *launcher.counts.lock().unwrap(),
+        1,
+        "counted once per invocation"
+    );
+    assert_eq!(launcher.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn the_guard_fails_closed_when_it_cannot_count() {
+    let launcher = ScriptedLauncher {
+        count_fails: true,
+        ..Default::default()
+    };
+    let handler = Handler::new(config(&[]), &launcher);
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(launcher.requests().is_empty());
+    assert!(
+        report.failed[0]
+            .error
+            .contains("cannot count running instances")
+    );
+    assert!(
+        report.failed[0].error.contains("UnauthorizedOperation"),
+        "the cause is kept"
+    );
+}
+
+#[tokio::test]
+async fn oversized_user_data_fails_the_record_before_any_aws_call() {
+    let command = "x".repeat(20_000);
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[("S3SPOT_COMMAND", &command)]), &launcher);
+    let report = report(&handler, event("s3-put.json")).await;
+    assert!(
+        report.failed[0].error.contains("16384"),
+        "{}",
+        report.failed[0].error
+    );
+    assert!(!report.failed[0].retryable);
+    assert!(launcher.requests().is_empty());
+    assert_eq!(*launcher.counts.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn sqs_batches_report_only_the_failed_messages() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let mut batch = event("sqs-wrapped.json");
+    let records = batch["Records"].as_array_mut().unwrap();
+    let mut poison = records[0].clone();
+    poison["messageId"] = json!("poison");
+    poison["body"] = json!(
+        "{\"Records\": [{\"eventName\": \"ObjectCreated:Put\", \"s3\": {\"bucket\": {\"name\": \"data\"}, \"object\": {\"key\": \"bad%C3\"}}}]}"
+    );
+    let mut garbage = records[0].clone();
+    garbage["messageId"] = json!("garbage");
+    garbage["body"] = json!("not json");
+    records.push(poison);
+    records.push(garbage);
+
+    let response = handler.handle(batch).await.unwrap();
+    let Response::Batch(batch) = &response else {
+        panic!("{response:?}")
+    };
+    let failed: Vec<&str> = batch
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["poison", "garbage"]);
+    assert_eq!(
+        serde_json::to_value(&response).unwrap(),
+        json!({"batchItemFailures": [{"itemIdentifier": "poison"}, {"itemIdentifier": "garbage"}]})
+    );
+    let launched: Vec<String> = launcher.requests().iter().map(job_key).collect();
+    assert_eq!(launched, ["in/queued file.csv"]);
+}
+
+#[tokio::test]
+async fn sqs_messages_that_hit_the_guard_go_back_to_the_queue() {
+    let launcher = ScriptedLauncher {
+        active: 20,
+        ..Default::default()
+    };
+    let handler = Handler::new(config(&[]), &launcher);
+    let Response::Batch(batch) = handler.handle(event("sqs-wrapped.json")).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        batch.batch_item_failures.len(),
+        1,
+        "the test event message succeeds"
+    );
+    assert!(
+        batch.batch_item_failures[0]
+            .item_identifier
+            .ends_with("0000001")
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_event_is_an_invocation_error_that_says_what_it_expected() {
+    let handler = Handler::new(config(&[]), ScriptedLauncher::default());
+    let error = handler.handle(json!({"hello": "world"})).await.unwrap_err();
+    assert!(matches!(error, HandlerError::Event(_)));
+    assert!(
+        error.to_string().contains("expected an S3 notification"),
+        "{error}"
+    );
+    assert_eq!(
+        lambda_runtime::Diagnostic::from(error).error_type,
+        "S3spot.MalformedEvent"
+    );
+}
+
+#[tokio::test]
+async fn hostile_keys_reach_the_job_intact() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let report = report(&handler, event("hostile-key.json")).await;
+    let key = "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv";
+    assert_eq!(report.launched[0].key, key);
+    assert_eq!(job_key(&launcher.requests()[0]), key);
+}
+
+fn job_key(request: &LaunchRequest) -> String {
+    let script = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        &request.user_data,
+    )
+    .unwrap();
+    job_from_user_data(std::str::from_utf8(&script).unwrap())
+        .unwrap()
+        .key
+}
