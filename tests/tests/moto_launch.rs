@@ -1,0 +1,383 @@
+//! The launcher against a real EC2 API (moto): every `events/` file goes through the production
+//! handler and `Ec2Launcher`, and the assertions are on the instances moto then holds.
+
+use std::collections::{BTreeSet, HashMap};
+
+use aws_sdk_ec2::types::{
+    HttpTokensState, Instance, InstanceLifecycleType, InstanceStateName, InstanceType,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use s3spot_bootstrap::{JobSpec, job_from_user_data};
+use s3spot_lambda::handler::Report;
+use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response};
+use s3spot_tests::{Moto, REGION, create_launch_template, event, events_dir, s3spot_env};
+
+const TEMPLATE: &str = "s3spot-worker";
+
+struct Setup {
+    _moto: Moto,
+    sdk: aws_config::SdkConfig,
+    ec2: aws_sdk_ec2::Client,
+    template_id: String,
+}
+
+async fn setup() -> Setup {
+    let moto = Moto::start();
+    let sdk = moto.sdk_config().await;
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let template_id = create_launch_template(&ec2, TEMPLATE).await;
+    Setup {
+        _moto: moto,
+        sdk,
+        ec2,
+        template_id,
+    }
+}
+
+impl Setup {
+    /// The handler as the binary builds it, with `S3SPOT_*` overrides.
+    fn handler(&self, overrides: &[(&str, &str)]) -> Handler<Ec2Launcher> {
+        let base = s3spot_env(TEMPLATE);
+        let mut config = Config::from_lookup(|name| {
+            overrides
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+                .or_else(|| base.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()))
+        })
+        .unwrap();
+        config.job.region = Some(REGION.into());
+        Handler::new(config, Ec2Launcher::new(&self.sdk))
+    }
+
+    async fn instances(&self) -> Vec<Instance> {
+        let output = self.ec2.describe_instances().send().await.unwrap();
+        output
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().iter().cloned())
+            .collect()
+    }
+
+    async fn instance(&self, id: &str) -> Instance {
+        let output = self
+            .ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .unwrap();
+        output.reservations()[0].instances()[0].clone()
+    }
+
+    async fn user_data(&self, id: &str) -> String {
+        let attribute = self
+            .ec2
+            .describe_instance_attribute()
+            .instance_id(id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
+        String::from_utf8(BASE64.decode(encoded).unwrap()).unwrap()
+    }
+
+    async fn shutdown_behavior(&self, id: &str) -> String {
+        let attribute = self
+            .ec2
+            .describe_instance_attribute()
+            .instance_id(id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+            .send()
+            .await
+            .unwrap();
+        attribute
+            .instance_initiated_shutdown_behavior()
+            .and_then(|b| b.value())
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn volume_tags(&self, id: &str) -> Vec<HashMap<String, String>> {
+        let output = self
+            .ec2
+            .describe_volumes()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("attachment.instance-id")
+                    .values(id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        output
+            .volumes()
+            .iter()
+            .map(|v| tag_map(v.tags()))
+            .collect()
+    }
+
+    /// Everything a launched job's instance must be, checked on what moto stored. Returns the
+    /// JobSpec decoded from its user-data.
+    async fn check_launched(&self, id: &str, bucket: &str, key: &str) -> JobSpec {
+        let instance = self.instance(id).await;
+        assert_eq!(
+            instance.instance_lifecycle(),
+            Some(&InstanceLifecycleType::Spot),
+            "{key}: not spot"
+        );
+        let state = instance.state().and_then(|s| s.name()).unwrap();
+        assert!(
+            [InstanceStateName::Pending, InstanceStateName::Running].contains(state),
+            "{state:?}"
+        );
+        assert_eq!(
+            instance.metadata_options().and_then(|m| m.http_tokens()),
+            Some(&HttpTokensState::Required)
+        );
+        assert_eq!(self.shutdown_behavior(id).await, "terminate");
+
+        let tags = tag_map(instance.tags());
+        assert_eq!(tags["aws:ec2launchtemplate:id"], self.template_id);
+        assert_eq!(tags["s3spot:pipeline"], "s3spot");
+        assert_eq!(tags["s3spot:bucket"], bucket);
+        let bounded: String = key.chars().take(256).collect();
+        assert_eq!(tags["s3spot:key"], bounded);
+        assert_eq!(tags["s3spot:attempt"], "1");
+        assert_eq!(tags["s3spot:job"].len(), 32);
+        assert!(tags["Name"].starts_with("s3spot: "));
+        assert_eq!(
+            instance.client_token().unwrap().split('-').next(),
+            Some(tags["s3spot:job"].as_str())
+        );
+        let volumes = self.volume_tags(id).await;
+        assert!(!volumes.is_empty());
+        for volume in volumes {
+            assert_eq!(volume["s3spot:job"], tags["s3spot:job"]);
+            assert_eq!(volume["s3spot:pipeline"], "s3spot");
+        }
+
+        let script = self.user_data(id).await;
+        assert!(script.starts_with("#!/bin/bash\n"));
+        assert!(script.len() <= 16_384);
+        let job = job_from_user_data(&script).unwrap();
+        assert_eq!((job.bucket.as_str(), job.key.as_str()), (bucket, key));
+        assert_eq!(job.worker.uri, "s3://artifacts/s3spot-worker");
+        assert_eq!(job.attempt, 1);
+        job
+    }
+}
+
+fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> HashMap<String, String> {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn report(handler: &Handler<Ec2Launcher>, name: &str) -> Report {
+    match handler.handle(event(name)).await {
+        Ok(Response::Report(report)) => report,
+        other => panic!("{name}: expected a report, got {other:?}"),
+    }
+}
+
+/// Each file in `events/`, and the (bucket, key) pairs it must launch.
+const EXPECTED: &[(&str, &[(&str, &str)], usize)] = &[
+    ("s3-put.json", &[("example-bucket", "test/key")], 0),
+    ("awsfun-put.json", &[("su2c-data", "samples/patient1.txt")], 0),
+    (
+        "url-encoded-keys.json",
+        &[
+            ("data", "in/quarterly report 2024.csv"),
+            ("data", "in/c++ notes+draft.txt"),
+            ("data", "in/run-2024-05-01T12:00:00Z.log"),
+            ("data", "in/café/名前 📊.csv"),
+        ],
+        0,
+    ),
+    (
+        "hostile-key.json",
+        &[("data", "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv")],
+        0,
+    ),
+    ("analysis-key.json", &[], 1),
+    (
+        "multi-record.json",
+        &[("data", "in/first.csv"), ("data", "in/second.csv")],
+        3,
+    ),
+    (
+        "eventbridge-object-created.json",
+        &[("data", "in/raw key+plus%percent.csv")],
+        0,
+    ),
+];
+
+#[tokio::test]
+async fn every_event_file_launches_real_spot_instances_from_the_template() {
+    let setup = setup().await;
+    let handler = setup.handler(&[]);
+
+    let mut files: BTreeSet<String> = std::fs::read_dir(events_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.remove("sqs-wrapped.json"), "checked below");
+    let covered: BTreeSet<String> = EXPECTED.iter().map(|(name, ..)| (*name).to_owned()).collect();
+    assert_eq!(files, covered, "every event file has expectations here");
+
+    for &(name, launches, skipped) in EXPECTED {
+        let report = report(&handler, name).await;
+        assert_eq!(report.failed, [], "{name}");
+        assert_eq!(report.skipped.len(), skipped, "{name}: {:?}", report.skipped);
+        let got: Vec<(&str, &str)> = report
+            .launched
+            .iter()
+            .map(|l| (l.bucket.as_str(), l.key.as_str()))
+            .collect();
+        assert_eq!(got, launches, "{name}");
+        for launched in &report.launched {
+            assert!(launched.instance_id.starts_with("i-"));
+            assert_eq!(launched.market, "spot");
+            assert_eq!(launched.instance_type.as_deref(), Some("t3.micro"), "the template's type");
+            let instance = setup.instance(&launched.instance_id).await;
+            assert_eq!(instance.client_token(), Some(launched.client_token.as_str()));
+            let job = setup
+                .check_launched(&launched.instance_id, &launched.bucket, &launched.key)
+                .await;
+            if name == "awsfun-put.json" {
+                assert_eq!(job.version_id.as_deref(), Some("096fKKXTRTtl3on89fVO.nfljtsv6qko"));
+                assert_eq!(job.sequencer, None);
+            }
+        }
+    }
+
+    // SQS: the reply is the partial-batch response; the instance is found by its tags.
+    let response = handler.handle(event("sqs-wrapped.json")).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&response).unwrap(),
+        serde_json::json!({"batchItemFailures": []})
+    );
+    let queued: Vec<Instance> = setup
+        .instances()
+        .await
+        .into_iter()
+        .filter(|i| tag_map(i.tags()).get("s3spot:key").map(String::as_str) == Some("in/queued file.csv"))
+        .collect();
+    assert_eq!(queued.len(), 1);
+    let job = setup
+        .check_launched(queued[0].instance_id().unwrap(), "data", "in/queued file.csv")
+        .await;
+    assert_eq!(job.version_id.as_deref(), Some("3sL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"));
+
+    let expected_total: usize = EXPECTED.iter().map(|(_, l, _)| l.len()).sum::<usize>() + 1;
+    assert_eq!(setup.instances().await.len(), expected_total, "nothing else was launched");
+}
+
+/// moto records the ClientToken but does not de-duplicate, so a redelivery shows up as a second
+/// instance: what matters is that EC2 received the very same request, which it de-duplicates.
+#[tokio::test]
+async fn a_redelivered_event_reaches_ec2_as_the_same_request() {
+    let setup = setup().await;
+    let handler = setup.handler(&[]);
+    let first = report(&handler, "hostile-key.json").await;
+    let again = report(&setup.handler(&[]), "hostile-key.json").await;
+    let (a, b) = (&first.launched[0], &again.launched[0]);
+    assert_eq!(a.client_token, b.client_token);
+    assert_ne!(a.instance_id, b.instance_id, "moto does not de-duplicate");
+    assert_eq!(
+        setup.user_data(&a.instance_id).await,
+        setup.user_data(&b.instance_id).await
+    );
+    let (ia, ib) = (setup.instance(&a.instance_id).await, setup.instance(&b.instance_id).await);
+    assert_eq!(ia.client_token(), ib.client_token());
+    assert_eq!(tag_map(ia.tags()), tag_map(ib.tags()));
+}
+
+#[tokio::test]
+async fn the_runaway_guard_counts_the_real_instances_of_its_pipeline() {
+    let setup = setup().await;
+    // Another pipeline's instances do not count against this one's cap.
+    let other = report(&setup.handler(&[("S3SPOT_PIPELINE", "other")]), "multi-record.json").await;
+    assert_eq!(other.launched.len(), 2);
+
+    let handler = setup.handler(&[("S3SPOT_MAX_INSTANCES", "3")]);
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("url-encoded-keys.json")).await
+    else {
+        panic!("the fourth launch must be refused")
+    };
+    assert_eq!(report.launched.len(), 3);
+    assert_eq!(report.failed.len(), 1);
+    assert!(report.failed[0].retryable);
+    assert!(report.failed[0].error.contains("cap of 3"), "{}", report.failed[0].error);
+
+    // A new invocation sees the three running instances.
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
+        panic!("at the cap")
+    };
+    assert!(report.failed[0].error.contains("3 instances of pipeline \"s3spot\""));
+
+    // Terminated instances free the cap.
+    let ids: Vec<String> = setup
+        .instances()
+        .await
+        .iter()
+        .filter(|i| tag_map(i.tags())["s3spot:pipeline"] == "s3spot")
+        .map(|i| i.instance_id().unwrap().to_owned())
+        .collect();
+    setup
+        .ec2
+        .terminate_instances()
+        .set_instance_ids(Some(ids))
+        .send()
+        .await
+        .unwrap();
+    let report = self::report(&handler, "s3-put.json").await;
+    assert_eq!(report.launched.len(), 1);
+}
+
+#[tokio::test]
+async fn on_demand_with_an_instance_type_and_a_template_id() {
+    let setup = setup().await;
+    let template_id = setup.template_id.clone();
+    let handler = setup.handler(&[
+        ("S3SPOT_LAUNCH_TEMPLATE", &template_id),
+        ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "1"),
+        ("S3SPOT_MARKET", "on-demand"),
+        ("S3SPOT_INSTANCE_TYPES", "m5.large"),
+    ]);
+    let report = report(&handler, "s3-put.json").await;
+    let launched = &report.launched[0];
+    assert_eq!(launched.market, "on-demand");
+    let instance = setup.instance(&launched.instance_id).await;
+    assert_eq!(instance.instance_lifecycle(), None, "on-demand");
+    assert_eq!(instance.instance_type(), Some(&InstanceType::M5Large));
+    assert_eq!(tag_map(instance.tags())["aws:ec2launchtemplate:id"], template_id);
+    assert_eq!(setup.shutdown_behavior(&launched.instance_id).await, "terminate");
+}
+
+#[tokio::test]
+async fn a_missing_launch_template_is_a_clear_permanent_failure() {
+    let setup = setup().await;
+    let handler = setup.handler(&[("S3SPOT_LAUNCH_TEMPLATE", "no-such-template")]);
+    let report = report(&handler, "s3-put.json").await;
+    assert_eq!(report.launched, []);
+    let failed = &report.failed[0];
+    assert!(!failed.retryable);
+    assert!(
+        failed
+            .error
+            .starts_with("RunInstances failed: InvalidLaunchTemplateName.NotFoundException: "),
+        "{}",
+        failed.error
+    );
+    assert!(setup.instances().await.is_empty());
+}
