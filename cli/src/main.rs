@@ -1,1 +1,90 @@
-fn main() {}
+//! `s3spot`: the pipeline's code, driven by a person.
+
+mod invoke;
+mod render;
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "s3spot",
+    version,
+    about = "S3 object in, spot instance out: run and inspect the s3spot pipeline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Lambda handler in-process on an event, with the same S3SPOT_* and AWS
+    /// configuration as the function, and print its response.
+    ///
+    /// Exits 0 when every record was launched or skipped, 1 when the handler failed or reported
+    /// a failed record, 2 when it could not run at all.
+    Invoke {
+        /// Event JSON file (S3 notification, SQS batch or EventBridge event); - for stdin.
+        #[arg(long, value_name = "FILE")]
+        event: PathBuf,
+    },
+    /// Show the user-data script and JobSpec each record of an event would launch with. Calls
+    /// nothing in AWS; needs only the job settings (S3SPOT_WORKER_URI, S3SPOT_WORKER_SHA256, ...).
+    Render {
+        /// Event JSON file; - for stdin.
+        #[arg(long, value_name = "FILE")]
+        event: PathBuf,
+        /// Print one JSON document instead of the scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The run produced an answer, but not a clean one.
+const EXIT_FAILED: u8 = 1;
+/// Nothing could be run: bad arguments, configuration or input.
+const EXIT_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,s3spot_lambda=info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Invoke { event } => invoke::run(&event),
+        Command::Render { event, json } => render::run(&event, json),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_FAILED),
+        Err(error) => {
+            eprintln!("s3spot: error: {error:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Reads an event file, or stdin for `-`.
+fn read_event(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the event from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read event file {}", path.display()))?
+    };
+    serde_json::from_str(&text)
+        .with_context(|| format!("event file {} is not valid JSON", path.display()))
+}

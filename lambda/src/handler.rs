@@ -12,7 +12,7 @@ use crate::launcher::{
     LaunchError, LaunchRequest, Launcher, MAX_TAG_VALUE_CHARS, TAG_ATTEMPT, TAG_BUCKET, TAG_JOB,
     TAG_KEY, TAG_NAME, TAG_PIPELINE,
 };
-use crate::plan::{Plan, PlannedJob, plan};
+use crate::plan::{Decision, PlannedJob, decide};
 use crate::token::{client_token, job_id};
 
 /// What happened to every record of a direct (S3 or EventBridge) invocation.
@@ -182,9 +182,15 @@ impl<L: Launcher> Handler<L> {
     }
 
     async fn process(&self, record: Record, guard: &mut RunawayGuard, report: &mut Report) {
-        match record {
-            Record::Created(object) => self.process_created(object, guard, report).await,
-            Record::Ignored {
+        const ATTEMPT: u32 = 1;
+        match decide(&self.config.job, record, ATTEMPT) {
+            Decision::Launch { object, job } => {
+                if let Err(failure) = self.launch(&object, &job, guard, report).await {
+                    tracing::error!(bucket = object.bucket, key = ?object.key, error = failure.error, retryable = failure.retryable, "failed");
+                    report.failed.push(failure);
+                }
+            }
+            Decision::Skip {
                 bucket,
                 key,
                 reason,
@@ -196,8 +202,8 @@ impl<L: Launcher> Handler<L> {
                     reason,
                 });
             }
-            Record::Invalid { bucket, key, error } => {
-                tracing::error!(bucket, key = ?key, error, "invalid record");
+            Decision::Fail { bucket, key, error } => {
+                tracing::error!(bucket, key = ?key, error, "failed");
                 report.failed.push(FailedRecord {
                     bucket,
                     key,
@@ -208,53 +214,36 @@ impl<L: Launcher> Handler<L> {
         }
     }
 
-    async fn process_created(
+    /// Launches a planned job through the guard and the configured options, in order.
+    async fn launch(
         &self,
-        object: ObjectCreated,
+        object: &ObjectCreated,
+        job: &PlannedJob,
         guard: &mut RunawayGuard,
         report: &mut Report,
-    ) {
-        let fail = |report: &mut Report, error: String, retryable: bool| {
-            tracing::error!(bucket = object.bucket, key = ?object.key, error, retryable, "failed");
-            report.failed.push(FailedRecord {
-                bucket: object.bucket.clone(),
-                key: object.key.clone(),
-                error,
-                retryable,
-            });
+    ) -> Result<(), FailedRecord> {
+        let failed = |error: String, retryable: bool| FailedRecord {
+            bucket: object.bucket.clone(),
+            key: object.key.clone(),
+            error,
+            retryable,
         };
-        let attempt = 1;
-        let job = match plan(&self.config.job, &object, attempt) {
-            Ok(Plan::Launch(job)) => job,
-            Ok(Plan::Skip(reason)) => {
-                tracing::info!(bucket = object.bucket, key = ?object.key, reason, "skipped");
-                report.skipped.push(SkippedRecord {
-                    bucket: object.bucket.clone(),
-                    key: object.key.clone(),
-                    reason,
-                });
-                return;
-            }
-            Err(error) => return fail(report, error_chain(&error), false),
-        };
-
         let launch = &self.config.launch;
-        if let Err(error) = guard
+        guard
             .check(&self.launcher, &launch.pipeline, launch.max_instances)
             .await
-        {
-            return fail(report, error_chain(&error), true);
-        }
+            .map_err(|error| failed(error_chain(&error), true))?;
 
-        let job_id = job_id(&launch.pipeline, &object);
-        let tags = tags(&launch.pipeline, &job_id, &job);
+        let job_id = job_id(&launch.pipeline, object);
+        let tags = tags(&launch.pipeline, &job_id, job);
+        let user_data = job.user_data.to_base64();
         let mut no_capacity = Vec::new();
         for option in launch.options() {
             let request = LaunchRequest {
                 template: launch.template.clone(),
                 template_version: launch.template_version.clone(),
-                client_token: client_token(&job_id, attempt, &option),
-                user_data: job.user_data.to_base64(),
+                client_token: client_token(&job_id, job.spec.attempt, &option),
+                user_data: user_data.clone(),
                 tags: tags.clone(),
                 option,
             };
@@ -277,7 +266,7 @@ impl<L: Launcher> Handler<L> {
                         market: request.option.market.to_string(),
                         client_token: request.client_token,
                     });
-                    return;
+                    return Ok(());
                 }
                 Err(LaunchError::AlreadyLaunched) => {
                     let reason = format!(
@@ -291,20 +280,19 @@ impl<L: Launcher> Handler<L> {
                         key: object.key.clone(),
                         reason,
                     });
-                    return;
+                    return Ok(());
                 }
                 Err(error @ LaunchError::Capacity { .. }) => {
                     tracing::warn!(option = %request.option, error = %error, "no capacity; trying the next option");
                     no_capacity.push(format!("{}: {error}", request.option));
                 }
-                Err(error) => return fail(report, error.to_string(), error.is_retryable()),
+                Err(error) => return Err(failed(error.to_string(), error.is_retryable())),
             }
         }
-        fail(
-            report,
+        Err(failed(
             format!("no launch option had capacity: {}", no_capacity.join("; ")),
             true,
-        );
+        ))
     }
 }
 

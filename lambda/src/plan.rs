@@ -3,7 +3,7 @@
 use s3spot_bootstrap::{JobSpec, RenderError, UserData, render_user_data};
 
 use crate::config::JobConfig;
-use crate::event::ObjectCreated;
+use crate::event::{self, EventError, Invocation, ObjectCreated, Record};
 
 /// A job ready to launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +68,75 @@ pub fn plan(config: &JobConfig, object: &ObjectCreated, attempt: u32) -> Result<
     };
     let user_data = render_user_data(&spec, config.region.as_deref())?;
     Ok(Plan::Launch(Box::new(PlannedJob { spec, user_data })))
+}
+
+/// What becomes of one record of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Launch {
+        object: ObjectCreated,
+        job: Box<PlannedJob>,
+    },
+    Skip {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+    /// Never retryable: the record itself is at fault.
+    Fail {
+        bucket: String,
+        key: String,
+        error: String,
+    },
+}
+
+/// Decides a record without calling AWS: the handler's first step, and all of `s3spot render`.
+pub fn decide(config: &JobConfig, record: Record, attempt: u32) -> Decision {
+    match record {
+        Record::Created(object) => match plan(config, &object, attempt) {
+            Ok(Plan::Launch(job)) => Decision::Launch { object, job },
+            Ok(Plan::Skip(reason)) => Decision::Skip {
+                bucket: object.bucket,
+                key: object.key,
+                reason,
+            },
+            Err(error) => Decision::Fail {
+                bucket: object.bucket,
+                key: object.key,
+                error: crate::error_chain(&error),
+            },
+        },
+        Record::Ignored {
+            bucket,
+            key,
+            reason,
+        } => Decision::Skip {
+            bucket,
+            key,
+            reason,
+        },
+        Record::Invalid { bucket, key, error } => Decision::Fail { bucket, key, error },
+    }
+}
+
+/// Decides every record of an event, SQS batches included, for a first attempt: what
+/// `s3spot render` shows. An unreadable SQS message is a failure in its place.
+pub fn preview(config: &JobConfig, event: serde_json::Value) -> Result<Vec<Decision>, EventError> {
+    let decide = |record| decide(config, record, 1);
+    Ok(match event::parse(event)? {
+        Invocation::Direct(records) => records.into_iter().map(decide).collect(),
+        Invocation::Sqs(items) => items
+            .into_iter()
+            .flat_map(|item| match item.records {
+                Ok(records) => records.into_iter().map(decide).collect(),
+                Err(error) => vec![Decision::Fail {
+                    bucket: String::new(),
+                    key: String::new(),
+                    error: crate::error_chain(&error),
+                }],
+            })
+            .collect(),
+    })
 }
 
 #[cfg(test)]

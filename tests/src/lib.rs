@@ -102,7 +102,11 @@ impl Moto {
             .region(aws_config::Region::new(REGION))
             .endpoint_url(&self.endpoint)
             .credentials_provider(aws_credential_types::Credentials::new(
-                ACCESS_KEY, SECRET_KEY, None, None, "s3spot-tests",
+                ACCESS_KEY,
+                SECRET_KEY,
+                None,
+                None,
+                "s3spot-tests",
             ))
             .load()
             .await

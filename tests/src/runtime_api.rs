@@ -110,6 +110,18 @@ impl RuntimeApi {
         self.state.next_calls.load(Ordering::SeqCst)
     }
 
+    /// Waits until the function has asked for its `n`th event, i.e. it is ready for more.
+    pub async fn wait_for_next_call(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.next_calls() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// When the function first asked for an event: the end of its cold start.
     pub async fn first_next(&self) -> Option<Instant> {
         *self.state.first_next.lock().await
@@ -158,14 +170,20 @@ async fn route(request: Request<Incoming>, state: Arc<State>) -> Response<Full<B
             let outcome = if is_error {
                 Outcome::Error {
                     error_type: value["errorType"].as_str().unwrap_or_default().to_owned(),
-                    error_message: value["errorMessage"].as_str().unwrap_or_default().to_owned(),
+                    error_message: value["errorMessage"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
                 }
             } else {
                 Outcome::Response(value)
             };
             state.outcomes.lock().await.insert(id, outcome);
             state.posted.notify_waiters();
-            reply(StatusCode::ACCEPTED, Bytes::from_static(b"{\"status\":\"OK\"}"))
+            reply(
+                StatusCode::ACCEPTED,
+                Bytes::from_static(b"{\"status\":\"OK\"}"),
+            )
         }
         (&Method::POST, ["2018-06-01", "runtime", "init", "error"]) => {
             let body = request
@@ -176,7 +194,10 @@ async fn route(request: Request<Incoming>, state: Arc<State>) -> Response<Full<B
                 .unwrap_or_default();
             *state.init_error.lock().await = Some(String::from_utf8_lossy(&body).into_owned());
             state.posted.notify_waiters();
-            reply(StatusCode::ACCEPTED, Bytes::from_static(b"{\"status\":\"OK\"}"))
+            reply(
+                StatusCode::ACCEPTED,
+                Bytes::from_static(b"{\"status\":\"OK\"}"),
+            )
         }
         _ => reply(StatusCode::NOT_FOUND, Bytes::from_static(b"{}")),
     }
@@ -211,7 +232,10 @@ async fn next(state: &State) -> Response<Full<Bytes>> {
             "lambda-runtime-invoked-function-arn",
             "arn:aws:lambda:us-east-1:123456789012:function:s3spot-launcher",
         )
-        .header("lambda-runtime-trace-id", "Root=1-00000000-000000000000000000000000")
+        .header(
+            "lambda-runtime-trace-id",
+            "Root=1-00000000-000000000000000000000000",
+        )
         .body(Full::new(payload))
         .expect("a valid response")
 }

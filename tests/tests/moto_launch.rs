@@ -44,7 +44,11 @@ impl Setup {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| (*v).to_owned())
-                .or_else(|| base.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()))
+                .or_else(|| {
+                    base.iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, v)| v.clone())
+                })
         })
         .unwrap();
         config.job.region = Some(REGION.into());
@@ -113,11 +117,7 @@ impl Setup {
             .send()
             .await
             .unwrap();
-        output
-            .volumes()
-            .iter()
-            .map(|v| tag_map(v.tags()))
-            .collect()
+        output.volumes().iter().map(|v| tag_map(v.tags())).collect()
     }
 
     /// Everything a launched job's instance must be, checked on what moto stored. Returns the
@@ -189,11 +189,34 @@ async fn report(handler: &Handler<Ec2Launcher>, name: &str) -> Report {
     }
 }
 
-/// Each file in `events/`, and the (bucket, key) pairs it must launch.
-const EXPECTED: &[(&str, &[(&str, &str)], usize)] = &[
-    ("s3-put.json", &[("example-bucket", "test/key")], 0),
-    ("awsfun-put.json", &[("su2c-data", "samples/patient1.txt")], 0),
-    (
+/// What one file in `events/` must do.
+struct Expected {
+    file: &'static str,
+    /// (bucket, key) of each launch, in order.
+    launches: &'static [(&'static str, &'static str)],
+    skipped: usize,
+}
+
+const fn expect(
+    file: &'static str,
+    launches: &'static [(&'static str, &'static str)],
+    skipped: usize,
+) -> Expected {
+    Expected {
+        file,
+        launches,
+        skipped,
+    }
+}
+
+const EXPECTED: &[Expected] = &[
+    expect("s3-put.json", &[("example-bucket", "test/key")], 0),
+    expect(
+        "awsfun-put.json",
+        &[("su2c-data", "samples/patient1.txt")],
+        0,
+    ),
+    expect(
         "url-encoded-keys.json",
         &[
             ("data", "in/quarterly report 2024.csv"),
@@ -203,18 +226,21 @@ const EXPECTED: &[(&str, &[(&str, &str)], usize)] = &[
         ],
         0,
     ),
-    (
+    expect(
         "hostile-key.json",
-        &[("data", "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv")],
+        &[(
+            "data",
+            "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv",
+        )],
         0,
     ),
-    ("analysis-key.json", &[], 1),
-    (
+    expect("analysis-key.json", &[], 1),
+    expect(
         "multi-record.json",
         &[("data", "in/first.csv"), ("data", "in/second.csv")],
         3,
     ),
-    (
+    expect(
         "eventbridge-object-created.json",
         &[("data", "in/raw key+plus%percent.csv")],
         0,
@@ -231,13 +257,23 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(files.remove("sqs-wrapped.json"), "checked below");
-    let covered: BTreeSet<String> = EXPECTED.iter().map(|(name, ..)| (*name).to_owned()).collect();
+    let covered: BTreeSet<String> = EXPECTED.iter().map(|e| e.file.to_owned()).collect();
     assert_eq!(files, covered, "every event file has expectations here");
 
-    for &(name, launches, skipped) in EXPECTED {
+    for &Expected {
+        file: name,
+        launches,
+        skipped,
+    } in EXPECTED
+    {
         let report = report(&handler, name).await;
         assert_eq!(report.failed, [], "{name}");
-        assert_eq!(report.skipped.len(), skipped, "{name}: {:?}", report.skipped);
+        assert_eq!(
+            report.skipped.len(),
+            skipped,
+            "{name}: {:?}",
+            report.skipped
+        );
         let got: Vec<(&str, &str)> = report
             .launched
             .iter()
@@ -247,14 +283,24 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         for launched in &report.launched {
             assert!(launched.instance_id.starts_with("i-"));
             assert_eq!(launched.market, "spot");
-            assert_eq!(launched.instance_type.as_deref(), Some("t3.micro"), "the template's type");
+            assert_eq!(
+                launched.instance_type.as_deref(),
+                Some("t3.micro"),
+                "the template's type"
+            );
             let instance = setup.instance(&launched.instance_id).await;
-            assert_eq!(instance.client_token(), Some(launched.client_token.as_str()));
+            assert_eq!(
+                instance.client_token(),
+                Some(launched.client_token.as_str())
+            );
             let job = setup
                 .check_launched(&launched.instance_id, &launched.bucket, &launched.key)
                 .await;
             if name == "awsfun-put.json" {
-                assert_eq!(job.version_id.as_deref(), Some("096fKKXTRTtl3on89fVO.nfljtsv6qko"));
+                assert_eq!(
+                    job.version_id.as_deref(),
+                    Some("096fKKXTRTtl3on89fVO.nfljtsv6qko")
+                );
                 assert_eq!(job.sequencer, None);
             }
         }
@@ -270,16 +316,29 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         .instances()
         .await
         .into_iter()
-        .filter(|i| tag_map(i.tags()).get("s3spot:key").map(String::as_str) == Some("in/queued file.csv"))
+        .filter(|i| {
+            tag_map(i.tags()).get("s3spot:key").map(String::as_str) == Some("in/queued file.csv")
+        })
         .collect();
     assert_eq!(queued.len(), 1);
     let job = setup
-        .check_launched(queued[0].instance_id().unwrap(), "data", "in/queued file.csv")
+        .check_launched(
+            queued[0].instance_id().unwrap(),
+            "data",
+            "in/queued file.csv",
+        )
         .await;
-    assert_eq!(job.version_id.as_deref(), Some("3sL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"));
+    assert_eq!(
+        job.version_id.as_deref(),
+        Some("3sL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY")
+    );
 
-    let expected_total: usize = EXPECTED.iter().map(|(_, l, _)| l.len()).sum::<usize>() + 1;
-    assert_eq!(setup.instances().await.len(), expected_total, "nothing else was launched");
+    let expected_total: usize = EXPECTED.iter().map(|e| e.launches.len()).sum::<usize>() + 1;
+    assert_eq!(
+        setup.instances().await.len(),
+        expected_total,
+        "nothing else was launched"
+    );
 }
 
 /// moto records the ClientToken but does not de-duplicate, so a redelivery shows up as a second
@@ -297,7 +356,10 @@ async fn a_redelivered_event_reaches_ec2_as_the_same_request() {
         setup.user_data(&a.instance_id).await,
         setup.user_data(&b.instance_id).await
     );
-    let (ia, ib) = (setup.instance(&a.instance_id).await, setup.instance(&b.instance_id).await);
+    let (ia, ib) = (
+        setup.instance(&a.instance_id).await,
+        setup.instance(&b.instance_id).await,
+    );
     assert_eq!(ia.client_token(), ib.client_token());
     assert_eq!(tag_map(ia.tags()), tag_map(ib.tags()));
 }
@@ -306,7 +368,11 @@ async fn a_redelivered_event_reaches_ec2_as_the_same_request() {
 async fn the_runaway_guard_counts_the_real_instances_of_its_pipeline() {
     let setup = setup().await;
     // Another pipeline's instances do not count against this one's cap.
-    let other = report(&setup.handler(&[("S3SPOT_PIPELINE", "other")]), "multi-record.json").await;
+    let other = report(
+        &setup.handler(&[("S3SPOT_PIPELINE", "other")]),
+        "multi-record.json",
+    )
+    .await;
     assert_eq!(other.launched.len(), 2);
 
     let handler = setup.handler(&[("S3SPOT_MAX_INSTANCES", "3")]);
@@ -317,13 +383,21 @@ async fn the_runaway_guard_counts_the_real_instances_of_its_pipeline() {
     assert_eq!(report.launched.len(), 3);
     assert_eq!(report.failed.len(), 1);
     assert!(report.failed[0].retryable);
-    assert!(report.failed[0].error.contains("cap of 3"), "{}", report.failed[0].error);
+    assert!(
+        report.failed[0].error.contains("cap of 3"),
+        "{}",
+        report.failed[0].error
+    );
 
     // A new invocation sees the three running instances.
     let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
         panic!("at the cap")
     };
-    assert!(report.failed[0].error.contains("3 instances of pipeline \"s3spot\""));
+    assert!(
+        report.failed[0]
+            .error
+            .contains("3 instances of pipeline \"s3spot\"")
+    );
 
     // Terminated instances free the cap.
     let ids: Vec<String> = setup
@@ -360,8 +434,14 @@ async fn on_demand_with_an_instance_type_and_a_template_id() {
     let instance = setup.instance(&launched.instance_id).await;
     assert_eq!(instance.instance_lifecycle(), None, "on-demand");
     assert_eq!(instance.instance_type(), Some(&InstanceType::M5Large));
-    assert_eq!(tag_map(instance.tags())["aws:ec2launchtemplate:id"], template_id);
-    assert_eq!(setup.shutdown_behavior(&launched.instance_id).await, "terminate");
+    assert_eq!(
+        tag_map(instance.tags())["aws:ec2launchtemplate:id"],
+        template_id
+    );
+    assert_eq!(
+        setup.shutdown_behavior(&launched.instance_id).await,
+        "terminate"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,245 @@
+//! The `s3spot` binary, run the way a person runs it.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use s3spot_tests::{Moto, create_launch_template, events_dir, s3spot_env};
+use serde_json::Value;
+
+/// `s3spot` with a clean environment: only what the test passes.
+fn s3spot(args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_s3spot"));
+    command.args(args).env_clear();
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+}
+
+fn run(args: &[&str], env: &[(&str, String)]) -> Output {
+    s3spot(args, env).output().unwrap()
+}
+
+fn event_path(name: &str) -> String {
+    events_dir().join(name).display().to_string()
+}
+
+fn stdout_json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", show(output)))
+}
+
+fn show(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn job_env() -> Vec<(&'static str, String)> {
+    s3spot_env("s3spot-worker")
+}
+
+#[test]
+fn render_shows_the_job_and_script_without_any_aws_access() {
+    // No credentials, no region, no endpoint: render must not need them.
+    let output = run(
+        &[
+            "render",
+            "--event",
+            &event_path("hostile-key.json"),
+            "--json",
+        ],
+        &job_env(),
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    let rendered = stdout_json(&output);
+    let key = "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv";
+    assert_eq!(rendered[0]["action"], "launch");
+    assert_eq!(rendered[0]["job"]["key"], key);
+    assert_eq!(rendered[0]["job"]["results_prefix"], "analysis/");
+    let script = rendered[0]["user_data"].as_str().unwrap();
+    assert!(
+        !script.contains("pwned"),
+        "the key is not in the script text"
+    );
+    let job = s3spot_bootstrap::job_from_user_data(script).unwrap();
+    assert_eq!(job.key, key);
+    let check = Command::new("bash")
+        .args(["-n", "-c", script])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", show(&check));
+}
+
+#[test]
+fn render_prints_scripts_and_says_why_records_are_skipped() {
+    let output = run(
+        &["render", "--event", &event_path("multi-record.json")],
+        &job_env(),
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.matches("# launch s3://data/").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("#!/bin/bash").count(), 2);
+    assert!(stdout.contains("## JobSpec"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "skip s3://data/\"analysis/in/first.csv/report.json\": under the results prefix"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("skip s3://data/\"in/new-folder/\": folder marker"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn render_reads_sqs_batches_and_stdin() {
+    let event = std::fs::read(events_dir().join("sqs-wrapped.json")).unwrap();
+    let mut child = s3spot(&["render", "--event", "-", "--json"], &job_env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&event).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    let rendered = stdout_json(&output);
+    assert_eq!(rendered[0]["job"]["key"], "in/queued file.csv");
+    assert_eq!(rendered[1]["action"], "skip");
+    assert_eq!(rendered[1]["reason"], "s3:TestEvent");
+}
+
+#[test]
+fn bad_configuration_names_the_variable_and_exits_2() {
+    let mut env = job_env();
+    env.retain(|(name, _)| *name != "S3SPOT_WORKER_SHA256");
+    let output = run(&["render", "--event", &event_path("s3-put.json")], &env);
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("s3spot: error: bad configuration: S3SPOT_WORKER_SHA256 is not set"),
+        "{stderr}"
+    );
+
+    let mut env = job_env();
+    env.push(("S3SPOT_MARKET", "cheap".into()));
+    let output = run(&["invoke", "--event", &event_path("s3-put.json")], &env);
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(
+        "S3SPOT_MARKET=\"cheap\" is invalid: expected spot, on-demand or spot-then-on-demand"
+    ));
+}
+
+#[test]
+fn unreadable_events_are_clear_errors() {
+    let output = run(
+        &["render", "--event", "/nonexistent/event.json"],
+        &job_env(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot read event file /nonexistent/event.json: No such file")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.json");
+    std::fs::write(&path, "{\"Records\": [").unwrap();
+    let output = run(&["render", "--event", path.to_str().unwrap()], &job_env());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("broken.json is not valid JSON: EOF while parsing"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invoke_launches_through_ec2_and_prints_the_report() {
+    let moto = Moto::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ec2 = runtime.block_on(async { aws_sdk_ec2::Client::new(&moto.sdk_config().await) });
+    runtime.block_on(create_launch_template(&ec2, "s3spot-worker"));
+    let mut env = job_env();
+    env.extend(moto.env());
+
+    let output = run(&["invoke", "--event", &event_path("s3-put.json")], &env);
+    assert!(output.status.success(), "{}", show(&output));
+    let report = stdout_json(&output);
+    assert_eq!(report["skipped"], Value::Array(vec![]));
+    assert_eq!(report["failed"], Value::Array(vec![]));
+    let launched = &report["launched"][0];
+    assert_eq!(launched["key"], "test/key");
+    assert_eq!(launched["market"], "spot");
+    let id = launched["instance_id"].as_str().unwrap();
+    let described = runtime
+        .block_on(ec2.describe_instances().instance_ids(id).send())
+        .unwrap();
+    let instance = &described.reservations()[0].instances()[0];
+    assert_eq!(instance.client_token(), launched["client_token"].as_str());
+
+    // SQS batches print the partial batch response.
+    let output = run(
+        &["invoke", "--event", &event_path("sqs-wrapped.json")],
+        &env,
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(
+        stdout_json(&output),
+        serde_json::json!({"batchItemFailures": []})
+    );
+}
+
+#[test]
+fn invoke_exits_1_with_the_report_when_records_fail() {
+    let moto = Moto::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ec2 = runtime.block_on(async { aws_sdk_ec2::Client::new(&moto.sdk_config().await) });
+    runtime.block_on(create_launch_template(&ec2, "s3spot-worker"));
+    let mut env = job_env();
+    env.extend(moto.env());
+    env.push(("S3SPOT_MAX_INSTANCES", "1".into()));
+
+    let output = run(
+        &["invoke", "--event", &event_path("url-encoded-keys.json")],
+        &env,
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let report = stdout_json(&output);
+    assert_eq!(report["launched"].as_array().unwrap().len(), 1);
+    assert_eq!(report["failed"].as_array().unwrap().len(), 3);
+    assert_eq!(report["failed"][0]["retryable"], true);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the handler failed (S3spot.RetryableFailure): 3 of 4 records failed"),
+        "{stderr}"
+    );
+
+    let output = run(
+        &["invoke", "--event", &event_path("analysis-key.json")],
+        &env,
+    );
+    assert!(
+        output.status.success(),
+        "a skip is not a failure: {}",
+        show(&output)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.json");
+    std::fs::write(&path, "{\"hello\": \"world\"}").unwrap();
+    let output = run(&["invoke", "--event", path.to_str().unwrap()], &env);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("(S3spot.MalformedEvent): unrecognised event"),
+        "{stderr}"
+    );
+}
