@@ -3,7 +3,7 @@
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
-use s3spot_tests::{Moto, create_launch_template, events_dir, s3spot_env};
+use s3spot_tests::{Moto, create_launch_template, events_dir, s3spot_env, show};
 use serde_json::Value;
 
 /// `s3spot` with a clean environment: only what the test passes.
@@ -29,13 +29,32 @@ fn stdout_json(output: &Output) -> Value {
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", show(output)))
 }
 
-fn show(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+/// A moto EC2 with the launch template, and the environment for `s3spot` to use it.
+struct Ec2 {
+    _moto: Moto,
+    runtime: tokio::runtime::Runtime,
+    client: aws_sdk_ec2::Client,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Ec2 {
+    fn start() -> Ec2 {
+        let moto = Moto::start();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let client = runtime.block_on(async {
+            let client = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+            create_launch_template(&client, "s3spot-worker").await;
+            client
+        });
+        let mut env = job_env();
+        env.extend(moto.env());
+        Ec2 {
+            _moto: moto,
+            runtime,
+            client,
+            env,
+        }
+    }
 }
 
 fn job_env() -> Vec<(&'static str, String)> {
@@ -163,12 +182,8 @@ fn unreadable_events_are_clear_errors() {
 
 #[test]
 fn invoke_launches_through_ec2_and_prints_the_report() {
-    let moto = Moto::start();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let ec2 = runtime.block_on(async { aws_sdk_ec2::Client::new(&moto.sdk_config().await) });
-    runtime.block_on(create_launch_template(&ec2, "s3spot-worker"));
-    let mut env = job_env();
-    env.extend(moto.env());
+    let ec2 = Ec2::start();
+    let env = ec2.env.clone();
 
     let output = run(&["invoke", "--event", &event_path("s3-put.json")], &env);
     assert!(output.status.success(), "{}", show(&output));
@@ -179,8 +194,9 @@ fn invoke_launches_through_ec2_and_prints_the_report() {
     assert_eq!(launched["key"], "test/key");
     assert_eq!(launched["market"], "spot");
     let id = launched["instance_id"].as_str().unwrap();
-    let described = runtime
-        .block_on(ec2.describe_instances().instance_ids(id).send())
+    let described = ec2
+        .runtime
+        .block_on(ec2.client.describe_instances().instance_ids(id).send())
         .unwrap();
     let instance = &described.reservations()[0].instances()[0];
     assert_eq!(instance.client_token(), launched["client_token"].as_str());
@@ -199,12 +215,16 @@ fn invoke_launches_through_ec2_and_prints_the_report() {
 
 #[test]
 fn invoke_exits_1_with_the_report_when_records_fail() {
-    let moto = Moto::start();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let ec2 = runtime.block_on(async { aws_sdk_ec2::Client::new(&moto.sdk_config().await) });
-    runtime.block_on(create_launch_template(&ec2, "s3spot-worker"));
-    let mut env = job_env();
-    env.extend(moto.env());
+    let ec2 = Ec2::start();
+    // The service-specific endpoint variable works as well as the general one.
+    let mut env: Vec<(&str, String)> = ec2
+        .env
+        .iter()
+        .map(|(name, value)| match *name {
+            "AWS_ENDPOINT_URL" => ("AWS_ENDPOINT_URL_EC2", value.clone()),
+            _ => (*name, value.clone()),
+        })
+        .collect();
     env.push(("S3SPOT_MAX_INSTANCES", "1".into()));
 
     let output = run(

@@ -203,6 +203,8 @@ fn parse_notification_record(value: &Value) -> Record {
         Ok(key) => Record::Created(ObjectCreated {
             bucket: bucket_name,
             key,
+            // With versioning suspended every upload is version "null": it identifies nothing, and
+            // as a ClientToken input it would make later uploads of the key look like repeats.
             version_id: object.version_id.filter(|v| !v.is_empty() && v != "null"),
             etag: object.etag,
             size: object.size,
@@ -361,6 +363,16 @@ mod tests {
             object.event_time.as_deref(),
             Some("2024-05-01T12:00:00.000Z")
         );
+    }
+
+    #[test]
+    fn the_null_version_of_a_suspended_bucket_is_no_version() {
+        let records = direct(json!({"Records": [{
+            "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": "data"}, "object": {"key": "k", "versionId": "null", "sequencer": "0A"}}
+        }]}));
+        assert_eq!(created(&records[0]).version_id, None);
+        assert_eq!(created(&records[0]).sequencer.as_deref(), Some("0A"));
     }
 
     #[test]

@@ -144,21 +144,10 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn config(extra: &[(&str, &str)]) -> JobConfig {
-        let base = [
-            ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
-            ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
-            ("S3SPOT_WORKER_SHA256", &"a".repeat(64)),
-        ];
-        Config::from_lookup(|name| {
-            extra
-                .iter()
-                .chain(base.iter())
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| (*v).to_owned())
-        })
-        .unwrap()
-        .job
+    fn config(overrides: &[(&str, &str)]) -> JobConfig {
+        Config::from_lookup(s3spot_tests::s3spot_lookup("s3spot-worker", overrides))
+            .unwrap()
+            .job
     }
 
     fn object(key: &str) -> ObjectCreated {

@@ -14,28 +14,17 @@ use aws_sdk_ec2::types::{
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, ec2};
+use s3spot_tests::{event, s3spot_lookup};
 use serde_json::Value;
 
-fn config(extra: &[(&str, &str)]) -> Config {
-    let base = [
-        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
-        ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "4"),
-        ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
-        ("S3SPOT_WORKER_SHA256", &"d".repeat(64)),
-    ];
-    Config::from_lookup(|name| {
-        extra
-            .iter()
-            .chain(base.iter())
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| (*v).to_owned())
-    })
-    .unwrap()
+fn config(overrides: &[(&str, &str)]) -> Config {
+    let mut overrides = overrides.to_vec();
+    overrides.push(("S3SPOT_LAUNCH_TEMPLATE_VERSION", "4"));
+    Config::from_lookup(s3spot_lookup("s3spot-worker", &overrides)).unwrap()
 }
 
 fn console_event() -> Value {
-    let path = format!("{}/../events/s3-put.json", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    event("s3-put.json")
 }
 
 /// An EC2 Query-protocol error response.
@@ -93,6 +82,14 @@ fn is_spot(request: &RunInstancesInput) -> bool {
             && m.spot_options().and_then(|s| s.spot_instance_type())
                 == Some(&SpotInstanceType::OneTime)
     })
+}
+
+/// RunInstances answers once with this EC2 error.
+fn run_instances_fails(status: u16, code: &str, message: &str) -> Rule {
+    mock!(Client::run_instances)
+        .sequence()
+        .http_status(status, Some(ec2_error(code, message)))
+        .build()
 }
 
 fn none_running() -> Rule {
@@ -210,13 +207,11 @@ async fn throttling_that_outlasts_the_sdk_retries_is_retryable() {
 #[tokio::test]
 async fn an_instance_already_launched_and_terminated_is_not_an_error() {
     let describe = none_running();
-    let run = mock!(Client::run_instances).sequence().http_status(
+    let run = run_instances_fails(
         400,
-        Some(ec2_error(
-            "IdempotentInstanceTerminated",
-            "The client token you provided is associated with a resource that is already deleted.",
-        )),
-    ).build();
+        "IdempotentInstanceTerminated",
+        "The client token you provided is associated with a resource that is already deleted.",
+    );
     let handler = handler(
         config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
         &[&describe, &run],
@@ -235,16 +230,11 @@ async fn an_instance_already_launched_and_terminated_is_not_an_error() {
 #[tokio::test]
 async fn the_vcpu_quota_fails_the_record_as_retryable_without_falling_back() {
     let describe = none_running();
-    let run = mock!(Client::run_instances)
-        .sequence()
-        .http_status(
-            400,
-            Some(ec2_error(
-                "VcpuLimitExceeded",
-                "You have requested more vCPU capacity than your current vCPU limit of 32 allows.",
-            )),
-        )
-        .build();
+    let run = run_instances_fails(
+        400,
+        "VcpuLimitExceeded",
+        "You have requested more vCPU capacity than your current vCPU limit of 32 allows.",
+    );
     let handler = handler(
         config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
         &[&describe, &run],
@@ -264,13 +254,11 @@ async fn the_vcpu_quota_fails_the_record_as_retryable_without_falling_back() {
 #[tokio::test]
 async fn a_parameter_mismatch_is_a_clear_permanent_error() {
     let describe = none_running();
-    let run = mock!(Client::run_instances).sequence().http_status(
+    let run = run_instances_fails(
         400,
-        Some(ec2_error(
-            "IdempotentParameterMismatch",
-            "The arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
-        )),
-    ).build();
+        "IdempotentParameterMismatch",
+        "The arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+    );
     let handler = handler(config(&[]), &[&describe, &run]);
     let report = report(&handler).await;
     assert!(!report.failed[0].retryable);
@@ -284,16 +272,11 @@ async fn a_parameter_mismatch_is_a_clear_permanent_error() {
 #[tokio::test]
 async fn other_client_errors_are_permanent_and_quote_ec2() {
     let describe = none_running();
-    let run = mock!(Client::run_instances)
-        .sequence()
-        .http_status(
-            400,
-            Some(ec2_error(
-                "InvalidLaunchTemplateName.NotFoundException",
-                "The specified launch template, with template name s3spot-worker, does not exist.",
-            )),
-        )
-        .build();
+    let run = run_instances_fails(
+        400,
+        "InvalidLaunchTemplateName.NotFoundException",
+        "The specified launch template, with template name s3spot-worker, does not exist.",
+    );
     let handler = handler(config(&[]), &[&describe, &run]);
     let report = report(&handler).await;
     assert!(!report.failed[0].retryable);

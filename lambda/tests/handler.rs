@@ -10,6 +10,7 @@ use s3spot_lambda::handler::{FailedRecord, Report};
 use s3spot_lambda::{
     Config, Handler, HandlerError, LaunchError, LaunchRequest, Launched, Launcher, Response,
 };
+use s3spot_tests::{event, s3spot_lookup};
 use serde_json::{Value, json};
 
 /// Answers `count_active` with `active` and each launch with the next scripted result (success
@@ -68,25 +69,8 @@ impl Launcher for ScriptedLauncher {
     }
 }
 
-fn config(extra: &[(&str, &str)]) -> Config {
-    let base = [
-        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-worker"),
-        ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
-        ("S3SPOT_WORKER_SHA256", &"c".repeat(64)),
-    ];
-    Config::from_lookup(|name| {
-        extra
-            .iter()
-            .chain(base.iter())
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| (*v).to_owned())
-    })
-    .unwrap()
-}
-
-fn event(name: &str) -> Value {
-    let path = format!("{}/../events/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+fn config(overrides: &[(&str, &str)]) -> Config {
+    Config::from_lookup(s3spot_lookup("s3spot-worker", overrides)).unwrap()
 }
 
 fn capacity() -> Result<Launched, LaunchError> {

@@ -3,9 +3,10 @@
 
 mod runtime_api;
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use runtime_api::{Outcome, RuntimeApi};
@@ -183,4 +184,29 @@ pub fn s3spot_env(template: &str) -> Vec<(&'static str, String)> {
         ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker".into()),
         ("S3SPOT_WORKER_SHA256", "e".repeat(64)),
     ]
+}
+
+/// A lookup for `Config::from_lookup`: `overrides` first, then [`s3spot_env`] for `template`.
+pub fn s3spot_lookup(
+    template: &str,
+    overrides: &[(&str, &str)],
+) -> impl Fn(&str) -> Option<String> + use<> {
+    let mut vars: HashMap<String, String> = s3spot_env(template)
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    for (name, value) in overrides {
+        vars.insert((*name).to_owned(), (*value).to_owned());
+    }
+    move |name| vars.get(name).cloned()
+}
+
+/// A finished process's status and output, for assertion messages.
+pub fn show(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }

@@ -160,13 +160,7 @@ async fn route(request: Request<Incoming>, state: Arc<State>) -> Response<Full<B
         (&Method::POST, ["2018-06-01", "runtime", "invocation", id, kind]) => {
             let id = (*id).to_owned();
             let is_error = *kind == "error";
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let value: Value = serde_json::from_slice(&body(request).await).unwrap_or(Value::Null);
             let outcome = if is_error {
                 Outcome::Error {
                     error_type: value["errorType"].as_str().unwrap_or_default().to_owned(),
@@ -186,12 +180,7 @@ async fn route(request: Request<Incoming>, state: Arc<State>) -> Response<Full<B
             )
         }
         (&Method::POST, ["2018-06-01", "runtime", "init", "error"]) => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body(request).await;
             *state.init_error.lock().await = Some(String::from_utf8_lossy(&body).into_owned());
             state.posted.notify_waiters();
             reply(
@@ -201,6 +190,15 @@ async fn route(request: Request<Incoming>, state: Arc<State>) -> Response<Full<B
         }
         _ => reply(StatusCode::NOT_FOUND, Bytes::from_static(b"{}")),
     }
+}
+
+async fn body(request: Request<Incoming>) -> Bytes {
+    request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
 }
 
 /// Long-polls like Lambda: the function waits here until an event is queued.

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use s3spot_bootstrap::{JobSpec, job_from_user_data};
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response};
-use s3spot_tests::{Moto, REGION, create_launch_template, event, events_dir, s3spot_env};
+use s3spot_tests::{Moto, REGION, create_launch_template, event, events_dir, s3spot_lookup};
 
 const TEMPLATE: &str = "s3spot-worker";
 
@@ -38,19 +38,7 @@ async fn setup() -> Setup {
 impl Setup {
     /// The handler as the binary builds it, with `S3SPOT_*` overrides.
     fn handler(&self, overrides: &[(&str, &str)]) -> Handler<Ec2Launcher> {
-        let base = s3spot_env(TEMPLATE);
-        let mut config = Config::from_lookup(|name| {
-            overrides
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| (*v).to_owned())
-                .or_else(|| {
-                    base.iter()
-                        .find(|(n, _)| *n == name)
-                        .map(|(_, v)| v.clone())
-                })
-        })
-        .unwrap();
+        let mut config = Config::from_lookup(s3spot_lookup(TEMPLATE, overrides)).unwrap();
         config.job.region = Some(REGION.into());
         Handler::new(config, Ec2Launcher::new(&self.sdk))
     }
