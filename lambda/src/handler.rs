@@ -119,10 +119,6 @@ impl<L: Launcher> Handler<L> {
         Handler { config, launcher }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// Handles one invocation. Every record is seen through, whatever happens to the others.
     pub async fn handle(&self, event: Value) -> Result<Response, HandlerError> {
         let mut guard = RunawayGuard::default();
@@ -141,7 +137,6 @@ impl<L: Launcher> Handler<L> {
             Invocation::Sqs(items) => {
                 let mut batch = SqsBatchResponse::default();
                 for item in items {
-                    let message_id = item.message_id.clone().unwrap_or_default();
                     let mut report = Report::default();
                     match item.records {
                         Ok(records) => {
@@ -150,15 +145,16 @@ impl<L: Launcher> Handler<L> {
                             }
                         }
                         Err(error) => {
+                            let error = error_chain(&error);
                             tracing::error!(
-                                message_id,
-                                error = error_chain(&error),
+                                message_id = item.message_id,
+                                error,
                                 "unreadable SQS message"
                             );
                             report.failed.push(FailedRecord {
                                 bucket: String::new(),
                                 key: String::new(),
-                                error: error_chain(&error),
+                                error,
                                 retryable: false,
                             });
                         }
@@ -168,9 +164,9 @@ impl<L: Launcher> Handler<L> {
                     // others reach the dead-letter queue after maxReceiveCount, where nothing is
                     // lost.
                     if !report.failed.is_empty() {
-                        if item.message_id.is_none() {
+                        let Some(message_id) = item.message_id else {
                             return Err(HandlerError::UnidentifiedMessage);
-                        }
+                        };
                         let mut failure = BatchItemFailure::default();
                         failure.item_identifier = message_id;
                         batch.batch_item_failures.push(failure);

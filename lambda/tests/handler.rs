@@ -505,6 +505,16 @@ async fn sqs_messages_that_hit_the_guard_go_back_to_the_queue() {
 }
 
 #[tokio::test]
+async fn a_failed_sqs_message_without_an_id_fails_the_whole_batch() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher);
+    let event = json!({"Records": [{"eventSource": "aws:sqs", "body": "not json"}]});
+    let error = handler.handle(event).await.unwrap_err();
+    assert!(matches!(error, HandlerError::UnidentifiedMessage), "{error}");
+    assert!(error.to_string().contains("whole batch must be retried"));
+}
+
+#[tokio::test]
 async fn a_malformed_event_is_an_invocation_error_that_says_what_it_expected() {
     let handler = Handler::new(config(&[]), ScriptedLauncher::default());
     let error = handler.handle(json!({"hello": "world"})).await.unwrap_err();
