@@ -510,7 +510,10 @@ async fn a_failed_sqs_message_without_an_id_fails_the_whole_batch() {
     let handler = Handler::new(config(&[]), &launcher);
     let event = json!({"Records": [{"eventSource": "aws:sqs", "body": "not json"}]});
     let error = handler.handle(event).await.unwrap_err();
-    assert!(matches!(error, HandlerError::UnidentifiedMessage), "{error}");
+    assert!(
+        matches!(error, HandlerError::UnidentifiedMessage),
+        "{error}"
+    );
     assert!(error.to_string().contains("whole batch must be retried"));
 }
 
