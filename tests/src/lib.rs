@@ -1,7 +1,10 @@
-//! Test harness shared by s3spot's integration tests: real third-party servers (moto), a Lambda
-//! Runtime API emulator, and paths into the workspace.
+//! Test harness shared by s3spot's integration tests: real third-party servers (moto for EC2,
+//! s3s-fs for S3), a Lambda Runtime API emulator, a fake IMDSv2, and paths into the workspace.
 
+mod http;
+pub mod imds;
 mod runtime_api;
+mod s3;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -9,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use imds::FakeImds;
 pub use runtime_api::{Outcome, RuntimeApi};
+pub use s3::S3Server;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Notify};
@@ -54,7 +53,12 @@ impl RuntimeApi {
             .expect("bind the runtime API emulator");
         let address = listener.local_addr().expect("emulator address");
         let state = Arc::new(State::default());
-        let server = tokio::spawn(serve(listener, Arc::clone(&state)));
+        let shared = Arc::clone(&state);
+        let service = hyper::service::service_fn(move |request| {
+            let state = Arc::clone(&shared);
+            async move { Ok::<_, Infallible>(route(request, state).await) }
+        });
+        let server = tokio::spawn(crate::http::serve(listener, service));
         RuntimeApi {
             address,
             state,
@@ -131,24 +135,6 @@ impl RuntimeApi {
 impl Drop for RuntimeApi {
     fn drop(&mut self) {
         self.server.abort();
-    }
-}
-
-async fn serve(listener: TcpListener, state: Arc<State>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(request, state).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

@@ -1,0 +1,76 @@
+//! A real S3 server for tests: s3s-fs (a third-party S3 protocol implementation over a
+//! directory) on a loopback port, with signature checking on.
+
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+
+use crate::http::ServerThread;
+use crate::{ACCESS_KEY, REGION, SECRET_KEY};
+
+pub struct S3Server {
+    server: ServerThread,
+    root: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// A server over a fresh directory, with `buckets` created.
+    pub fn start(buckets: &[&str]) -> S3Server {
+        let root = tempfile::tempdir().expect("a directory for the S3 server");
+        for bucket in buckets {
+            std::fs::create_dir(root.path().join(bucket)).expect("create a bucket directory");
+        }
+        let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs over the directory");
+        let service = {
+            let mut builder = S3ServiceBuilder::new(fs);
+            builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+            builder.build()
+        };
+        S3Server {
+            server: ServerThread::start("s3s-fs", service),
+            root,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.server.address)
+    }
+
+    /// The directory behind the server.
+    pub fn root(&self) -> &std::path::Path {
+        self.root.path()
+    }
+
+    /// An aws-sdk-s3 client for this server.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(aws_credential_types::Credentials::new(
+                ACCESS_KEY,
+                SECRET_KEY,
+                None,
+                None,
+                "s3spot-tests",
+            ))
+            .load()
+            .await;
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        )
+    }
+
+    /// Environment for a child process that talks to this server, and to no IMDS.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+}
