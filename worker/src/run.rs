@@ -1,0 +1,503 @@
+//! One job, start to end: identify, download, process, upload, report. Every path ends with
+//! `status.json` uploaded (best effort); shutting down is the caller's last step.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
+use s3spot_bootstrap::{
+    Input, JobSpec, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status, Timings,
+};
+use tokio::sync::watch;
+
+use crate::analysis::analyse;
+use crate::download::download;
+use crate::instance::Metadata;
+use crate::process::{CommandEnv, Stop, run_command};
+use crate::settings::Settings;
+use crate::upload::{Uploader, files_under};
+
+/// Names the worker writes itself under the results prefix; a command's files of the same name
+/// would be overwritten by them, so they are not uploaded.
+const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
+
+pub struct Worker {
+    pub s3: aws_sdk_s3::Client,
+    pub metadata: Metadata,
+    pub settings: Settings,
+}
+
+impl Worker {
+    /// Runs `job`, catching a panic anywhere in it: the status still says what happened.
+    pub async fn run_guarded(self: Arc<Self>, job: Arc<JobSpec>) -> Status {
+        let started = SystemTime::now();
+        let worker = Arc::clone(&self);
+        let task_job = Arc::clone(&job);
+        match catch_panic(async move { worker.run(&task_job).await }).await {
+            Ok(status) => status,
+            Err(panic) => {
+                let mut status = initial_status(&job, started);
+                status.error = Some(format!("the worker failed unexpectedly: {panic}"));
+                self.finish(&job, &mut status).await;
+                status
+            }
+        }
+    }
+
+    pub async fn run(&self, job: &JobSpec) -> Status {
+        let started = SystemTime::now();
+        let deadline = Instant::now() + Duration::from_secs(job.max_runtime_secs);
+        let mut status = initial_status(job, started);
+        status.instance = self.metadata.identify().await;
+        tracing::info!(bucket = job.bucket, key = ?job.key, attempt = job.attempt, instance = ?status.instance, "job started");
+
+        let (interrupt, interrupted) = watch::channel(None);
+        let watcher = status.instance.is_some().then(|| {
+            tokio::spawn(watch_for_interruption(
+                self.metadata.clone(),
+                self.settings.interruption_poll,
+                interrupt.clone(),
+            ))
+        });
+        let signals = tokio::spawn(watch_for_signals(interrupt));
+        let stop = || stop_signal(deadline, job.max_runtime_secs, interrupted.clone());
+
+        match tempfile::Builder::new()
+            .prefix("s3spot-job-")
+            .tempdir_in(&self.settings.work_root)
+        {
+            Ok(work) => self.work(job, work.path(), &mut status, stop).await,
+            Err(error) => {
+                status.error = Some(format!(
+                    "cannot create a work directory in {}: {error}",
+                    self.settings.work_root.display()
+                ));
+            }
+        }
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
+        signals.abort();
+        self.finish(job, &mut status).await;
+        status
+    }
+
+    /// Download, process and upload, recording each step in `status`.
+    async fn work<S: Future<Output = Stop>>(
+        &self,
+        job: &JobSpec,
+        work: &Path,
+        status: &mut Status,
+        stop: impl Fn() -> S,
+    ) {
+        let output_dir = work.join("output");
+        let input = work.join(local_name(&job.key));
+        if let Err(error) = std::fs::create_dir(&output_dir) {
+            status.error = Some(format!("cannot create {}: {error}", output_dir.display()));
+            return;
+        }
+
+        let clock = Instant::now();
+        let downloaded = tokio::select! {
+            downloaded = download(&self.s3, job, &input, &self.settings.download) => downloaded,
+            stopped = stop() => {
+                stopped_by(status, &stopped, "while downloading");
+                return;
+            }
+        };
+        status.timings.download_ms = elapsed_ms(clock);
+        let downloaded = match downloaded {
+            Ok(downloaded) => downloaded,
+            // No object (or not the right one), no processing: an "analysis" of nothing is worse
+            // than none.
+            Err(error) => {
+                status.error = Some(crate::error_chain(&error));
+                return;
+            }
+        };
+        status.input.size = Some(downloaded.size);
+        status.input.sha256 = Some(downloaded.sha256.clone());
+        status.input.etag = downloaded.etag.clone();
+        status.input.version_id = downloaded.version_id.clone();
+        tracing::info!(
+            size = downloaded.size,
+            sha256 = downloaded.sha256,
+            ms = status.timings.download_ms,
+            "downloaded"
+        );
+
+        let clock = Instant::now();
+        let logs = (work.join(STDOUT_FILE), work.join(STDERR_FILE));
+        let processed = match &job.command {
+            Some(command) => {
+                let env = CommandEnv {
+                    input: &downloaded.path,
+                    output_dir: &output_dir,
+                    bucket: &job.bucket,
+                    key: &job.key,
+                    version_id: downloaded.version_id.as_deref(),
+                };
+                match run_command(
+                    command,
+                    &env,
+                    work,
+                    (&logs.0, &logs.1),
+                    stop(),
+                    self.settings.kill_grace,
+                )
+                .await
+                {
+                    Ok(run) => {
+                        status.exit_code = run.status.code();
+                        match run.stopped {
+                            Some(stopped) => stopped_by(status, &stopped, "while the command ran"),
+                            None if run.status.success() => status.state = State::Succeeded,
+                            None => {
+                                status.error = Some(match run.status.code() {
+                                    Some(code) => format!("the command exited with status {code}"),
+                                    None => format!(
+                                        "the command was ended by a signal ({})",
+                                        run.status
+                                    ),
+                                });
+                            }
+                        }
+                        true
+                    }
+                    Err(error) => {
+                        status.error = Some(format!("cannot run the command: {error}"));
+                        false
+                    }
+                }
+            }
+            None => {
+                let (path, key, sha256) = (
+                    downloaded.path.clone(),
+                    job.key.clone(),
+                    downloaded.sha256.clone(),
+                );
+                let report_path = output_dir.join(REPORT_FILE);
+                let analysis = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    let report = analyse(&path, &key, &sha256)?;
+                    let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other)?;
+                    std::fs::write(&report_path, json)
+                });
+                tokio::select! {
+                    analysed = analysis => match analysed.expect("the analysis does not panic") {
+                        Ok(()) => status.state = State::Succeeded,
+                        Err(error) => status.error = Some(format!("the built-in analysis failed: {error}")),
+                    },
+                    stopped = stop() => stopped_by(status, &stopped, "during the built-in analysis"),
+                }
+                false
+            }
+        };
+        status.timings.process_ms = elapsed_ms(clock);
+
+        // Outputs go up whatever happened: after a failure or a stop they are what is left to
+        // understand it by.
+        let clock = Instant::now();
+        let uploader = self.uploader(job);
+        let mut files = match files_under(&output_dir) {
+            Ok(files) => files,
+            Err(error) => {
+                fail(status, crate::error_chain(&error));
+                Vec::new()
+            }
+        };
+        files.retain(|(_, name)| {
+            let reserved = RESERVED.contains(&name.as_str());
+            if reserved {
+                tracing::warn!(
+                    name,
+                    "the command wrote a file with a name s3spot uses; not uploaded"
+                );
+            }
+            !reserved
+        });
+        if processed {
+            files.push((logs.0.clone(), STDOUT_FILE.to_owned()));
+            files.push((logs.1.clone(), STDERR_FILE.to_owned()));
+        }
+        for (path, name) in files {
+            match uploader.file(&path, &name).await {
+                Ok(key) => status.outputs.push(key),
+                Err(error) => fail(status, crate::error_chain(&error)),
+            }
+        }
+        status.timings.upload_ms = elapsed_ms(clock);
+    }
+
+    /// Stamps the end, uploads `status.json`, and logs the outcome.
+    async fn finish(&self, job: &JobSpec, status: &mut Status) {
+        status.finished_at = timestamp(SystemTime::now());
+        if let Ok(json) = serde_json::to_vec_pretty(&status)
+            && let Err(error) = self
+                .uploader(job)
+                .bytes(json, STATUS_FILE, "application/json")
+                .await
+        {
+            tracing::error!(
+                error = crate::error_chain(&error),
+                "cannot upload status.json"
+            );
+            fail(
+                status,
+                format!("cannot upload status.json: {}", crate::error_chain(&error)),
+            );
+        }
+        tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
+    }
+
+    fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
+        Uploader {
+            s3: &self.s3,
+            bucket: &job.results_bucket,
+            prefix: job.results_key_prefix(),
+            settings: self.settings.upload,
+        }
+    }
+}
+
+fn initial_status(job: &JobSpec, started: SystemTime) -> Status {
+    Status {
+        state: State::Failed,
+        input: Input {
+            bucket: job.bucket.clone(),
+            key: job.key.clone(),
+            version_id: job.version_id.clone(),
+            etag: job.etag.clone(),
+            size: job.size,
+            sha256: None,
+        },
+        outputs: Vec::new(),
+        exit_code: None,
+        error: None,
+        timings: Timings::default(),
+        instance: None,
+        attempt: job.attempt,
+        worker_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: timestamp(started),
+        finished_at: String::new(),
+    }
+}
+
+/// A failure after the fact (an upload) turns success into failure but keeps an earlier, more
+/// telling error.
+fn fail(status: &mut Status, error: String) {
+    if status.state == State::Succeeded {
+        status.state = State::Failed;
+    }
+    match &mut status.error {
+        Some(existing) => {
+            existing.push_str("; ");
+            existing.push_str(&error);
+        }
+        None => status.error = Some(error),
+    }
+}
+
+fn stopped_by(status: &mut Status, stop: &Stop, when: &str) {
+    let (state, error) = match stop {
+        Stop::TimedOut => (State::TimedOut, format!("max runtime exceeded {when}")),
+        Stop::Interrupted(why) => (State::Interrupted, format!("{why} {when}")),
+    };
+    status.state = state;
+    status.error = Some(error);
+}
+
+/// Completes at the deadline, or when an interruption is announced, whichever is first.
+async fn stop_signal(
+    deadline: Instant,
+    max_runtime_secs: u64,
+    mut interrupted: watch::Receiver<Option<String>>,
+) -> Stop {
+    let interruption = async {
+        let notice = interrupted
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|notice| notice.clone());
+        match notice {
+            Some(notice) => notice,
+            // The sender is gone: no interruption can come any more.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline.into()) => {
+            tracing::warn!(max_runtime_secs, "max runtime exceeded");
+            Stop::TimedOut
+        }
+        notice = interruption => Stop::Interrupted(notice),
+    }
+}
+
+async fn watch_for_interruption(
+    metadata: Metadata,
+    every: Duration,
+    interrupt: watch::Sender<Option<String>>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Some(notice) = metadata.interruption_notice().await {
+            tracing::warn!(notice, "spot interruption notice");
+            let _ = interrupt.send(Some(format!("spot interruption notice ({notice})")));
+            return;
+        }
+    }
+}
+
+/// SIGTERM (the bootstrap's hard limit, a shutdown) and SIGINT (Ctrl-C in a local run) stop the
+/// job the way an interruption does: outputs and status are still uploaded.
+async fn watch_for_signals(interrupt: watch::Sender<Option<String>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::warn!(signal = name, "stopping the job");
+    let _ = interrupt.send(Some(format!("the worker received {name}")));
+}
+
+/// Runs `future` on its own task, so that a panic in it becomes an error value.
+pub async fn catch_panic<T: Send + 'static>(
+    future: impl Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::spawn(future).await.map_err(|error| {
+        if error.is_panic() {
+            let panic = error.into_panic();
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())
+        } else {
+            error.to_string()
+        }
+    })
+}
+
+/// A file name for the downloaded object that is safe whatever the key: its last segment, with
+/// anything but ASCII letters, digits, '.', '-' and '_' replaced, no leading dots, at most 100
+/// bytes, and the extension kept.
+pub fn local_name(key: &str) -> String {
+    const MAX: usize = 100;
+    let last = key.rsplit('/').next().unwrap_or_default();
+    let cleaned: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.');
+    if cleaned.is_empty() {
+        return "input".to_owned();
+    }
+    if cleaned.len() <= MAX {
+        return cleaned.to_owned();
+    }
+    let extension = cleaned
+        .rsplit_once('.')
+        .map(|(_, ext)| ext)
+        .filter(|ext| ext.len() <= 16)
+        .unwrap_or_default();
+    let stem_len = MAX - extension.len() - 1;
+    format!("{}.{extension}", &cleaned[..stem_len])
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn timestamp(time: SystemTime) -> String {
+    DateTime::from(time)
+        .fmt(DateTimeFormat::DateTime)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_names_are_safe_and_keep_the_extension() {
+        let cases = [
+            ("in/data.csv", "data.csv"),
+            ("in/$(touch x).csv", "__touch_x_.csv"),
+            ("in/a b\nc;d`e'f\".tsv", "a_b_c_d_e_f_.tsv"),
+            ("in/ünï cödé.json", "_n__c_d_.json"),
+            ("in/..", "input"),
+            ("in/.hidden", "hidden"),
+            ("folder/", "input"),
+            ("../../etc/passwd", "passwd"),
+            ("plain", "plain"),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(local_name(key), expected, "{key:?}");
+        }
+        let long = format!("in/{}.parquet", "x".repeat(300));
+        let name = local_name(&long);
+        assert_eq!(name.len(), 100);
+        assert!(name.ends_with(".parquet"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_with_its_message() {
+        let caught = catch_panic(async { panic!("boom at step 3") }).await;
+        assert_eq!(caught, Err::<(), _>("boom at step 3".to_owned()));
+        let caught = catch_panic(async { panic!("{} {}", "formatted", 7) }).await;
+        assert_eq!(caught, Err::<(), _>("formatted 7".to_owned()));
+        assert_eq!(catch_panic(async { 5 }).await, Ok(5));
+    }
+
+    #[test]
+    fn a_late_failure_keeps_the_first_error() {
+        let job = JobSpec::decode(
+            &s3spot_bootstrap::JobSpec {
+                bucket: "b".into(),
+                key: "k".into(),
+                version_id: None,
+                etag: None,
+                size: None,
+                sequencer: None,
+                results_bucket: "b".into(),
+                results_prefix: "analysis/".into(),
+                command: None,
+                max_runtime_secs: 1,
+                worker: s3spot_bootstrap::WorkerArtifact {
+                    uri: String::new(),
+                    sha256: String::new(),
+                },
+                attempt: 2,
+            }
+            .encode(),
+        )
+        .unwrap();
+        let mut status = initial_status(&job, SystemTime::UNIX_EPOCH);
+        assert_eq!(status.started_at, "1970-01-01T00:00:00Z");
+        assert_eq!(status.attempt, 2);
+        status.state = State::Succeeded;
+        fail(&mut status, "upload failed".into());
+        assert_eq!(status.state, State::Failed);
+        status.state = State::TimedOut;
+        fail(&mut status, "status upload failed".into());
+        assert_eq!(status.state, State::TimedOut, "a stop stays a stop");
+        assert_eq!(
+            status.error.as_deref(),
+            Some("upload failed; status upload failed")
+        );
+    }
+}

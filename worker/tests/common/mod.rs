@@ -1,0 +1,158 @@
+//! A worker under test: the real binary, a real S3 server (s3s-fs), and a shutdown command that
+//! records each call.
+
+#![allow(dead_code)] // Each test binary uses its own part of this.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use s3spot_bootstrap::{JobSpec, Status, WorkerArtifact};
+use s3spot_tests::S3Server;
+
+pub struct Fixture {
+    pub s3: S3Server,
+    pub client: aws_sdk_s3::Client,
+    pub runtime: tokio::runtime::Runtime,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Buckets `data` and `results`.
+    pub fn new() -> Fixture {
+        let s3 = S3Server::start(&["data", "results"]);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let client = runtime.block_on(s3.client());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("work")).unwrap();
+        Fixture {
+            s3,
+            client,
+            runtime,
+            dir,
+        }
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) -> String {
+        let output = self
+            .runtime
+            .block_on(
+                self.client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(body.to_vec().into())
+                    .send(),
+            )
+            .unwrap();
+        output.e_tag().unwrap().trim_matches('"').to_owned()
+    }
+
+    /// A job as the launcher would make it, for `data/<key>`.
+    pub fn job(&self, key: &str, command: Option<&str>) -> JobSpec {
+        JobSpec {
+            bucket: "data".into(),
+            key: key.into(),
+            version_id: None,
+            etag: None,
+            size: None,
+            sequencer: None,
+            results_bucket: "data".into(),
+            results_prefix: "analysis/".into(),
+            command: command.map(Into::into),
+            max_runtime_secs: 60,
+            worker: WorkerArtifact {
+                uri: "s3://artifacts/s3spot-worker".into(),
+                sha256: "0".repeat(64),
+            },
+            attempt: 1,
+        }
+    }
+
+    pub fn shutdown_log(&self) -> PathBuf {
+        self.dir.path().join("shutdowns")
+    }
+
+    /// `s3spot-worker` with a clean environment: the S3 server's, and `env`.
+    pub fn command(&self, args: &[&str], env: &[(&str, String)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_s3spot-worker"));
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env(
+                "S3SPOT_SHUTDOWN_COMMAND",
+                format!("echo shutdown >> '{}'", self.shutdown_log().display()),
+            )
+            .env("S3SPOT_WORK_DIR", self.dir.path().join("work"));
+        for (name, value) in self.s3.env() {
+            command.env(name, value);
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    pub fn run(&self, args: &[&str], env: &[(&str, String)]) -> Output {
+        self.command(args, env).output().unwrap()
+    }
+
+    pub fn run_job(&self, job: &JobSpec, env: &[(&str, String)]) -> Output {
+        self.run(&["run", "--job", &job.encode()], env)
+    }
+
+    pub fn shutdowns(&self) -> usize {
+        std::fs::read_to_string(self.shutdown_log())
+            .map(|log| log.lines().count())
+            .unwrap_or(0)
+    }
+
+    pub fn get(&self, bucket: &str, key: &str) -> Option<(Vec<u8>, Option<String>)> {
+        let output = self
+            .runtime
+            .block_on(self.client.get_object().bucket(bucket).key(key).send())
+            .ok()?;
+        let content_type = output.content_type().map(str::to_owned);
+        let body = self
+            .runtime
+            .block_on(output.body.collect())
+            .unwrap()
+            .into_bytes()
+            .to_vec();
+        Some((body, content_type))
+    }
+
+    pub fn text(&self, bucket: &str, key: &str) -> String {
+        let (body, _) = self
+            .get(bucket, key)
+            .unwrap_or_else(|| panic!("no s3://{bucket}/{key}"));
+        String::from_utf8(body).unwrap()
+    }
+
+    pub fn status(&self, bucket: &str, results_prefix: &str) -> Status {
+        let json = self.text(bucket, &format!("{results_prefix}status.json"));
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+    }
+
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let output = self
+            .runtime
+            .block_on(
+                self.client
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .prefix(prefix)
+                    .send(),
+            )
+            .unwrap();
+        let mut keys: Vec<String> = output
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+pub use s3spot_tests::show;

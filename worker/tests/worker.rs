@@ -1,0 +1,480 @@
+//! The worker binary end to end, against s3s-fs: every outcome ends with status.json uploaded
+//! and exactly one shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fixture, show};
+use s3spot_bootstrap::State;
+use s3spot_tests::{FakeImds, imds};
+use sha2::{Digest as _, Sha256};
+
+const CSV: &[u8] = b"id,name\n1,ada\n2,grace\n";
+
+#[test]
+fn a_command_runs_on_the_object_and_its_outputs_land_under_the_results_prefix() {
+    let fixture = Fixture::new();
+    let etag = fixture.put("data", "in/data.csv", CSV);
+    let command = r#"mkdir -p "$S3SPOT_OUTPUT_DIR/sub"
+wc -l < "$S3SPOT_INPUT" | tr -d ' ' > "$S3SPOT_OUTPUT_DIR/lines.txt"
+printf '{"bucket": "%s", "version": "%s"}' "$S3SPOT_BUCKET" "$S3SPOT_VERSION_ID" > "$S3SPOT_OUTPUT_DIR/sub/result.json"
+echo to-stdout
+echo to-stderr >&2"#;
+    let mut job = fixture.job("in/data.csv", Some(command));
+    job.etag = Some(etag.clone());
+    job.size = Some(CSV.len() as u64);
+    job.attempt = 2;
+    let output = fixture.run_job(&job, &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(fixture.shutdowns(), 1, "{}", show(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("to-stdout"),
+        "echoed"
+    );
+
+    let prefix = "analysis/in/data.csv/";
+    assert_eq!(
+        fixture.keys("data", prefix),
+        [
+            "analysis/in/data.csv/lines.txt",
+            "analysis/in/data.csv/status.json",
+            "analysis/in/data.csv/stderr.log",
+            "analysis/in/data.csv/stdout.log",
+            "analysis/in/data.csv/sub/result.json",
+        ]
+    );
+    assert_eq!(fixture.text("data", &format!("{prefix}lines.txt")), "3\n");
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}stdout.log")),
+        "to-stdout\n"
+    );
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}stderr.log")),
+        "to-stderr\n"
+    );
+    let (result, content_type) = fixture
+        .get("data", &format!("{prefix}sub/result.json"))
+        .unwrap();
+    assert_eq!(result, br#"{"bucket": "data", "version": ""}"#);
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let (_, content_type) = fixture.get("data", &format!("{prefix}lines.txt")).unwrap();
+    assert_eq!(content_type.as_deref(), Some("text/plain"));
+
+    let status = fixture.status("data", prefix);
+    assert_eq!(status.state, State::Succeeded);
+    assert_eq!(status.exit_code, Some(0));
+    assert_eq!(status.error, None);
+    assert_eq!(status.input.bucket, "data");
+    assert_eq!(status.input.key, "in/data.csv");
+    assert_eq!(status.input.size, Some(CSV.len() as u64));
+    assert_eq!(status.input.etag.as_deref(), Some(etag.as_str()));
+    assert_eq!(status.input.sha256, Some(hex::encode(Sha256::digest(CSV))));
+    assert_eq!(
+        status.outputs,
+        [
+            "analysis/in/data.csv/lines.txt",
+            "analysis/in/data.csv/sub/result.json",
+            "analysis/in/data.csv/stdout.log",
+            "analysis/in/data.csv/stderr.log",
+        ]
+    );
+    assert_eq!(status.instance, None, "no IMDS off EC2");
+    assert_eq!(status.attempt, 2);
+    assert_eq!(status.worker_version, env!("CARGO_PKG_VERSION"));
+    assert!(status.started_at.ends_with('Z') && status.started_at <= status.finished_at);
+    let (_, content_type) = fixture
+        .get("data", &format!("{prefix}status.json"))
+        .unwrap();
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    assert!(
+        std::fs::read_dir(fixture.dir.path().join("work"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the work directory is removed"
+    );
+}
+
+#[test]
+fn without_a_command_the_built_in_analysis_writes_report_json() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/people.csv", CSV);
+    let output = fixture.run_job(&fixture.job("in/people.csv", None), &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    let prefix = "analysis/in/people.csv/";
+    assert_eq!(
+        fixture.keys("data", prefix),
+        [
+            "analysis/in/people.csv/report.json",
+            "analysis/in/people.csv/status.json"
+        ]
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&fixture.text("data", &format!("{prefix}report.json"))).unwrap();
+    assert_eq!(report["size"], CSV.len());
+    assert_eq!(report["sha256"], hex::encode(Sha256::digest(CSV)));
+    assert_eq!(report["lines"], 3);
+    assert_eq!(report["utf8"], true);
+    assert_eq!(report["content_type"], "text/csv");
+    assert_eq!(
+        report["table"]["columns"],
+        serde_json::json!(["id", "name"])
+    );
+    assert_eq!(report["table"]["rows"], 2);
+    let status = fixture.status("data", prefix);
+    assert_eq!(status.state, State::Succeeded);
+    assert_eq!(status.exit_code, None, "no command");
+    assert_eq!(status.outputs, ["analysis/in/people.csv/report.json"]);
+    assert_eq!(fixture.shutdowns(), 1);
+}
+
+#[test]
+fn a_failing_command_fails_the_job_with_its_exit_code_and_logs() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job(
+        "in/data.csv",
+        Some(r#"echo partial > "$S3SPOT_OUTPUT_DIR/partial.txt"; echo "cannot parse row 2" >&2; exit 3"#),
+    );
+    let output = fixture.run_job(&job, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let prefix = "analysis/in/data.csv/";
+    let status = fixture.status("data", prefix);
+    assert_eq!(status.state, State::Failed);
+    assert_eq!(status.exit_code, Some(3));
+    assert_eq!(
+        status.error.as_deref(),
+        Some("the command exited with status 3")
+    );
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}stderr.log")),
+        "cannot parse row 2\n"
+    );
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}partial.txt")),
+        "partial\n"
+    );
+    assert_eq!(fixture.shutdowns(), 1);
+}
+
+#[test]
+fn a_missing_object_fails_the_job_without_processing_anything() {
+    let fixture = Fixture::new();
+    for command in [Some(r#"touch "$S3SPOT_OUTPUT_DIR/ran""#), None] {
+        let output = fixture.run_job(&fixture.job("in/missing.csv", command), &[]);
+        assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+        let prefix = "analysis/in/missing.csv/";
+        assert_eq!(
+            fixture.keys("data", prefix),
+            ["analysis/in/missing.csv/status.json"],
+            "no report of nothing"
+        );
+        let status = fixture.status("data", prefix);
+        assert_eq!(status.state, State::Failed);
+        assert_eq!(
+            status.error.as_deref(),
+            Some("object not found: s3://data/in/missing.csv")
+        );
+        assert_eq!(status.outputs, Vec::<String>::new());
+        assert_eq!(status.input.sha256, None);
+    }
+    assert_eq!(fixture.shutdowns(), 2, "once per run");
+}
+
+#[test]
+fn an_object_replaced_since_the_event_is_not_processed_as_if_it_were_the_old_one() {
+    let fixture = Fixture::new();
+    let old = fixture.put("data", "in/data.csv", b"old content\n");
+    fixture.put("data", "in/data.csv", CSV);
+    let mut job = fixture.job("in/data.csv", Some("true"));
+    job.etag = Some(old.clone());
+    let output = fixture.run_job(&job, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let status = fixture.status("data", "analysis/in/data.csv/");
+    let error = status.error.unwrap();
+    assert!(
+        error.starts_with("object changed since the event"),
+        "{error}"
+    );
+    assert!(error.contains(&old), "{error}");
+}
+
+#[test]
+fn the_max_runtime_stops_the_command_even_one_that_ignores_sigterm() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    for (command, grace) in [
+        (
+            r#"echo started > "$S3SPOT_OUTPUT_DIR/progress.txt"; sleep 60"#,
+            "10",
+        ),
+        (
+            r#"trap '' TERM; echo started > "$S3SPOT_OUTPUT_DIR/progress.txt"; sleep 60 & wait; sleep 60"#,
+            "1",
+        ),
+    ] {
+        let mut job = fixture.job("in/data.csv", Some(command));
+        job.max_runtime_secs = 1;
+        let clock = Instant::now();
+        let output = fixture.run_job(&job, &[("S3SPOT_KILL_GRACE", grace.into())]);
+        let took = clock.elapsed();
+        assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+        assert!(took < Duration::from_secs(15), "took {took:?}");
+        let prefix = "analysis/in/data.csv/";
+        let status = fixture.status("data", prefix);
+        assert_eq!(status.state, State::TimedOut, "{command}");
+        assert_eq!(
+            status.error.as_deref(),
+            Some("max runtime exceeded while the command ran")
+        );
+        assert_eq!(
+            fixture.text("data", &format!("{prefix}progress.txt")),
+            "started\n",
+            "partial outputs kept"
+        );
+    }
+    assert_eq!(fixture.shutdowns(), 2);
+}
+
+#[test]
+fn a_spot_interruption_notice_stops_the_job_and_keeps_its_partial_outputs() {
+    let fixture = Fixture::new();
+    let imds = FakeImds::start();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job(
+        "in/data.csv",
+        Some(r#"echo "half done" > "$S3SPOT_OUTPUT_DIR/partial.txt"; sleep 120"#),
+    );
+    let child = fixture
+        .command(
+            &["run", "--job", &job.encode()],
+            &[
+                ("AWS_EC2_METADATA_DISABLED", "false".into()),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint()),
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let noticed = Instant::now();
+    imds.interrupt();
+    let output = child.wait_with_output().unwrap();
+    let took = noticed.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        took < Duration::from_secs(20),
+        "well inside the two minutes: {took:?}"
+    );
+
+    let prefix = "analysis/in/data.csv/";
+    let status = fixture.status("data", prefix);
+    assert_eq!(status.state, State::Interrupted);
+    let error = status.error.unwrap();
+    assert!(
+        error.starts_with("spot interruption notice ({\"action\": \"terminate\""),
+        "{error}"
+    );
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}partial.txt")),
+        "half done\n"
+    );
+    let instance = status.instance.expect("identified through IMDS");
+    assert_eq!(instance.id.as_deref(), Some(imds::INSTANCE_ID));
+    assert_eq!(instance.instance_type.as_deref(), Some(imds::INSTANCE_TYPE));
+    assert_eq!(instance.lifecycle.as_deref(), Some("spot"));
+    assert!(imds.notice_polls() >= 1);
+    assert_eq!(imds.tokenless_requests(), 0, "IMDSv2 only");
+    assert_eq!(fixture.shutdowns(), 1);
+}
+
+#[test]
+fn hostile_keys_are_only_ever_data() {
+    let fixture = Fixture::new();
+    let marker = fixture.dir.path().join("pwned");
+    let key = format!(
+        "in/$(touch {}) `touch {0}`; it's \"quoted\"\nnext line ünïcödé 名前.csv",
+        marker.display()
+    );
+    fixture.put("data", &key, CSV);
+    let job = fixture.job(
+        &key,
+        Some(r#"printf '%s' "$S3SPOT_KEY" > "$S3SPOT_OUTPUT_DIR/key.txt"; basename "$S3SPOT_INPUT" > "$S3SPOT_OUTPUT_DIR/local-name.txt""#),
+    );
+    let output = fixture.run_job(&job, &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    assert!(!marker.exists(), "part of the key was run");
+    let prefix = format!("analysis/{key}/");
+    assert_eq!(fixture.text("data", &format!("{prefix}key.txt")), key);
+    let local = fixture.text("data", &format!("{prefix}local-name.txt"));
+    assert!(local.trim_end().ends_with(".csv"), "{local}");
+    assert!(
+        local
+            .trim_end()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+        "{local:?}"
+    );
+    let status = fixture.status("data", &prefix);
+    assert_eq!(status.input.key, key);
+    assert!(status.outputs.iter().all(|o| o.starts_with(&prefix)));
+    assert_eq!(fixture.shutdowns(), 1);
+}
+
+#[test]
+fn flags_and_s3spot_variables_describe_the_same_job() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let output = fixture.run(
+        &[
+            "run",
+            "--bucket",
+            "data",
+            "--key",
+            "in/data.csv",
+            "--results-bucket",
+            "results",
+            "--results-prefix",
+            "out/",
+            "--command",
+            r#"cp "$S3SPOT_INPUT" "$S3SPOT_OUTPUT_DIR/copy.csv""#,
+            "--max-runtime",
+            "30",
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(
+        fixture
+            .text("results", "out/in/data.csv/copy.csv")
+            .as_bytes(),
+        CSV
+    );
+    assert_eq!(
+        fixture.status("results", "out/in/data.csv/").state,
+        State::Succeeded
+    );
+
+    let output = fixture.run(
+        &["run"],
+        &[
+            ("S3SPOT_BUCKET", "data".into()),
+            ("S3SPOT_KEY", "in/data.csv".into()),
+            ("S3SPOT_RESULTS_PREFIX", "by-env/".into()),
+        ],
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    assert!(
+        fixture
+            .get("data", "by-env/in/data.csv/report.json")
+            .is_some()
+    );
+    assert_eq!(fixture.shutdowns(), 2);
+}
+
+#[test]
+fn job_variables_in_the_environment_do_not_override_or_block_the_job() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job("in/data.csv", Some("true"));
+    let output = fixture.run_job(
+        &job,
+        &[
+            ("S3SPOT_BUCKET", "results".into()),
+            ("S3SPOT_COMMAND", "exit 9".into()),
+        ],
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(
+        fixture.status("data", "analysis/in/data.csv/").state,
+        State::Succeeded
+    );
+}
+
+#[test]
+fn bad_invocations_exit_2_and_still_shut_down() {
+    let fixture = Fixture::new();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run"],
+            "give the job: --job BASE64, or --bucket and --key",
+        ),
+        (
+            &["run", "--job", "not-a-job"],
+            "--job is not a job from s3spot: job is not valid base64",
+        ),
+        (
+            &["run", "--job", "e30=", "--bucket", "x"],
+            "--job describes the whole job; drop --bucket",
+        ),
+        (
+            &[
+                "run",
+                "--bucket",
+                "data",
+                "--key",
+                "k",
+                "--results-prefix",
+                "out",
+            ],
+            "must end with '/'",
+        ),
+    ];
+    for (i, (args, expected)) in cases.iter().enumerate() {
+        let output = fixture.run(args, &[]);
+        assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(fixture.shutdowns(), i + 1, "{args:?}");
+    }
+    // A typo in a flag is a usage error: no shutdown of whatever machine it was typed on.
+    let output = fixture.run(&["run", "--buckt", "data"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(fixture.shutdowns(), cases.len());
+}
+
+#[test]
+fn no_shutdown_means_none() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let output = fixture.run(
+        &[
+            "run",
+            "--no-shutdown",
+            "--job",
+            &fixture.job("in/data.csv", Some("true")).encode(),
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(fixture.shutdowns(), 0);
+}
+
+#[test]
+fn unexpected_failures_still_write_status_and_shut_down() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job("in/data.csv", Some("true"));
+    let output = fixture.run_job(&job, &[("S3SPOT_WORK_DIR", "/nonexistent/work".into())]);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let status = fixture.status("data", "analysis/in/data.csv/");
+    assert_eq!(status.state, State::Failed);
+    assert!(
+        status
+            .error
+            .unwrap()
+            .starts_with("cannot create a work directory in /nonexistent/work")
+    );
+    assert_eq!(fixture.shutdowns(), 1);
+
+    // Nowhere to write the status either: still a failure, and still one shutdown.
+    let mut job = fixture.job("in/data.csv", Some("true"));
+    job.results_bucket = "x".into(); // not a valid bucket name: S3 refuses every write
+    let output = fixture.run_job(&job, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot upload status.json"), "{stderr}");
+    assert_eq!(fixture.shutdowns(), 2);
+}
