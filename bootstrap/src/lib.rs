@@ -14,3 +14,16 @@ pub use render::{
 pub use status::{
     Input, Instance, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status, Timings,
 };
+
+/// An error and its sources, joined with ": ". Every s3spot crate reports errors this way, so that
+/// the cause, usually at the end of the chain, is never lost.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

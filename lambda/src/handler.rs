@@ -14,6 +14,7 @@ use crate::launcher::{
 };
 use crate::plan::{Decision, PlannedJob, decide};
 use crate::token::{client_token, job_id};
+pub use s3spot_bootstrap::error_chain;
 
 /// What happened to every record of a direct (S3 or EventBridge) invocation.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,17 +97,6 @@ fn retryable_summary(report: &Report) -> String {
         );
     }
     summary
-}
-
-/// Joins an error and its sources: what a reader needs is usually at the end of the chain.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 pub struct Handler<L> {

@@ -5,7 +5,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
 use crate::http::ServerThread;
-use crate::{ACCESS_KEY, REGION, SECRET_KEY};
+use crate::{ACCESS_KEY, SECRET_KEY};
 
 pub struct S3Server {
     server: ServerThread,
@@ -42,18 +42,7 @@ impl S3Server {
 
     /// An aws-sdk-s3 client for this server.
     pub async fn client(&self) -> aws_sdk_s3::Client {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .endpoint_url(self.endpoint())
-            .credentials_provider(aws_credential_types::Credentials::new(
-                ACCESS_KEY,
-                SECRET_KEY,
-                None,
-                None,
-                "s3spot-tests",
-            ))
-            .load()
-            .await;
+        let sdk = crate::sdk_config(&self.endpoint()).await;
         aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(&sdk)
                 .force_path_style(true)
@@ -63,14 +52,6 @@ impl S3Server {
 
     /// Environment for a child process that talks to this server, and to no IMDS.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint()),
-            ("AWS_REGION", REGION.into()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-            ("AWS_CONFIG_FILE", "/dev/null".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ]
+        crate::child_env(&self.endpoint())
     }
 }

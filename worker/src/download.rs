@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use s3spot_bootstrap::JobSpec;
@@ -76,11 +77,7 @@ pub async fn download(
     dest: &Path,
     settings: &DownloadSettings,
 ) -> Result<Downloaded, DownloadError> {
-    let not_found = || DownloadError::NotFound {
-        bucket: job.bucket.clone(),
-        key: job.key.clone(),
-        version_id: job.version_id.clone(),
-    };
+    let not_found = || not_found(job);
     let head = s3
         .head_object()
         .bucket(&job.bucket)
@@ -108,23 +105,18 @@ pub async fn download(
         .version_id()
         .map(str::to_owned)
         .or(job.version_id.clone());
-    let if_match = version_id.is_none().then(|| etag.clone()).flatten();
+    let source = Source {
+        s3,
+        job,
+        if_match: version_id.is_none().then(|| etag.clone()).flatten(),
+        version_id: version_id.clone(),
+    };
 
     let (chunks, writer) = spawn_writer(dest.to_path_buf());
     let fetched = if size > settings.ranged_above {
-        fetch_ranges(
-            s3,
-            job,
-            &version_id,
-            &if_match,
-            size,
-            settings,
-            &chunks,
-            not_found,
-        )
-        .await
+        fetch_ranges(&source, size, settings, &chunks).await
     } else {
-        fetch_whole(s3, job, &version_id, &if_match, &chunks, not_found).await
+        fetch_whole(&source, &chunks).await
     };
     drop(chunks);
     let written = writer.await.expect("the writer thread does not panic");
@@ -241,45 +233,56 @@ fn spawn_writer(path: PathBuf) -> (mpsc::Sender<Chunk>, Writer) {
     (sender, writer)
 }
 
-async fn fetch_whole(
-    s3: &Client,
-    job: &JobSpec,
-    version_id: &Option<String>,
-    if_match: &Option<String>,
-    chunks: &mpsc::Sender<Chunk>,
-    not_found: impl Fn() -> DownloadError,
-) -> Result<(), DownloadError> {
-    let object = s3
-        .get_object()
-        .bucket(&job.bucket)
-        .key(&job.key)
-        .set_version_id(version_id.clone())
-        .set_if_match(if_match.clone())
-        .send()
-        .await
-        .map_err(|e| s3_error("GetObject", e, &not_found))?;
-    let mut body = object.body;
-    while let Some(chunk) = body.try_next().await.map_err(|e| DownloadError::S3 {
+/// The object as HEAD described it.
+struct Source<'a> {
+    s3: &'a Client,
+    job: &'a JobSpec,
+    version_id: Option<String>,
+    if_match: Option<String>,
+}
+
+impl Source<'_> {
+    /// The body of the whole object, or of `[start, end)`.
+    async fn get(&self, range: Option<(u64, u64)>) -> Result<ByteStream, DownloadError> {
+        self.s3
+            .get_object()
+            .bucket(&self.job.bucket)
+            .key(&self.job.key)
+            .set_version_id(self.version_id.clone())
+            .set_if_match(self.if_match.clone())
+            .set_range(range.map(|(start, end)| format!("bytes={start}-{}", end - 1)))
+            .send()
+            .await
+            .map(|object| object.body)
+            .map_err(|e| s3_error("GetObject", e, || not_found(self.job)))
+    }
+}
+
+async fn next_piece(body: &mut ByteStream) -> Result<Option<Bytes>, DownloadError> {
+    body.try_next().await.map_err(|e| DownloadError::S3 {
         operation: "GetObject",
         message: format!("reading the body: {}", DisplayErrorContext(&e)),
-    })? {
-        if chunks.send(Chunk::Received(chunk)).await.is_err() {
+    })
+}
+
+async fn fetch_whole(
+    source: &Source<'_>,
+    chunks: &mpsc::Sender<Chunk>,
+) -> Result<(), DownloadError> {
+    let mut body = source.get(None).await?;
+    while let Some(piece) = next_piece(&mut body).await? {
+        if chunks.send(Chunk::Received(piece)).await.is_err() {
             break; // The writer stopped; its error is the one to report.
         }
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn fetch_ranges(
-    s3: &Client,
-    job: &JobSpec,
-    version_id: &Option<String>,
-    if_match: &Option<String>,
+    source: &Source<'_>,
     size: u64,
     settings: &DownloadSettings,
     chunks: &mpsc::Sender<Chunk>,
-    not_found: impl Fn() -> DownloadError,
 ) -> Result<(), DownloadError> {
     let chunk_size = settings.chunk_size.max(1);
     let concurrency = settings.concurrency.max(1);
@@ -292,21 +295,15 @@ async fn fetch_ranges(
         .step_by(usize::try_from(chunk_size).unwrap_or(usize::MAX))
         .map(|start| (start, (start + chunk_size).min(size)));
     let mut in_order = futures_util::stream::iter(ranges)
-        .map(|(start, end)| {
+        .map(|range| {
             let pool = &pool;
-            let not_found = &not_found;
             async move {
-                let buffer = pool.take().await;
-                fetch_range(
-                    s3,
-                    job,
-                    version_id,
-                    if_match,
-                    (start, end),
-                    buffer,
-                    not_found,
-                )
-                .await
+                let mut buffer = pool.take().await;
+                let mut body = source.get(Some(range)).await?;
+                while let Some(piece) = next_piece(&mut body).await? {
+                    buffer.buffer.extend_from_slice(&piece);
+                }
+                Ok::<_, DownloadError>(buffer)
             }
         })
         .buffered(concurrency);
@@ -318,38 +315,12 @@ async fn fetch_ranges(
     Ok(())
 }
 
-/// `[start, end)` of the object, into `buffer`.
-async fn fetch_range(
-    s3: &Client,
-    job: &JobSpec,
-    version_id: &Option<String>,
-    if_match: &Option<String>,
-    (start, end): (u64, u64),
-    mut buffer: PooledBuffer,
-    not_found: impl Fn() -> DownloadError,
-) -> Result<PooledBuffer, DownloadError> {
-    let object = s3
-        .get_object()
-        .bucket(&job.bucket)
-        .key(&job.key)
-        .set_version_id(version_id.clone())
-        .set_if_match(if_match.clone())
-        .range(format!("bytes={start}-{}", end - 1))
-        .send()
-        .await
-        .map_err(|e| s3_error("GetObject", e, &not_found))?;
-    let mut body = object.body;
-    while let Some(piece) = body.try_next().await.map_err(|e| DownloadError::S3 {
-        operation: "GetObject",
-        message: format!(
-            "reading bytes {start}-{}: {}",
-            end - 1,
-            DisplayErrorContext(&e)
-        ),
-    })? {
-        buffer.buffer.extend_from_slice(&piece);
+fn not_found(job: &JobSpec) -> DownloadError {
+    DownloadError::NotFound {
+        bucket: job.bucket.clone(),
+        key: job.key.clone(),
+        version_id: job.version_id.clone(),
     }
-    Ok(buffer)
 }
 
 fn s3_error<E>(

@@ -13,12 +13,11 @@ pub mod run;
 pub mod settings;
 pub mod upload;
 
-use std::fmt::Write as _;
-
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 pub use instance::Metadata;
 pub use run::{Worker, catch_panic, local_name};
+pub use s3spot_bootstrap::error_chain;
 pub use settings::Settings;
 
 /// Runs the operator's shutdown command through `sh -c`.
@@ -28,17 +27,6 @@ pub fn shut_down(command: &str) -> std::io::Result<std::process::ExitStatus> {
         .arg("-c")
         .arg(command)
         .status()
-}
-
-/// An error and its sources, joined: the cause is usually at the end of the chain.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 /// An S3 error as `Code: message`, or its whole context when S3 sent no code.

@@ -214,6 +214,9 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
         });
         worker.run_guarded(Arc::new(job)).await
     });
+    // An analysis abandoned at the deadline may still be reading on a blocking thread; it must
+    // not hold back the exit, and with it the shutdown.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     if let Some(error) = &status.error {
         eprintln!("s3spot-worker: {:?}: {error}", status.state);
     }
