@@ -231,6 +231,29 @@ fn the_script_fetches_the_configured_worker_and_logs_to_its_file() {
 }
 
 #[test]
+fn an_operator_fetch_command_replaces_the_aws_cli_and_gets_its_arguments_as_data() {
+    let sandbox = Sandbox::new();
+    std::fs::remove_file(sandbox.path("bin/aws")).unwrap();
+    let mut spec = job("in/data.csv", &sandbox.worker_sha256);
+    spec.worker.uri = "s3://artifacts/it's $(touch pwned-fetch)".into();
+    let fetch = format!(
+        "printf '%s\\0' \"$@\" > '{}'; cp '{}' \"$2\"",
+        sandbox.path("fetch-args").display(),
+        sandbox.path("worker-binary").display()
+    );
+    let output = sandbox.run(
+        render_user_data(&spec, None).unwrap().script(),
+        &[("S3SPOT_FETCH_COMMAND", &fetch)],
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    let args = sandbox.args("fetch-args");
+    assert_eq!(args[0], spec.worker.uri);
+    assert!(args[1].ends_with("s3spot-worker.download"), "{args:?}");
+    assert_eq!(sandbox.args("worker-args")[..2], ["run", "--no-shutdown"]);
+    assert_eq!(sandbox.pwned(), Vec::<String>::new());
+}
+
+#[test]
 fn a_worker_with_the_wrong_sha256_is_never_run_and_the_instance_still_shuts_down() {
     let sandbox = Sandbox::new();
     let spec = job("in/data.csv", &"0".repeat(64));

@@ -6,6 +6,7 @@
 //! happens exactly once, after everything else.
 
 pub mod analysis;
+pub mod cli;
 pub mod download;
 pub mod instance;
 pub mod process;

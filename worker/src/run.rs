@@ -122,9 +122,10 @@ impl Worker {
         status.input.etag = downloaded.etag.clone();
         status.input.version_id = downloaded.version_id.clone();
         tracing::info!(
+            stage = "download",
+            ms = status.timings.download_ms,
             size = downloaded.size,
             sha256 = downloaded.sha256,
-            ms = status.timings.download_ms,
             "downloaded"
         );
 
@@ -195,6 +196,12 @@ impl Worker {
             }
         };
         status.timings.process_ms = elapsed_ms(clock);
+        tracing::info!(
+            stage = "process",
+            ms = status.timings.process_ms,
+            exit_code = status.exit_code,
+            "processed"
+        );
 
         // Outputs go up whatever happened: after a failure or a stop they are what is left to
         // understand it by.
@@ -228,6 +235,12 @@ impl Worker {
             }
         }
         status.timings.upload_ms = elapsed_ms(clock);
+        tracing::info!(
+            stage = "upload",
+            ms = status.timings.upload_ms,
+            outputs = status.outputs.len(),
+            "uploaded"
+        );
     }
 
     /// Stamps the end, uploads `status.json`, and logs the outcome.
