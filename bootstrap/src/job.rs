@@ -3,11 +3,38 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 /// Where results go when nothing else is configured. The default skip rule (`analysis`) matches
 /// it, so results never re-trigger the pipeline; the results-prefix skip rule covers any other
 /// prefix an operator picks.
 pub const DEFAULT_RESULTS_PREFIX: &str = "analysis/";
+
+/// S3 keys hold at most 1,024 bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Bytes kept free under a job's results prefix for the names of its result files.
+const RESULT_NAME_ROOM: usize = 256;
+
+/// Where a key's results go: `<results prefix><key>/`, unless that would leave less than 256
+/// bytes of S3's 1,024 for the result names. A key that long is cut (at a character boundary)
+/// and followed by `~` and 16 hex digits of its sha256, so distinct keys keep distinct prefixes;
+/// status.json still holds the exact key.
+pub fn results_key_prefix(results_prefix: &str, key: &str) -> String {
+    let budget = MAX_KEY_BYTES - RESULT_NAME_ROOM;
+    let full = format!("{results_prefix}{key}/");
+    if full.len() <= budget {
+        return full;
+    }
+    let digest = hex::encode(&Sha256::digest(key.as_bytes())[..8]);
+    let mut end = budget
+        .saturating_sub(results_prefix.len() + "~".len() + digest.len() + "/".len())
+        .min(key.len());
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{results_prefix}{}~{digest}/", &key[..end])
+}
 
 /// One job: an S3 object to process, and how.
 ///
@@ -80,10 +107,9 @@ impl JobSpec {
         serde_json::to_vec(self).expect("JobSpec serialises to JSON")
     }
 
-    /// The key prefix every result of this job is written under:
-    /// `<results prefix><input key>/`.
+    /// The key prefix every result of this job is written under; see [`results_key_prefix`].
     pub fn results_key_prefix(&self) -> String {
-        format!("{}{}/", self.results_prefix, self.key)
+        results_key_prefix(&self.results_prefix, &self.key)
     }
 }
 
@@ -151,6 +177,28 @@ mod tests {
         assert_eq!(
             sample().results_key_prefix(),
             "analysis/in/report 2024.csv/"
+        );
+    }
+
+    #[test]
+    fn keys_too_long_for_their_results_get_a_short_distinct_prefix() {
+        let long = format!("in/{}", "é".repeat(500)); // 1,003 bytes
+        let other = format!("{long}x");
+        let prefix = results_key_prefix("analysis/", &long);
+        assert!(prefix.len() <= MAX_KEY_BYTES - 256, "{}", prefix.len());
+        assert!(prefix.starts_with("analysis/in/éé"));
+        assert!(prefix.ends_with('/'));
+        assert_eq!(
+            prefix,
+            results_key_prefix("analysis/", &long),
+            "deterministic"
+        );
+        assert_ne!(prefix, results_key_prefix("analysis/", &other));
+        // Just under the budget: kept whole.
+        let fits = "k".repeat(768 - "analysis/".len() - 1);
+        assert_eq!(
+            results_key_prefix("analysis/", &fits),
+            format!("analysis/{fits}/")
         );
     }
 }

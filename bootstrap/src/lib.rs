@@ -6,7 +6,10 @@ mod job;
 mod render;
 mod status;
 
-pub use job::{DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, WorkerArtifact};
+pub use job::{
+    DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, WorkerArtifact,
+    results_key_prefix,
+};
 pub use render::{
     HARD_LIMIT_GRACE_SECS, KILL_AFTER_SECS, MAX_USER_DATA_BYTES, RenderError, UserData,
     job_from_user_data, render_user_data,

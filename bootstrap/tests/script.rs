@@ -294,6 +294,67 @@ fn the_workers_exit_status_is_kept_and_the_instance_still_shuts_down() {
 }
 
 #[test]
+fn a_signal_to_the_script_reaches_the_worker_which_then_finishes_before_the_shutdown() {
+    let sandbox = Sandbox::new();
+    // A worker that takes its time, notes the TERM, and exits as the real one does after
+    // uploading what it has.
+    let worker = "#!/bin/sh\ntrap 'echo term > \"$STUB_DIR/worker-got-term\"; sleep 0.2; exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n";
+    std::fs::write(sandbox.path("worker-binary"), worker).unwrap();
+    let sha256 = hex::encode(Sha256::digest(worker));
+    let spec = job("in/data.csv", &sha256);
+    let script_path = sandbox.path("user-data.sh");
+    std::fs::write(
+        &script_path,
+        render_user_data(&spec, None).unwrap().script(),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        sandbox.path("bin").display(),
+        std::env::var("PATH").unwrap()
+    );
+    let mut child = Command::new("bash")
+        .arg(&script_path)
+        .env("PATH", path)
+        .env("STUB_DIR", sandbox.dir.path())
+        .env("S3SPOT_HOME", sandbox.path("home"))
+        .env("S3SPOT_LOG", sandbox.path("log/s3spot.log"))
+        .env(
+            "S3SPOT_SHUTDOWN_COMMAND",
+            format!("touch {}", sandbox.path("shutdown-ran").display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !sandbox.path("worker-started").exists() {
+        assert!(started.elapsed().as_secs() < 10, "the worker never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let signalled = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed().as_secs() >= 20 {
+            let _ = child.kill();
+            panic!("the script did not pass the TERM on: the worker is still running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "the worker's exit status");
+    assert!(
+        sandbox.path("worker-got-term").exists(),
+        "the TERM reached the worker"
+    );
+    assert!(sandbox.path("shutdown-ran").exists());
+    let log = std::fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    assert!(log.contains("worker finished with status 1"), "{log}");
+}
+
+#[test]
 fn rendering_is_deterministic() {
     let spec = job("in/$(x).csv", &"ab".repeat(32));
     let first = render_user_data(&spec, Some("us-east-1")).unwrap();
