@@ -103,3 +103,20 @@ impl<L: Launcher + ?Sized> Launcher for &L {
         (**self).launch(request)
     }
 }
+
+/// A launcher shared with whatever else needs it (the local pipeline inspects its instances).
+impl<L: Launcher + ?Sized> Launcher for std::sync::Arc<L> {
+    fn count_active(
+        &self,
+        pipeline: &str,
+    ) -> impl Future<Output = Result<usize, LaunchError>> + Send {
+        (**self).count_active(pipeline)
+    }
+
+    fn launch(
+        &self,
+        request: &LaunchRequest,
+    ) -> impl Future<Output = Result<Launched, LaunchError>> + Send {
+        (**self).launch(request)
+    }
+}

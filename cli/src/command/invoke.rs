@@ -7,7 +7,7 @@ use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response};
 
 /// Returns whether every record succeeded.
 pub fn run(event: &Path) -> anyhow::Result<bool> {
-    let event = crate::read_event(event)?;
+    let event = super::read_event(event)?;
     let mut config = Config::from_env().context("bad configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,6 +1,8 @@
-//! `s3spot`: the pipeline's code, driven by a person.
+//! The `s3spot` command line. It lives in the library so that more than one binary can be this
+//! program: the `s3spot` binary, and the copy the end-to-end tests build and run.
 
 mod invoke;
+mod local;
 mod render;
 
 use std::io::Read as _;
@@ -43,6 +45,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole pipeline on this machine: an embedded S3 server, the handler, and local
+    /// "instances" that run the bootstrap script and the worker. No AWS account needed.
+    #[command(subcommand)]
+    Local(local::LocalCommand),
+    /// Run one job locally on a bundled sample CSV, with the built-in analysis.
+    Demo(local::DemoArgs),
 }
 
 /// The run produced an answer, but not a clean one.
@@ -50,18 +58,31 @@ const EXIT_FAILED: u8 = 1;
 /// Nothing could be run: bad arguments, configuration or input.
 const EXIT_ERROR: u8 = 2;
 
-fn main() -> ExitCode {
+/// Runs the `s3spot` command with the process's arguments.
+pub fn main() -> ExitCode {
+    // Local instances download this program as their worker and run it under that name.
+    if invoked_as_worker() {
+        return s3spot_worker::cli::main();
+    }
     let cli = Cli::parse();
+    // `invoke` shows the handler's decisions as it logs them; the local commands print progress
+    // lines of their own instead.
+    let default_filter = match cli.command {
+        Command::Invoke { .. } => "warn,s3spot_lambda=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,s3spot_lambda=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     let result = match cli.command {
         Command::Invoke { event } => invoke::run(&event),
         Command::Render { event, json } => render::run(&event, json),
+        Command::Local(command) => local::run(command),
+        Command::Demo(args) => local::demo(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -71,6 +92,12 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+fn invoked_as_worker() -> bool {
+    std::env::args_os()
+        .next()
+        .is_some_and(|program| Path::new(&program).file_name() == Some("s3spot-worker".as_ref()))
 }
 
 /// Reads an event file, or stdin for `-`.

@@ -9,7 +9,7 @@ use serde_json::json;
 
 /// Returns whether every record would launch or be skipped (none would fail).
 pub fn run(event: &Path, as_json: bool) -> anyhow::Result<bool> {
-    let event = crate::read_event(event)?;
+    let event = super::read_event(event)?;
     let mut config = JobConfig::from_env().context("bad configuration")?;
     config.region = std::env::var("AWS_REGION")
         .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))

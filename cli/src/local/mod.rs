@@ -1,0 +1,591 @@
+//! The whole pipeline on one machine, with no AWS account: an embedded S3 server whose data bucket
+//! sends event notifications, the Lambda handler as it runs in AWS, and a launcher whose
+//! "instances" run the rendered user-data with bash. The worker they download from the artifacts
+//! bucket is this very program (see `main`).
+
+mod launcher;
+mod notification;
+mod progress;
+mod s3;
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use s3spot_bootstrap::{STATUS_FILE, Status};
+use s3spot_lambda::handler::{FailedRecord, Report};
+use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, error_chain};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Mutex, broadcast, mpsc};
+
+pub use launcher::{Instance, InstanceState, LocalLauncher};
+pub use progress::Progress;
+
+/// Where the worker is published in the artifacts bucket.
+pub const WORKER_KEY: &str = "s3spot-worker";
+/// The value of the `s3spot:pipeline` tag on local instances.
+pub const PIPELINE: &str = "s3spot-local";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    /// 0 picks a free port.
+    pub port: u16,
+    pub data_bucket: String,
+    pub artifacts_bucket: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Overrides `S3SPOT_COMMAND`; neither means the built-in analysis.
+    pub command: Option<String>,
+    pub max_instances: u32,
+    /// The program published as the worker: this one, normally.
+    pub worker: PathBuf,
+}
+
+impl Options {
+    /// Defaults that `s3spot local` documents: `./.s3spot-local`, buckets `data` and `artifacts`,
+    /// `us-east-1`, access key `s3spot` with secret `s3spot-local`.
+    pub fn new(worker: PathBuf) -> Options {
+        Options {
+            data_dir: PathBuf::from(".s3spot-local"),
+            port: 0,
+            data_bucket: "data".into(),
+            artifacts_bucket: "artifacts".into(),
+            region: "us-east-1".into(),
+            access_key: "s3spot".into(),
+            secret_key: "s3spot-local".into(),
+            command: None,
+            max_instances: 4,
+            worker,
+        }
+    }
+
+    /// Where the S3 server keeps its buckets.
+    pub fn s3_root(&self) -> PathBuf {
+        self.data_dir.join("s3")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot prepare {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on 127.0.0.1:{port}; pick another with --port")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot publish the worker {path} to s3://{bucket}/{WORKER_KEY}: {message}")]
+    Publish {
+        path: PathBuf,
+        bucket: String,
+        message: String,
+    },
+    #[error("bad configuration")]
+    Config(#[from] s3spot_lambda::ConfigError),
+    #[error("cannot upload {path}: {message}")]
+    Upload { path: PathBuf, message: String },
+    #[error("no outcome for {key:?}: the pipeline stopped, or the job ran past its limit")]
+    NoOutcome { key: String },
+}
+
+/// What became of one uploaded file.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The last progress line of its job: a shutdown, or why it never launched.
+    pub last: Progress,
+    /// Its status.json, when the job got that far.
+    pub status: Option<Status>,
+    pub results_bucket: String,
+    pub results_prefix: String,
+    /// The same results, as files on this machine.
+    pub local_dir: PathBuf,
+}
+
+impl Finished {
+    pub fn succeeded(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.state == s3spot_bootstrap::State::Succeeded)
+    }
+}
+
+pub struct Pipeline {
+    options: Options,
+    job: JobConfig,
+    endpoint: String,
+    progress: broadcast::Sender<Progress>,
+    launcher: Arc<LocalLauncher>,
+    intake: mpsc::UnboundedSender<Value>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    pub async fn start(mut options: Options) -> Result<Pipeline, LocalError> {
+        std::fs::create_dir_all(&options.data_dir).map_err(|source| LocalError::Dir {
+            path: options.data_dir.clone(),
+            source,
+        })?;
+        // Instances run in directories of their own: every path they get must be absolute.
+        options.data_dir = options
+            .data_dir
+            .canonicalize()
+            .map_err(|source| LocalError::Dir {
+                path: options.data_dir.clone(),
+                source,
+            })?;
+        let s3_root = options.s3_root();
+        for dir in [
+            s3_root.join(&options.data_bucket),
+            s3_root.join(&options.artifacts_bucket),
+            options.data_dir.join("instances"),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|source| LocalError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let (events, mut notifications) = mpsc::unbounded_channel();
+        let storage = s3::NotifyingFs::new(
+            s3_root.clone(),
+            &options.region,
+            &options.data_bucket,
+            events.clone(),
+        )
+        .map_err(|source| LocalError::Dir {
+            path: s3_root.clone(),
+            source,
+        })?;
+        let service = {
+            let mut builder = s3s::service::S3ServiceBuilder::new(storage);
+            builder.set_auth(s3s::auth::SimpleAuth::from_single(
+                options.access_key.as_str(),
+                options.secret_key.as_str(),
+            ));
+            builder.build()
+        };
+        let (listener, address) =
+            s3::bind(options.port)
+                .await
+                .map_err(|source| LocalError::Bind {
+                    port: options.port,
+                    source,
+                })?;
+        let endpoint = format!("http://{address}");
+        let mut tasks = vec![tokio::spawn(s3::serve(listener, service))];
+
+        let client = client(&endpoint, &options).await;
+        let sha256 = publish_worker(&client, &options).await?;
+
+        let (progress, _) = broadcast::channel(4096);
+        let launcher = Arc::new(
+            LocalLauncher::new(
+                options.data_dir.join("instances"),
+                s3_root,
+                instance_env(&endpoint, &options),
+                progress.clone(),
+            )
+            .map_err(|source| LocalError::Dir {
+                path: options.data_dir.join("instances"),
+                source,
+            })?,
+        );
+        let config = config(&options, &sha256)?;
+        let job = config.job.clone();
+        let handler = Arc::new(Handler::new(config, Arc::clone(&launcher)));
+        // One invocation at a time: the guard's count and the launch that follows are then one
+        // step, so the cap holds exactly.
+        let serial = Arc::new(Mutex::new(()));
+        let dispatch_progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(event) = notifications.recv().await {
+                tokio::spawn(deliver(
+                    Arc::clone(&handler),
+                    Arc::clone(&serial),
+                    dispatch_progress.clone(),
+                    event,
+                ));
+            }
+        }));
+        Ok(Pipeline {
+            options,
+            job,
+            endpoint,
+            progress,
+            launcher,
+            intake: events,
+            tasks,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Hands a notification to the handler as if S3 had sent it (again).
+    pub fn deliver(&self, event: Value) {
+        let _ = self.intake.send(event);
+    }
+
+    /// An S3 client for the embedded server.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        client(&self.endpoint, &self.options).await
+    }
+
+    pub fn instances(&self) -> Vec<Instance> {
+        self.launcher.instances()
+    }
+
+    /// The most instances that ran at once.
+    pub fn most_running(&self) -> usize {
+        self.launcher.most_running()
+    }
+
+    /// Where an object's results go: bucket, and key prefix `<results prefix><key>/`.
+    pub fn results_location(&self, bucket: &str, key: &str) -> (String, String) {
+        let results_bucket = self
+            .job
+            .results_bucket
+            .clone()
+            .unwrap_or_else(|| bucket.to_owned());
+        (
+            results_bucket,
+            s3spot_bootstrap::results_key_prefix(&self.job.results_prefix, key),
+        )
+    }
+
+    /// The directory on this machine that holds an object's results.
+    pub fn results_dir(&self, bucket: &str, key: &str) -> PathBuf {
+        let (results_bucket, prefix) = self.results_location(bucket, key);
+        self.options.s3_root().join(results_bucket).join(prefix)
+    }
+
+    /// Uploads `file` as `key` into the data bucket and waits for what becomes of it.
+    pub async fn run_one(&self, file: &Path, key: &str) -> Result<Finished, LocalError> {
+        let bucket = self.options.data_bucket.clone();
+        let mut progress = self.subscribe();
+        let body = aws_sdk_s3::primitives::ByteStream::from_path(file)
+            .await
+            .map_err(|e| LocalError::Upload {
+                path: file.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let client = self.client().await;
+        client
+            .put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| LocalError::Upload {
+                path: file.to_path_buf(),
+                message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+            })?;
+        // The job's own limit, plus the bootstrap's grace: past that, something else is wrong.
+        let limit = Duration::from_secs(self.job.max_runtime_secs + 600);
+        let waited = tokio::time::timeout(limit, async {
+            let mut instance = None;
+            loop {
+                let Ok(line) = progress.recv().await else {
+                    return None;
+                };
+                let ours = line.key() == key;
+                match &line {
+                    Progress::Launched { instance_id, .. } if ours => {
+                        instance = Some(instance_id.clone());
+                    }
+                    Progress::Shutdown { instance_id, .. }
+                        if Some(instance_id) == instance.as_ref() =>
+                    {
+                        return Some(line);
+                    }
+                    Progress::Skipped { .. } | Progress::Failed { .. } if ours => {
+                        return Some(line);
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        let last = match waited {
+            Ok(Some(last)) => last,
+            Ok(None) | Err(_) => {
+                return Err(LocalError::NoOutcome {
+                    key: key.to_owned(),
+                });
+            }
+        };
+        let (results_bucket, prefix) = self.results_location(&bucket, key);
+        let status = client
+            .get_object()
+            .bucket(&results_bucket)
+            .key(format!("{prefix}{STATUS_FILE}"))
+            .send()
+            .await
+            .ok();
+        let status = match status {
+            Some(object) => object
+                .body
+                .collect()
+                .await
+                .ok()
+                .and_then(|body| serde_json::from_slice::<Status>(&body.into_bytes()).ok()),
+            None => None,
+        };
+        Ok(Finished {
+            last,
+            status,
+            results_bucket,
+            results_prefix: prefix,
+            local_dir: self.results_dir(&bucket, key),
+        })
+    }
+
+    /// Stops the instances that still run (they upload what they have), then the server.
+    pub async fn shutdown(self) {
+        self.launcher.stop_all(Duration::from_secs(20)).await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs one notification through the handler until it is done: a record at the cap waits and
+/// tries again, like an SQS message that comes back, so no event is lost.
+async fn deliver(
+    handler: Arc<Handler<Arc<LocalLauncher>>>,
+    serial: Arc<Mutex<()>>,
+    progress: broadcast::Sender<Progress>,
+    event: Value,
+) {
+    let received = Instant::now();
+    for record in event["Records"].as_array().into_iter().flatten() {
+        let _ = progress.send(Progress::Event {
+            bucket: text(&record["s3"]["bucket"]["name"]),
+            key: s3spot_lambda::key::decode_key(&text(&record["s3"]["object"]["key"]))
+                .unwrap_or_else(|_| text(&record["s3"]["object"]["key"])),
+            event: text(&record["eventName"]),
+        });
+    }
+    let mut backoff = Duration::from_millis(100);
+    let mut waiting_reported = false;
+    loop {
+        let outcome = {
+            let _one_at_a_time = serial.lock().await;
+            handler.handle(event.clone()).await
+        };
+        let report = match outcome {
+            Ok(s3spot_lambda::Response::Report(report)) => report,
+            Ok(s3spot_lambda::Response::Batch(_)) => return,
+            Err(HandlerError::Retryable(report)) => report,
+            Err(error) => {
+                let _ = progress.send(Progress::Failed {
+                    bucket: String::new(),
+                    key: String::new(),
+                    error: error_chain(&error),
+                });
+                return;
+            }
+        };
+        let retry = announce(&report, received, &progress, &mut waiting_reported);
+        if !retry {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Reports what the handler did; returns whether a record is to be tried again.
+fn announce(
+    report: &Report,
+    received: Instant,
+    progress: &broadcast::Sender<Progress>,
+    waiting_reported: &mut bool,
+) -> bool {
+    for launched in &report.launched {
+        let _ = progress.send(Progress::Launched {
+            bucket: launched.bucket.clone(),
+            key: launched.key.clone(),
+            instance_id: launched.instance_id.clone(),
+            ms: u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+    for skipped in &report.skipped {
+        let _ = progress.send(Progress::Skipped {
+            bucket: skipped.bucket.clone(),
+            key: skipped.key.clone(),
+            reason: skipped.reason.clone(),
+        });
+    }
+    let mut retry = false;
+    for FailedRecord {
+        bucket,
+        key,
+        error,
+        retryable,
+    } in &report.failed
+    {
+        if *retryable {
+            retry = true;
+            if !*waiting_reported {
+                *waiting_reported = true;
+                let _ = progress.send(Progress::Waiting {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    reason: error.clone(),
+                });
+            }
+        } else {
+            let _ = progress.send(Progress::Failed {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                error: error.clone(),
+            });
+        }
+    }
+    retry
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+/// The handler's configuration: the `S3SPOT_*` environment, as for `s3spot invoke`, with the
+/// local launch settings and worker on top.
+fn config(options: &Options, worker_sha256: &str) -> Result<Config, LocalError> {
+    let mut local = HashMap::from([
+        ("S3SPOT_LAUNCH_TEMPLATE", "s3spot-local".to_owned()),
+        ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "$Default".to_owned()),
+        (
+            "S3SPOT_WORKER_URI",
+            format!("s3://{}/{WORKER_KEY}", options.artifacts_bucket),
+        ),
+        ("S3SPOT_WORKER_SHA256", worker_sha256.to_owned()),
+        ("S3SPOT_MAX_INSTANCES", options.max_instances.to_string()),
+        ("S3SPOT_PIPELINE", PIPELINE.to_owned()),
+        ("S3SPOT_MARKET", "spot".to_owned()),
+        ("S3SPOT_INSTANCE_TYPES", String::new()),
+    ]);
+    if let Some(command) = &options.command {
+        local.insert("S3SPOT_COMMAND", command.clone());
+    }
+    let mut config = Config::from_lookup(|name| {
+        local
+            .get(name)
+            .cloned()
+            .or_else(|| std::env::var(name).ok())
+    })?;
+    config.job.region = Some(options.region.clone());
+    Ok(config)
+}
+
+/// What every local instance sees: the embedded endpoint and its credentials, no IMDS, none of
+/// this machine's own AWS configuration, a fetch for the worker without the AWS CLI, and JSON
+/// logs for the progress lines.
+fn instance_env(endpoint: &str, options: &Options) -> Vec<(String, String)> {
+    let worker = shlex::try_quote(&options.worker.to_string_lossy())
+        .map(|q| q.into_owned())
+        .unwrap_or_default();
+    [
+        ("AWS_ENDPOINT_URL", endpoint.to_owned()),
+        ("AWS_REGION", options.region.clone()),
+        ("AWS_ACCESS_KEY_ID", options.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", options.secret_key.clone()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        (
+            "S3SPOT_FETCH_COMMAND",
+            format!(r#"{worker} local fetch "$1" "$2""#),
+        ),
+        ("S3SPOT_LOG_FORMAT", "json".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn client(endpoint: &str, options: &Options) -> aws_sdk_s3::Client {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(options.region.clone()))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            options.access_key.clone(),
+            options.secret_key.clone(),
+            None,
+            None,
+            "s3spot-local",
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// Uploads the worker program to the artifacts bucket, as a deployment does, and returns its
+/// sha256 for the jobs to check.
+async fn publish_worker(
+    client: &aws_sdk_s3::Client,
+    options: &Options,
+) -> Result<String, LocalError> {
+    let failed = |message: String| LocalError::Publish {
+        path: options.worker.clone(),
+        bucket: options.artifacts_bucket.clone(),
+        message,
+    };
+    let path = options.worker.clone();
+    let sha256 = tokio::task::spawn_blocking(move || sha256_of(&path))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let body = aws_sdk_s3::primitives::ByteStream::from_path(&options.worker)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    client
+        .put_object()
+        .bucket(&options.artifacts_bucket)
+        .key(WORKER_KEY)
+        .content_type("application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| failed(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+    Ok(sha256)
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buffer[..n]);
+    }
+}

@@ -1,0 +1,533 @@
+//! The whole pipeline on one machine: uploads to the embedded S3 server go through the Lambda
+//! handler to local instances that run the bootstrap script, which fetches and runs the worker.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use s3spot::local::{Options, Pipeline, Progress};
+use s3spot_bootstrap::State;
+use s3spot_tests::{show, workspace_root};
+
+/// The `s3spot` command, as this package builds it: it is also the worker local instances run.
+const S3SPOT: &str = env!("CARGO_BIN_EXE_s3spot-e2e");
+
+struct Local {
+    pipeline: Pipeline,
+    dir: tempfile::TempDir,
+}
+
+async fn start(max_instances: u32, command: Option<&str>) -> Local {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = Options::new(PathBuf::from(S3SPOT));
+    options.data_dir = dir.path().join("local");
+    options.max_instances = max_instances;
+    options.command = command.map(Into::into);
+    let pipeline = Pipeline::start(options).await.unwrap();
+    Local { pipeline, dir }
+}
+
+impl Local {
+    fn file(&self, name: &str, content: &[u8]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    async fn upload(&self, key: &str, content: &[u8]) {
+        let client = self.pipeline.client().await;
+        client
+            .put_object()
+            .bucket("data")
+            .key(key)
+            .body(content.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until `count` instances have ended; returns every progress line seen.
+async fn until_ended(
+    progress: &mut tokio::sync::broadcast::Receiver<Progress>,
+    count: usize,
+) -> Vec<Progress> {
+    let mut seen = Vec::new();
+    let mut ended = 0;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while ended < count {
+            let line = progress.recv().await.unwrap();
+            if matches!(line, Progress::Shutdown { .. }) {
+                ended += 1;
+            }
+            seen.push(line);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {ended} of {count} instances ended: {seen:#?}"));
+    seen
+}
+
+const CSV: &[u8] = b"id,value\n1,10\n2,20\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_runs_through_the_whole_pipeline() {
+    let local = start(4, None).await;
+    let finished = local
+        .pipeline
+        .run_one(&local.file("f.csv", CSV), "in/f.csv")
+        .await
+        .unwrap();
+    let status = finished.status.clone().expect("status.json");
+    assert_eq!(status.state, State::Succeeded, "{status:#?}");
+    assert_eq!(status.input.key, "in/f.csv");
+    assert_eq!(status.outputs, ["analysis/in/f.csv/report.json"]);
+    assert!(
+        matches!(
+            finished.last,
+            Progress::Shutdown {
+                shut_down: true,
+                ..
+            }
+        ),
+        "{:?}",
+        finished.last
+    );
+    assert_eq!(
+        finished.local_dir,
+        local
+            .dir
+            .path()
+            .join("local")
+            .canonicalize()
+            .unwrap()
+            .join("s3/data/analysis/in/f.csv/")
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(finished.local_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["table"]["rows"], 2);
+
+    let instances = local.pipeline.instances();
+    assert_eq!(instances.len(), 1);
+    let instance = &instances[0];
+    assert_eq!(instance.id, "i-local-000001");
+    assert_eq!(instance.tag("s3spot:pipeline"), Some("s3spot-local"));
+    assert_eq!(instance.tag("s3spot:key"), Some("in/f.csv"));
+    let console = std::fs::read_to_string(instance.dir.join("console.log")).unwrap();
+    assert!(console.contains("fetching the worker"), "{console}");
+    assert!(
+        instance.dir.join("shutdown").exists(),
+        "the bootstrap's shutdown ended the instance"
+    );
+    local.pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_keys_are_data_all_the_way_through() {
+    let local = start(
+        4,
+        Some(r#"printf '%s' "$S3SPOT_KEY" > "$S3SPOT_OUTPUT_DIR/key.txt""#),
+    )
+    .await;
+    let marker = local.dir.path().join("pwned");
+    // Between 1,000 and S3's 1,024 bytes, in segments under the 255 bytes a file name (s3s-fs
+    // stores keys as paths) allows.
+    let mut long = String::from("in/");
+    while long.len() < 900 {
+        long.push_str(&"ünïcödé $(x) ".repeat(8));
+        long.push('/');
+    }
+    while long.len() < 1010 {
+        long.push('k');
+    }
+    long.push_str(".csv");
+    let keys = [
+        format!("in/$(touch {})", marker.display()),
+        format!("in/`touch {}`; it's \"quoted\".csv", marker.display()),
+        "in/a+b c%2B d&e=f?.csv".to_owned(),
+        "in/名前 📊 ünïcödé.csv".to_owned(),
+        long,
+    ];
+    for key in &keys {
+        let finished = local
+            .pipeline
+            .run_one(&local.file("input.csv", CSV), key)
+            .await
+            .unwrap();
+        let status = finished
+            .status
+            .clone()
+            .unwrap_or_else(|| panic!("no status for {key:?}: {:?}", finished.last));
+        assert_eq!(status.state, State::Succeeded, "{key:?}: {status:#?}");
+        assert_eq!(&status.input.key, key, "status.json holds the exact key");
+        let seen = std::fs::read_to_string(finished.local_dir.join("key.txt")).unwrap();
+        assert_eq!(&seen, key, "the command saw the exact key");
+    }
+    assert!(!marker.exists(), "part of a key was run");
+    assert!((1000..=1024).contains(&keys[4].len()), "{}", keys[4].len());
+    local.pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_s3_client_uploads_and_downloads() {
+    let local = start(4, None).await;
+    let aws = workspace_root().join(".venv/bin/aws");
+    assert!(
+        aws.is_file(),
+        "the AWS CLI is not at {}; run scripts/test, which installs the test tools",
+        aws.display()
+    );
+    let aws = |args: &[&str]| {
+        let output = Command::new(&aws)
+            .args(["--endpoint-url", local.pipeline.endpoint()])
+            .args(args)
+            .env_clear()
+            .env("AWS_ACCESS_KEY_ID", "s3spot")
+            .env("AWS_SECRET_ACCESS_KEY", "s3spot-local")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "aws {args:?}: {}", show(&output));
+        output
+    };
+    let mut progress = local.pipeline.subscribe();
+    let file = local.file("f.csv", CSV);
+    aws(&[
+        "s3",
+        "cp",
+        file.to_str().unwrap(),
+        "s3://data/in/by the cli.csv",
+    ]);
+    until_ended(&mut progress, 1).await;
+    let status = aws(&[
+        "s3",
+        "cp",
+        "s3://data/analysis/in/by the cli.csv/status.json",
+        "-",
+    ]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["input"]["key"], "in/by the cli.csv");
+    let listing = aws(&["s3", "ls", "--recursive", "s3://data/analysis/"]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("analysis/in/by the cli.csv/report.json"),
+        "{listing}"
+    );
+    local.pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_uploads_of_a_key_are_two_jobs_and_a_repeated_notification_is_one() {
+    let local = start(4, None).await;
+    let mut progress = local.pipeline.subscribe();
+    local.upload("in/same.csv", CSV).await;
+    until_ended(&mut progress, 1).await;
+    local.upload("in/same.csv", b"id\n1\n").await;
+    until_ended(&mut progress, 1).await;
+    assert_eq!(local.pipeline.instances().len(), 2, "two uploads, two jobs");
+
+    // One notification, delivered twice: the same ClientToken, so no second instance.
+    let head = local
+        .pipeline
+        .client()
+        .await
+        .head_object()
+        .bucket("data")
+        .key("in/same.csv")
+        .send()
+        .await
+        .unwrap();
+    let notification = serde_json::json!({"Records": [{
+        "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": "data"}, "object": {
+            "key": "in/same.csv", "size": head.content_length(),
+            "eTag": head.e_tag().unwrap().trim_matches('"'), "sequencer": "00000000000000AA"}}
+    }]});
+    let mut progress = local.pipeline.subscribe();
+    local.pipeline.deliver(notification.clone());
+    until_ended(&mut progress, 1).await;
+    local.pipeline.deliver(notification);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = progress.recv().await.unwrap();
+            if matches!(line, Progress::Launched { .. } | Progress::Skipped { .. }) {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&outcome, Progress::Skipped { reason, .. } if reason.starts_with("already launched")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        local.pipeline.instances().len(),
+        3,
+        "the repeat launched nothing"
+    );
+    local.pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_concurrent_uploads_all_run_within_the_cap() {
+    const JOBS: usize = 20;
+    const CAP: u32 = 3;
+    let local = start(
+        CAP,
+        Some(r#"sleep 0.2; wc -l < "$S3SPOT_INPUT" > "$S3SPOT_OUTPUT_DIR/lines""#),
+    )
+    .await;
+    let mut progress = local.pipeline.subscribe();
+    let uploads = (0..JOBS).map(|i| {
+        let local = &local;
+        async move { local.upload(&format!("in/batch/{i:02}.csv"), CSV).await }
+    });
+    futures_util::future::join_all(uploads).await;
+    let seen = until_ended(&mut progress, JOBS).await;
+
+    assert!(
+        seen.iter().any(|l| matches!(l, Progress::Waiting { .. })),
+        "some jobs waited for room"
+    );
+    assert!(
+        local.pipeline.most_running() <= CAP as usize,
+        "{} ran at once",
+        local.pipeline.most_running()
+    );
+    assert_eq!(local.pipeline.instances().len(), JOBS);
+    let client = local.pipeline.client().await;
+    for i in 0..JOBS {
+        let key = format!("analysis/in/batch/{i:02}.csv/status.json");
+        let object = client
+            .get_object()
+            .bucket("data")
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        let status: serde_json::Value =
+            serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
+        assert_eq!(status["state"], "succeeded", "{key}");
+    }
+    local.pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_and_multipart_uploads_start_jobs_too() {
+    let local = start(4, None).await;
+    let client = local.pipeline.client().await;
+    let mut progress = local.pipeline.subscribe();
+    local.upload("staging/source.csv", CSV).await;
+    until_ended(&mut progress, 1).await;
+    client
+        .copy_object()
+        .bucket("data")
+        .key("in/copied.csv")
+        .copy_source("data/staging/source.csv")
+        .send()
+        .await
+        .unwrap();
+    let created = client
+        .create_multipart_upload()
+        .bucket("data")
+        .key("in/parts.csv")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = created.upload_id().unwrap();
+    let part = client
+        .upload_part()
+        .bucket("data")
+        .key("in/parts.csv")
+        .upload_id(upload_id)
+        .part_number(1)
+        .body(CSV.to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    client
+        .complete_multipart_upload()
+        .bucket("data")
+        .key("in/parts.csv")
+        .upload_id(upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .parts(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(1)
+                        .set_e_tag(part.e_tag().map(Into::into))
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let seen = until_ended(&mut progress, 2).await;
+    let events: Vec<(&str, &str)> = seen
+        .iter()
+        .filter_map(|line| match line {
+            Progress::Event { key, event, .. } if key.starts_with("in/") => {
+                Some((key.as_str(), event.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        events.contains(&("in/copied.csv", "ObjectCreated:Copy")),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&("in/parts.csv", "ObjectCreated:CompleteMultipartUpload")),
+        "{events:?}"
+    );
+    local.pipeline.shutdown().await;
+}
+
+#[test]
+fn local_run_exits_non_zero_when_the_job_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.csv");
+    std::fs::write(&file, CSV).unwrap();
+    let output = Command::new(S3SPOT)
+        .args([
+            "local",
+            "run",
+            file.to_str().unwrap(),
+            "--command",
+            "echo broken >&2; exit 3",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("local"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("\"state\": \"failed\""), "{stdout}");
+    assert!(stdout.contains("\"exit_code\": 3"), "{stdout}");
+    assert!(stdout.contains("analysis/in/f.csv/stderr.log"), "{stdout}");
+    let stderr_log = dir
+        .path()
+        .join("local/s3/data/analysis/in/f.csv/stderr.log");
+    assert_eq!(std::fs::read_to_string(stderr_log).unwrap(), "broken\n");
+}
+
+#[test]
+fn the_demo_runs_the_bundled_sample_with_nothing_but_this_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(S3SPOT)
+        .arg("demo")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("\"state\": \"succeeded\""), "{stdout}");
+    assert!(
+        stdout.contains("\"temperature_c\""),
+        "the report's columns: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for stage in [
+        "event ",
+        "launched ",
+        "download ",
+        "process ",
+        "upload ",
+        "shutdown ",
+    ] {
+        assert!(stderr.contains(stage), "no {stage:?} line: {stderr}");
+    }
+    assert!(
+        dir.path()
+            .join(".s3spot-local/s3/data/analysis/in/measurements.csv/report.json")
+            .exists()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_part_longer_than_a_file_name_is_refused_with_a_reason() {
+    let local = start(4, None).await;
+    let client = local.pipeline.client().await;
+    let key = format!("in/{}.csv", "x".repeat(300));
+    let error = client
+        .put_object()
+        .bucket("data")
+        .key(&key)
+        .body(CSV.to_vec().into())
+        .send()
+        .await
+        .unwrap_err();
+    let error = aws_sdk_s3::error::DisplayErrorContext(&error).to_string();
+    assert!(error.contains("KeyTooLongError"), "{error}");
+    assert!(error.contains("at most 255 bytes"), "{error}");
+    assert!(local.pipeline.instances().is_empty());
+    local.pipeline.shutdown().await;
+}
+
+/// The command lines (arguments joined by spaces) of this machine's processes.
+fn command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_the_pipeline_stops_its_jobs_and_leaves_nothing_running() {
+    // A duration no other process on the machine would sleep for.
+    let needle = "987.654321";
+    let local = start(
+        4,
+        Some(&format!(
+            r#"echo started > "$S3SPOT_OUTPUT_DIR/partial"; sleep {needle}"#
+        )),
+    )
+    .await;
+    let mut progress = local.pipeline.subscribe();
+    local.upload("in/long.csv", CSV).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Progress::Download { .. } = progress.recv().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // The sleep itself, not the shell that runs it: the partial output is written by then.
+    let sleeping = format!("sleep {needle} ");
+    while !command_lines()
+        .iter()
+        .any(|line| line.starts_with(&sleeping))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let results = local.pipeline.results_dir("data", "in/long.csv");
+    local.pipeline.shutdown().await;
+
+    let left: Vec<String> = command_lines()
+        .into_iter()
+        .filter(|line| line.contains(needle))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "the job outlived the pipeline");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "interrupted", "{status:#}");
+    assert!(
+        status["error"].as_str().unwrap().contains("SIGTERM"),
+        "{status:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(results.join("partial")).unwrap(),
+        "started\n"
+    );
+}
