@@ -87,36 +87,26 @@ pub trait Launcher: Send + Sync {
     ) -> impl Future<Output = Result<Launched, LaunchError>> + Send;
 }
 
-/// Lets a caller keep its launcher (to inspect it, or to share it) while a handler uses it.
-impl<L: Launcher + ?Sized> Launcher for &L {
-    fn count_active(
-        &self,
-        pipeline: &str,
-    ) -> impl Future<Output = Result<usize, LaunchError>> + Send {
-        (**self).count_active(pipeline)
-    }
+/// Launchers behind a reference or an `Arc` launch the same way: callers keep theirs (to inspect
+/// it, or to share it) while a handler uses it.
+macro_rules! delegate_launcher {
+    ($($pointer:ty),*) => {$(
+        impl<L: Launcher + ?Sized> Launcher for $pointer {
+            fn count_active(
+                &self,
+                pipeline: &str,
+            ) -> impl Future<Output = Result<usize, LaunchError>> + Send {
+                (**self).count_active(pipeline)
+            }
 
-    fn launch(
-        &self,
-        request: &LaunchRequest,
-    ) -> impl Future<Output = Result<Launched, LaunchError>> + Send {
-        (**self).launch(request)
-    }
+            fn launch(
+                &self,
+                request: &LaunchRequest,
+            ) -> impl Future<Output = Result<Launched, LaunchError>> + Send {
+                (**self).launch(request)
+            }
+        }
+    )*};
 }
 
-/// A launcher shared with whatever else needs it (the local pipeline inspects its instances).
-impl<L: Launcher + ?Sized> Launcher for std::sync::Arc<L> {
-    fn count_active(
-        &self,
-        pipeline: &str,
-    ) -> impl Future<Output = Result<usize, LaunchError>> + Send {
-        (**self).count_active(pipeline)
-    }
-
-    fn launch(
-        &self,
-        request: &LaunchRequest,
-    ) -> impl Future<Output = Result<Launched, LaunchError>> + Send {
-        (**self).launch(request)
-    }
-}
+delegate_launcher!(&L, std::sync::Arc<L>);

@@ -531,3 +531,74 @@ async fn stopping_the_pipeline_stops_its_jobs_and_leaves_nothing_running() {
         "started\n"
     );
 }
+
+#[test]
+fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_signal() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Command::new(S3SPOT)
+        .args(["local", "serve", "--port", "0", "--json", "--data-dir"])
+        .arg(dir.path().join("local"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let ready: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let endpoint = ready["ready"]["endpoint"].as_str().unwrap().to_owned();
+    assert!(endpoint.starts_with("http://127.0.0.1:"), "{ready}");
+    assert_eq!(ready["ready"]["access_key"], "s3spot");
+    assert_eq!(ready["ready"]["data_bucket"], "data");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&endpoint)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "s3spot",
+                "s3spot-local",
+                None,
+                None,
+                "test",
+            ))
+            .load()
+            .await;
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        client
+            .put_object()
+            .bucket("data")
+            .key("in/served.csv")
+            .body(CSV.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let mut stages = Vec::new();
+    for line in lines.by_ref() {
+        let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let stage = line["stage"].as_str().unwrap().to_owned();
+        let done = stage == "shutdown";
+        stages.push(stage);
+        if done {
+            assert_eq!(line["state"], "succeeded", "{line}");
+            break;
+        }
+    }
+    for stage in [
+        "event", "launched", "download", "process", "upload", "shutdown",
+    ] {
+        assert!(
+            stages.iter().any(|s| s == stage),
+            "no {stage} in {stages:?}"
+        );
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(serve.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = serve.wait().unwrap();
+    assert!(status.success(), "Ctrl-C is a normal end: {status:?}");
+}

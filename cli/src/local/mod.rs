@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 
 pub use launcher::{Instance, InstanceState, LocalLauncher};
 pub use progress::Progress;
+pub use s3::serve;
 
 /// Where the worker is published in the artifacts bucket.
 pub const WORKER_KEY: &str = "s3spot-worker";

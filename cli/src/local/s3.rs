@@ -171,8 +171,22 @@ s3_impl! {
     }
 }
 
-/// Serves `service` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, service: s3s::service::S3Service) {
+/// Serves HTTP/1.1 with `service` on every connection `listener` accepts, until the task is
+/// dropped.
+pub async fn serve<S, B>(listener: tokio::net::TcpListener, service: S)
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
