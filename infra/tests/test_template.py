@@ -1,0 +1,614 @@
+"""The IAM and hardening properties of infra/template.yaml, asserted on the template that
+CloudFormation deploys (after the SAM transform).
+
+Each property is a `check_*` function. The tests run every check on the real template, and the
+mutation tests at the end run some of them on a weakened copy and expect them to fail, so that
+no check passes by accident."""
+
+import copy
+import json
+import re
+import unittest
+
+from infra.tests.template import (
+    ROOT,
+    as_list,
+    policy_documents,
+    resources_of_type,
+    role_statements,
+    source,
+    statements,
+    sub_text,
+    transformed,
+)
+
+LAUNCH_TEMPLATE_ARN = (
+    "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:launch-template/${WorkerLaunchTemplate}"
+)
+# Resources a RunInstances call touches besides the instance, each of which must come from the
+# launch template.
+TEMPLATE_RESOURCE_TYPES = {"volume", "network-interface", "subnet", "security-group", "image", "key-pair"}
+
+
+def run_instances_statements(template):
+    return [
+        s
+        for s in role_statements(template, "LauncherRole")
+        if "ec2:RunInstances" in as_list(s["Action"])
+    ]
+
+
+def resource_type(arn_text):
+    """'...:volume/*' -> 'volume'; '...::image/*' -> 'image'."""
+    return arn_text.rsplit(":", 1)[-1].split("/", 1)[0]
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def check_no_wildcard_actions(template):
+    for where, document in policy_documents(template):
+        for s in statements(document):
+            for action in as_list(s["Action"]):
+                assert action != "*", f"{where}: a bare '*' action"
+                # A deny may name a whole service (the TLS-only bucket policies deny s3:*);
+                # an allow never grants a wildcard.
+                if s["Effect"] == "Allow":
+                    assert "*" not in action, f"{where}: allows the wildcard action {action}"
+
+
+def check_resource_star_only_where_required(template):
+    for where, document in policy_documents(template):
+        for s in statements(document):
+            if s["Effect"] != "Allow" or "Resource" not in s:
+                continue
+            if "*" in as_list(s["Resource"]):
+                assert as_list(s["Action"]) == ["ec2:DescribeInstances"], (
+                    f"{where}: Resource '*' for {s['Action']}; only DescribeInstances needs it"
+                )
+                assert "RequiresWildcard" in s.get("Sid", ""), (
+                    f"{where}: the Resource '*' statement must say why in its Sid"
+                )
+
+
+def check_pass_role_scoped(template):
+    passes = [
+        s
+        for _, document in policy_documents(template)
+        for s in statements(document)
+        if "iam:PassRole" in as_list(s["Action"])
+    ]
+    assert len(passes) == 1, f"expected one iam:PassRole statement, found {len(passes)}"
+    s = passes[0]
+    assert as_list(s["Action"]) == ["iam:PassRole"]
+    assert s["Resource"] == {"Fn::GetAtt": ["InstanceRole", "Arn"]}, s["Resource"]
+    assert s.get("Condition") == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
+    }, "iam:PassRole must be limited to EC2"
+
+
+def check_run_instances_conditioned(template):
+    covered = set()
+    for s in run_instances_statements(template):
+        assert as_list(s["Action"]) == ["ec2:RunInstances"], s["Action"]
+        condition = s.get("Condition", {})
+        for resource in as_list(s["Resource"]):
+            arn = sub_text(resource)
+            kind = resource_type(arn)
+            if arn == LAUNCH_TEMPLATE_ARN:
+                continue
+            if kind == "spot-instances-request":
+                # Created with, and only with, a conditioned spot instance.
+                continue
+            assert condition.get("ArnLike", {}).get("ec2:LaunchTemplate") == {
+                "Fn::Sub": LAUNCH_TEMPLATE_ARN
+            }, f"RunInstances on {arn} is not tied to the launch template"
+            if kind == "instance":
+                assert condition.get("StringEquals", {}).get("ec2:InstanceType") == {
+                    "Ref": "InstanceTypes"
+                }, "instances may only be of the configured types"
+                assert condition["StringEquals"].get("ec2:MetadataHttpTokens") == "required"
+            else:
+                assert condition.get("Bool", {}).get("ec2:IsLaunchTemplateResource") == "true", (
+                    f"RunInstances on {arn} may override the launch template"
+                )
+            covered.add(kind)
+    missing = (TEMPLATE_RESOURCE_TYPES | {"instance"}) - covered
+    assert not missing, f"RunInstances statements do not cover {sorted(missing)}"
+
+
+def check_create_tags_only_at_launch(template):
+    for s in role_statements(template, "LauncherRole"):
+        if "ec2:CreateTags" in as_list(s["Action"]):
+            assert s["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
+
+
+def check_launcher_role_exact(template):
+    actions = {
+        a for s in role_statements(template, "LauncherRole") for a in as_list(s["Action"])
+    }
+    assert actions == {
+        "ec2:RunInstances",
+        "ec2:CreateTags",
+        "ec2:DescribeInstances",
+        "iam:PassRole",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }, sorted(actions)
+    props = template["Resources"]["LauncherRole"]["Properties"]
+    assert not props.get("ManagedPolicyArns"), "the launcher role takes no managed policy"
+    for s in role_statements(template, "LauncherRole"):
+        if any(a.startswith("sqs:") for a in as_list(s["Action"])):
+            assert s["Resource"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}, s["Resource"]
+        if any(a.startswith("logs:") for a in as_list(s["Action"])):
+            assert s["Resource"] == {"Fn::GetAtt": ["LauncherLogGroup", "Arn"]}, s["Resource"]
+
+
+def check_instance_role_exact(template):
+    grants = {}
+    for s in role_statements(template, "InstanceRole"):
+        assert s["Effect"] == "Allow"
+        for action in as_list(s["Action"]):
+            for resource in as_list(s["Resource"]):
+                grants.setdefault(action, set()).add(sub_text(resource))
+    assert grants == {
+        "s3:GetObject": {"${DataBucket.Arn}/*", "${ArtifactsBucket.Arn}/${WorkerKey}"},
+        "s3:GetObjectVersion": {"${DataBucket.Arn}/*"},
+        "s3:PutObject": {"${DataBucket.Arn}/analysis/*"},
+        "s3:AbortMultipartUpload": {"${DataBucket.Arn}/analysis/*"},
+    }, grants
+    props = template["Resources"]["InstanceRole"]["Properties"]
+    assert [sub_text(a) for a in props["ManagedPolicyArns"]] == [
+        "arn:${AWS::Partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+    ]
+    trust = statements(props["AssumeRolePolicyDocument"])
+    assert [s["Principal"] for s in trust] == [{"Service": "ec2.amazonaws.com"}]
+
+
+def check_launch_template(template):
+    data = template["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required", "IMDSv2 must be required"
+    assert data["MetadataOptions"].get("HttpEndpoint", "enabled") == "enabled"
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert data["IamInstanceProfile"] == {"Arn": {"Fn::GetAtt": ["InstanceProfile", "Arn"]}}
+    (root,) = data["BlockDeviceMappings"]
+    assert root["Ebs"]["VolumeType"] == "gp3"
+    assert root["Ebs"]["Encrypted"] is True
+    assert root["Ebs"]["DeleteOnTermination"] is True
+    assert "AssociatePublicIpAddress" not in str(data), "no public IP is forced on"
+    assert data["ImageId"] == {"Ref": "ImageId"}
+    assert data["InstanceType"] == {"Fn::Select": [0, {"Ref": "InstanceTypes"}]}
+    tagged = {spec["ResourceType"] for spec in data["TagSpecifications"]}
+    assert tagged == {"instance", "volume"}
+
+
+def check_no_ingress_by_default(template):
+    group = template["Resources"]["WorkerSecurityGroup"]["Properties"]
+    ingress = group.get("SecurityGroupIngress")
+    assert ingress is not None and "Fn::If" in ingress, "ingress must be conditional"
+    condition, when_set, otherwise = ingress["Fn::If"]
+    assert condition == "HasSsh"
+    assert otherwise == {"Ref": "AWS::NoValue"}
+    assert [(r["FromPort"], r["ToPort"], r["CidrIp"]) for r in when_set] == [
+        (22, 22, {"Ref": "SshCidr"})
+    ]
+    assert template["Conditions"]["HasSsh"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "SshCidr"}, ""]}]}
+    assert template["Parameters"]["SshCidr"]["Default"] == ""
+    egress = group["SecurityGroupEgress"]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in egress] == [("tcp", 443, 443)]
+
+
+def check_buckets_hardened(template):
+    buckets = resources_of_type(template, "AWS::S3::Bucket")
+    assert set(buckets) == {"DataBucket", "ArtifactsBucket"}
+    policies = {
+        p["Properties"]["Bucket"]["Ref"]: p["Properties"]["PolicyDocument"]
+        for p in resources_of_type(template, "AWS::S3::BucketPolicy").values()
+    }
+    for name, bucket in buckets.items():
+        props = bucket["Properties"]
+        assert props["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }, f"{name}: Block Public Access"
+        (sse,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        assert sse["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+        assert props.get("VersioningConfiguration") == {"Status": "Enabled"}, f"{name}: versioning"
+        rules = props["LifecycleConfiguration"]["Rules"]
+        assert any("NoncurrentVersionExpiration" in r and r["Status"] == "Enabled" for r in rules)
+        assert props["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
+        document = policies.get(name)
+        assert document is not None, f"{name} has no bucket policy"
+        denies = [
+            s
+            for s in statements(document)
+            if s["Effect"] == "Deny"
+            and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+        ]
+        assert len(denies) == 1, f"{name}: no TLS-only deny"
+        (deny,) = denies
+        assert deny["Principal"] == "*" and as_list(deny["Action"]) == ["s3:*"]
+        assert {sub_text(r) for r in deny["Resource"]} == {
+            json.dumps({"Fn::GetAtt": [name, "Arn"]}, sort_keys=True),
+            f"${{{name}.Arn}}/*",
+        }
+
+
+def check_intake(template):
+    resources = template["Resources"]
+    queue = resources["IntakeQueue"]["Properties"]
+    redrive = queue.get("RedrivePolicy", {})
+    assert redrive.get("deadLetterTargetArn") == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+    assert redrive.get("maxReceiveCount") == {"Ref": "MaxReceiveCount"}
+    function_timeout = resources["LauncherFunction"]["Properties"]["Timeout"]
+    assert queue["VisibilityTimeout"] >= 6 * function_timeout, "visibility < 6 x function timeout"
+    for name in ("IntakeQueue", "DeadLetterQueue"):
+        assert resources[name]["Properties"].get("SqsManagedSseEnabled") is True, name
+    (mapping,) = resources_of_type(template, "AWS::Lambda::EventSourceMapping").values()
+    props = mapping["Properties"]
+    assert props["EventSourceArn"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}
+    assert props.get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
+    assert props["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "QueueConcurrency"}
+    notifications = resources["DataBucket"]["Properties"]["NotificationConfiguration"]
+    assert notifications == {
+        "QueueConfigurations": [
+            {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
+        ]
+    }
+    # The queue policy names the bucket by the same name the bucket is given; if the two
+    # drifted apart, S3 could not deliver and the stack would fail to create.
+    bucket_name = sub_text(resources["DataBucket"]["Properties"]["BucketName"])
+    (allow,) = [
+        s
+        for s in statements(resources["IntakeQueuePolicy"]["Properties"]["PolicyDocument"])
+        if s["Effect"] == "Allow"
+    ]
+    assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert as_list(allow["Action"]) == ["sqs:SendMessage"]
+    assert sub_text(allow["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
+        f"arn:${{AWS::Partition}}:s3:::{bucket_name}"
+    )
+    assert allow["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+
+
+def check_function(template):
+    resources = template["Resources"]
+    function = resources["LauncherFunction"]
+    props = function["Properties"]
+    assert props["Runtime"] == "provided.al2023"
+    assert function["Metadata"]["BuildMethod"] == "rust-cargolambda"
+    assert function["Metadata"]["BuildProperties"]["Binary"] == "s3spot-lambda"
+    assert props["Architectures"] == [{"Ref": "Architecture"}]
+    assert props["LoggingConfig"]["LogFormat"] == "JSON"
+    assert props["LoggingConfig"]["LogGroup"] == {"Ref": "LauncherLogGroup"}
+    assert props.get("ReservedConcurrentExecutions") == {"Ref": "ReservedConcurrency"}
+    assert props["Role"] == {"Fn::GetAtt": ["LauncherRole", "Arn"]}
+    log_group = resources["LauncherLogGroup"]["Properties"]
+    assert log_group["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+
+
+def check_environment_matches_launcher(template):
+    """Every S3SPOT_* variable the template sets is one the launcher reads, and the required
+    ones are all set, so that a rename on either side fails here instead of at start-up."""
+    config = (ROOT / "lambda" / "src" / "config.rs").read_text()
+    block = re.search(r"pub const VARIABLES: &\[&str\] = &\[(.*?)\];", config, re.S).group(1)
+    known = set(re.findall(r'"(S3SPOT_[A-Z0-9_]+)"', block))
+    assert known, "cannot read VARIABLES from lambda/src/config.rs"
+    variables = template["Resources"]["LauncherFunction"]["Properties"]["Environment"]["Variables"]
+    unknown = set(variables) - known
+    assert not unknown, f"the launcher does not read {sorted(unknown)}"
+    required = {"S3SPOT_LAUNCH_TEMPLATE", "S3SPOT_WORKER_URI", "S3SPOT_WORKER_SHA256"}
+    assert required <= set(variables), sorted(required - set(variables))
+    # The results prefix the function is told is the one the instance role may write to, and
+    # the one the default skip rule ("analysis") covers, so results never re-trigger a launch.
+    prefix = variables["S3SPOT_RESULTS_PREFIX"]
+    assert prefix == "analysis/" and "S3SPOT_SKIP_SUBSTRING" not in variables
+    market = template["Parameters"]["Market"]["AllowedValues"]
+    assert market == ["spot", "on-demand", "spot-then-on-demand"]
+    for value in market:
+        assert f'"{value}"' in config, f"the launcher does not accept market {value}"
+
+
+def check_alarms(template):
+    alarms = resources_of_type(template, "AWS::CloudWatch::Alarm")
+    dlq = [
+        a["Properties"]
+        for a in alarms.values()
+        if a["Properties"]["Namespace"] == "AWS/SQS"
+        and a["Properties"]["Dimensions"]
+        == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}]
+    ]
+    assert len(dlq) == 1, "no alarm on the dead-letter queue"
+    assert dlq[0]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert (dlq[0]["ComparisonOperator"], dlq[0]["Threshold"]) == ("GreaterThanThreshold", 0)
+    errors = [
+        a["Properties"]
+        for a in alarms.values()
+        if a["Properties"]["Namespace"] == "AWS/Lambda" and a["Properties"]["MetricName"] == "Errors"
+    ]
+    assert len(errors) == 1, "no alarm on function errors"
+    assert errors[0]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "LauncherFunction"}}]
+    (budget,) = resources_of_type(template, "AWS::Budgets::Budget").values()
+    assert budget["Condition"] == "HasBudget"
+    assert budget["Properties"]["Budget"]["BudgetLimit"]["Amount"] == {"Ref": "MonthlyBudget"}
+
+
+def check_checkov_skips_explained(template):
+    for name, resource in template["Resources"].items():
+        for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []):
+            assert re.fullmatch(r"CKV2?_AWS_\d+", skip.get("id", "")), f"{name}: {skip}"
+            assert len(skip.get("comment", "").strip()) >= 20, f"{name}: {skip['id']} has no reason"
+
+
+def check_parameters(template):
+    params = template["Parameters"]
+    for name in (
+        "InstanceTypes",
+        "Market",
+        "MaxInstances",
+        "Command",
+        "MaxRuntime",
+        "ImageId",
+        "SubnetId",
+        "SshCidr",
+        "KeyPairName",
+        "MonthlyBudget",
+        "NotificationEmail",
+        "WorkerKey",
+        "WorkerSha256",
+        "Architecture",
+    ):
+        assert name in params, f"parameter {name} is missing"
+    assert params["ImageId"]["Default"].startswith("/aws/service/ami-amazon-linux-latest/al2023-")
+    assert params["KeyPairName"]["Default"] == "" and params["SubnetId"]["Default"] == ""
+    assert params["MonthlyBudget"]["Default"] == 0
+
+
+CHECKS = [
+    check_no_wildcard_actions,
+    check_resource_star_only_where_required,
+    check_pass_role_scoped,
+    check_run_instances_conditioned,
+    check_create_tags_only_at_launch,
+    check_launcher_role_exact,
+    check_instance_role_exact,
+    check_launch_template,
+    check_no_ingress_by_default,
+    check_buckets_hardened,
+    check_intake,
+    check_function,
+    check_environment_matches_launcher,
+    check_alarms,
+    check_checkov_skips_explained,
+    check_parameters,
+]
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+class TemplateProperties(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.template = transformed()
+
+    def test_every_property_holds(self):
+        for check in CHECKS:
+            with self.subTest(check=check.__name__):
+                check(self.template)
+
+    def test_the_transform_made_the_function_and_its_queue_source(self):
+        kinds = {r["Type"] for r in self.template["Resources"].values()}
+        self.assertIn("AWS::Lambda::Function", kinds)
+        self.assertIn("AWS::Lambda::EventSourceMapping", kinds)
+        self.assertNotIn("AWS::Serverless::Function", kinds)
+        # The transform adds no role or policy of its own: the function uses LauncherRole.
+        roles = set(resources_of_type(self.template, "AWS::IAM::Role"))
+        self.assertEqual(roles, {"LauncherRole", "InstanceRole"})
+
+
+def weakened(edit):
+    """The transformed template with one edit applied."""
+    template = copy.deepcopy(TemplateProperties.template)
+    edit(template)
+    return template
+
+
+class ChecksFailOnWeakenedTemplates(unittest.TestCase):
+    """Each check catches the weakness it is about."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not hasattr(TemplateProperties, "template"):
+            TemplateProperties.setUpClass()
+
+    def expect_failure(self, check, edit):
+        with self.assertRaises(AssertionError):
+            check(weakened(edit))
+
+    def statement(self, template, role, sid):
+        (s,) = [s for s in role_statements(template, role) if s.get("Sid") == sid]
+        return s
+
+    def test_wildcard_action(self):
+        self.expect_failure(
+            check_no_wildcard_actions,
+            lambda t: self.statement(t, "LauncherRole", "TagOnlyAtLaunch").update(Action="ec2:*"),
+        )
+
+    def test_resource_star(self):
+        self.expect_failure(
+            check_resource_star_only_where_required,
+            lambda t: self.statement(t, "InstanceRole", "WriteResultsOnly").update(Resource="*"),
+        )
+
+    def test_pass_role_on_any_role(self):
+        self.expect_failure(
+            check_pass_role_scoped,
+            lambda t: self.statement(t, "LauncherRole", "PassOnlyTheInstanceRole").update(
+                Resource="arn:aws:iam::123456789012:role/*"
+            ),
+        )
+
+    def test_pass_role_to_any_service(self):
+        self.expect_failure(
+            check_pass_role_scoped,
+            lambda t: self.statement(t, "LauncherRole", "PassOnlyTheInstanceRole").pop("Condition"),
+        )
+
+    def test_run_instances_without_template_condition(self):
+        self.expect_failure(
+            check_run_instances_conditioned,
+            lambda t: self.statement(t, "LauncherRole", "OnlyTemplateResources")["Condition"].pop(
+                "Bool"
+            ),
+        )
+
+    def test_run_instances_any_instance_type(self):
+        self.expect_failure(
+            check_run_instances_conditioned,
+            lambda t: self.statement(t, "LauncherRole", "OnlyTemplateInstances")["Condition"][
+                "StringEquals"
+            ].pop("ec2:InstanceType"),
+        )
+
+    def test_extra_launcher_permission(self):
+        self.expect_failure(
+            check_launcher_role_exact,
+            lambda t: self.statement(t, "LauncherRole", "ReadAndDeleteIntakeMessages")[
+                "Action"
+            ].append("sqs:SendMessage"),
+        )
+
+    def test_instance_may_write_inputs(self):
+        self.expect_failure(
+            check_instance_role_exact,
+            lambda t: self.statement(t, "InstanceRole", "WriteResultsOnly").update(
+                Resource={"Fn::Sub": "${DataBucket.Arn}/*"}
+            ),
+        )
+
+    def test_imdsv1(self):
+        self.expect_failure(
+            check_launch_template,
+            lambda t: t["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"][
+                "MetadataOptions"
+            ].update(HttpTokens="optional"),
+        )
+
+    def test_stop_on_shutdown(self):
+        self.expect_failure(
+            check_launch_template,
+            lambda t: t["Resources"]["WorkerLaunchTemplate"]["Properties"][
+                "LaunchTemplateData"
+            ].update(InstanceInitiatedShutdownBehavior="stop"),
+        )
+
+    def test_unencrypted_root_volume(self):
+        self.expect_failure(
+            check_launch_template,
+            lambda t: t["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"][
+                "BlockDeviceMappings"
+            ][0]["Ebs"].update(Encrypted=False),
+        )
+
+    def test_ssh_open_by_default(self):
+        self.expect_failure(
+            check_no_ingress_by_default,
+            lambda t: t["Resources"]["WorkerSecurityGroup"]["Properties"].update(
+                SecurityGroupIngress=[
+                    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "CidrIp": "0.0.0.0/0"}
+                ]
+            ),
+        )
+
+    def test_public_access_allowed(self):
+        self.expect_failure(
+            check_buckets_hardened,
+            lambda t: t["Resources"]["DataBucket"]["Properties"][
+                "PublicAccessBlockConfiguration"
+            ].update(RestrictPublicBuckets=False),
+        )
+
+    def test_no_tls_deny(self):
+        self.expect_failure(
+            check_buckets_hardened,
+            lambda t: t["Resources"].pop("ArtifactsBucketPolicy"),
+        )
+
+    def test_no_versioning(self):
+        self.expect_failure(
+            check_buckets_hardened,
+            lambda t: t["Resources"]["DataBucket"]["Properties"].pop("VersioningConfiguration"),
+        )
+
+    def test_no_redrive(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["IntakeQueue"]["Properties"].pop("RedrivePolicy"),
+        )
+
+    def test_no_partial_batch_response(self):
+        def edit(t):
+            (mapping,) = resources_of_type(t, "AWS::Lambda::EventSourceMapping").values()
+            mapping["Properties"].pop("FunctionResponseTypes")
+
+        self.expect_failure(check_intake, edit)
+
+    def test_queue_policy_names_another_bucket(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
+                BucketName={"Fn::Sub": "${PipelineName}-input-${AWS::AccountId}"}
+            ),
+        )
+
+    def test_no_reserved_concurrency(self):
+        self.expect_failure(
+            check_function,
+            lambda t: t["Resources"]["LauncherFunction"]["Properties"].pop(
+                "ReservedConcurrentExecutions"
+            ),
+        )
+
+    def test_text_logs(self):
+        self.expect_failure(
+            check_function,
+            lambda t: t["Resources"]["LauncherFunction"]["Properties"]["LoggingConfig"].update(
+                LogFormat="Text"
+            ),
+        )
+
+    def test_misspelt_variable(self):
+        def edit(t):
+            variables = t["Resources"]["LauncherFunction"]["Properties"]["Environment"]["Variables"]
+            variables["S3SPOT_MAX_INSTANCE"] = variables.pop("S3SPOT_MAX_INSTANCES")
+
+        self.expect_failure(check_environment_matches_launcher, edit)
+
+    def test_no_dead_letter_alarm(self):
+        self.expect_failure(check_alarms, lambda t: t["Resources"].pop("DeadLetterAlarm"))
+
+    def test_skip_without_reason(self):
+        self.expect_failure(
+            check_checkov_skips_explained,
+            lambda t: t["Resources"]["DataBucket"]["Metadata"]["checkov"]["skip"].append(
+                {"id": "CKV_AWS_21"}
+            ),
+        )
+
+
+class SourceTemplate(unittest.TestCase):
+    def test_deploys_with_sam(self):
+        template = source()
+        self.assertEqual(template["Transform"], "AWS::Serverless-2016-10-31")
+        self.assertEqual(template["Resources"]["LauncherFunction"]["Properties"]["CodeUri"], "..")
+        self.assertTrue((ROOT / "Cargo.toml").exists(), "CodeUri must point at the workspace")
+
+if __name__ == "__main__":
+    unittest.main()
