@@ -87,7 +87,7 @@ impl ClassifyRetry for CapacityIsFinal {
 }
 
 impl Launcher for Ec2Launcher {
-    async fn count_active(&self, pipeline: &str) -> Result<usize, LaunchError> {
+    async fn count_active(&self, pipeline: &str, enough: usize) -> Result<usize, LaunchError> {
         let mut pages = self
             .client
             .describe_instances()
@@ -104,11 +104,15 @@ impl Launcher for Ec2Launcher {
                     .values("running")
                     .build(),
             )
-            .max_results(1000)
+            // EC2 pages hold 5 to 1000 instances. Parsing an instance is most of this call's
+            // cost, so ask for no more than the cap needs.
+            .max_results(i32::try_from(enough.clamp(5, 1000)).unwrap_or(1000))
             .into_paginator()
             .send();
         let mut count = 0;
-        while let Some(page) = pages.next().await {
+        while count < enough
+            && let Some(page) = pages.next().await
+        {
             let page = page.map_err(|e| api_error("DescribeInstances", &e))?;
             count += page
                 .reservations()

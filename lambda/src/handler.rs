@@ -308,7 +308,7 @@ struct RunawayGuard {
 #[derive(Debug, thiserror::Error)]
 enum GuardError {
     #[error(
-        "runaway guard: {active} instances of pipeline {pipeline:?} are pending or running, at \
+        "runaway guard: at least {active} instances of pipeline {pipeline:?} are pending or running, at \
          the S3SPOT_MAX_INSTANCES cap of {max}; not launching now, the event will be retried"
     )]
     AtCap {
@@ -331,7 +331,7 @@ impl RunawayGuard {
             Some(active) => active,
             None => {
                 let active = launcher
-                    .count_active(pipeline)
+                    .count_active(pipeline, max as usize)
                     .await
                     .map_err(GuardError::Count)?;
                 *self.active.insert(active)

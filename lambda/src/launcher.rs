@@ -74,10 +74,13 @@ impl LaunchError {
 /// What the handler needs from a compute provider. EC2 implements it for AWS; the local mode and
 /// tests implement it too, so they run the handler exactly as AWS does.
 pub trait Launcher: Send + Sync {
-    /// How many instances tagged with this pipeline are pending or running.
+    /// How many instances tagged with this pipeline are pending or running. Counting may stop
+    /// once it reaches `enough` (the guard's cap): any count from there on means "at the cap",
+    /// and a pipeline at its cap may have many instances, each one costing time to read.
     fn count_active(
         &self,
         pipeline: &str,
+        enough: usize,
     ) -> impl Future<Output = Result<usize, LaunchError>> + Send;
 
     /// Launches one instance, idempotently per `request.client_token`.
@@ -95,8 +98,9 @@ macro_rules! delegate_launcher {
             fn count_active(
                 &self,
                 pipeline: &str,
+                enough: usize,
             ) -> impl Future<Output = Result<usize, LaunchError>> + Send {
-                (**self).count_active(pipeline)
+                (**self).count_active(pipeline, enough)
             }
 
             fn launch(

@@ -8,7 +8,9 @@ use lambda_runtime::{LambdaEvent, service_fn};
 use s3spot_lambda::{Config, Ec2Launcher, Handler};
 use serde_json::Value;
 
-#[tokio::main]
+// One thread: the function handles one event at a time, and Lambda gives a small function a
+// fraction of a vCPU. Worker threads would only add wake-ups and hand-offs to each event's CPU.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON when AWS_LAMBDA_LOG_FORMAT=JSON; level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
     lambda_runtime::tracing::init_default_subscriber();

@@ -38,7 +38,7 @@ impl ScriptedLauncher {
 }
 
 impl Launcher for ScriptedLauncher {
-    async fn count_active(&self, _pipeline: &str) -> Result<usize, LaunchError> {
+    async fn count_active(&self, _pipeline: &str, _enough: usize) -> Result<usize, LaunchError> {
         *self.counts.lock().unwrap() += 1;
         if self.count_fails {
             return Err(LaunchError::Api {

@@ -332,7 +332,7 @@ fn fingerprint(request: &LaunchRequest) -> String {
 }
 
 impl Launcher for LocalLauncher {
-    async fn count_active(&self, pipeline: &str) -> Result<usize, LaunchError> {
+    async fn count_active(&self, pipeline: &str, _enough: usize) -> Result<usize, LaunchError> {
         Ok(self.table().running(pipeline))
     }
 
