@@ -44,7 +44,7 @@ impl Default for Settings {
             download: DownloadSettings {
                 ranged_above: 64 * MIB,
                 chunk_size: 8 * MIB,
-                concurrency: 4,
+                concurrency: 3,
             },
             upload: UploadSettings {
                 multipart_above: 64 * MIB,
