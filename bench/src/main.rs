@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    s3spot_bench::main()
+}
