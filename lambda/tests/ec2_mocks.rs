@@ -334,3 +334,80 @@ async fn the_guard_counts_every_page_of_instances() {
         (1, 1, 0)
     );
 }
+
+/// A page of `n` running instances, with a token for more.
+fn page_of(n: usize, next_token: Option<&str>) -> DescribeInstancesOutput {
+    let instances = (0..n).map(|i| {
+        Instance::builder()
+            .instance_id(format!("i-{i:017}"))
+            .build()
+    });
+    DescribeInstancesOutput::builder()
+        .reservations(
+            Reservation::builder()
+                .set_instances(Some(instances.collect()))
+                .build(),
+        )
+        .set_next_token(next_token.map(str::to_owned))
+        .build()
+}
+
+#[tokio::test]
+async fn the_runaway_guard_reads_no_more_instances_than_its_cap() {
+    // Cap 3: one page of at most 5 (EC2's smallest page) settles it; the next page is never
+    // asked for, and nothing is launched.
+    let first_page = mock!(Client::describe_instances)
+        .match_requests(|r: &DescribeInstancesInput| {
+            r.max_results() == Some(5) && r.next_token().is_none()
+        })
+        .then_output(|| page_of(5, Some("more")));
+    let next_page = mock!(Client::describe_instances)
+        .match_requests(|r: &DescribeInstancesInput| r.next_token().is_some())
+        .then_output(|| page_of(5, None));
+    let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
+    let handler = handler(
+        config(&[("S3SPOT_MAX_INSTANCES", "3")]),
+        &[&first_page, &next_page, &run],
+    );
+
+    let report = match handler.handle(console_event()).await {
+        Err(HandlerError::Retryable(report)) => report,
+        other => panic!("at the cap the event must be retried, got {other:?}"),
+    };
+    assert_eq!(first_page.num_calls(), 1);
+    assert_eq!(next_page.num_calls(), 0, "counted past the cap");
+    assert_eq!(run.num_calls(), 0);
+    let [failed] = report.failed.as_slice() else {
+        panic!("{report:?}")
+    };
+    assert!(
+        failed
+            .error
+            .starts_with("runaway guard: at least 5 instances of pipeline \"s3spot\""),
+        "{}",
+        failed.error
+    );
+}
+
+#[tokio::test]
+async fn under_the_cap_the_guard_follows_every_page() {
+    // Cap 12: pages of 12 asked for; 5 + 5 instances are fewer, so both pages are read and the
+    // launch goes ahead.
+    let first_page = mock!(Client::describe_instances)
+        .match_requests(|r: &DescribeInstancesInput| {
+            r.max_results() == Some(12) && r.next_token().is_none()
+        })
+        .then_output(|| page_of(5, Some("more")));
+    let next_page = mock!(Client::describe_instances)
+        .match_requests(|r: &DescribeInstancesInput| r.next_token() == Some("more"))
+        .then_output(|| page_of(5, None));
+    let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
+    let handler = handler(
+        config(&[("S3SPOT_MAX_INSTANCES", "12")]),
+        &[&first_page, &next_page, &run],
+    );
+
+    let report = report(&handler).await;
+    assert_eq!(report.launched.len(), 1, "{report:?}");
+    assert_eq!((first_page.num_calls(), next_page.num_calls()), (1, 1));
+}
