@@ -1,7 +1,8 @@
 //! The local pipeline, as `s3spot local serve` runs it: from the end of an upload to the job's
 //! `status.json` in the results.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::BufRead as _;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,51 +11,35 @@ use aws_sdk_s3::primitives::ByteStream;
 
 use crate::{Options, Table, median, sibling};
 
-const ACCESS_KEY: &str = "s3spot";
-const SECRET_KEY: &str = "s3spot-local";
-
 pub async fn run(options: &Options) -> anyhow::Result<Table> {
     let s3spot = sibling("s3spot")?;
     std::fs::create_dir_all(&options.scratch)?;
     let scratch = tempfile::tempdir_in(&options.scratch)?;
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port();
+    // Port 0: the server picks a free one and names its endpoint in its first JSON line.
     let mut serve = Serve(
         Command::new(&s3spot)
-            .args(["local", "serve", "--json", "--port", &port.to_string()])
+            .args(["local", "serve", "--json", "--port", "0"])
             .arg("--data-dir")
             .arg(scratch.path().join("local"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .context("start s3spot local serve")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "s3spot local serve did not start listening"
-        );
-        if let Some(status) = serve.0.try_wait()? {
-            anyhow::bail!("s3spot local serve exited: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(format!("http://127.0.0.1:{port}"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            ACCESS_KEY, SECRET_KEY, None, None, "bench",
-        ))
-        .load()
-        .await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&config)
-            .force_path_style(true)
-            .build(),
-    );
+    let stdout = serve.0.stdout.take().context("serve's stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .context("s3spot local serve exited before it was ready")??;
+    let ready: serde_json::Value = serde_json::from_str(&first)?;
+    let endpoint = ready["ready"]["endpoint"]
+        .as_str()
+        .with_context(|| format!("no endpoint in {ready}"))?
+        .to_owned();
+    // Progress lines keep coming; drain them so that the server never blocks on its stdout.
+    std::thread::spawn(move || lines.for_each(drop));
+    let s3 = s3spot::local::client(&endpoint, &s3spot::local::Options::new(PathBuf::new())).await;
 
     let small = std::fs::read("events/sample/measurements.csv")
         .context("read events/sample/measurements.csv (run from the workspace root)")?;

@@ -527,7 +527,8 @@ fn instance_env(endpoint: &str, options: &Options) -> Vec<(String, String)> {
     .collect()
 }
 
-async fn client(endpoint: &str, options: &Options) -> aws_sdk_s3::Client {
+/// An S3 client for a local pipeline's server at `endpoint`, with the credentials of `options`.
+pub async fn client(endpoint: &str, options: &Options) -> aws_sdk_s3::Client {
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(options.region.clone()))
         .endpoint_url(endpoint)
