@@ -352,18 +352,25 @@ fn page_of(n: usize, next_token: Option<&str>) -> DescribeInstancesOutput {
         .build()
 }
 
+/// DescribeInstances answering with two pages of 5 running instances. The first page answers
+/// only a request for pages of `page_size`.
+fn two_pages_of_five(page_size: i32) -> (Rule, Rule) {
+    let first = mock!(Client::describe_instances)
+        .match_requests(move |r: &DescribeInstancesInput| {
+            r.max_results() == Some(page_size) && r.next_token().is_none()
+        })
+        .then_output(|| page_of(5, Some("more")));
+    let next = mock!(Client::describe_instances)
+        .match_requests(|r: &DescribeInstancesInput| r.next_token() == Some("more"))
+        .then_output(|| page_of(5, None));
+    (first, next)
+}
+
 #[tokio::test]
 async fn the_runaway_guard_reads_no_more_instances_than_its_cap() {
     // Cap 3: one page of at most 5 (EC2's smallest page) settles it; the next page is never
     // asked for, and nothing is launched.
-    let first_page = mock!(Client::describe_instances)
-        .match_requests(|r: &DescribeInstancesInput| {
-            r.max_results() == Some(5) && r.next_token().is_none()
-        })
-        .then_output(|| page_of(5, Some("more")));
-    let next_page = mock!(Client::describe_instances)
-        .match_requests(|r: &DescribeInstancesInput| r.next_token().is_some())
-        .then_output(|| page_of(5, None));
+    let (first_page, next_page) = two_pages_of_five(5);
     let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
     let handler = handler(
         config(&[("S3SPOT_MAX_INSTANCES", "3")]),
@@ -393,14 +400,7 @@ async fn the_runaway_guard_reads_no_more_instances_than_its_cap() {
 async fn under_the_cap_the_guard_follows_every_page() {
     // Cap 12: pages of 12 asked for; 5 + 5 instances are fewer, so both pages are read and the
     // launch goes ahead.
-    let first_page = mock!(Client::describe_instances)
-        .match_requests(|r: &DescribeInstancesInput| {
-            r.max_results() == Some(12) && r.next_token().is_none()
-        })
-        .then_output(|| page_of(5, Some("more")));
-    let next_page = mock!(Client::describe_instances)
-        .match_requests(|r: &DescribeInstancesInput| r.next_token() == Some("more"))
-        .then_output(|| page_of(5, None));
+    let (first_page, next_page) = two_pages_of_five(12);
     let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
     let handler = handler(
         config(&[("S3SPOT_MAX_INSTANCES", "12")]),
