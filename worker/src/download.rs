@@ -1,22 +1,24 @@
 //! Downloading the job's object to disk, hashing it on the way, in bounded memory.
 //!
-//! Chunks reach a writer thread in object order through a short channel; the thread writes and
-//! hashes them while the next ones download. Large objects come in as parallel ranged GETs,
-//! polled in order by `buffered`, into buffers from a fixed pool: the writer hands each buffer
-//! back once written, so a download allocates its buffers once, whatever the object's size.
+//! Large objects come in as parallel ranged GETs. Each range streams its pieces, as the HTTP
+//! client reads them, through a short channel to a writer thread, which writes each at its
+//! offset and hashes the file in order behind them. Nothing waits for a whole range to arrive,
+//! so ranges can be large and many without costing memory, and a slow range holds up neither
+//! the others nor the disk.
 
-use std::io::Write as _;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt as _;
+use bytes::Bytes;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use s3spot_bootstrap::JobSpec;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::settings::DownloadSettings;
 
@@ -112,125 +114,129 @@ pub async fn download(
         version_id: version_id.clone(),
     };
 
-    let (chunks, writer) = spawn_writer(dest.to_path_buf());
-    let fetched = if size > settings.ranged_above {
-        fetch_ranges(&source, size, settings, &chunks).await
-    } else {
-        fetch_whole(&source, &chunks).await
-    };
-    drop(chunks);
+    let (pieces, writer) = spawn_writer(dest.to_path_buf());
+    let fetched = fetch(&source, size, settings, &pieces).await;
+    drop(pieces);
     let written = writer.await.expect("the writer thread does not panic");
     // A write error stops the writer, which makes the fetch fail too: report the cause.
-    let (got, sha256) = written?;
+    let written = written?;
     fetched?;
-    if got != size {
+    if written.bytes != size || written.hashed != size {
         return Err(DownloadError::Short {
-            got,
+            got: written.hashed.min(written.bytes),
             expected: size,
         });
     }
     Ok(Downloaded {
         path: dest.to_path_buf(),
         size,
-        sha256,
+        sha256: written.sha256,
         etag,
         version_id,
         content_type: head.content_type().map(str::to_owned),
     })
 }
 
-type Writer = tokio::task::JoinHandle<Result<(u64, String), DownloadError>>;
+type Writer = tokio::task::JoinHandle<Result<Written, DownloadError>>;
 
-/// A piece of the object, in order.
-enum Chunk {
-    /// As the HTTP client delivered it (single GETs).
-    Received(Bytes),
-    /// A whole range, in a buffer that goes back to its pool once written.
-    Pooled(PooledBuffer),
+/// What the writer thread wrote and hashed.
+struct Written {
+    bytes: u64,
+    hashed: u64,
+    sha256: String,
 }
 
-impl Chunk {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Chunk::Received(bytes) => bytes,
-            Chunk::Pooled(buffer) => &buffer.buffer,
-        }
-    }
+/// Bytes of the object and where they go in it.
+struct Piece {
+    offset: u64,
+    bytes: Bytes,
 }
 
-/// A fixed number of range buffers, made on first use and recycled after.
-struct BufferPool {
-    free: Mutex<Vec<BytesMut>>,
-    available: Arc<Semaphore>,
-    capacity: usize,
-}
+/// Pieces between the downloads and the writer. With hyper's reads of at most a few hundred KiB,
+/// this bounds the memory a download holds, whatever the object's size or the number of ranges.
+const PIECES_QUEUED: usize = 32;
 
-struct PooledBuffer {
-    buffer: BytesMut,
-    pool: Arc<BufferPool>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl BufferPool {
-    fn new(buffers: usize, capacity: usize) -> Arc<Self> {
-        Arc::new(BufferPool {
-            free: Mutex::new(Vec::with_capacity(buffers)),
-            available: Arc::new(Semaphore::new(buffers)),
-            capacity,
-        })
-    }
-
-    /// Waits for a buffer to be free.
-    async fn take(self: &Arc<Self>) -> PooledBuffer {
-        let permit = Arc::clone(&self.available)
-            .acquire_owned()
-            .await
-            .expect("the pool's semaphore is never closed");
-        let buffer = self
-            .free
-            .lock()
-            .expect("no panics while holding the lock")
-            .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(self.capacity));
-        PooledBuffer {
-            buffer,
-            pool: Arc::clone(self),
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for PooledBuffer {
-    fn drop(&mut self) {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        if let Ok(mut free) = self.pool.free.lock() {
-            free.push(buffer);
-        }
-    }
-}
-
-/// A blocking thread that writes chunks in the order it gets them and hashes them as it goes.
-fn spawn_writer(path: PathBuf) -> (mpsc::Sender<Chunk>, Writer) {
-    let (sender, mut receiver) = mpsc::channel::<Chunk>(1);
+/// A blocking thread that writes each piece at its offset as it arrives, and hashes the file in
+/// order behind them: a piece that continues the hashed prefix is hashed from memory, and what
+/// arrived ahead of it (later ranges) is read back from the page cache once the gap closes.
+fn spawn_writer(path: PathBuf) -> (mpsc::Sender<Piece>, Writer) {
+    let (sender, mut receiver) = mpsc::channel::<Piece>(PIECES_QUEUED);
     let writer = tokio::task::spawn_blocking(move || {
         let write_error = |source| DownloadError::Write {
             path: path.clone(),
             source,
         };
-        let mut file = std::fs::File::create(&path).map_err(write_error)?;
-        let mut hasher = Sha256::new();
-        let mut written = 0u64;
-        while let Some(chunk) = receiver.blocking_recv() {
-            let bytes = chunk.bytes();
-            file.write_all(bytes).map_err(write_error)?;
-            hasher.update(bytes);
-            written += bytes.len() as u64;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(write_error)?;
+        let mut hash = InOrderHash::default();
+        let mut bytes = 0u64;
+        while let Some(piece) = receiver.blocking_recv() {
+            file.write_all_at(&piece.bytes, piece.offset)
+                .map_err(write_error)?;
+            bytes += piece.bytes.len() as u64;
+            hash.add(&file, piece).map_err(write_error)?;
         }
-        file.flush().map_err(write_error)?;
-        Ok((written, hex::encode(hasher.finalize())))
+        Ok(Written {
+            bytes,
+            hashed: hash.hashed,
+            sha256: hex::encode(hash.hasher.finalize()),
+        })
     });
     (sender, writer)
+}
+
+/// SHA-256 of the file's prefix that has no gaps yet.
+#[derive(Default)]
+struct InOrderHash {
+    hasher: Sha256,
+    hashed: u64,
+    /// Written but not yet hashed: start → end, for runs that began past the hashed prefix.
+    ahead: BTreeMap<u64, u64>,
+    read_back: Vec<u8>,
+}
+
+impl InOrderHash {
+    /// Takes a piece that has just been written to `file`.
+    fn add(&mut self, file: &File, piece: Piece) -> std::io::Result<()> {
+        let end = piece.offset + piece.bytes.len() as u64;
+        if piece.offset != self.hashed {
+            // Pieces of one range come in order, so a piece usually extends a run.
+            match self.ahead.range_mut(..piece.offset).next_back() {
+                Some((_, run_end)) if *run_end == piece.offset => *run_end = end,
+                _ => {
+                    self.ahead.insert(piece.offset, end);
+                }
+            }
+            return Ok(());
+        }
+        self.hasher.update(&piece.bytes);
+        self.hashed = end;
+        while let Some(run_end) = self.ahead.remove(&self.hashed) {
+            self.hash_from(file, run_end)?;
+        }
+        Ok(())
+    }
+
+    /// Hashes `[hashed, end)` as written to `file`.
+    fn hash_from(&mut self, file: &File, end: u64) -> std::io::Result<()> {
+        const BLOCK: u64 = 1024 * 1024;
+        if self.read_back.is_empty() {
+            self.read_back = vec![0; BLOCK as usize];
+        }
+        while self.hashed < end {
+            let n = (end - self.hashed).min(BLOCK) as usize;
+            let block = &mut self.read_back[..n];
+            file.read_exact_at(block, self.hashed)?;
+            self.hasher.update(&*block);
+            self.hashed += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// The object as HEAD described it.
@@ -256,63 +262,62 @@ impl Source<'_> {
             .map(|object| object.body)
             .map_err(|e| s3_error("GetObject", e, || not_found(self.job)))
     }
-}
 
-async fn next_piece(body: &mut ByteStream) -> Result<Option<Bytes>, DownloadError> {
-    body.try_next().await.map_err(|e| DownloadError::S3 {
-        operation: "GetObject",
-        message: format!("reading the body: {}", DisplayErrorContext(&e)),
-    })
-}
-
-async fn fetch_whole(
-    source: &Source<'_>,
-    chunks: &mpsc::Sender<Chunk>,
-) -> Result<(), DownloadError> {
-    let mut body = source.get(None).await?;
-    while let Some(piece) = next_piece(&mut body).await? {
-        if chunks.send(Chunk::Received(piece)).await.is_err() {
-            break; // The writer stopped; its error is the one to report.
+    /// Sends `[start, end)` to the writer as it arrives: with a Range header unless it is the
+    /// whole object.
+    async fn fetch(
+        &self,
+        (start, end): (u64, u64),
+        whole: bool,
+        pieces: &mpsc::Sender<Piece>,
+    ) -> Result<(), DownloadError> {
+        let mut body = self.get((!whole).then_some((start, end))).await?;
+        let mut offset = start;
+        while let Some(bytes) = body.try_next().await.map_err(|e| DownloadError::S3 {
+            operation: "GetObject",
+            message: format!("reading the body: {}", DisplayErrorContext(&e)),
+        })? {
+            let piece_end = offset + bytes.len() as u64;
+            // Past the end would overwrite the next range: the object is not what HEAD said.
+            if piece_end > end {
+                return Err(DownloadError::S3 {
+                    operation: "GetObject",
+                    message: format!(
+                        "the server sent more than bytes {start}-{}; the object changed while \
+                         it was being downloaded",
+                        end - 1
+                    ),
+                });
+            }
+            if pieces.send(Piece { offset, bytes }).await.is_err() {
+                break; // The writer stopped; its error is the one to report.
+            }
+            offset = piece_end;
         }
+        Ok(())
     }
-    Ok(())
 }
 
-async fn fetch_ranges(
+/// The whole object in one GET, or, above `ranged_above`, in ranges of `chunk_size` of which
+/// `concurrency` are in flight at once.
+async fn fetch(
     source: &Source<'_>,
     size: u64,
     settings: &DownloadSettings,
-    chunks: &mpsc::Sender<Chunk>,
+    pieces: &mpsc::Sender<Piece>,
 ) -> Result<(), DownloadError> {
+    if size <= settings.ranged_above {
+        return source.fetch((0, size), true, pieces).await;
+    }
     let chunk_size = settings.chunk_size.max(1);
-    let concurrency = settings.concurrency.max(1);
-    // One buffer per range in flight, one queued for the writer, one being written.
-    let pool = BufferPool::new(
-        concurrency + 2,
-        usize::try_from(chunk_size).unwrap_or(usize::MAX),
-    );
     let ranges = (0..size)
         .step_by(usize::try_from(chunk_size).unwrap_or(usize::MAX))
         .map(|start| (start, (start + chunk_size).min(size)));
-    let mut in_order = futures_util::stream::iter(ranges)
-        .map(|range| {
-            let pool = &pool;
-            async move {
-                let mut buffer = pool.take().await;
-                let mut body = source.get(Some(range)).await?;
-                while let Some(piece) = next_piece(&mut body).await? {
-                    buffer.buffer.extend_from_slice(&piece);
-                }
-                Ok::<_, DownloadError>(buffer)
-            }
-        })
-        .buffered(concurrency);
-    while let Some(chunk) = in_order.next().await {
-        if chunks.send(Chunk::Pooled(chunk?)).await.is_err() {
-            break;
-        }
-    }
-    Ok(())
+    futures_util::stream::iter(ranges)
+        .map(|range| source.fetch(range, false, pieces))
+        .buffer_unordered(settings.concurrency.max(1))
+        .try_collect()
+        .await
 }
 
 fn not_found(job: &JobSpec) -> DownloadError {
@@ -362,6 +367,52 @@ mod tests {
             error.to_string(),
             "object not found: s3://data/in/a.csv (version v1)"
         );
+    }
+
+    /// Writes `object` as `ranges` ranges arriving interleaved in `order` (a range's pieces in
+    /// order, as HTTP delivers them), and returns the hash and what is still unhashed.
+    fn hash_interleaved(object: &[u8], piece: usize, order: &[usize]) -> (String, u64, usize) {
+        let file = tempfile::tempfile().unwrap();
+        let range = object.len().div_ceil(order.iter().max().unwrap() + 1);
+        let mut next: Vec<usize> = (0..object.len()).step_by(range).collect();
+        let mut hash = InOrderHash::default();
+        for &r in order {
+            let start = next[r];
+            let end = (start + piece).min((r + 1) * range).min(object.len());
+            next[r] = end;
+            file.write_all_at(&object[start..end], start as u64)
+                .unwrap();
+            let bytes = Bytes::copy_from_slice(&object[start..end]);
+            let offset = start as u64;
+            hash.add(&file, Piece { offset, bytes }).unwrap();
+        }
+        let left = hash.ahead.len();
+        (hex::encode(hash.hasher.finalize()), hash.hashed, left)
+    }
+
+    #[test]
+    fn ranges_that_arrive_out_of_order_hash_as_the_object() {
+        let object: Vec<u8> = (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let expected = hex::encode(Sha256::digest(&object));
+        // Three ranges of 1000 bytes in pieces of 300 (4 each): the last range first, then the
+        // middle one, then the first; and a mix of all three.
+        let backwards = [2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0];
+        let mixed = [1, 0, 2, 1, 2, 0, 0, 1, 2, 2, 1, 0];
+        for order in [&backwards, &mixed] {
+            assert_eq!(
+                hash_interleaved(&object, 300, order),
+                (expected.clone(), 3000, 0),
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gap_keeps_what_follows_it_unhashed() {
+        let object = vec![7u8; 3000];
+        // The first range never arrives.
+        let (_, hashed, left) = hash_interleaved(&object, 500, &[1, 2, 1, 2]);
+        assert_eq!((hashed, left), (0, 2), "runs 1000..2000 and 2000..3000");
     }
 
     #[test]

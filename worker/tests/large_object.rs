@@ -11,10 +11,10 @@ use s3spot_bootstrap::State;
 use sha2::{Digest as _, Sha256};
 
 const SIZE: u64 = 256 * 1024 * 1024;
-const RSS_LIMIT_KIB: i64 = 128 * 1024;
+const RSS_LIMIT_KIB: i64 = 64 * 1024;
 
 #[test]
-fn a_256_mib_object_goes_through_in_under_128_mib() {
+fn a_256_mib_object_goes_through_in_under_64_mib() {
     let fixture = Fixture::new();
     // Pseudo-random bytes, so that nothing on the way can make them small.
     let source = fixture.dir.path().join("big.bin");
@@ -62,7 +62,7 @@ fn a_256_mib_object_goes_through_in_under_128_mib() {
     eprintln!("peak RSS of the worker: {} MiB", peak_kib / 1024);
     assert!(
         peak_kib < RSS_LIMIT_KIB,
-        "peak RSS {} MiB is over 128 MiB",
+        "peak RSS {} MiB is over 64 MiB",
         peak_kib / 1024
     );
 
