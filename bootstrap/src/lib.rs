@@ -15,7 +15,8 @@ pub use render::{
     job_from_user_data, render_user_data,
 };
 pub use status::{
-    Input, Instance, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status, Timings,
+    Attempt, Input, Instance, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status,
+    Timings,
 };
 
 /// An error and its sources, joined with ": ". Every s3spot crate reports errors this way, so that

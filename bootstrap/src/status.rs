@@ -38,6 +38,43 @@ pub struct Status {
     /// RFC 3339, UTC.
     pub started_at: String,
     pub finished_at: String,
+    /// The earlier attempts of this job, oldest first: each re-launch (after a spot interruption,
+    /// or a retry) carries them forward.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Attempt>,
+}
+
+/// How one earlier attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub state: State,
+    pub instance_id: Option<String>,
+    pub error: Option<String>,
+    pub finished_at: String,
+}
+
+impl Status {
+    /// Takes over the history of `previous`, the status this job had before this attempt, with
+    /// `previous` itself as its last entry when it is an earlier attempt.
+    pub fn carry_history(&mut self, previous: Status) {
+        let mut history: Vec<Attempt> = previous
+            .history
+            .into_iter()
+            .filter(|a| a.attempt < self.attempt)
+            .collect();
+        if previous.attempt < self.attempt {
+            history.push(Attempt {
+                attempt: previous.attempt,
+                state: previous.state,
+                instance_id: previous.instance.and_then(|i| i.id),
+                error: previous.error,
+                finished_at: previous.finished_at,
+            });
+        }
+        history.extend(std::mem::take(&mut self.history));
+        self.history = history;
+    }
 }
 
 /// The object as it was downloaded (or as the job described it, if it never was).
@@ -93,6 +130,7 @@ mod tests {
             worker_version: "0.1.0".into(),
             started_at: "2024-05-01T12:00:00Z".into(),
             finished_at: "2024-05-01T12:01:00Z".into(),
+            history: Vec::new(),
         };
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["state"], "timed_out");
@@ -110,6 +148,67 @@ mod tests {
         ] {
             assert!(json.get(field).is_some(), "{field}");
         }
+        assert_eq!(json.get("history"), None, "absent while there is none");
         assert_eq!(serde_json::from_value::<Status>(json).unwrap(), status);
+    }
+
+    fn status(attempt: u32, state: State, instance: &str) -> Status {
+        Status {
+            state,
+            input: Input::default(),
+            outputs: Vec::new(),
+            exit_code: None,
+            error: Some(format!("attempt {attempt}")),
+            timings: Timings::default(),
+            instance: Some(Instance {
+                id: Some(instance.into()),
+                ..Instance::default()
+            }),
+            attempt,
+            worker_version: "0.1.0".into(),
+            started_at: String::new(),
+            finished_at: format!("t{attempt}"),
+            history: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_attempt_carries_the_ones_before_it() {
+        let mut second = status(2, State::Interrupted, "i-2");
+        second.carry_history(status(1, State::Interrupted, "i-1"));
+        let mut third = status(3, State::Succeeded, "i-3");
+        third.carry_history(second);
+        let summary: Vec<(u32, State, Option<&str>)> = third
+            .history
+            .iter()
+            .map(|a| (a.attempt, a.state, a.instance_id.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, State::Interrupted, Some("i-1")),
+                (2, State::Interrupted, Some("i-2"))
+            ]
+        );
+        assert_eq!(third.history[1].error.as_deref(), Some("attempt 2"));
+        assert_eq!(third.history[1].finished_at, "t2");
+        let json = serde_json::to_value(&third).unwrap();
+        assert_eq!(json["history"][0]["state"], "interrupted");
+    }
+
+    #[test]
+    fn the_same_attempt_again_adds_nothing() {
+        let mut again = status(2, State::Failed, "i-2");
+        let mut before = status(2, State::Interrupted, "i-2");
+        before.history = vec![Attempt {
+            attempt: 1,
+            state: State::Interrupted,
+            instance_id: Some("i-1".into()),
+            error: None,
+            finished_at: "t1".into(),
+        }];
+        again.carry_history(before);
+        assert_eq!(again.history.len(), 1);
+        assert_eq!(again.history[0].attempt, 1);
     }
 }

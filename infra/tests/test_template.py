@@ -131,6 +131,10 @@ def check_launcher_role_exact(template):
         "ec2:RunInstances",
         "ec2:CreateTags",
         "ec2:DescribeInstances",
+        "ec2:DescribeInstanceAttribute",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
         "iam:PassRole",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
@@ -145,6 +149,17 @@ def check_launcher_role_exact(template):
             assert s["Resource"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}, s["Resource"]
         if any(a.startswith("logs:") for a in as_list(s["Action"])):
             assert s["Resource"] == {"Fn::GetAtt": ["LauncherLogGroup", "Arn"]}, s["Resource"]
+        if any(a in ("s3:GetObject", "s3:PutObject") for a in as_list(s["Action"])):
+            assert sub_text(s["Resource"]) == "${DataBucket.Arn}/analysis/*status.json", (
+                "the launcher reads and writes status.json files only"
+            )
+        if "s3:ListBucket" in as_list(s["Action"]):
+            assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
+        if "ec2:DescribeInstanceAttribute" in as_list(s["Action"]):
+            assert resource_type(sub_text(s["Resource"])) == "instance"
+            assert s.get("Condition") == {
+                "StringEquals": {"ec2:ResourceTag/s3spot:pipeline": {"Ref": "PipelineName"}}
+            }, "user-data of the pipeline's own instances only"
 
 
 def check_instance_role_exact(template):
@@ -263,11 +278,27 @@ def check_intake(template):
     # The queue policy names the bucket by the same name the bucket is given; if the two
     # drifted apart, S3 could not deliver and the stack would fail to create.
     bucket_name = sub_text(resources["DataBucket"]["Properties"]["BucketName"])
-    (allow,) = [
+    allows = [
         s
         for s in statements(resources["IntakeQueuePolicy"]["Properties"]["PolicyDocument"])
         if s["Effect"] == "Allow"
     ]
+    assert len(allows) == 2, "S3 notifications and spot interruption warnings, nothing else"
+    (allow,) = [s for s in allows if s["Principal"] == {"Service": "s3.amazonaws.com"}]
+    (events,) = [s for s in allows if s["Principal"] == {"Service": "events.amazonaws.com"}]
+    assert as_list(events["Action"]) == ["sqs:SendMessage"]
+    assert events.get("Condition") == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]}}
+    }, "only the interruption rule may send"
+    rule = resources["SpotInterruptionRule"]["Properties"]
+    assert rule["EventPattern"] == {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Spot Instance Interruption Warning"],
+    }, rule["EventPattern"]
+    assert rule["State"] == "ENABLED"
+    assert [t["Arn"] for t in rule["Targets"]] == [{"Fn::GetAtt": ["IntakeQueue", "Arn"]}]
+    handled = (ROOT / "lambda" / "src" / "event.rs").read_text()
+    assert '"EC2 Spot Instance Interruption Warning"' in handled, "the launcher must read them"
     assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
     assert as_list(allow["Action"]) == ["sqs:SendMessage"]
     assert sub_text(allow["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
@@ -559,6 +590,39 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
             mapping["Properties"].pop("FunctionResponseTypes")
 
         self.expect_failure(check_intake, edit)
+
+    def test_interruptions_from_any_rule(self):
+        def edit(t):
+            policy = t["Resources"]["IntakeQueuePolicy"]["Properties"]["PolicyDocument"]
+            for s in policy["Statement"]:
+                if s.get("Sid") == "SpotInterruptionWarnings":
+                    s.pop("Condition")
+
+        self.expect_failure(check_intake, edit)
+
+    def test_interruption_rule_matches_other_events(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["SpotInterruptionRule"]["Properties"]["EventPattern"].pop(
+                "detail-type"
+            ),
+        )
+
+    def test_launcher_writes_any_object(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s.get("Sid") == "RecordJobAttempts":
+                    s["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/*"}
+
+        self.expect_failure(check_launcher_role_exact, edit)
+
+    def test_launcher_reads_any_user_data(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s.get("Sid") == "ReadOwnInstancesUserData":
+                    s.pop("Condition")
+
+        self.expect_failure(check_launcher_role_exact, edit)
 
     def test_queue_policy_names_another_bucket(self):
         self.expect_failure(

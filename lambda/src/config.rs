@@ -19,6 +19,7 @@ pub const VARIABLES: &[&str] = &[
     "S3SPOT_MARKET",
     "S3SPOT_INSTANCE_TYPES",
     "S3SPOT_MAX_INSTANCES",
+    "S3SPOT_MAX_ATTEMPTS",
     "S3SPOT_PIPELINE",
 ];
 
@@ -26,6 +27,7 @@ const DEFAULT_MAX_RUNTIME_SECS: u64 = 3600;
 /// A week. A longer limit is almost certainly a typo, and it would let a hung job bill for it.
 const MAX_MAX_RUNTIME_SECS: u64 = 7 * 24 * 3600;
 const DEFAULT_MAX_INSTANCES: u32 = 20;
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_SKIP_SUBSTRING: &str = "analysis";
 const DEFAULT_PIPELINE: &str = "s3spot";
 const DEFAULT_TEMPLATE_VERSION: &str = "$Default";
@@ -86,6 +88,8 @@ pub struct LaunchConfig {
     /// Override types, tried in order; empty: the template's type.
     pub instance_types: Vec<String>,
     pub max_instances: u32,
+    /// Launches of one job, the first included, before a spot interruption fails it.
+    pub max_attempts: u32,
     pub pipeline: String,
 }
 
@@ -314,6 +318,21 @@ impl LaunchConfig {
                 })?,
         };
 
+        let max_attempts = match lookup("S3SPOT_MAX_ATTEMPTS") {
+            None => DEFAULT_MAX_ATTEMPTS,
+            Some(value) => value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        "S3SPOT_MAX_ATTEMPTS",
+                        &value,
+                        "expected a whole number of launches from 1 to 100 (1: never re-launch)",
+                    )
+                })?,
+        };
+
         let pipeline = lookup("S3SPOT_PIPELINE").unwrap_or_else(|| DEFAULT_PIPELINE.to_owned());
         if pipeline.is_empty() || pipeline.chars().count() > 256 {
             return Err(invalid(
@@ -329,6 +348,7 @@ impl LaunchConfig {
             market,
             instance_types,
             max_instances,
+            max_attempts,
             pipeline,
         })
     }
@@ -484,6 +504,7 @@ mod tests {
         assert_eq!(config.launch.market, Market::Spot);
         assert!(config.launch.instance_types.is_empty());
         assert_eq!(config.launch.max_instances, 20);
+        assert_eq!(config.launch.max_attempts, 3);
         assert_eq!(config.launch.pipeline, "s3spot");
         assert_eq!(config.job.max_runtime_secs, 3600);
         assert_eq!(config.job.results_bucket, None);
@@ -508,6 +529,7 @@ mod tests {
             ("S3SPOT_MARKET", "spot-then-on-demand"),
             ("S3SPOT_INSTANCE_TYPES", "m7i.large, m6i.large"),
             ("S3SPOT_MAX_INSTANCES", "3"),
+            ("S3SPOT_MAX_ATTEMPTS", "5"),
             ("S3SPOT_PIPELINE", "genomics"),
         ])
         .unwrap();
@@ -523,8 +545,9 @@ mod tests {
         assert_eq!(config.launch.market, Market::SpotThenOnDemand);
         assert_eq!(config.launch.instance_types, ["m7i.large", "m6i.large"]);
         assert_eq!(config.launch.max_instances, 3);
+        assert_eq!(config.launch.max_attempts, 5);
         assert_eq!(config.launch.pipeline, "genomics");
-        assert_eq!(VARIABLES.len(), 13);
+        assert_eq!(VARIABLES.len(), 14);
     }
 
     #[test]
@@ -594,6 +617,8 @@ mod tests {
             ("S3SPOT_INSTANCE_TYPES", "m5.large,m5.large", "listed twice"),
             ("S3SPOT_MAX_INSTANCES", "0", "at least 1"),
             ("S3SPOT_MAX_INSTANCES", "-1", "at least 1"),
+            ("S3SPOT_MAX_ATTEMPTS", "0", "from 1 to 100"),
+            ("S3SPOT_MAX_ATTEMPTS", "many", "from 1 to 100"),
             ("S3SPOT_PIPELINE", "", "1 to 256"),
         ];
         for &(var, value, expected) in cases {

@@ -5,14 +5,17 @@ use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::run_instances::RunInstancesError;
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, InstanceInterruptionBehavior, InstanceMarketOptionsRequest,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
-    LaunchTemplateSpecification, MarketType as Ec2MarketType, ResourceType, ShutdownBehavior,
-    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+    Filter, HttpTokensState, InstanceAttributeName, InstanceInterruptionBehavior,
+    InstanceLifecycleType, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceType, LaunchTemplateSpecification,
+    MarketType as Ec2MarketType, ResourceType, ShutdownBehavior, SpotInstanceType,
+    SpotMarketOptions, Tag, TagSpecification,
 };
 
 use crate::config::{LaunchTemplate, MarketType};
-use crate::launcher::{LaunchError, LaunchRequest, Launched, Launcher, TAG_PIPELINE};
+use crate::launcher::{
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, TAG_JOB, TAG_PIPELINE,
+};
 
 /// Errors that mean "no capacity for this option": move on to the next one.
 const CAPACITY_ERRORS: &[&str] = &[
@@ -193,6 +196,107 @@ impl Launcher for Ec2Launcher {
             instance_id: instance.instance_id().unwrap_or_default().to_owned(),
             instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
         })
+    }
+
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
+        let output = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await;
+        let output = match output {
+            Ok(output) => output,
+            // EC2 forgets terminated instances after about an hour.
+            Err(error) if error.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),
+            Err(error) => return Err(api_error("DescribeInstances", &error)),
+        };
+        Ok(output
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(instance_id))
+            .map(instance_info))
+    }
+
+    async fn instances(
+        &self,
+        pipeline: &str,
+        job: Option<&str>,
+    ) -> Result<Vec<InstanceInfo>, LaunchError> {
+        let tag = |name: &str, value: &str| {
+            Filter::builder()
+                .name(format!("tag:{name}"))
+                .values(value)
+                .build()
+        };
+        let mut filters = vec![tag(TAG_PIPELINE, pipeline)];
+        filters.extend(job.map(|job| tag(TAG_JOB, job)));
+        let mut pages = self
+            .client
+            .describe_instances()
+            .set_filters(Some(filters))
+            .into_paginator()
+            .send();
+        let mut instances = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| api_error("DescribeInstances", &e))?;
+            instances.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .map(instance_info),
+            );
+        }
+        Ok(instances)
+    }
+
+    async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
+        let output = self
+            .client
+            .describe_instance_attribute()
+            .instance_id(instance_id)
+            .attribute(InstanceAttributeName::UserData)
+            .send()
+            .await
+            .map_err(|e| api_error("DescribeInstanceAttribute", &e))?;
+        output
+            .user_data()
+            .and_then(|u| u.value())
+            .map(str::to_owned)
+            .ok_or_else(|| LaunchError::Api {
+                operation: "DescribeInstanceAttribute",
+                message: format!("instance {instance_id} has no user-data"),
+                retryable: false,
+            })
+    }
+}
+
+fn instance_info(instance: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
+    InstanceInfo {
+        instance_id: instance.instance_id().unwrap_or_default().to_owned(),
+        state: instance
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
+        market: match instance.instance_lifecycle() {
+            Some(InstanceLifecycleType::Spot) => "spot",
+            _ => "on-demand",
+        }
+        .to_owned(),
+        launched_at: instance.launch_time().map(|t| t.secs()),
+        tags: instance
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
     }
 }
 

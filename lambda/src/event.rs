@@ -43,7 +43,15 @@ pub enum Record {
         key: String,
         error: String,
     },
+    /// EC2's two-minute warning that it is taking back a spot instance: the launcher re-launches
+    /// its job, if the instance is one of this pipeline's.
+    Interrupted {
+        instance_id: String,
+    },
 }
+
+/// EventBridge's name for a spot instance's two-minute warning.
+pub const SPOT_INTERRUPTION: &str = "EC2 Spot Instance Interruption Warning";
 
 /// A whole invocation payload.
 #[derive(Debug)]
@@ -64,7 +72,8 @@ pub struct SqsItem {
 pub enum EventError {
     #[error(
         "unrecognised event: {found}; expected an S3 notification (Records[].s3), an SQS batch \
-         (Records[].body) or an EventBridge \"Object Created\" event"
+         (Records[].body), or an EventBridge \"Object Created\" or \"EC2 Spot Instance \
+         Interruption Warning\" event"
     )]
     Unrecognised { found: String },
     #[error("malformed SQS event")]
@@ -234,6 +243,17 @@ struct EventBridgeObject {
 fn parse_eventbridge(value: &Value) -> Result<Record, EventError> {
     let event: EventBridgeEvent<Value> =
         serde_json::from_value(value.clone()).map_err(EventError::EventBridge)?;
+    if event.source == "aws.ec2" && event.detail_type == SPOT_INTERRUPTION {
+        let instance_id = string_at(&event.detail, &["instance-id"]);
+        if instance_id.is_empty() {
+            return Ok(Record::Invalid {
+                bucket: String::new(),
+                key: String::new(),
+                error: format!("{SPOT_INTERRUPTION} event without detail.instance-id"),
+            });
+        }
+        return Ok(Record::Interrupted { instance_id });
+    }
     if event.source != "aws.s3" {
         return Err(EventError::Unrecognised {
             found: format!(

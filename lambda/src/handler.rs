@@ -1,18 +1,24 @@
 //! The Lambda handler: an event in, instances launched, a report out.
 
 use std::fmt::Write as _;
+use std::time::SystemTime;
 
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse};
+use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use s3spot_bootstrap::{Input, JobSpec, STATUS_FILE, State, Status, job_from_user_data};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::Config;
 use crate::event::{self, EventError, Invocation, ObjectCreated, Record};
 use crate::launcher::{
-    LaunchError, LaunchRequest, Launcher, MAX_TAG_VALUE_CHARS, TAG_ATTEMPT, TAG_BUCKET, TAG_JOB,
-    TAG_KEY, TAG_NAME, TAG_PIPELINE,
+    InstanceInfo, LaunchError, LaunchRequest, Launcher, MAX_TAG_VALUE_CHARS, TAG_ATTEMPT,
+    TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_NAME, TAG_PIPELINE,
 };
-use crate::plan::{Decision, PlannedJob, decide};
+use crate::plan::{Decision, Plan, PlannedJob, decide, plan};
+use crate::statuses::{StatusError, StatusStore};
 use crate::token::{client_token, job_id};
 pub use s3spot_bootstrap::error_chain;
 
@@ -99,14 +105,24 @@ fn retryable_summary(report: &Report) -> String {
     summary
 }
 
-pub struct Handler<L> {
+pub struct Handler<L, S> {
     config: Config,
     launcher: L,
+    statuses: S,
 }
 
-impl<L: Launcher> Handler<L> {
-    pub fn new(config: Config, launcher: L) -> Self {
-        Handler { config, launcher }
+impl<L: Launcher, S: StatusStore> Handler<L, S> {
+    pub fn new(config: Config, launcher: L, statuses: S) -> Self {
+        Handler {
+            config,
+            launcher,
+            statuses,
+        }
+    }
+
+    /// Where the handler reads and writes `status.json`.
+    pub fn statuses(&self) -> &S {
+        &self.statuses
     }
 
     /// Handles one invocation. Every record is seen through, whatever happens to the others.
@@ -169,9 +185,22 @@ impl<L: Launcher> Handler<L> {
 
     async fn process(&self, record: Record, guard: &mut RunawayGuard, report: &mut Report) {
         const ATTEMPT: u32 = 1;
+        if let Record::Interrupted { instance_id } = &record {
+            if let Err(failure) = self.recover(instance_id, guard, report).await {
+                tracing::error!(
+                    instance_id,
+                    error = failure.error,
+                    retryable = failure.retryable,
+                    "failed"
+                );
+                report.failed.push(failure);
+            }
+            return;
+        }
         match decide(&self.config.job, record, ATTEMPT) {
             Decision::Launch { object, job } => {
-                if let Err(failure) = self.launch(&object, &job, guard, report).await {
+                let job_id = job_id(&self.config.launch.pipeline, &object);
+                if let Err(failure) = self.launch(&object, &job, &job_id, guard, report).await {
                     tracing::error!(bucket = object.bucket, key = ?object.key, error = failure.error, retryable = failure.retryable, "failed");
                     report.failed.push(failure);
                 }
@@ -205,6 +234,7 @@ impl<L: Launcher> Handler<L> {
         &self,
         object: &ObjectCreated,
         job: &PlannedJob,
+        job_id: &str,
         guard: &mut RunawayGuard,
         report: &mut Report,
     ) -> Result<(), FailedRecord> {
@@ -220,15 +250,14 @@ impl<L: Launcher> Handler<L> {
             .await
             .map_err(|error| failed(error_chain(&error), true))?;
 
-        let job_id = job_id(&launch.pipeline, object);
-        let tags = tags(&launch.pipeline, &job_id, job);
+        let tags = tags(&launch.pipeline, job_id, job);
         let user_data = job.user_data.to_base64();
         let mut no_capacity = Vec::new();
         for option in launch.options() {
             let request = LaunchRequest {
                 template: launch.template.clone(),
                 template_version: launch.template_version.clone(),
-                client_token: client_token(&job_id, job.spec.attempt, &option),
+                client_token: client_token(job_id, job.spec.attempt, &option),
                 user_data: user_data.clone(),
                 tags: tags.clone(),
                 option,
@@ -280,6 +309,236 @@ impl<L: Launcher> Handler<L> {
             true,
         ))
     }
+}
+
+impl<L: Launcher, S: StatusStore> Handler<L, S> {
+    /// A spot instance of this pipeline is being taken back: launch its job again with the next
+    /// attempt number, through the same options and guard as a new job, and record the attempt
+    /// in the job's status.json. On the last attempt (`S3SPOT_MAX_ATTEMPTS`) the job is marked
+    /// failed instead. The new attempt's ClientTokens follow from the job and the attempt, so a
+    /// repeated warning launches nothing more.
+    async fn recover(
+        &self,
+        instance_id: &str,
+        guard: &mut RunawayGuard,
+        report: &mut Report,
+    ) -> Result<(), FailedRecord> {
+        let pipeline = &self.config.launch.pipeline;
+        let mut skipped = |bucket: &str, key: &str, reason: String| {
+            tracing::info!(instance_id, reason, "skipped");
+            report.skipped.push(SkippedRecord {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                reason,
+            });
+        };
+        let failed = |spec: Option<&JobSpec>, error: String, retryable: bool| FailedRecord {
+            bucket: spec.map(|s| s.bucket.clone()).unwrap_or_default(),
+            key: spec.map(|s| s.key.clone()).unwrap_or_default(),
+            error: format!("spot interruption of {instance_id}: {error}"),
+            retryable,
+        };
+        let instance = match self.launcher.describe(instance_id).await {
+            Ok(Some(instance)) => instance,
+            Ok(None) => {
+                skipped(
+                    "",
+                    "",
+                    format!("spot interruption of {instance_id}: no such instance"),
+                );
+                return Ok(());
+            }
+            Err(error) => return Err(failed(None, error.to_string(), error.is_retryable())),
+        };
+        // The rule sees every spot interruption in the account and region.
+        if instance.tag(TAG_PIPELINE) != Some(pipeline.as_str()) {
+            skipped(
+                "",
+                "",
+                format!(
+                    "spot interruption of {instance_id}: not an instance of pipeline {pipeline:?}"
+                ),
+            );
+            return Ok(());
+        }
+        let spec = self
+            .launcher
+            .user_data(instance_id)
+            .await
+            .map_err(|error| failed(None, error.to_string(), error.is_retryable()))
+            .and_then(|encoded| decode_job(&encoded).map_err(|error| failed(None, error, false)))?;
+        let status_key = format!("{}{STATUS_FILE}", spec.results_key_prefix());
+        let previous = match self.statuses.read(&spec.results_bucket, &status_key).await {
+            Ok(previous) => previous,
+            // A damaged status.json must not keep the job from its next attempt.
+            Err(error @ StatusError::Invalid { .. }) => {
+                tracing::warn!(
+                    error = error_chain(&error),
+                    "replacing an unreadable status.json"
+                );
+                None
+            }
+            Err(error) => return Err(failed(Some(&spec), error_chain(&error), true)),
+        };
+        if let Some(previous) = &previous {
+            let finished = !matches!(previous.state, State::Interrupted);
+            if previous.attempt > spec.attempt || (previous.attempt == spec.attempt && finished) {
+                skipped(
+                    &spec.bucket,
+                    &spec.key,
+                    format!(
+                        "spot interruption of {instance_id}: attempt {} of this job already \
+                         ended ({:?})",
+                        previous.attempt, previous.state
+                    ),
+                );
+                return Ok(());
+            }
+        }
+
+        let max = self.config.launch.max_attempts;
+        if spec.attempt >= max {
+            let error = format!(
+                "spot interruption of {instance_id} on attempt {} of {max} \
+                 (S3SPOT_MAX_ATTEMPTS); not re-launched",
+                spec.attempt
+            );
+            let status = ended(&spec, &instance, previous, State::Failed, error.clone());
+            self.statuses
+                .write(&spec.results_bucket, &status_key, &status)
+                .await
+                .map_err(|e| failed(Some(&spec), error_chain(&e), true))?;
+            skipped(
+                &spec.bucket,
+                &spec.key,
+                format!("{error}; marked failed in status.json"),
+            );
+            return Ok(());
+        }
+
+        let object = ObjectCreated {
+            bucket: spec.bucket.clone(),
+            key: spec.key.clone(),
+            version_id: spec.version_id.clone(),
+            etag: spec.etag.clone(),
+            size: spec.size,
+            sequencer: spec.sequencer.clone(),
+            event_time: None,
+        };
+        let job_id = instance
+            .tag(TAG_JOB)
+            .map(str::to_owned)
+            .unwrap_or_else(|| job_id(pipeline, &object));
+        let next_attempt = spec.attempt + 1;
+        // A repeated warning, or one redelivered after the next attempt began, must not launch
+        // it twice: ClientTokens de-duplicate only identical requests, for a limited time.
+        let launched = self
+            .launcher
+            .instances(pipeline, Some(&job_id))
+            .await
+            .map_err(|error| failed(Some(&spec), error.to_string(), error.is_retryable()))?;
+        let next = match launched.iter().find(|i| i.attempt() == Some(next_attempt)) {
+            Some(next) => {
+                skipped(
+                    &spec.bucket,
+                    &spec.key,
+                    format!(
+                        "spot interruption of {instance_id}: attempt {next_attempt} is already \
+                         launched ({}, {})",
+                        next.instance_id, next.state
+                    ),
+                );
+                format!("on {}", next.instance_id)
+            }
+            None => {
+                let job = match plan(&self.config.job, &object, next_attempt) {
+                    Ok(Plan::Launch(job)) => job,
+                    Ok(Plan::Skip(reason)) => {
+                        skipped(&spec.bucket, &spec.key, reason);
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        return Err(failed(Some(&spec), error_chain(&error), false));
+                    }
+                };
+                let before = report.launched.len();
+                self.launch(&object, &job, &job_id, guard, report).await?;
+                report.launched.get(before).map_or_else(
+                    || "before (its instance has terminated)".to_owned(),
+                    |l| format!("on {}", l.instance_id),
+                )
+            }
+        };
+        let note = format!("spot interruption warning; attempt {next_attempt} re-launched {next}");
+        let status = ended(&spec, &instance, previous, State::Interrupted, note);
+        self.statuses
+            .write(&spec.results_bucket, &status_key, &status)
+            .await
+            .map_err(|e| failed(Some(&spec), error_chain(&e), true))
+    }
+}
+
+/// The job an instance was launched with, from its base64 user-data.
+fn decode_job(encoded: &str) -> Result<JobSpec, String> {
+    let script = BASE64
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or("its user-data is not base64 of a script")?;
+    job_from_user_data(&script)
+        .map_err(|e| format!("its user-data holds no s3spot job: {}", error_chain(&e)))
+}
+
+/// The status of the interrupted attempt: what its worker wrote, if it got that far, or a new
+/// one; with the history before it either way.
+fn ended(
+    spec: &JobSpec,
+    instance: &InstanceInfo,
+    previous: Option<Status>,
+    state: State,
+    error: String,
+) -> Status {
+    let now = DateTime::from(SystemTime::now())
+        .fmt(DateTimeFormat::DateTime)
+        .unwrap_or_default();
+    let mut status = match previous {
+        Some(previous) if previous.attempt == spec.attempt => previous,
+        previous => {
+            let mut status = Status {
+                state,
+                input: Input {
+                    bucket: spec.bucket.clone(),
+                    key: spec.key.clone(),
+                    version_id: spec.version_id.clone(),
+                    etag: spec.etag.clone(),
+                    size: spec.size,
+                    sha256: None,
+                },
+                outputs: Vec::new(),
+                exit_code: None,
+                error: None,
+                timings: Default::default(),
+                instance: Some(s3spot_bootstrap::Instance {
+                    id: Some(instance.instance_id.clone()),
+                    instance_type: instance.instance_type.clone(),
+                    lifecycle: Some(instance.market.clone()),
+                }),
+                attempt: spec.attempt,
+                worker_version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at: String::new(),
+                finished_at: String::new(),
+                history: Vec::new(),
+            };
+            if let Some(previous) = previous {
+                status.carry_history(previous);
+            }
+            status
+        }
+    };
+    status.state = state;
+    status.error = Some(error);
+    status.finished_at = now;
+    status
 }
 
 /// Tags for the instance and its volumes: enough to find, count and re-run the job.

@@ -35,6 +35,39 @@ pub struct Launched {
     pub instance_type: Option<String>,
 }
 
+/// An instance as the compute provider describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    /// `pending`, `running`, `shutting-down`, `terminated`, ...
+    pub state: String,
+    pub instance_type: Option<String>,
+    /// `spot` or `on-demand`.
+    pub market: String,
+    /// Seconds since the Unix epoch.
+    pub launched_at: Option<i64>,
+    pub tags: Vec<(String, String)>,
+}
+
+impl InstanceInfo {
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Pending or running: the states that bill, or are about to.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "running")
+    }
+
+    /// The job's attempt this instance runs, from its tag.
+    pub fn attempt(&self) -> Option<u32> {
+        self.tag(TAG_ATTEMPT)?.parse().ok()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// No capacity for this option; the next option may have some.
@@ -88,6 +121,26 @@ pub trait Launcher: Send + Sync {
         &self,
         request: &LaunchRequest,
     ) -> impl Future<Output = Result<Launched, LaunchError>> + Send;
+
+    /// One instance, whatever its pipeline; `None` if the provider does not know it (any more).
+    fn describe(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<Option<InstanceInfo>, LaunchError>> + Send;
+
+    /// The instances of `pipeline`, in any state (EC2 lists terminated ones for about an hour),
+    /// only those of one job if `job` is given.
+    fn instances(
+        &self,
+        pipeline: &str,
+        job: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<InstanceInfo>, LaunchError>> + Send;
+
+    /// The base64 user-data an instance was launched with: it holds the job.
+    fn user_data(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<String, LaunchError>> + Send;
 }
 
 /// Launchers behind a reference or an `Arc` launch the same way: callers keep theirs (to inspect
@@ -108,6 +161,28 @@ macro_rules! delegate_launcher {
                 request: &LaunchRequest,
             ) -> impl Future<Output = Result<Launched, LaunchError>> + Send {
                 (**self).launch(request)
+            }
+
+            fn describe(
+                &self,
+                instance_id: &str,
+            ) -> impl Future<Output = Result<Option<InstanceInfo>, LaunchError>> + Send {
+                (**self).describe(instance_id)
+            }
+
+            fn user_data(
+                &self,
+                instance_id: &str,
+            ) -> impl Future<Output = Result<String, LaunchError>> + Send {
+                (**self).user_data(instance_id)
+            }
+
+            fn instances(
+                &self,
+                pipeline: &str,
+                job: Option<&str>,
+            ) -> impl Future<Output = Result<Vec<InstanceInfo>, LaunchError>> + Send {
+                (**self).instances(pipeline, job)
             }
         }
     )*};

@@ -12,12 +12,14 @@ pub mod handler;
 pub mod key;
 pub mod launcher;
 pub mod plan;
+pub mod statuses;
 pub mod token;
 
 pub use config::{Config, ConfigError, JobConfig};
 pub use ec2::Ec2Launcher;
 pub use handler::{Handler, HandlerError, Report, Response, error_chain};
-pub use launcher::{LaunchError, LaunchRequest, Launched, Launcher};
+pub use launcher::{InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher};
+pub use statuses::{S3Statuses, StatusError, StatusStore};
 
 impl From<HandlerError> for lambda_runtime::Diagnostic {
     fn from(error: HandlerError) -> Self {

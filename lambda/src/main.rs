@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use lambda_runtime::{LambdaEvent, service_fn};
-use s3spot_lambda::{Config, Ec2Launcher, Handler};
+use s3spot_lambda::{Config, Ec2Launcher, Handler, S3Statuses};
 use serde_json::Value;
 
 // One thread: the function handles one event at a time, and Lambda gives a small function a
@@ -27,7 +27,11 @@ async fn run() -> anyhow::Result<()> {
     let mut config = Config::from_env().context("bad configuration")?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     config.job.region = sdk.region().map(ToString::to_string);
-    let handler = Arc::new(Handler::new(config, Ec2Launcher::new(&sdk)));
+    let handler = Arc::new(Handler::new(
+        config,
+        Ec2Launcher::new(&sdk),
+        S3Statuses::new(&sdk),
+    ));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let handler = Arc::clone(&handler);
         async move { handler.handle(event.payload).await }

@@ -116,6 +116,14 @@ pub fn decide(config: &JobConfig, record: Record, attempt: u32) -> Decision {
             reason,
         },
         Record::Invalid { bucket, key, error } => Decision::Fail { bucket, key, error },
+        // Which job it was is known only to EC2 (the instance's tags and user-data).
+        Record::Interrupted { instance_id } => Decision::Skip {
+            bucket: String::new(),
+            key: String::new(),
+            reason: format!(
+                "spot interruption warning for {instance_id}: the launcher re-launches its job"
+            ),
+        },
     }
 }
 

@@ -14,7 +14,7 @@ use aws_sdk_ec2::types::{
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, ec2};
-use s3spot_tests::{event, s3spot_lookup};
+use s3spot_tests::{MemoryStatuses, event, s3spot_lookup};
 use serde_json::Value;
 
 fn config(overrides: &[(&str, &str)]) -> Config {
@@ -97,7 +97,7 @@ fn none_running() -> Rule {
 }
 
 /// The production configuration, with backoff shortened so that retried sequences run fast.
-fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher> {
+fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher, MemoryStatuses> {
     let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, rules, |builder| {
         ec2::configure(builder).retry_config(
             RetryConfig::standard()
@@ -105,10 +105,14 @@ fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher> {
                 .with_initial_backoff(Duration::from_millis(1)),
         )
     });
-    Handler::new(config, Ec2Launcher::from_client(client))
+    Handler::new(
+        config,
+        Ec2Launcher::from_client(client),
+        MemoryStatuses::default(),
+    )
 }
 
-async fn report(handler: &Handler<Ec2Launcher>) -> Report {
+async fn report(handler: &Handler<Ec2Launcher, MemoryStatuses>) -> Report {
     match handler.handle(console_event()).await {
         Ok(Response::Report(report)) => report,
         other => panic!("expected a report, got {other:?}"),

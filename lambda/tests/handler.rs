@@ -4,13 +4,16 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use s3spot_bootstrap::job_from_user_data;
+use s3spot_bootstrap::{Attempt, State, Status, job_from_user_data};
 use s3spot_lambda::config::MarketType;
+use s3spot_lambda::event::ObjectCreated;
 use s3spot_lambda::handler::{FailedRecord, Report};
+use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::{
-    Config, Handler, HandlerError, LaunchError, LaunchRequest, Launched, Launcher, Response,
+    Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher,
+    Response,
 };
-use s3spot_tests::{event, s3spot_lookup};
+use s3spot_tests::{MemoryStatuses, event, s3spot_lookup};
 use serde_json::{Value, json};
 
 /// Answers `count_active` with `active` and each launch with the next scripted result (success
@@ -22,6 +25,8 @@ struct ScriptedLauncher {
     script: Mutex<VecDeque<Result<Launched, LaunchError>>>,
     requests: Mutex<Vec<LaunchRequest>>,
     counts: Mutex<usize>,
+    /// What `describe` and `user_data` know: instances and their base64 user-data.
+    instances: Vec<(InstanceInfo, String)>,
 }
 
 impl ScriptedLauncher {
@@ -38,6 +43,36 @@ impl ScriptedLauncher {
 }
 
 impl Launcher for ScriptedLauncher {
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
+        Ok(self
+            .instances
+            .iter()
+            .find(|i| i.0.instance_id == instance_id)
+            .map(|i| i.0.clone()))
+    }
+
+    async fn instances(
+        &self,
+        pipeline: &str,
+        job: Option<&str>,
+    ) -> Result<Vec<InstanceInfo>, LaunchError> {
+        Ok(self
+            .instances
+            .iter()
+            .map(|i| i.0.clone())
+            .filter(|i| i.tag("s3spot:pipeline") == Some(pipeline))
+            .filter(|i| job.is_none() || i.tag("s3spot:job") == job)
+            .collect())
+    }
+
+    async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
+        let found = self
+            .instances
+            .iter()
+            .find(|i| i.0.instance_id == instance_id);
+        Ok(found.map(|i| i.1.clone()).unwrap_or_default())
+    }
+
     async fn count_active(&self, _pipeline: &str, _enough: usize) -> Result<usize, LaunchError> {
         *self.counts.lock().unwrap() += 1;
         if self.count_fails {
@@ -80,7 +115,7 @@ fn capacity() -> Result<Launched, LaunchError> {
     })
 }
 
-async fn report(handler: &Handler<&ScriptedLauncher>, event: Value) -> Report {
+async fn report(handler: &Handler<&ScriptedLauncher, MemoryStatuses>, event: Value) -> Report {
     match handler.handle(event).await {
         Ok(Response::Report(report)) => report,
         other => panic!("expected a report, got {other:?}"),
@@ -94,7 +129,7 @@ fn keys<T>(items: &[T], key: impl Fn(&T) -> &str) -> Vec<String> {
 #[tokio::test]
 async fn the_console_test_event_launches_one_spot_instance() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("s3-put.json")).await;
     assert_eq!(report.skipped, []);
     assert_eq!(report.failed, []);
@@ -115,15 +150,7 @@ async fn the_console_test_event_launches_one_spot_instance() {
     );
     assert_eq!(request.template_version, "$Default");
     assert_eq!(request.client_token, launched.client_token);
-    let script = String::from_utf8(
-        base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            &request.user_data,
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let job = job_from_user_data(&script).unwrap();
+    let job = job_of(request);
     assert_eq!(
         (job.bucket.as_str(), job.key.as_str()),
         ("example-bucket", "test/key")
@@ -135,7 +162,11 @@ async fn the_console_test_event_launches_one_spot_instance() {
 #[tokio::test]
 async fn tags_name_the_pipeline_the_object_and_the_job() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[("S3SPOT_PIPELINE", "genomics")]), &launcher);
+    let handler = Handler::new(
+        config(&[("S3SPOT_PIPELINE", "genomics")]),
+        &launcher,
+        MemoryStatuses::default(),
+    );
     let long_key = format!("in/{}", "é".repeat(400));
     let event = json!({"Records": [
         {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "data"}, "object": {"key": "in/a.csv", "eTag": "e"}}},
@@ -182,7 +213,7 @@ async fn a_redelivered_event_sends_identical_requests() {
         "multi-record.json",
     ] {
         let launcher = ScriptedLauncher::default();
-        let handler = Handler::new(config(&[]), &launcher);
+        let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
         report(&handler, event(name)).await;
         report(&handler, event(name)).await;
         let requests = launcher.requests();
@@ -195,7 +226,7 @@ async fn a_redelivered_event_sends_identical_requests() {
 #[tokio::test]
 async fn skipped_and_ignored_records_do_not_stop_the_ones_after_them() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("multi-record.json")).await;
     assert_eq!(
         keys(&report.launched, |l| &l.key),
@@ -218,7 +249,7 @@ async fn skipped_and_ignored_records_do_not_stop_the_ones_after_them() {
 #[tokio::test]
 async fn analysis_keys_are_skipped_in_any_case() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("analysis-key.json")).await;
     assert_eq!(report.launched, []);
     assert!(report.skipped[0].reason.contains("\"analysis\""));
@@ -233,7 +264,7 @@ async fn analysis_keys_are_skipped_in_any_case() {
 #[tokio::test]
 async fn url_encoded_keys_are_decoded_and_eventbridge_keys_are_not() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("url-encoded-keys.json")).await;
     assert_eq!(
         keys(&report.launched, |l| &l.key),
@@ -260,6 +291,7 @@ async fn capacity_errors_move_on_to_the_next_option() {
             ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
         ]),
         &launcher,
+        MemoryStatuses::default(),
     );
     let report = report(&handler, event("s3-put.json")).await;
     let tried: Vec<String> = launcher
@@ -295,6 +327,7 @@ async fn no_capacity_anywhere_is_a_retryable_failure_that_names_every_option() {
     let handler = Handler::new(
         config(&[("S3SPOT_INSTANCE_TYPES", "c7i.large,c6i.large")]),
         &launcher,
+        MemoryStatuses::default(),
     );
     let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
         panic!("expected a retryable failure")
@@ -321,6 +354,7 @@ async fn a_retryable_failure_finishes_the_other_records_then_fails_the_invocatio
     let handler = Handler::new(
         config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
         &launcher,
+        MemoryStatuses::default(),
     );
     let error = handler
         .handle(event("multi-record.json"))
@@ -355,7 +389,7 @@ async fn non_retryable_failures_are_reported_without_failing_the_invocation() {
         message: "Arguments on this idempotent request are inconsistent".into(),
     });
     let launcher = ScriptedLauncher::with_script(vec![mismatch]);
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("s3-put.json")).await;
     assert_eq!(report.launched, []);
     let FailedRecord {
@@ -369,7 +403,7 @@ async fn non_retryable_failures_are_reported_without_failing_the_invocation() {
 #[tokio::test]
 async fn an_already_terminated_launch_is_not_an_error() {
     let launcher = ScriptedLauncher::with_script(vec![Err(LaunchError::AlreadyLaunched)]);
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("s3-put.json")).await;
     assert_eq!(report.failed, []);
     assert_eq!(report.launched, []);
@@ -382,7 +416,11 @@ async fn the_runaway_guard_stops_launches_at_the_cap() {
         active: 1,
         ..Default::default()
     };
-    let handler = Handler::new(config(&[("S3SPOT_MAX_INSTANCES", "2")]), &launcher);
+    let handler = Handler::new(
+        config(&[("S3SPOT_MAX_INSTANCES", "2")]),
+        &launcher,
+        MemoryStatuses::default(),
+    );
     let Err(HandlerError::Retryable(report)) = handler.handle(event("url-encoded-keys.json")).await
     else {
         panic!("expected a retryable failure")
@@ -415,7 +453,7 @@ async fn the_guard_fails_closed_when_it_cannot_count() {
         count_fails: true,
         ..Default::default()
     };
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let Err(HandlerError::Retryable(report)) = handler.handle(event("s3-put.json")).await else {
         panic!("expected a retryable failure")
     };
@@ -435,7 +473,11 @@ async fn the_guard_fails_closed_when_it_cannot_count() {
 async fn oversized_user_data_fails_the_record_before_any_aws_call() {
     let command = "x".repeat(20_000);
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[("S3SPOT_COMMAND", &command)]), &launcher);
+    let handler = Handler::new(
+        config(&[("S3SPOT_COMMAND", &command)]),
+        &launcher,
+        MemoryStatuses::default(),
+    );
     let report = report(&handler, event("s3-put.json")).await;
     assert!(
         report.failed[0].error.contains("16384"),
@@ -450,7 +492,7 @@ async fn oversized_user_data_fails_the_record_before_any_aws_call() {
 #[tokio::test]
 async fn sqs_batches_report_only_the_failed_messages() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let mut batch = event("sqs-wrapped.json");
     let records = batch["Records"].as_array_mut().unwrap();
     let mut poison = records[0].clone();
@@ -488,7 +530,7 @@ async fn sqs_messages_that_hit_the_guard_go_back_to_the_queue() {
         active: 20,
         ..Default::default()
     };
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let Response::Batch(batch) = handler.handle(event("sqs-wrapped.json")).await.unwrap() else {
         panic!()
     };
@@ -507,7 +549,7 @@ async fn sqs_messages_that_hit_the_guard_go_back_to_the_queue() {
 #[tokio::test]
 async fn a_failed_sqs_message_without_an_id_fails_the_whole_batch() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let event = json!({"Records": [{"eventSource": "aws:sqs", "body": "not json"}]});
     let error = handler.handle(event).await.unwrap_err();
     assert!(
@@ -519,7 +561,11 @@ async fn a_failed_sqs_message_without_an_id_fails_the_whole_batch() {
 
 #[tokio::test]
 async fn a_malformed_event_is_an_invocation_error_that_says_what_it_expected() {
-    let handler = Handler::new(config(&[]), ScriptedLauncher::default());
+    let handler = Handler::new(
+        config(&[]),
+        ScriptedLauncher::default(),
+        MemoryStatuses::default(),
+    );
     let error = handler.handle(json!({"hello": "world"})).await.unwrap_err();
     assert!(matches!(error, HandlerError::Event(_)));
     assert!(
@@ -535,7 +581,7 @@ async fn a_malformed_event_is_an_invocation_error_that_says_what_it_expected() {
 #[tokio::test]
 async fn hostile_keys_reach_the_job_intact() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let report = report(&handler, event("hostile-key.json")).await;
     let key = "in/$(touch /tmp/pwned); `id` 'quoted' \"dq\"\nnext line.csv";
     assert_eq!(report.launched[0].key, key);
@@ -543,12 +589,220 @@ async fn hostile_keys_reach_the_job_intact() {
 }
 
 fn job_key(request: &LaunchRequest) -> String {
+    job_of(request).key
+}
+
+/// The job a request's user-data carries.
+fn job_of(request: &LaunchRequest) -> s3spot_bootstrap::JobSpec {
     let script = base64::Engine::decode(
         &base64::engine::general_purpose::STANDARD,
         &request.user_data,
     )
     .unwrap();
-    job_from_user_data(std::str::from_utf8(&script).unwrap())
-        .unwrap()
-        .key
+    job_from_user_data(&String::from_utf8(script).unwrap()).unwrap()
+}
+
+const INTERRUPTED: &str = "i-1234567890abcdef0";
+
+/// The instance of `events/spot-interruption.json`: `s3-put.json`'s job on its `attempt`, as
+/// EC2 would describe it, with its user-data.
+fn interrupted(pipeline: &str, attempt: u32) -> (InstanceInfo, String) {
+    let config = config(&[]);
+    let object = ObjectCreated {
+        bucket: "example-bucket".into(),
+        key: "test/key".into(),
+        version_id: None,
+        etag: Some("0123456789abcdef0123456789abcdef".into()),
+        size: Some(1024),
+        sequencer: Some("0A1B2C3D4E5F678901".into()),
+        event_time: None,
+    };
+    let Ok(Plan::Launch(job)) = plan(&config.job, &object, attempt) else {
+        panic!("s3-put.json's key is a job")
+    };
+    let tags = [
+        ("s3spot:pipeline", pipeline),
+        ("s3spot:job", "0123456789abcdef0123456789abcdef"),
+        ("s3spot:attempt", &attempt.to_string()),
+    ];
+    let info = InstanceInfo {
+        instance_id: INTERRUPTED.into(),
+        state: "running".into(),
+        instance_type: Some("m7i.large".into()),
+        market: "spot".into(),
+        launched_at: Some(1_714_564_800),
+        tags: tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    };
+    (info, job.user_data.to_base64())
+}
+
+fn launcher_with(instance: (InstanceInfo, String)) -> ScriptedLauncher {
+    ScriptedLauncher {
+        instances: vec![instance],
+        ..Default::default()
+    }
+}
+
+const STATUS_KEY: &str = "analysis/test/key/status.json";
+
+#[tokio::test]
+async fn a_spot_interruption_relaunches_the_job_as_its_next_attempt() {
+    let launcher = launcher_with(interrupted("s3spot", 1));
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(
+        (report.failed.len(), report.skipped.len()),
+        (0, 0),
+        "{report:?}"
+    );
+    assert_eq!(keys(&report.launched, |l| &l.key), ["test/key"]);
+
+    let request = &launcher.requests()[0];
+    let tag = |name: &str| {
+        request
+            .tags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(tag("s3spot:attempt"), Some("2"));
+    assert_eq!(tag("s3spot:job"), Some("0123456789abcdef0123456789abcdef"));
+    assert!(
+        request
+            .client_token
+            .starts_with("0123456789abcdef0123456789abcdef-2-"),
+        "{}",
+        request.client_token
+    );
+    let job = job_of(request);
+    assert_eq!((job.key.as_str(), job.attempt), ("test/key", 2));
+    assert_eq!(
+        job.etag.as_deref(),
+        Some("0123456789abcdef0123456789abcdef")
+    );
+
+    // The interrupted attempt is on record, with where the next one went.
+    let status = handler_status(&handler);
+    assert_eq!((status.state, status.attempt), (State::Interrupted, 1));
+    let error = status.error.unwrap();
+    assert!(
+        error.contains("attempt 2 re-launched on i-00000000000000001"),
+        "{error}"
+    );
+    assert_eq!(
+        status.instance.and_then(|i| i.id).as_deref(),
+        Some(INTERRUPTED)
+    );
+}
+
+fn handler_status(handler: &Handler<&ScriptedLauncher, MemoryStatuses>) -> Status {
+    handler
+        .statuses()
+        .get("example-bucket", STATUS_KEY)
+        .expect("status.json written")
+}
+
+#[tokio::test]
+async fn the_last_attempt_interrupted_marks_the_job_failed_with_its_history() {
+    let launcher = launcher_with(interrupted("s3spot", 3));
+    let statuses = MemoryStatuses::default();
+    // What the worker of attempt 3 wrote, carrying attempts 1 and 2.
+    let mut worker_status: Status = serde_json::from_value(json!({
+        "state": "interrupted", "input": {"bucket": "example-bucket", "key": "test/key",
+        "version_id": null, "etag": null, "size": null, "sha256": null},
+        "outputs": ["analysis/test/key/partial.csv"], "exit_code": null,
+        "error": "spot interruption notice", "timings": {"download_ms": 1, "process_ms": 2,
+        "upload_ms": 3}, "instance": {"id": INTERRUPTED, "type": "m7i.large", "lifecycle": "spot"},
+        "attempt": 3, "worker_version": "0.1.0", "started_at": "s", "finished_at": "f"
+    }))
+    .unwrap();
+    worker_status.history = (1..=2)
+        .map(|attempt| Attempt {
+            attempt,
+            state: State::Interrupted,
+            instance_id: Some(format!("i-{attempt}")),
+            error: None,
+            finished_at: String::new(),
+        })
+        .collect();
+    statuses.put("example-bucket", STATUS_KEY, worker_status);
+    let handler = Handler::new(config(&[]), &launcher, statuses);
+
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(launcher.requests(), [], "not re-launched");
+    assert_eq!(report.failed, []);
+    assert!(
+        report.skipped[0]
+            .reason
+            .contains("on attempt 3 of 3 (S3SPOT_MAX_ATTEMPTS)"),
+        "{:?}",
+        report.skipped
+    );
+    let status = handler_status(&handler);
+    assert_eq!((status.state, status.attempt), (State::Failed, 3));
+    assert_eq!(status.history.len(), 2);
+    assert_eq!(status.outputs, ["analysis/test/key/partial.csv"], "kept");
+}
+
+#[tokio::test]
+async fn more_attempts_allowed_means_another_launch() {
+    let launcher = launcher_with(interrupted("s3spot", 3));
+    let handler = Handler::new(
+        config(&[("S3SPOT_MAX_ATTEMPTS", "4")]),
+        &launcher,
+        MemoryStatuses::default(),
+    );
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(report.launched.len(), 1, "{report:?}");
+    assert!(launcher.requests()[0].client_token.contains("-4-"));
+}
+
+#[tokio::test]
+async fn interruptions_of_other_instances_are_skipped() {
+    for launcher in [
+        ScriptedLauncher::default(),
+        launcher_with(interrupted("another-pipeline", 1)),
+    ] {
+        let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+        let report = report(&handler, event("spot-interruption.json")).await;
+        assert_eq!(launcher.requests(), []);
+        assert_eq!(report.skipped.len(), 1);
+        assert!(
+            report.skipped[0].reason.contains("no such instance")
+                || report.skipped[0]
+                    .reason
+                    .contains("not an instance of pipeline \"s3spot\""),
+            "{:?}",
+            report.skipped
+        );
+        assert_eq!(handler.statuses().writes(), []);
+    }
+}
+
+#[tokio::test]
+async fn a_job_that_already_finished_is_not_relaunched() {
+    let launcher = launcher_with(interrupted("s3spot", 1));
+    let statuses = MemoryStatuses::default();
+    let mut done: Status = serde_json::from_value(json!({
+        "state": "succeeded", "input": {"bucket": "example-bucket", "key": "test/key",
+        "version_id": null, "etag": null, "size": null, "sha256": null}, "outputs": [],
+        "exit_code": 0, "error": null, "timings": {"download_ms": 1, "process_ms": 2,
+        "upload_ms": 3}, "instance": null, "attempt": 1, "worker_version": "0.1.0",
+        "started_at": "s", "finished_at": "f"
+    }))
+    .unwrap();
+    statuses.put("example-bucket", STATUS_KEY, done.clone());
+    let handler = Handler::new(config(&[]), &launcher, statuses);
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(launcher.requests(), []);
+    assert!(
+        report.skipped[0]
+            .reason
+            .contains("already ended (Succeeded)")
+    );
+    done.history = Vec::new();
+    assert_eq!(handler_status(&handler), done, "left as it was");
 }

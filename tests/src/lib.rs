@@ -5,6 +5,7 @@ mod http;
 pub mod imds;
 mod runtime_api;
 mod s3;
+mod statuses;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 pub use imds::FakeImds;
 pub use runtime_api::{Outcome, RuntimeApi};
 pub use s3::S3Server;
+pub use statuses::MemoryStatuses;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use s3spot_bootstrap::job_from_user_data;
-use s3spot_lambda::{Config, Ec2Launcher, Handler, Response};
+use s3spot_lambda::{Config, Ec2Launcher, Handler, Response, S3Statuses};
 use s3spot_tests::{Moto, REGION, create_launch_template, event, show, workspace_root};
 
 const SHA256: &str = "5a3c1f0e9b8d7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
@@ -56,7 +56,7 @@ async fn launch_with(moto: &Moto, environment: &HashMap<String, String>) -> Laun
     let mut config = Config::from_lookup(|name| environment.get(name).cloned())
         .unwrap_or_else(|e| panic!("the template's environment is refused: {e}\n{environment:#?}"));
     config.job.region = Some(REGION.into());
-    let handler = Handler::new(config, Ec2Launcher::new(&sdk));
+    let handler = Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk));
     let report = match handler.handle(event("s3-put.json")).await {
         Ok(Response::Report(report)) => report,
         other => panic!("expected a report, got {other:?}"),

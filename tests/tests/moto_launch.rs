@@ -10,7 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use s3spot_bootstrap::{JobSpec, job_from_user_data};
 use s3spot_lambda::handler::Report;
-use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response};
+use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, S3Statuses};
 use s3spot_tests::{Moto, REGION, create_launch_template, event, events_dir, s3spot_lookup};
 
 const TEMPLATE: &str = "s3spot-worker";
@@ -37,10 +37,14 @@ async fn setup() -> Setup {
 
 impl Setup {
     /// The handler as the binary builds it, with `S3SPOT_*` overrides.
-    fn handler(&self, overrides: &[(&str, &str)]) -> Handler<Ec2Launcher> {
+    fn handler(&self, overrides: &[(&str, &str)]) -> Handler<Ec2Launcher, S3Statuses> {
         let mut config = Config::from_lookup(s3spot_lookup(TEMPLATE, overrides)).unwrap();
         config.job.region = Some(REGION.into());
-        Handler::new(config, Ec2Launcher::new(&self.sdk))
+        Handler::new(
+            config,
+            Ec2Launcher::new(&self.sdk),
+            S3Statuses::new(&self.sdk),
+        )
     }
 
     async fn instances(&self) -> Vec<Instance> {
@@ -111,6 +115,11 @@ impl Setup {
     /// Everything a launched job's instance must be, checked on what moto stored. Returns the
     /// JobSpec decoded from its user-data.
     async fn check_launched(&self, id: &str, bucket: &str, key: &str) -> JobSpec {
+        self.check_attempt(id, bucket, key, 1).await
+    }
+
+    /// [`Self::check_launched`], for the job's `attempt`.
+    async fn check_attempt(&self, id: &str, bucket: &str, key: &str, attempt: u32) -> JobSpec {
         let instance = self.instance(id).await;
         assert_eq!(
             instance.instance_lifecycle(),
@@ -134,7 +143,7 @@ impl Setup {
         assert_eq!(tags["s3spot:bucket"], bucket);
         let bounded: String = key.chars().take(256).collect();
         assert_eq!(tags["s3spot:key"], bounded);
-        assert_eq!(tags["s3spot:attempt"], "1");
+        assert_eq!(tags["s3spot:attempt"], attempt.to_string());
         assert_eq!(tags["s3spot:job"].len(), 32);
         assert!(tags["Name"].starts_with("s3spot: "));
         assert_eq!(
@@ -154,7 +163,7 @@ impl Setup {
         let job = job_from_user_data(&script).unwrap();
         assert_eq!((job.bucket.as_str(), job.key.as_str()), (bucket, key));
         assert_eq!(job.worker.uri, "s3://artifacts/s3spot-worker");
-        assert_eq!(job.attempt, 1);
+        assert_eq!(job.attempt, attempt);
         job
     }
 }
@@ -170,7 +179,7 @@ fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> HashMap<String, String> {
         .collect()
 }
 
-async fn report(handler: &Handler<Ec2Launcher>, name: &str) -> Report {
+async fn report(handler: &Handler<Ec2Launcher, S3Statuses>, name: &str) -> Report {
     match handler.handle(event(name)).await {
         Ok(Response::Report(report)) => report,
         other => panic!("{name}: expected a report, got {other:?}"),
@@ -233,6 +242,8 @@ const EXPECTED: &[Expected] = &[
         &[("data", "in/raw key+plus%percent.csv")],
         0,
     ),
+    // Its instance is not one moto knows.
+    expect("spot-interruption.json", &[], 1),
 ];
 
 #[tokio::test]
@@ -449,4 +460,100 @@ async fn a_missing_launch_template_is_a_clear_permanent_failure() {
         failed.error
     );
     assert!(setup.instances().await.is_empty());
+}
+
+fn interruption_of(instance_id: &str) -> serde_json::Value {
+    let mut event = event("spot-interruption.json");
+    event["detail"]["instance-id"] = instance_id.into();
+    event["resources"][0] = format!("arn:aws:ec2:{REGION}a:instance/{instance_id}").into();
+    event
+}
+
+/// moto's S3, buckets in the path.
+fn s3(setup: &Setup) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&setup.sdk)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+async fn status(setup: &Setup) -> s3spot_bootstrap::Status {
+    let object = s3(setup)
+        .get_object()
+        .bucket("example-bucket")
+        .key("analysis/test/key/status.json")
+        .send()
+        .await
+        .expect("status.json written");
+    serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn a_spot_interruption_relaunches_the_job_once_until_its_last_attempt() {
+    let setup = setup().await;
+    s3(&setup)
+        .create_bucket()
+        .bucket("example-bucket")
+        .send()
+        .await
+        .unwrap();
+    let handler = setup.handler(&[("S3SPOT_MAX_ATTEMPTS", "2")]);
+    let first = report(&handler, "s3-put.json").await.launched[0]
+        .instance_id
+        .clone();
+
+    // The same warning twice (EventBridge delivers at least once): one new instance.
+    for _ in 0..2 {
+        match handler.handle(interruption_of(&first)).await {
+            Ok(Response::Report(report)) => assert_eq!(report.failed, []),
+            other => panic!("{other:?}"),
+        }
+    }
+    let instances = setup.instances().await;
+    assert_eq!(instances.len(), 2, "one re-launch");
+    let second = instances
+        .iter()
+        .find(|i| i.instance_id() != Some(first.as_str()))
+        .unwrap();
+    let second_id = second.instance_id().unwrap().to_owned();
+    let (tags, first_tags) = (
+        tag_map(second.tags()),
+        tag_map(setup.instance(&first).await.tags()),
+    );
+    assert_eq!(tags["s3spot:attempt"], "2");
+    assert_eq!(tags["s3spot:job"], first_tags["s3spot:job"]);
+    setup
+        .check_attempt(&second_id, "example-bucket", "test/key", 2)
+        .await;
+    let recorded = status(&setup).await;
+    assert_eq!(
+        (recorded.state, recorded.attempt),
+        (s3spot_bootstrap::State::Interrupted, 1)
+    );
+    assert!(
+        recorded.error.as_deref().unwrap().contains(&second_id),
+        "{:?}",
+        recorded.error
+    );
+
+    // Attempt 2 is the last: it is marked failed, with attempt 1 in its history.
+    match handler.handle(interruption_of(&second_id)).await {
+        Ok(Response::Report(report)) => {
+            assert_eq!((report.launched.len(), report.failed.len()), (0, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.instances().await.len(), 2, "not re-launched");
+    let failed = status(&setup).await;
+    assert_eq!(
+        (failed.state, failed.attempt),
+        (s3spot_bootstrap::State::Failed, 2)
+    );
+    assert_eq!(failed.history.len(), 1);
+    assert_eq!(failed.history[0].attempt, 1);
+    assert_eq!(
+        failed.history[0].instance_id.as_deref(),
+        Some(first.as_str())
+    );
 }

@@ -246,6 +246,12 @@ impl Worker {
     /// Stamps the end, uploads `status.json`, and logs the outcome.
     async fn finish(&self, job: &JobSpec, status: &mut Status) {
         status.finished_at = timestamp(SystemTime::now());
+        // A re-launched job's status.json holds the earlier attempts: keep them.
+        if job.attempt > 1
+            && let Some(previous) = self.previous_status(job).await
+        {
+            status.carry_history(previous);
+        }
         if let Ok(json) = serde_json::to_vec_pretty(&status)
             && let Err(error) = self
                 .uploader(job)
@@ -262,6 +268,35 @@ impl Worker {
             );
         }
         tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
+    }
+
+    /// The status.json an earlier attempt (or the launcher, on its behalf) left; `None` if there
+    /// is none or it cannot be read, which only costs the history.
+    async fn previous_status(&self, job: &JobSpec) -> Option<Status> {
+        let key = self.uploader(job).key_for(STATUS_FILE);
+        let read = async {
+            let object = self
+                .s3
+                .get_object()
+                .bucket(&job.results_bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| crate::sdk_message(&e))?;
+            let body = object.body.collect().await.map_err(|e| e.to_string())?;
+            serde_json::from_slice::<Status>(&body.into_bytes()).map_err(|e| e.to_string())
+        };
+        match read.await {
+            Ok(previous) => Some(previous),
+            Err(error) => {
+                tracing::warn!(
+                    key,
+                    error,
+                    "no earlier status.json to take the history from"
+                );
+                None
+            }
+        }
     }
 
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
@@ -294,6 +329,7 @@ fn initial_status(job: &JobSpec, started: SystemTime) -> Status {
         worker_version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: timestamp(started),
         finished_at: String::new(),
+        history: Vec::new(),
     }
 }
 

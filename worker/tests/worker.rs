@@ -130,6 +130,40 @@ fn without_a_command_the_built_in_analysis_writes_report_json() {
 }
 
 #[test]
+fn a_relaunched_attempt_keeps_the_earlier_ones_in_its_history() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/people.csv", CSV);
+    let prefix = "analysis/in/people.csv/";
+    // What the launcher recorded when attempt 1's spot instance was taken back.
+    let before = serde_json::json!({
+        "state": "interrupted",
+        "input": {"bucket": "data", "key": "in/people.csv", "version_id": null, "etag": null,
+                  "size": null, "sha256": null},
+        "outputs": [], "exit_code": null,
+        "error": "spot interruption warning; attempt 2 re-launched on i-2",
+        "timings": {"download_ms": 0, "process_ms": 0, "upload_ms": 0},
+        "instance": {"id": "i-1", "type": "m7i.large", "lifecycle": "spot"},
+        "attempt": 1, "worker_version": "0.1.0", "started_at": "", "finished_at": "t1"
+    });
+    fixture.put(
+        "data",
+        &format!("{prefix}status.json"),
+        before.to_string().as_bytes(),
+    );
+    let mut job = fixture.job("in/people.csv", None);
+    job.attempt = 2;
+    let output = fixture.run_job(&job, &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    let status = fixture.status("data", prefix);
+    assert_eq!((status.state, status.attempt), (State::Succeeded, 2));
+    assert_eq!(status.history.len(), 1);
+    let earlier = &status.history[0];
+    assert_eq!((earlier.attempt, earlier.state), (1, State::Interrupted));
+    assert_eq!(earlier.instance_id.as_deref(), Some("i-1"));
+    assert!(earlier.error.as_deref().unwrap().contains("attempt 2"));
+}
+
+#[test]
 fn a_failing_command_fails_the_job_with_its_exit_code_and_logs() {
     let fixture = Fixture::new();
     fixture.put("data", "in/data.csv", CSV);

@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use s3spot_bootstrap::{STATUS_FILE, Status, job_from_user_data};
-use s3spot_lambda::launcher::{TAG_BUCKET, TAG_KEY, TAG_PIPELINE};
-use s3spot_lambda::{LaunchError, LaunchRequest, Launched, Launcher};
+use s3spot_lambda::launcher::{TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_PIPELINE};
+use s3spot_lambda::{InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::broadcast;
@@ -44,10 +44,30 @@ pub struct Instance {
     pub key: String,
     status_path: PathBuf,
     launched_at: Instant,
+    /// Seconds since the Unix epoch.
+    launched_unix: i64,
+    /// The market the request asked for.
+    market: String,
     process_group: Option<Pid>,
 }
 
 impl Instance {
+    /// As EC2 would describe it.
+    pub fn info(&self) -> InstanceInfo {
+        InstanceInfo {
+            instance_id: self.id.clone(),
+            state: match self.state {
+                InstanceState::Running => "running",
+                InstanceState::Terminated => "terminated",
+            }
+            .into(),
+            instance_type: Some("local".into()),
+            market: self.market.clone(),
+            launched_at: Some(self.launched_unix),
+            tags: self.tags.clone(),
+        }
+    }
+
     pub fn tag(&self, name: &str) -> Option<&str> {
         self.tags
             .iter()
@@ -228,6 +248,10 @@ impl LocalLauncher {
                 .join(STATUS_FILE),
             key: job.key,
             launched_at: Instant::now(),
+            launched_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            market: request.option.market.to_string(),
             process_group,
         };
         let stdout = child.stdout.take().expect("piped");
@@ -372,6 +396,35 @@ impl Launcher for LocalLauncher {
             instance_id: id,
             instance_type: Some("local".into()),
         })
+    }
+
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
+        Ok(self.table().instances.get(instance_id).map(|i| i.info()))
+    }
+
+    async fn instances(
+        &self,
+        pipeline: &str,
+        job: Option<&str>,
+    ) -> Result<Vec<InstanceInfo>, LaunchError> {
+        Ok(self
+            .table()
+            .instances
+            .values()
+            .filter(|i| i.tag(TAG_PIPELINE) == Some(pipeline))
+            .filter(|i| job.is_none() || i.tag(TAG_JOB) == job)
+            .map(Instance::info)
+            .collect())
+    }
+
+    async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
+        let dir = self.instances_dir.join(instance_id);
+        let script = std::fs::read(dir.join("user-data.sh")).map_err(|e| LaunchError::Api {
+            operation: "DescribeInstanceAttribute",
+            message: format!("local instance {instance_id}: no user-data: {e}"),
+            retryable: false,
+        })?;
+        Ok(BASE64.encode(script))
     }
 }
 

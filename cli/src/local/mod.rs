@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use s3spot_bootstrap::{STATUS_FILE, Status};
 use s3spot_lambda::handler::{FailedRecord, Report};
-use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, error_chain};
+use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, S3Statuses, error_chain};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, broadcast, mpsc};
@@ -203,7 +203,11 @@ impl Pipeline {
         );
         let config = config(&options, &sha256)?;
         let job = config.job.clone();
-        let handler = Arc::new(Handler::new(config, Arc::clone(&launcher)));
+        let handler = Arc::new(Handler::new(
+            config,
+            Arc::clone(&launcher),
+            S3Statuses::from_client(client.clone()),
+        ));
         // One invocation at a time: the guard's count and the launch that follows are then one
         // step, so the cap holds exactly.
         let serial = Arc::new(Mutex::new(()));
@@ -374,7 +378,7 @@ impl Pipeline {
 /// Runs one notification through the handler until it is done: a record at the cap waits and
 /// tries again, like an SQS message that comes back, so no event is lost.
 async fn deliver(
-    handler: Arc<Handler<Arc<LocalLauncher>>>,
+    handler: Arc<Handler<Arc<LocalLauncher>, S3Statuses>>,
     serial: Arc<Mutex<()>>,
     progress: broadcast::Sender<Progress>,
     event: Value,

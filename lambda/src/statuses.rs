@@ -1,0 +1,150 @@
+//! The seam to the jobs' `status.json`: read to carry a job's history forward, written when the
+//! launcher itself ends a job (a spot interruption on its last attempt).
+
+use std::future::Future;
+
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_s3::primitives::ByteStream;
+use s3spot_bootstrap::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot read s3://{bucket}/{key}: {message}")]
+    Read {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+    #[error("s3://{bucket}/{key} is not a status.json")]
+    Invalid {
+        bucket: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write s3://{bucket}/{key}: {message}")]
+    Write {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+}
+
+pub trait StatusStore: Send + Sync {
+    /// The status at `key`, `None` if there is none yet.
+    fn read(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Status>, StatusError>> + Send;
+
+    fn write(
+        &self,
+        bucket: &str,
+        key: &str,
+        status: &Status,
+    ) -> impl Future<Output = Result<(), StatusError>> + Send;
+}
+
+macro_rules! delegate_status_store {
+    ($($pointer:ty),*) => {$(
+        impl<S: StatusStore + ?Sized> StatusStore for $pointer {
+            fn read(
+                &self,
+                bucket: &str,
+                key: &str,
+            ) -> impl Future<Output = Result<Option<Status>, StatusError>> + Send {
+                (**self).read(bucket, key)
+            }
+
+            fn write(
+                &self,
+                bucket: &str,
+                key: &str,
+                status: &Status,
+            ) -> impl Future<Output = Result<(), StatusError>> + Send {
+                (**self).write(bucket, key, status)
+            }
+        }
+    )*};
+}
+
+delegate_status_store!(&S, std::sync::Arc<S>);
+
+/// `status.json` in S3 (or any S3 API: the local mode's server, moto).
+#[derive(Debug, Clone)]
+pub struct S3Statuses {
+    client: aws_sdk_s3::Client,
+}
+
+impl S3Statuses {
+    /// A client on the standard AWS configuration. With a custom endpoint (an emulator, the
+    /// local mode) buckets go in the path, since `<bucket>.127.0.0.1` resolves nowhere.
+    pub fn new(sdk: &aws_config::SdkConfig) -> Self {
+        let config = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(sdk.endpoint_url().is_some())
+            .build();
+        Self::from_client(aws_sdk_s3::Client::from_conf(config))
+    }
+
+    pub fn from_client(client: aws_sdk_s3::Client) -> Self {
+        S3Statuses { client }
+    }
+}
+
+impl StatusStore for S3Statuses {
+    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Status>, StatusError> {
+        let read_error = |message: String| StatusError::Read {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let object = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            Err(error)
+                if error.code() == Some("NoSuchKey")
+                    || error.raw_response().map(|r| r.status().as_u16()) == Some(404) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(read_error(DisplayErrorContext(&error).to_string())),
+        };
+        let body = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        serde_json::from_slice(&body.into_bytes())
+            .map(Some)
+            .map_err(|source| StatusError::Invalid {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    async fn write(&self, bucket: &str, key: &str, status: &Status) -> Result<(), StatusError> {
+        let json = serde_json::to_vec_pretty(status).expect("a Status always serializes");
+        self.client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(ByteStream::from(json))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|error| StatusError::Write {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                message: DisplayErrorContext(&error).to_string(),
+            })
+    }
+}
