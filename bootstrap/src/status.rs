@@ -17,6 +17,26 @@ pub enum State {
     Failed,
     TimedOut,
     Interrupted,
+    /// Stopped on purpose, by `s3spot jobs cancel`.
+    Cancelled,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::TimedOut => "timed_out",
+            State::Interrupted => "interrupted",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How one job ended.
@@ -74,6 +94,26 @@ impl Status {
         }
         history.extend(std::mem::take(&mut self.history));
         self.history = history;
+    }
+}
+
+impl Status {
+    /// Keeps the launcher's verdict on this attempt. A worker stopped from outside (a shutdown,
+    /// SIGTERM) reports itself interrupted, but the launcher knows why: it cancelled the job,
+    /// reaped it as stuck, or re-launched it after a spot interruption, and wrote so to
+    /// status.json first. That state and account stay; the worker's own note is added to them.
+    pub fn keep_verdict(&mut self, current: &Status) {
+        if self.state != State::Interrupted
+            || current.attempt != self.attempt
+            || current.state == State::Succeeded
+        {
+            return;
+        }
+        self.state = current.state;
+        self.error = match (current.error.clone(), self.error.take()) {
+            (Some(verdict), Some(own)) if verdict != own => Some(format!("{verdict}; {own}")),
+            (verdict, own) => verdict.or(own),
+        };
     }
 }
 
@@ -149,6 +189,15 @@ mod tests {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert_eq!(json.get("history"), None, "absent while there is none");
+        for state in [
+            State::Succeeded,
+            State::Failed,
+            State::TimedOut,
+            State::Interrupted,
+            State::Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
         assert_eq!(serde_json::from_value::<Status>(json).unwrap(), status);
     }
 
@@ -210,5 +259,27 @@ mod tests {
         again.carry_history(before);
         assert_eq!(again.history.len(), 1);
         assert_eq!(again.history[0].attempt, 1);
+    }
+
+    #[test]
+    fn a_stopped_worker_keeps_the_launchers_verdict() {
+        let mut verdict = status(2, State::Cancelled, "i-2");
+        verdict.error = Some("cancelled by s3spot jobs cancel".into());
+        let mut stopped = status(2, State::Interrupted, "i-2");
+        stopped.error = Some("the worker received SIGTERM".into());
+        stopped.keep_verdict(&verdict);
+        assert_eq!(stopped.state, State::Cancelled);
+        assert_eq!(
+            stopped.error.as_deref(),
+            Some("cancelled by s3spot jobs cancel; the worker received SIGTERM")
+        );
+
+        // Only a stopped worker defers, only to a verdict on its own attempt.
+        let mut finished = status(2, State::Succeeded, "i-2");
+        finished.keep_verdict(&verdict);
+        assert_eq!(finished.state, State::Succeeded);
+        let mut later = status(3, State::Interrupted, "i-3");
+        later.keep_verdict(&verdict);
+        assert_eq!(later.state, State::Interrupted);
     }
 }

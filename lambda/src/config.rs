@@ -21,6 +21,7 @@ pub const VARIABLES: &[&str] = &[
     "S3SPOT_MAX_INSTANCES",
     "S3SPOT_MAX_ATTEMPTS",
     "S3SPOT_PIPELINE",
+    "S3SPOT_ORDER_BY_PRICE",
 ];
 
 const DEFAULT_MAX_RUNTIME_SECS: u64 = 3600;
@@ -91,6 +92,19 @@ pub struct LaunchConfig {
     /// Launches of one job, the first included, before a spot interruption fails it.
     pub max_attempts: u32,
     pub pipeline: String,
+    /// Try the spot types cheapest first, by the current spot price, instead of in the order
+    /// given.
+    pub order_by_price: bool,
+}
+
+/// What the job commands (`s3spot jobs`, the scheduled reaper) need: which instances are the
+/// pipeline's, where their status.json is, and how long a job may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsConfig {
+    pub pipeline: String,
+    pub results_bucket: Option<String>,
+    pub results_prefix: String,
+    pub max_runtime_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +200,36 @@ impl Config {
     }
 }
 
+impl Config {
+    pub fn jobs(&self) -> JobsConfig {
+        JobsConfig {
+            pipeline: self.launch.pipeline.clone(),
+            results_bucket: self.job.results_bucket.clone(),
+            results_prefix: self.job.results_prefix.clone(),
+            max_runtime_secs: self.job.max_runtime_secs,
+        }
+    }
+}
+
+impl JobsConfig {
+    /// Reads the process environment: S3SPOT_PIPELINE, S3SPOT_RESULTS_BUCKET,
+    /// S3SPOT_RESULTS_PREFIX and S3SPOT_MAX_RUNTIME, as the function has them.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars = read_env()?;
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let (results_bucket, results_prefix) = parse_results(&lookup)?;
+        Ok(JobsConfig {
+            pipeline: parse_pipeline(&lookup)?,
+            results_bucket,
+            results_prefix,
+            max_runtime_secs: parse_max_runtime(&lookup)?,
+        })
+    }
+}
+
 impl JobConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         let vars = read_env()?;
@@ -207,41 +251,8 @@ impl JobConfig {
         let sha256 = parse_sha256(&sha256)
             .map_err(|reason| invalid("S3SPOT_WORKER_SHA256", &sha256, reason))?;
 
-        let max_runtime_secs = match lookup("S3SPOT_MAX_RUNTIME") {
-            None => DEFAULT_MAX_RUNTIME_SECS,
-            Some(value) => value
-                .parse::<u64>()
-                .ok()
-                .filter(|secs| (1..=MAX_MAX_RUNTIME_SECS).contains(secs))
-                .ok_or_else(|| {
-                    invalid(
-                        "S3SPOT_MAX_RUNTIME",
-                        &value,
-                        format!(
-                            "expected whole seconds from 1 to {MAX_MAX_RUNTIME_SECS}, e.g. 3600"
-                        ),
-                    )
-                })?,
-        };
-
-        let results_bucket = non_empty(lookup("S3SPOT_RESULTS_BUCKET"));
-        if let Some(bucket) = &results_bucket {
-            check_bucket_name(bucket)
-                .map_err(|reason| invalid("S3SPOT_RESULTS_BUCKET", bucket, reason))?;
-        }
-
-        let results_prefix =
-            lookup("S3SPOT_RESULTS_PREFIX").unwrap_or_else(|| DEFAULT_RESULTS_PREFIX.to_owned());
-        if results_prefix.is_empty()
-            || !results_prefix.ends_with('/')
-            || results_prefix.starts_with('/')
-        {
-            return Err(invalid(
-                "S3SPOT_RESULTS_PREFIX",
-                &results_prefix,
-                "expected a folder-style prefix that ends with '/' and does not start with one, e.g. \"analysis/\"",
-            ));
-        }
+        let max_runtime_secs = parse_max_runtime(&lookup)?;
+        let (results_bucket, results_prefix) = parse_results(&lookup)?;
 
         let skip_substring = match lookup("S3SPOT_SKIP_SUBSTRING") {
             None => Some(DEFAULT_SKIP_SUBSTRING.to_owned()),
@@ -333,14 +344,19 @@ impl LaunchConfig {
                 })?,
         };
 
-        let pipeline = lookup("S3SPOT_PIPELINE").unwrap_or_else(|| DEFAULT_PIPELINE.to_owned());
-        if pipeline.is_empty() || pipeline.chars().count() > 256 {
-            return Err(invalid(
-                "S3SPOT_PIPELINE",
-                &pipeline,
-                "expected 1 to 256 characters (it is a tag value)",
-            ));
-        }
+        let pipeline = parse_pipeline(&lookup)?;
+
+        let order_by_price = match lookup("S3SPOT_ORDER_BY_PRICE").as_deref() {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "S3SPOT_ORDER_BY_PRICE",
+                    other,
+                    "expected true or false",
+                ));
+            }
+        };
 
         Ok(LaunchConfig {
             template,
@@ -350,8 +366,62 @@ impl LaunchConfig {
             max_instances,
             max_attempts,
             pipeline,
+            order_by_price,
         })
     }
+}
+
+fn parse_max_runtime(lookup: impl Fn(&str) -> Option<String>) -> Result<u64, ConfigError> {
+    let Some(value) = lookup("S3SPOT_MAX_RUNTIME") else {
+        return Ok(DEFAULT_MAX_RUNTIME_SECS);
+    };
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|secs| (1..=MAX_MAX_RUNTIME_SECS).contains(secs))
+        .ok_or_else(|| {
+            invalid(
+                "S3SPOT_MAX_RUNTIME",
+                &value,
+                format!("expected whole seconds from 1 to {MAX_MAX_RUNTIME_SECS}, e.g. 3600"),
+            )
+        })
+}
+
+/// The results bucket (`None`: the input's) and prefix.
+fn parse_results(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(Option<String>, String), ConfigError> {
+    let results_bucket = non_empty(lookup("S3SPOT_RESULTS_BUCKET"));
+    if let Some(bucket) = &results_bucket {
+        check_bucket_name(bucket)
+            .map_err(|reason| invalid("S3SPOT_RESULTS_BUCKET", bucket, reason))?;
+    }
+    let results_prefix =
+        lookup("S3SPOT_RESULTS_PREFIX").unwrap_or_else(|| DEFAULT_RESULTS_PREFIX.to_owned());
+    if results_prefix.is_empty()
+        || !results_prefix.ends_with('/')
+        || results_prefix.starts_with('/')
+    {
+        return Err(invalid(
+            "S3SPOT_RESULTS_PREFIX",
+            &results_prefix,
+            "expected a folder-style prefix that ends with '/' and does not start with one, e.g. \"analysis/\"",
+        ));
+    }
+    Ok((results_bucket, results_prefix))
+}
+
+fn parse_pipeline(lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let pipeline = lookup("S3SPOT_PIPELINE").unwrap_or_else(|| DEFAULT_PIPELINE.to_owned());
+    if pipeline.is_empty() || pipeline.chars().count() > 256 {
+        return Err(invalid(
+            "S3SPOT_PIPELINE",
+            &pipeline,
+            "expected 1 to 256 characters (it is a tag value)",
+        ));
+    }
+    Ok(pipeline)
 }
 
 fn read_env() -> Result<HashMap<&'static str, String>, ConfigError> {
@@ -531,6 +601,7 @@ mod tests {
             ("S3SPOT_MAX_INSTANCES", "3"),
             ("S3SPOT_MAX_ATTEMPTS", "5"),
             ("S3SPOT_PIPELINE", "genomics"),
+            ("S3SPOT_ORDER_BY_PRICE", "true"),
         ])
         .unwrap();
         assert_eq!(config.launch.template_version, "7");
@@ -547,7 +618,17 @@ mod tests {
         assert_eq!(config.launch.max_instances, 3);
         assert_eq!(config.launch.max_attempts, 5);
         assert_eq!(config.launch.pipeline, "genomics");
-        assert_eq!(VARIABLES.len(), 14);
+        assert!(config.launch.order_by_price);
+        let jobs = config.jobs();
+        assert_eq!(
+            (
+                jobs.pipeline.as_str(),
+                jobs.results_prefix.as_str(),
+                jobs.max_runtime_secs
+            ),
+            ("genomics", "out/", 60)
+        );
+        assert_eq!(VARIABLES.len(), 15);
     }
 
     #[test]
@@ -599,6 +680,7 @@ mod tests {
             ("S3SPOT_RESULTS_BUCKET", "My_Bucket", "bucket name"),
             ("S3SPOT_RESULTS_PREFIX", "analysis", "ends with '/'"),
             ("S3SPOT_RESULTS_PREFIX", "/analysis/", "does not start"),
+            ("S3SPOT_ORDER_BY_PRICE", "yes", "true or false"),
             (
                 "S3SPOT_MARKET",
                 "spot-only",

@@ -1,4 +1,6 @@
-//! [`Launcher`] on EC2: `RunInstances` from a launch template, `DescribeInstances` for the guard.
+//! [`Launcher`] on EC2: `RunInstances` from a launch template, `DescribeInstances` for the guard
+//! and the job commands, `TerminateInstances` for cancelling and reaping, and the spot price
+//! history.
 
 use aws_sdk_ec2::config::interceptors::InterceptorContext;
 use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction};
@@ -14,8 +16,12 @@ use aws_sdk_ec2::types::{
 
 use crate::config::{LaunchTemplate, MarketType};
 use crate::launcher::{
-    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, TAG_JOB, TAG_PIPELINE,
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice, TAG_JOB,
+    TAG_PIPELINE,
 };
+
+/// The spot prices s3spot compares: those of the Linux images that jobs run on.
+const PRODUCT_DESCRIPTION: &str = "Linux/UNIX";
 
 /// Errors that mean "no capacity for this option": move on to the next one.
 const CAPACITY_ERRORS: &[&str] = &[
@@ -269,6 +275,66 @@ impl Launcher for Ec2Launcher {
                 message: format!("instance {instance_id} has no user-data"),
                 retryable: false,
             })
+    }
+
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), LaunchError> {
+        if instance_ids.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .terminate_instances()
+            .set_instance_ids(Some(instance_ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| api_error("TerminateInstances", &e))?;
+        Ok(())
+    }
+
+    async fn spot_prices(&self, query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
+        let mut pages = self
+            .client
+            .describe_spot_price_history()
+            .product_descriptions(PRODUCT_DESCRIPTION)
+            .set_instance_types(Some(
+                query
+                    .instance_types
+                    .iter()
+                    .map(|t| InstanceType::from(t.as_str()))
+                    .collect(),
+            ))
+            .set_availability_zone(query.availability_zone.clone())
+            .set_start_time(
+                query
+                    .since
+                    .map(aws_sdk_ec2::primitives::DateTime::from_secs),
+            )
+            .into_paginator()
+            .send();
+        let mut prices = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| api_error("DescribeSpotPriceHistory", &e))?;
+            for entry in page.spot_price_history() {
+                let (Some(instance_type), Some(zone), Some(price)) = (
+                    entry.instance_type(),
+                    entry.availability_zone(),
+                    entry.spot_price(),
+                ) else {
+                    continue;
+                };
+                let usd_per_hour = price.parse::<f64>().map_err(|_| LaunchError::Api {
+                    operation: "DescribeSpotPriceHistory",
+                    message: format!("unreadable price {price:?} for {instance_type} in {zone}"),
+                    retryable: false,
+                })?;
+                prices.push(SpotPrice {
+                    instance_type: instance_type.as_str().to_owned(),
+                    availability_zone: zone.to_owned(),
+                    usd_per_hour,
+                    at: entry.timestamp().map_or(0, |t| t.secs()),
+                });
+            }
+        }
+        Ok(prices)
     }
 }
 

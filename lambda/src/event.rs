@@ -48,10 +48,14 @@ pub enum Record {
     Interrupted {
         instance_id: String,
     },
+    /// The reaper's schedule: terminate the pipeline's stuck instances.
+    Reap,
 }
 
 /// EventBridge's name for a spot instance's two-minute warning.
 pub const SPOT_INTERRUPTION: &str = "EC2 Spot Instance Interruption Warning";
+/// What an EventBridge schedule sends.
+pub const SCHEDULED_EVENT: &str = "Scheduled Event";
 
 /// A whole invocation payload.
 #[derive(Debug)]
@@ -72,8 +76,8 @@ pub struct SqsItem {
 pub enum EventError {
     #[error(
         "unrecognised event: {found}; expected an S3 notification (Records[].s3), an SQS batch \
-         (Records[].body), or an EventBridge \"Object Created\" or \"EC2 Spot Instance \
-         Interruption Warning\" event"
+         (Records[].body), or an EventBridge \"Object Created\", \"EC2 Spot Instance \
+         Interruption Warning\" or \"Scheduled Event\" event"
     )]
     Unrecognised { found: String },
     #[error("malformed SQS event")]
@@ -253,6 +257,9 @@ fn parse_eventbridge(value: &Value) -> Result<Record, EventError> {
             });
         }
         return Ok(Record::Interrupted { instance_id });
+    }
+    if event.source == "aws.events" && event.detail_type == SCHEDULED_EVENT {
+        return Ok(Record::Reap);
     }
     if event.source != "aws.s3" {
         return Err(EventError::Unrecognised {
@@ -504,12 +511,21 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_is_the_reapers() {
+        let event = json!({"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}});
+        assert!(matches!(
+            parse(event).unwrap(),
+            Invocation::Direct(records) if matches!(records[..], [Record::Reap])
+        ));
+    }
+
+    #[test]
     fn unknown_payloads_say_what_was_expected() {
         for event in [
             json!({"hello": "world"}),
             json!([1, 2]),
             json!({"Records": "x"}),
-            json!({"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}),
+            json!({"detail-type": "Scheduled Event", "source": "aws.something", "detail": {}}),
         ] {
             let err = parse(event.clone()).unwrap_err().to_string();
             assert!(err.starts_with("unrecognised event:"), "{event}: {err}");

@@ -13,11 +13,13 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::event::{self, EventError, Invocation, ObjectCreated, Record};
+use crate::jobs::{Clock, JobInstance, Jobs, JobsError, Target};
 use crate::launcher::{
-    InstanceInfo, LaunchError, LaunchRequest, Launcher, MAX_TAG_VALUE_CHARS, TAG_ATTEMPT,
-    TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_NAME, TAG_PIPELINE,
+    InstanceInfo, LaunchError, LaunchRequest, Launcher, MAX_TAG_VALUE_CHARS, PriceQuery,
+    TAG_ATTEMPT, TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_NAME, TAG_PIPELINE,
 };
 use crate::plan::{Decision, Plan, PlannedJob, decide, plan};
+use crate::prices;
 use crate::statuses::{StatusError, StatusStore};
 use crate::token::{client_token, job_id};
 pub use s3spot_bootstrap::error_chain;
@@ -28,6 +30,9 @@ pub struct Report {
     pub launched: Vec<LaunchedJob>,
     pub skipped: Vec<SkippedRecord>,
     pub failed: Vec<FailedRecord>,
+    /// Stuck instances a scheduled event terminated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reaped: Vec<JobInstance>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,14 +130,112 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         &self.statuses
     }
 
+    /// The job commands, on this handler's launcher and status store.
+    pub fn jobs(&self) -> Jobs<&L, &S> {
+        Jobs::new(self.config.jobs(), &self.launcher, &self.statuses)
+    }
+
+    /// Launches a job again, with the attempt after the last one EC2 or its status.json knows
+    /// of: a new ClientToken, through the same guard and options as any launch. Refused while
+    /// an instance of the job is still pending or running. `S3SPOT_MAX_ATTEMPTS` does not
+    /// apply: that bounds automatic re-launches, and this one is asked for.
+    pub async fn retry(&self, target: &Target) -> Result<Report, JobsError> {
+        let jobs = self.jobs();
+        let instances = jobs.find(target, Clock::now(jobs.config())).await?;
+        if let Some(active) = instances
+            .iter()
+            .find(|i| matches!(i.state.as_str(), "pending" | "running"))
+        {
+            return Err(JobsError::StillActive {
+                bucket: active.bucket.clone(),
+                key: active.key.clone(),
+                instance_id: active.instance_id.clone(),
+                state: active.state.clone(),
+                attempt: active.attempt.unwrap_or(1),
+            });
+        }
+        let (bucket, key) = jobs.object_of(target, &instances)?;
+        let (results_bucket, prefix) = jobs.results(&bucket, &key);
+        let status = match self
+            .statuses
+            .read(&results_bucket, &format!("{prefix}{STATUS_FILE}"))
+            .await
+        {
+            Ok(status) => status,
+            Err(StatusError::Invalid { .. }) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let newest = instances.iter().max_by_key(|i| i.attempt.unwrap_or(0));
+        let object = match newest {
+            Some(newest) => object_of(&jobs.spec_of(&newest.instance_id).await?),
+            None => match &status {
+                Some(status) => ObjectCreated {
+                    bucket: status.input.bucket.clone(),
+                    key: status.input.key.clone(),
+                    version_id: status.input.version_id.clone(),
+                    etag: status.input.etag.clone(),
+                    size: status.input.size,
+                    sequencer: None,
+                    event_time: None,
+                },
+                None => {
+                    return Err(JobsError::NotFound {
+                        target: target.to_string(),
+                        pipeline: self.config.launch.pipeline.clone(),
+                        hint: ", and it has no status.json: upload the object again to run it",
+                    });
+                }
+            },
+        };
+        let last_attempt = instances
+            .iter()
+            .filter_map(|i| i.attempt)
+            .chain(status.iter().map(|s| s.attempt))
+            .chain(
+                status
+                    .iter()
+                    .flat_map(|s| s.history.iter().map(|a| a.attempt)),
+            )
+            .max()
+            .unwrap_or(0);
+        let job_id = newest
+            .and_then(|i| i.job_id.clone())
+            .unwrap_or_else(|| job_id(&self.config.launch.pipeline, &object));
+        let mut report = Report::default();
+        match plan(&self.config.job, &object, last_attempt + 1) {
+            Ok(Plan::Launch(job)) => {
+                let mut state = InvocationState::default();
+                if let Err(failure) = self
+                    .launch(&object, &job, &job_id, &mut state, &mut report)
+                    .await
+                {
+                    report.failed.push(failure);
+                }
+            }
+            Ok(Plan::Skip(reason)) => report.skipped.push(SkippedRecord {
+                bucket: object.bucket,
+                key: object.key,
+                reason,
+            }),
+            Err(error) => report.failed.push(FailedRecord {
+                bucket: object.bucket,
+                key: object.key,
+                error: error_chain(&error),
+                retryable: false,
+            }),
+        }
+        log_report(&report);
+        Ok(report)
+    }
+
     /// Handles one invocation. Every record is seen through, whatever happens to the others.
     pub async fn handle(&self, event: Value) -> Result<Response, HandlerError> {
-        let mut guard = RunawayGuard::default();
+        let mut state = InvocationState::default();
         match event::parse(event)? {
             Invocation::Direct(records) => {
                 let mut report = Report::default();
                 for record in records {
-                    self.process(record, &mut guard, &mut report).await;
+                    self.process(record, &mut state, &mut report).await;
                 }
                 log_report(&report);
                 if report.failed.iter().any(|f| f.retryable) {
@@ -147,7 +250,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     match item.records {
                         Ok(records) => {
                             for record in records {
-                                self.process(record, &mut guard, &mut report).await;
+                                self.process(record, &mut state, &mut report).await;
                             }
                         }
                         Err(error) => {
@@ -183,10 +286,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
     }
 
-    async fn process(&self, record: Record, guard: &mut RunawayGuard, report: &mut Report) {
+    async fn process(&self, record: Record, state: &mut InvocationState, report: &mut Report) {
         const ATTEMPT: u32 = 1;
+        // Boxed: these rare paths nest deep, and unboxed they would make every invocation's
+        // future as deep as theirs.
+        if let Record::Reap = record {
+            Box::pin(self.reap(report)).await;
+            return;
+        }
         if let Record::Interrupted { instance_id } = &record {
-            if let Err(failure) = self.recover(instance_id, guard, report).await {
+            if let Err(failure) = Box::pin(self.recover(instance_id, state, report)).await {
                 tracing::error!(
                     instance_id,
                     error = failure.error,
@@ -200,7 +309,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         match decide(&self.config.job, record, ATTEMPT) {
             Decision::Launch { object, job } => {
                 let job_id = job_id(&self.config.launch.pipeline, &object);
-                if let Err(failure) = self.launch(&object, &job, &job_id, guard, report).await {
+                if let Err(failure) = self.launch(&object, &job, &job_id, state, report).await {
                     tracing::error!(bucket = object.bucket, key = ?object.key, error = failure.error, retryable = failure.retryable, "failed");
                     report.failed.push(failure);
                 }
@@ -235,7 +344,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         object: &ObjectCreated,
         job: &PlannedJob,
         job_id: &str,
-        guard: &mut RunawayGuard,
+        state: &mut InvocationState,
         report: &mut Report,
     ) -> Result<(), FailedRecord> {
         let failed = |error: String, retryable: bool| FailedRecord {
@@ -245,15 +354,17 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             retryable,
         };
         let launch = &self.config.launch;
-        guard
+        state
+            .guard
             .check(&self.launcher, &launch.pipeline, launch.max_instances)
             .await
             .map_err(|error| failed(error_chain(&error), true))?;
+        let options = self.options(state).await;
 
         let tags = tags(&launch.pipeline, job_id, job);
         let user_data = job.user_data.to_base64();
         let mut no_capacity = Vec::new();
-        for option in launch.options() {
+        for option in options {
             let request = LaunchRequest {
                 template: launch.template.clone(),
                 template_version: launch.template_version.clone(),
@@ -264,7 +375,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             };
             match self.launcher.launch(&request).await {
                 Ok(launched) => {
-                    guard.launched();
+                    state.guard.launched();
                     tracing::info!(
                         bucket = object.bucket,
                         key = ?object.key,
@@ -320,7 +431,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     async fn recover(
         &self,
         instance_id: &str,
-        guard: &mut RunawayGuard,
+        state: &mut InvocationState,
         report: &mut Report,
     ) -> Result<(), FailedRecord> {
         let pipeline = &self.config.launch.pipeline;
@@ -416,15 +527,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             return Ok(());
         }
 
-        let object = ObjectCreated {
-            bucket: spec.bucket.clone(),
-            key: spec.key.clone(),
-            version_id: spec.version_id.clone(),
-            etag: spec.etag.clone(),
-            size: spec.size,
-            sequencer: spec.sequencer.clone(),
-            event_time: None,
-        };
+        let object = object_of(&spec);
         let job_id = instance
             .tag(TAG_JOB)
             .map(str::to_owned)
@@ -462,7 +565,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     }
                 };
                 let before = report.launched.len();
-                self.launch(&object, &job, &job_id, guard, report).await?;
+                self.launch(&object, &job, &job_id, state, report).await?;
                 report.launched.get(before).map_or_else(
                     || "before (its instance has terminated)".to_owned(),
                     |l| format!("on {}", l.instance_id),
@@ -478,8 +581,85 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     }
 }
 
+impl<L: Launcher, S: StatusStore> Handler<L, S> {
+    /// The launch options in the order to try them: as configured, or with the spot types
+    /// cheapest first when `S3SPOT_ORDER_BY_PRICE` is on. Prices are read once per invocation;
+    /// when they cannot be read, the configured order stands.
+    async fn options(&self, state: &mut InvocationState) -> Vec<crate::config::LaunchOption> {
+        let launch = &self.config.launch;
+        if !launch.order_by_price || launch.instance_types.len() < 2 {
+            return launch.options();
+        }
+        if state.price_order.is_none() {
+            let query = PriceQuery {
+                instance_types: launch.instance_types.clone(),
+                ..PriceQuery::default()
+            };
+            let order = match self.launcher.spot_prices(&query).await {
+                Ok(history) => {
+                    let quotes =
+                        prices::current(&history, self.config.job.region.as_deref().unwrap_or(""));
+                    prices::order_by_price(&launch.instance_types, &quotes)
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read spot prices; trying the instance types in the configured order");
+                    launch.instance_types.clone()
+                }
+            };
+            tracing::info!(order = ?order, "instance types by current spot price");
+            state.price_order = Some(order);
+        }
+        let mut ordered = launch.clone();
+        ordered.instance_types = state.price_order.clone().unwrap_or_default();
+        ordered.options()
+    }
+
+    /// The scheduled reaper: terminates the pipeline's stuck instances.
+    async fn reap(&self, report: &mut Report) {
+        let jobs = self.jobs();
+        let pipeline = &self.config.launch.pipeline;
+        match jobs.reap(Clock::now(jobs.config()), false).await {
+            Ok(stopped) => {
+                report
+                    .failed
+                    .extend(stopped.errors.into_iter().map(|error| FailedRecord {
+                        bucket: String::new(),
+                        key: String::new(),
+                        error: format!("reaped, but status.json not written: {error}"),
+                        retryable: false,
+                    }));
+                report.reaped.extend(stopped.instances);
+            }
+            Err(error) => {
+                let error = format!("reaping pipeline {pipeline:?}: {}", error_chain(&error));
+                tracing::error!(error, "failed");
+                report.failed.push(FailedRecord {
+                    bucket: String::new(),
+                    key: String::new(),
+                    error,
+                    // The next schedule tries again in any case.
+                    retryable: false,
+                });
+            }
+        }
+    }
+}
+
+/// The object a job was launched for, as its event described it.
+fn object_of(spec: &JobSpec) -> ObjectCreated {
+    ObjectCreated {
+        bucket: spec.bucket.clone(),
+        key: spec.key.clone(),
+        version_id: spec.version_id.clone(),
+        etag: spec.etag.clone(),
+        size: spec.size,
+        sequencer: spec.sequencer.clone(),
+        event_time: None,
+    }
+}
+
 /// The job an instance was launched with, from its base64 user-data.
-fn decode_job(encoded: &str) -> Result<JobSpec, String> {
+pub(crate) fn decode_job(encoded: &str) -> Result<JobSpec, String> {
     let script = BASE64
         .decode(encoded.trim())
         .ok()
@@ -491,7 +671,7 @@ fn decode_job(encoded: &str) -> Result<JobSpec, String> {
 
 /// The status of the interrupted attempt: what its worker wrote, if it got that far, or a new
 /// one; with the history before it either way.
-fn ended(
+pub(crate) fn ended(
     spec: &JobSpec,
     instance: &InstanceInfo,
     previous: Option<Status>,
@@ -555,6 +735,14 @@ fn tags(pipeline: &str, job_id: &str, job: &PlannedJob) -> Vec<(String, String)>
         (TAG_JOB.into(), job_id.into()),
         (TAG_ATTEMPT.into(), job.spec.attempt.to_string()),
     ]
+}
+
+/// What one invocation reads from EC2 once and then keeps: the guard's count, and the order of
+/// the instance types by price.
+#[derive(Default)]
+struct InvocationState {
+    guard: RunawayGuard,
+    price_order: Option<Vec<String>>,
 }
 
 /// The cap on pending and running instances of the pipeline. The count is read once per

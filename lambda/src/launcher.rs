@@ -68,6 +68,28 @@ impl InstanceInfo {
     }
 }
 
+/// One entry of EC2's spot price history: the Linux/UNIX price of a type in a zone, from `at`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpotPrice {
+    pub instance_type: String,
+    pub availability_zone: String,
+    /// US dollars per hour.
+    pub usd_per_hour: f64,
+    /// Seconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// Which spot prices to look up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceQuery {
+    /// Empty: every type.
+    pub instance_types: Vec<String>,
+    pub availability_zone: Option<String>,
+    /// Seconds since the Unix epoch: prices in effect from then on. `None`: EC2's default, the
+    /// current price of each type and zone.
+    pub since: Option<i64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// No capacity for this option; the next option may have some.
@@ -141,6 +163,19 @@ pub trait Launcher: Send + Sync {
         &self,
         instance_id: &str,
     ) -> impl Future<Output = Result<String, LaunchError>> + Send;
+
+    /// Terminates instances (already terminated ones are fine). Callers pass only instances of
+    /// their pipeline; EC2's policy allows no others.
+    fn terminate(
+        &self,
+        instance_ids: &[String],
+    ) -> impl Future<Output = Result<(), LaunchError>> + Send;
+
+    /// The spot price history, every page of it.
+    fn spot_prices(
+        &self,
+        query: &PriceQuery,
+    ) -> impl Future<Output = Result<Vec<SpotPrice>, LaunchError>> + Send;
 }
 
 /// Launchers behind a reference or an `Arc` launch the same way: callers keep theirs (to inspect
@@ -183,6 +218,20 @@ macro_rules! delegate_launcher {
                 job: Option<&str>,
             ) -> impl Future<Output = Result<Vec<InstanceInfo>, LaunchError>> + Send {
                 (**self).instances(pipeline, job)
+            }
+
+            fn terminate(
+                &self,
+                instance_ids: &[String],
+            ) -> impl Future<Output = Result<(), LaunchError>> + Send {
+                (**self).terminate(instance_ids)
+            }
+
+            fn spot_prices(
+                &self,
+                query: &PriceQuery,
+            ) -> impl Future<Output = Result<Vec<SpotPrice>, LaunchError>> + Send {
+                (**self).spot_prices(query)
             }
         }
     )*};

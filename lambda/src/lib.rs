@@ -9,16 +9,21 @@ pub mod config;
 pub mod ec2;
 pub mod event;
 pub mod handler;
+pub mod jobs;
 pub mod key;
 pub mod launcher;
 pub mod plan;
+pub mod prices;
 pub mod statuses;
 pub mod token;
 
-pub use config::{Config, ConfigError, JobConfig};
+pub use config::{Config, ConfigError, JobConfig, JobsConfig};
 pub use ec2::Ec2Launcher;
 pub use handler::{Handler, HandlerError, Report, Response, error_chain};
-pub use launcher::{InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher};
+pub use jobs::{Clock, Jobs, JobsError, Target};
+pub use launcher::{
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
+};
 pub use statuses::{S3Statuses, StatusError, StatusStore};
 
 impl From<HandlerError> for lambda_runtime::Diagnostic {

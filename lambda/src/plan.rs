@@ -124,6 +124,12 @@ pub fn decide(config: &JobConfig, record: Record, attempt: u32) -> Decision {
                 "spot interruption warning for {instance_id}: the launcher re-launches its job"
             ),
         },
+        Record::Reap => Decision::Skip {
+            bucket: String::new(),
+            key: String::new(),
+            reason: "scheduled event: the launcher terminates the pipeline's stuck instances"
+                .into(),
+        },
     }
 }
 

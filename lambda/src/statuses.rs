@@ -1,5 +1,6 @@
-//! The seam to the jobs' `status.json`: read to carry a job's history forward, written when the
-//! launcher itself ends a job (a spot interruption on its last attempt).
+//! The seam to the jobs' documents in S3: `status.json`, read to carry a job's history forward
+//! and written when the launcher itself ends a job (a spot interruption on its last attempt, a
+//! cancel, a reap); and the tails of its logs, for `s3spot jobs show`.
 
 use std::future::Future;
 
@@ -44,6 +45,14 @@ pub trait StatusStore: Send + Sync {
         key: &str,
         status: &Status,
     ) -> impl Future<Output = Result<(), StatusError>> + Send;
+
+    /// The last `bytes` of a text document (a log), lossily decoded; `None` if there is none.
+    fn tail(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: u64,
+    ) -> impl Future<Output = Result<Option<String>, StatusError>> + Send;
 }
 
 macro_rules! delegate_status_store {
@@ -64,6 +73,15 @@ macro_rules! delegate_status_store {
                 status: &Status,
             ) -> impl Future<Output = Result<(), StatusError>> + Send {
                 (**self).write(bucket, key, status)
+            }
+
+            fn tail(
+                &self,
+                bucket: &str,
+                key: &str,
+                bytes: u64,
+            ) -> impl Future<Output = Result<Option<String>, StatusError>> + Send {
+                (**self).tail(bucket, key, bytes)
             }
         }
     )*};
@@ -92,8 +110,14 @@ impl S3Statuses {
     }
 }
 
-impl StatusStore for S3Statuses {
-    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Status>, StatusError> {
+impl S3Statuses {
+    /// An object's bytes (its last `tail` bytes, if given); `None` if there is no such object.
+    async fn get(
+        &self,
+        bucket: &str,
+        key: &str,
+        tail: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, StatusError> {
         let read_error = |message: String| StatusError::Read {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
@@ -104,6 +128,7 @@ impl StatusStore for S3Statuses {
             .get_object()
             .bucket(bucket)
             .key(key)
+            .set_range(tail.map(|bytes| format!("bytes=-{bytes}")))
             .send()
             .await
         {
@@ -114,6 +139,10 @@ impl StatusStore for S3Statuses {
             {
                 return Ok(None);
             }
+            // A suffix range of an empty object.
+            Err(error) if tail.is_some() && error.code() == Some("InvalidRange") => {
+                return Ok(Some(Vec::new()));
+            }
             Err(error) => return Err(read_error(DisplayErrorContext(&error).to_string())),
         };
         let body = object
@@ -121,13 +150,34 @@ impl StatusStore for S3Statuses {
             .collect()
             .await
             .map_err(|e| read_error(e.to_string()))?;
-        serde_json::from_slice(&body.into_bytes())
+        Ok(Some(body.to_vec()))
+    }
+}
+
+impl StatusStore for S3Statuses {
+    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Status>, StatusError> {
+        let Some(body) = self.get(bucket, key, None).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
             .map(Some)
             .map_err(|source| StatusError::Invalid {
                 bucket: bucket.to_owned(),
                 key: key.to_owned(),
                 source,
             })
+    }
+
+    async fn tail(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: u64,
+    ) -> Result<Option<String>, StatusError> {
+        Ok(self
+            .get(bucket, key, Some(bytes))
+            .await?
+            .map(|body| String::from_utf8_lossy(&body).into_owned()))
     }
 
     async fn write(&self, bucket: &str, key: &str, status: &Status) -> Result<(), StatusError> {

@@ -1,108 +1,16 @@
 //! The handler's decisions, through a scripted launcher: what is launched, skipped and failed,
 //! and what a retry sees.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
-
 use s3spot_bootstrap::{Attempt, State, Status, job_from_user_data};
 use s3spot_lambda::config::MarketType;
 use s3spot_lambda::event::ObjectCreated;
 use s3spot_lambda::handler::{FailedRecord, Report};
 use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::{
-    Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher,
-    Response,
+    Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Response,
 };
-use s3spot_tests::{MemoryStatuses, event, s3spot_lookup};
+use s3spot_tests::{MemoryStatuses, ScriptedLauncher, event, s3spot_lookup};
 use serde_json::{Value, json};
-
-/// Answers `count_active` with `active` and each launch with the next scripted result (success
-/// once the script runs out), recording every request.
-#[derive(Default)]
-struct ScriptedLauncher {
-    active: usize,
-    count_fails: bool,
-    script: Mutex<VecDeque<Result<Launched, LaunchError>>>,
-    requests: Mutex<Vec<LaunchRequest>>,
-    counts: Mutex<usize>,
-    /// What `describe` and `user_data` know: instances and their base64 user-data.
-    instances: Vec<(InstanceInfo, String)>,
-}
-
-impl ScriptedLauncher {
-    fn with_script(script: Vec<Result<Launched, LaunchError>>) -> Self {
-        ScriptedLauncher {
-            script: Mutex::new(script.into()),
-            ..Default::default()
-        }
-    }
-
-    fn requests(&self) -> Vec<LaunchRequest> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Launcher for ScriptedLauncher {
-    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
-        Ok(self
-            .instances
-            .iter()
-            .find(|i| i.0.instance_id == instance_id)
-            .map(|i| i.0.clone()))
-    }
-
-    async fn instances(
-        &self,
-        pipeline: &str,
-        job: Option<&str>,
-    ) -> Result<Vec<InstanceInfo>, LaunchError> {
-        Ok(self
-            .instances
-            .iter()
-            .map(|i| i.0.clone())
-            .filter(|i| i.tag("s3spot:pipeline") == Some(pipeline))
-            .filter(|i| job.is_none() || i.tag("s3spot:job") == job)
-            .collect())
-    }
-
-    async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
-        let found = self
-            .instances
-            .iter()
-            .find(|i| i.0.instance_id == instance_id);
-        Ok(found.map(|i| i.1.clone()).unwrap_or_default())
-    }
-
-    async fn count_active(&self, _pipeline: &str, _enough: usize) -> Result<usize, LaunchError> {
-        *self.counts.lock().unwrap() += 1;
-        if self.count_fails {
-            return Err(LaunchError::Api {
-                operation: "DescribeInstances",
-                message: "UnauthorizedOperation: not allowed".into(),
-                retryable: false,
-            });
-        }
-        Ok(self.active)
-    }
-
-    async fn launch(&self, request: &LaunchRequest) -> Result<Launched, LaunchError> {
-        let mut requests = self.requests.lock().unwrap();
-        requests.push(request.clone());
-        let n = requests.len();
-        self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
-            Ok(Launched {
-                instance_id: format!("i-{n:017x}"),
-                instance_type: Some(
-                    request
-                        .option
-                        .instance_type
-                        .clone()
-                        .unwrap_or_else(|| "t3.micro".into()),
-                ),
-            })
-        })
-    }
-}
 
 fn config(overrides: &[(&str, &str)]) -> Config {
     Config::from_lookup(s3spot_lookup("s3spot-worker", overrides)).unwrap()

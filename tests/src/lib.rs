@@ -3,6 +3,7 @@
 
 mod http;
 pub mod imds;
+mod launcher;
 mod runtime_api;
 mod s3;
 mod statuses;
@@ -14,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use imds::FakeImds;
+pub use launcher::ScriptedLauncher;
 pub use runtime_api::{Outcome, RuntimeApi};
 pub use s3::S3Server;
 pub use statuses::MemoryStatuses;

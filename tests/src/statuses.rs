@@ -11,6 +11,8 @@ pub struct MemoryStatuses {
     documents: Mutex<BTreeMap<(String, String), Status>>,
     /// Every write, in order.
     writes: Mutex<Vec<(String, String)>>,
+    /// Text documents (logs) by bucket and key.
+    texts: Mutex<BTreeMap<(String, String), String>>,
 }
 
 impl MemoryStatuses {
@@ -27,6 +29,13 @@ impl MemoryStatuses {
             .lock()
             .unwrap()
             .insert((bucket.to_owned(), key.to_owned()), status);
+    }
+
+    pub fn put_text(&self, bucket: &str, key: &str, text: &str) {
+        self.texts
+            .lock()
+            .unwrap()
+            .insert((bucket.to_owned(), key.to_owned()), text.to_owned());
     }
 
     pub fn writes(&self) -> Vec<(String, String)> {
@@ -46,5 +55,20 @@ impl StatusStore for MemoryStatuses {
             .push((bucket.to_owned(), key.to_owned()));
         self.put(bucket, key, status.clone());
         Ok(())
+    }
+
+    async fn tail(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: u64,
+    ) -> Result<Option<String>, StatusError> {
+        let texts = self.texts.lock().unwrap();
+        Ok(texts.get(&(bucket.to_owned(), key.to_owned())).map(|text| {
+            let from = text
+                .len()
+                .saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
+            String::from_utf8_lossy(&text.as_bytes()[from..]).into_owned()
+        }))
     }
 }

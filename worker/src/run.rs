@@ -246,10 +246,12 @@ impl Worker {
     /// Stamps the end, uploads `status.json`, and logs the outcome.
     async fn finish(&self, job: &JobSpec, status: &mut Status) {
         status.finished_at = timestamp(SystemTime::now());
-        // A re-launched job's status.json holds the earlier attempts: keep them.
-        if job.attempt > 1
+        // A re-launched job's status.json holds the earlier attempts: keep them. A worker stopped
+        // from outside reads it too: the launcher may have written why it stopped this attempt.
+        if (job.attempt > 1 || status.state == State::Interrupted)
             && let Some(previous) = self.previous_status(job).await
         {
+            status.keep_verdict(&previous);
             status.carry_history(previous);
         }
         if let Ok(json) = serde_json::to_vec_pretty(&status)

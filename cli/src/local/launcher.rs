@@ -17,7 +17,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use s3spot_bootstrap::{STATUS_FILE, Status, job_from_user_data};
 use s3spot_lambda::launcher::{TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_PIPELINE};
-use s3spot_lambda::{InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher};
+use s3spot_lambda::{
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
+};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::broadcast;
@@ -28,6 +30,8 @@ use super::progress::Progress;
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     Running,
+    /// Told to terminate; its script is still finishing.
+    ShuttingDown,
     Terminated,
 }
 
@@ -58,6 +62,7 @@ impl Instance {
             instance_id: self.id.clone(),
             state: match self.state {
                 InstanceState::Running => "running",
+                InstanceState::ShuttingDown => "shutting-down",
                 InstanceState::Terminated => "terminated",
             }
             .into(),
@@ -96,7 +101,7 @@ impl Table {
     fn running_any(&self) -> bool {
         self.instances
             .values()
-            .any(|i| i.state == InstanceState::Running)
+            .any(|i| i.state != InstanceState::Terminated)
     }
 }
 
@@ -166,7 +171,7 @@ impl LocalLauncher {
             .table()
             .instances
             .values()
-            .filter(|i| i.state == InstanceState::Running)
+            .filter(|i| i.state != InstanceState::Terminated)
             .filter_map(|i| i.process_group)
             .collect();
         for group in &groups {
@@ -181,6 +186,10 @@ impl LocalLauncher {
             let _ = killpg(*group, Signal::SIGKILL);
         }
     }
+
+    /// How long a terminated instance's script has to shut down (its worker uploads what it
+    /// has) before it is killed, as EC2 gives an instance time to shut down.
+    const TERMINATE_GRACE: Duration = Duration::from_secs(20);
 
     fn start(&self, id: &str, request: &LaunchRequest) -> Result<Instance, LaunchError> {
         let failed = |what: &str, error: &dyn std::fmt::Display| LaunchError::Api {
@@ -415,6 +424,46 @@ impl Launcher for LocalLauncher {
             .filter(|i| job.is_none() || i.tag(TAG_JOB) == job)
             .map(Instance::info)
             .collect())
+    }
+
+    /// SIGTERM to each running instance's script, as a shutdown sends it, and SIGKILL to what
+    /// is left of it after a grace period.
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), LaunchError> {
+        let mut groups = Vec::new();
+        {
+            let mut table = self.table();
+            for id in instance_ids {
+                let instance = table
+                    .instances
+                    .get_mut(id)
+                    .ok_or_else(|| LaunchError::Api {
+                        operation: "TerminateInstances",
+                        message: format!("InvalidInstanceID.NotFound: no local instance {id}"),
+                        retryable: false,
+                    })?;
+                if instance.state == InstanceState::Running {
+                    instance.state = InstanceState::ShuttingDown;
+                    groups.extend(instance.process_group);
+                }
+            }
+        }
+        for group in &groups {
+            let _ = nix::sys::signal::kill(*group, Signal::SIGTERM);
+        }
+        if !groups.is_empty() {
+            tokio::spawn(async move {
+                tokio::time::sleep(Self::TERMINATE_GRACE).await;
+                for group in groups {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// There is no spot market on this machine: no prices, so a configured order stands.
+    async fn spot_prices(&self, _query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
+        Ok(Vec::new())
     }
 
     async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
