@@ -2,4 +2,5 @@
 //! whole pipeline on one machine ([`local`]).
 
 pub mod command;
+pub mod jobs;
 pub mod local;

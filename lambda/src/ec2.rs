@@ -302,7 +302,16 @@ impl Launcher for Ec2Launcher {
                     .map(|t| InstanceType::from(t.as_str()))
                     .collect(),
             ))
-            .set_availability_zone(query.availability_zone.clone())
+            // The filter rather than the parameter of the same name: both mean the same to EC2,
+            // and emulators know the filter.
+            .set_filters(query.availability_zone.as_ref().map(|zone| {
+                vec![
+                    Filter::builder()
+                        .name("availability-zone")
+                        .values(zone)
+                        .build(),
+                ]
+            }))
             .set_start_time(
                 query
                     .since

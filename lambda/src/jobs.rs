@@ -160,7 +160,7 @@ pub struct Stopped {
 pub struct Clock {
     /// Seconds since the Unix epoch.
     pub now: i64,
-    /// Active for longer than this: stuck.
+    /// Active for this long or longer: stuck.
     pub stuck_after_secs: u64,
 }
 
@@ -338,16 +338,15 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         Ok(stopped)
     }
 
-    /// Terminates `instances`, then records `state` for each one's attempt, unless its worker
-    /// already recorded how the attempt ended.
+    /// Records `state` for each instance's attempt (unless its worker already recorded how the
+    /// attempt ended), then terminates them. The verdict goes first so that a worker stopped by
+    /// the shutdown finds it and keeps it, with its own outputs, instead of racing it.
     async fn stop(
         &self,
         instances: Vec<JobInstance>,
         state: State,
         why: impl Fn(&JobInstance) -> String,
     ) -> Result<Stopped, JobsError> {
-        let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
-        self.launcher.terminate(&ids).await?;
         let mut errors = Vec::new();
         for instance in &instances {
             if let Err(error) = self.record(instance, state, why(instance)).await {
@@ -358,6 +357,8 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 ));
             }
         }
+        let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
+        self.launcher.terminate(&ids).await?;
         Ok(Stopped { instances, errors })
     }
 
@@ -468,7 +469,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 .launched_at
                 .map(|at| u64::try_from(clock.now.saturating_sub(at)).unwrap_or(0));
             let stuck =
-                instance.is_active() && age_secs.is_some_and(|age| age > clock.stuck_after_secs);
+                instance.is_active() && age_secs.is_some_and(|age| age >= clock.stuck_after_secs);
             let attempt = instance.attempt();
             let location = self.results(&bucket, &key);
             if !statuses.contains_key(&location) {

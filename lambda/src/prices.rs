@@ -70,28 +70,37 @@ pub struct Quote {
     pub on_demand_usd_per_hour: Option<f64>,
     /// Seconds since the Unix epoch: when this price took effect.
     pub since: i64,
+    /// The lowest and highest price in the history read.
+    pub low_usd_per_hour: f64,
+    pub high_usd_per_hour: f64,
 }
 
 /// The price in effect now for each type and zone (the newest entry of the history), cheapest
 /// first; ties by type, then zone, so that the order is stable.
 pub fn current(history: &[SpotPrice], region: &str) -> Vec<Quote> {
-    let mut newest: HashMap<(&str, &str), &SpotPrice> = HashMap::new();
+    // The newest entry, the lowest and the highest price, per type and zone.
+    let mut seen: HashMap<(&str, &str), (&SpotPrice, f64, f64)> = HashMap::new();
     for price in history {
-        let slot = newest
+        let usd = price.usd_per_hour;
+        let (newest, low, high) = seen
             .entry((&price.instance_type, &price.availability_zone))
-            .or_insert(price);
-        if price.at > slot.at {
-            *slot = price;
+            .or_insert((price, usd, usd));
+        if price.at > newest.at {
+            *newest = price;
         }
+        *low = low.min(usd);
+        *high = high.max(usd);
     }
-    let mut quotes: Vec<Quote> = newest
+    let mut quotes: Vec<Quote> = seen
         .into_values()
-        .map(|price| Quote {
+        .map(|(price, low, high)| Quote {
             instance_type: price.instance_type.clone(),
             availability_zone: price.availability_zone.clone(),
             spot_usd_per_hour: price.usd_per_hour,
             on_demand_usd_per_hour: on_demand_usd_per_hour(region, &price.instance_type),
             since: price.at,
+            low_usd_per_hour: low,
+            high_usd_per_hour: high,
         })
         .collect();
     quotes.sort_by(|a, b| {
@@ -176,6 +185,11 @@ mod tests {
             ]
         );
         assert_eq!(quotes[1].on_demand_usd_per_hour, Some(0.096));
+        let a = &quotes[2];
+        assert_eq!(
+            (a.low_usd_per_hour, a.high_usd_per_hour, a.since),
+            (0.030, 0.050, 200)
+        );
         assert_eq!(
             current(&history, "eu-west-1")[1].on_demand_usd_per_hour,
             None

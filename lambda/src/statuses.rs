@@ -111,12 +111,12 @@ impl S3Statuses {
 }
 
 impl S3Statuses {
-    /// An object's bytes (its last `tail` bytes, if given); `None` if there is no such object.
+    /// An object's bytes, from byte `from` on; `None` if there is no such object.
     async fn get(
         &self,
         bucket: &str,
         key: &str,
-        tail: Option<u64>,
+        from: Option<u64>,
     ) -> Result<Option<Vec<u8>>, StatusError> {
         let read_error = |message: String| StatusError::Read {
             bucket: bucket.to_owned(),
@@ -128,21 +128,12 @@ impl S3Statuses {
             .get_object()
             .bucket(bucket)
             .key(key)
-            .set_range(tail.map(|bytes| format!("bytes=-{bytes}")))
+            .set_range(from.map(|from| format!("bytes={from}-")))
             .send()
             .await
         {
             Ok(object) => object,
-            Err(error)
-                if error.code() == Some("NoSuchKey")
-                    || error.raw_response().map(|r| r.status().as_u16()) == Some(404) =>
-            {
-                return Ok(None);
-            }
-            // A suffix range of an empty object.
-            Err(error) if tail.is_some() && error.code() == Some("InvalidRange") => {
-                return Ok(Some(Vec::new()));
-            }
+            Err(error) if is_not_found(&error) => return Ok(None),
             Err(error) => return Err(read_error(DisplayErrorContext(&error).to_string())),
         };
         let body = object
@@ -152,6 +143,14 @@ impl S3Statuses {
             .map_err(|e| read_error(e.to_string()))?;
         Ok(Some(body.to_vec()))
     }
+}
+
+fn is_not_found<E: ProvideErrorMetadata>(
+    error: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    error.code() == Some("NoSuchKey")
+        || error.code() == Some("NotFound")
+        || error.raw_response().map(|r| r.status().as_u16()) == Some(404)
 }
 
 impl StatusStore for S3Statuses {
@@ -174,8 +173,33 @@ impl StatusStore for S3Statuses {
         key: &str,
         bytes: u64,
     ) -> Result<Option<String>, StatusError> {
+        // The size first, then a range from a position: suffix ranges of empty objects are
+        // errors in S3 and worse in some emulators.
+        let head = match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => head,
+            Err(error) if is_not_found(&error) => return Ok(None),
+            Err(error) => {
+                return Err(StatusError::Read {
+                    bucket: bucket.to_owned(),
+                    key: key.to_owned(),
+                    message: DisplayErrorContext(&error).to_string(),
+                });
+            }
+        };
+        let size = head
+            .content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        let from = size.checked_sub(bytes).filter(|from| *from > 0);
         Ok(self
-            .get(bucket, key, Some(bytes))
+            .get(bucket, key, from)
             .await?
             .map(|body| String::from_utf8_lossy(&body).into_owned()))
     }

@@ -602,3 +602,180 @@ fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_s
     let status = serve.wait().unwrap();
     assert!(status.success(), "Ctrl-C is a normal end: {status:?}");
 }
+
+/// `s3spot jobs --local <the pipeline's data dir> ARGS`, as a person runs it next to `serve`.
+async fn jobs(local: &Local, args: &[&str]) -> std::process::Output {
+    let data_dir = local.pipeline.options().data_dir.clone();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(S3SPOT)
+            .arg("jobs")
+            .arg("--local")
+            .arg(data_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+async fn jobs_json(local: &Local, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = jobs(local, &args).await;
+    assert!(output.status.success(), "{args:?}: {}", show(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Waits for the instance `id` to end; returns its status.json.
+async fn ended(
+    local: &Local,
+    progress: &mut tokio::sync::broadcast::Receiver<Progress>,
+    id: &str,
+    key: &str,
+) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Progress::Shutdown { instance_id, .. } = progress.recv().await.unwrap()
+                && instance_id == id
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} did not end"));
+    let results = local.pipeline.results_dir("data", key);
+    serde_json::from_slice(&std::fs::read(results.join("status.json")).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_lists_cancels_retries_and_reaps_the_jobs_of_a_running_pipeline() {
+    let local = start(
+        4,
+        Some(r#"echo started > "$S3SPOT_OUTPUT_DIR/partial"; echo working >&2; sleep 876.5"#),
+    )
+    .await;
+    let mut progress = local.pipeline.subscribe();
+    local.upload("in/hangs.csv", CSV).await;
+    // Until the command hangs in its sleep.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !command_lines()
+            .iter()
+            .any(|line| line.starts_with("sleep 876.5 "))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the command started");
+
+    let rows = jobs_json(&local, &["list"]).await;
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows:#}");
+    let first = &rows[0];
+    assert_eq!(
+        (
+            &first["key"],
+            &first["state"],
+            &first["attempt"],
+            &first["stuck"]
+        ),
+        (
+            &"in/hangs.csv".into(),
+            &"running".into(),
+            &1.into(),
+            &false.into()
+        )
+    );
+    let id = first["instance_id"].as_str().unwrap().to_owned();
+
+    // Stuck only by a deliberately short threshold; a dry run stops nothing.
+    let stuck = jobs_json(&local, &["reap", "--dry-run", "--stuck-after", "0s"]).await;
+    assert_eq!(stuck["instances"][0]["instance_id"], id.as_str());
+    let text = jobs(&local, &["list", "--stuck-after", "0s"]).await;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.starts_with("INSTANCE"), "{text}");
+    assert!(text.contains("running STUCK"), "{text}");
+    assert!(text.contains("s3://data/in/hangs.csv"), "{text}");
+
+    let cancelled = jobs(&local, &["cancel", "in/hangs.csv"]).await;
+    assert!(cancelled.status.success(), "{}", show(&cancelled));
+    assert!(
+        String::from_utf8_lossy(&cancelled.stdout).starts_with(&format!("cancelled {id} ")),
+        "{}",
+        show(&cancelled)
+    );
+    let status = ended(&local, &mut progress, &id, "in/hangs.csv").await;
+    assert_eq!(status["state"], "cancelled", "{status:#}");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("s3spot jobs cancel"), "{error}");
+    assert!(
+        error.contains("SIGTERM"),
+        "the worker's own account is kept: {error}"
+    );
+    assert!(
+        status["outputs"].to_string().contains("partial"),
+        "the worker's outputs are kept: {status:#}"
+    );
+
+    let again = jobs(&local, &["cancel", &id]).await;
+    assert_eq!(again.status.code(), Some(2), "{}", show(&again));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to cancel"));
+
+    let shown = jobs(&local, &["show", "in/hangs.csv"]).await;
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains("\"state\": \"cancelled\""), "{shown}");
+    assert!(shown.contains("stderr.log"), "{shown}");
+    assert!(shown.contains("working"), "the log's tail: {shown}");
+
+    let retried = jobs_json(&local, &["retry", "in/hangs.csv"]).await;
+    let second = retried["launched"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(second, id);
+    let rows = jobs_json(&local, &["list"]).await;
+    let attempts: Vec<(String, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["instance_id"].as_str().unwrap().to_owned(),
+                r["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(attempts, [(id.clone(), 1), (second.clone(), 2)]);
+
+    let reaped = jobs_json(&local, &["reap", "--stuck-after", "0s"]).await;
+    assert_eq!(reaped["instances"][0]["instance_id"], second.as_str());
+    let status = ended(&local, &mut progress, &second, "in/hangs.csv").await;
+    assert_eq!(
+        (&status["state"], &status["attempt"]),
+        (&"failed".into(), &2.into())
+    );
+    assert!(
+        status["error"].as_str().unwrap().starts_with("reaped: "),
+        "{status:#}"
+    );
+    assert_eq!(status["history"][0]["state"], "cancelled", "{status:#}");
+    let data_dir = local.pipeline.options().data_dir.display().to_string();
+    local.pipeline.shutdown().await;
+
+    let gone = tokio::task::spawn_blocking(move || {
+        Command::new(S3SPOT)
+            .args(["jobs", "--local", &data_dir, "list"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(gone.status.code(), Some(2), "{}", show(&gone));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("no `s3spot local serve` answers"),
+        "{}",
+        show(&gone)
+    );
+}

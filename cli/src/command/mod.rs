@@ -2,7 +2,9 @@
 //! program: the `s3spot` binary, and the copy the end-to-end tests build and run.
 
 mod invoke;
+mod jobs;
 mod local;
+mod prices;
 mod render;
 
 use std::io::Read as _;
@@ -51,6 +53,15 @@ enum Command {
     Local(local::LocalCommand),
     /// Run one job locally on a bundled sample CSV, with the built-in analysis.
     Demo(local::DemoArgs),
+    /// The pipeline's jobs: list, show, cancel, retry, reap. In AWS, with the same S3SPOT_*
+    /// settings as the function; with --local DIR, in a running `s3spot local serve`.
+    ///
+    /// Exits 0 when the command did all it was asked, 1 when part of it failed, 2 when it could
+    /// not run.
+    Jobs(jobs::JobsArgs),
+    /// Current spot prices per instance type and availability zone, cheapest first, with the
+    /// on-demand price beside them where s3spot knows it.
+    Prices(prices::PricesArgs),
 }
 
 /// The run produced an answer, but not a clean one.
@@ -83,6 +94,8 @@ pub fn main() -> ExitCode {
         Command::Render { event, json } => render::run(&event, json),
         Command::Local(command) => local::run(command),
         Command::Demo(args) => local::demo(args),
+        Command::Jobs(args) => jobs::run(args),
+        Command::Prices(args) => prices::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

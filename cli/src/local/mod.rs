@@ -3,6 +3,7 @@
 //! "instances" run the rendered user-data with bash. The worker they download from the artifacts
 //! bucket is this very program (see `main`).
 
+pub mod control;
 mod launcher;
 mod notification;
 mod progress;
@@ -91,6 +92,11 @@ pub enum LocalError {
         bucket: String,
         message: String,
     },
+    #[error(
+        "another s3spot local pipeline is running on {data_dir}; stop it, or give this one \
+         another --data-dir"
+    )]
+    InUse { data_dir: PathBuf },
     #[error("bad configuration")]
     Config(#[from] s3spot_lambda::ConfigError),
     #[error("cannot upload {path}: {message}")]
@@ -144,6 +150,7 @@ impl Pipeline {
                 path: options.data_dir.clone(),
                 source,
             })?;
+        let control = control::listen(&options.data_dir).await?;
         let s3_root = options.s3_root();
         for dir in [
             s3_root.join(&options.data_bucket),
@@ -211,6 +218,12 @@ impl Pipeline {
         // One invocation at a time: the guard's count and the launch that follows are then one
         // step, so the cap holds exactly.
         let serial = Arc::new(Mutex::new(()));
+        tasks.push(tokio::spawn(control::serve(
+            control,
+            Arc::clone(&handler),
+            Arc::clone(&serial),
+            progress.clone(),
+        )));
         let dispatch_progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(event) = notifications.recv().await {
@@ -372,6 +385,7 @@ impl Pipeline {
         for task in self.tasks {
             task.abort();
         }
+        let _ = std::fs::remove_file(control::socket_path(&self.options.data_dir));
     }
 }
 
@@ -422,7 +436,7 @@ async fn deliver(
 }
 
 /// Reports what the handler did; returns whether a record is to be tried again.
-fn announce(
+pub(crate) fn announce(
     report: &Report,
     received: Instant,
     progress: &broadcast::Sender<Progress>,

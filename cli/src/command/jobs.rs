@@ -1,0 +1,320 @@
+//! `s3spot jobs`: the pipeline's instances and the controls on them, in AWS or in a running
+//! `s3spot local serve`. Both run the same library calls; only where they run differs.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use s3spot_bootstrap::Status;
+use s3spot_lambda::handler::Report;
+use s3spot_lambda::jobs::{JobDetail, JobInstance, Stopped};
+use s3spot_lambda::{Config, Ec2Launcher, Handler, Jobs, JobsConfig, S3Statuses};
+
+use crate::jobs::{Request, execute, retry};
+use crate::local::control;
+
+#[derive(Args)]
+pub struct JobsArgs {
+    /// The jobs of the `s3spot local serve` that keeps its data in DIR, instead of AWS.
+    #[arg(long, value_name = "DIR", global = true)]
+    local: Option<PathBuf>,
+    /// One JSON document instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: JobsCommand,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// The pipeline's instances (EC2 lists terminated ones for about an hour), oldest first,
+    /// with what each one's status.json says. Stuck ones are flagged.
+    List {
+        #[command(flatten)]
+        stuck: StuckAfter,
+    },
+    /// A job's instances, its status.json and the end of its logs.
+    Show {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
+        job: String,
+    },
+    /// Terminate a job's pending or running instance and mark it cancelled in status.json.
+    Cancel {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
+        job: String,
+    },
+    /// Launch a job again as its next attempt, through the launcher's guard and options. Needs
+    /// the same S3SPOT_* settings as the function.
+    Retry {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
+        job: String,
+    },
+    /// Terminate the stuck instances (pending or running past the max runtime and its grace)
+    /// and mark them failed.
+    Reap {
+        /// Only list what would be terminated.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        stuck: StuckAfter,
+    },
+}
+
+#[derive(Args)]
+struct StuckAfter {
+    /// Active for longer than this counts as stuck, e.g. 90m; default: S3SPOT_MAX_RUNTIME plus
+    /// 10 minutes.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    stuck_after: Option<Duration>,
+}
+
+impl From<JobsCommand> for Request {
+    fn from(command: JobsCommand) -> Request {
+        let secs = |stuck: StuckAfter| stuck.stuck_after.map(|d| d.as_secs());
+        match command {
+            JobsCommand::List { stuck } => Request::List {
+                stuck_after_secs: secs(stuck),
+            },
+            JobsCommand::Show { job } => Request::Show { job },
+            JobsCommand::Cancel { job } => Request::Cancel { job },
+            JobsCommand::Retry { job } => Request::Retry { job },
+            JobsCommand::Reap { dry_run, stuck } => Request::Reap {
+                dry_run,
+                stuck_after_secs: secs(stuck),
+            },
+        }
+    }
+}
+
+/// Returns whether the command did all it was asked.
+pub fn run(args: JobsArgs) -> anyhow::Result<bool> {
+    let request = Request::from(args.command);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let answer = runtime.block_on(async {
+        match &args.local {
+            Some(dir) => control::ask(dir, &request).await,
+            None => in_aws(&request).await,
+        }
+    })?;
+    print(&request, answer, args.json)
+}
+
+async fn in_aws(request: &Request) -> anyhow::Result<serde_json::Value> {
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let launcher = Ec2Launcher::new(&sdk);
+    let statuses = S3Statuses::new(&sdk);
+    let answer = match request {
+        Request::Retry { job } => {
+            let mut config = Config::from_env().context("bad configuration")?;
+            config.job.region = sdk.region().map(ToString::to_string);
+            retry(&Handler::new(config, launcher, statuses), job).await
+        }
+        _ => {
+            let config = JobsConfig::from_env().context("bad configuration")?;
+            execute(&Jobs::new(config, launcher, statuses), request).await
+        }
+    };
+    answer.map_err(|error| anyhow::anyhow!(error))
+}
+
+fn print(request: &Request, answer: serde_json::Value, json: bool) -> anyhow::Result<bool> {
+    let bad = |error: serde_json::Error| anyhow::anyhow!("unexpected answer: {error}");
+    let (text, complete) = match request {
+        Request::List { .. } => {
+            let rows: Vec<JobInstance> = serde_json::from_value(answer.clone()).map_err(bad)?;
+            (table(&rows), true)
+        }
+        Request::Show { .. } => {
+            let detail: JobDetail = serde_json::from_value(answer.clone()).map_err(bad)?;
+            (show(&detail), true)
+        }
+        Request::Cancel { .. } => {
+            let stopped: Stopped = serde_json::from_value(answer.clone()).map_err(bad)?;
+            (
+                stopped_text(&stopped, "cancelled"),
+                stopped.errors.is_empty(),
+            )
+        }
+        Request::Reap { dry_run, .. } => {
+            let stopped: Stopped = serde_json::from_value(answer.clone()).map_err(bad)?;
+            let verb = if *dry_run { "would reap" } else { "reaped" };
+            (stopped_text(&stopped, verb), stopped.errors.is_empty())
+        }
+        Request::Retry { .. } => {
+            let report: Report = serde_json::from_value(answer.clone()).map_err(bad)?;
+            (retried(&report), report.failed.is_empty())
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(complete)
+}
+
+/// A key as text that cannot break a table: control characters escaped.
+fn printable(key: &str) -> String {
+    if key.chars().any(char::is_control) {
+        format!("{key:?}")
+    } else {
+        key.to_owned()
+    }
+}
+
+fn age(secs: Option<u64>) -> String {
+    let Some(secs) = secs else {
+        return "-".into();
+    };
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        7200..172_800 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+fn table(rows: &[JobInstance]) -> String {
+    if rows.is_empty() {
+        return "no instances\n".into();
+    }
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.instance_id.clone(),
+                if row.stuck {
+                    format!("{} STUCK", row.state)
+                } else {
+                    row.state.clone()
+                },
+                row.market.clone(),
+                row.instance_type.clone().unwrap_or_else(|| "-".into()),
+                age(row.age_secs),
+                row.attempt.map_or_else(|| "-".into(), |a| a.to_string()),
+                row.result.map_or_else(|| "-".into(), |r| r.to_string()),
+                format!("s3://{}/{}", row.bucket, printable(&row.key)),
+            ]
+        })
+        .collect();
+    let header = [
+        "INSTANCE", "STATE", "MARKET", "TYPE", "AGE", "ATTEMPT", "RESULT", "JOB",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        text.push_str(out.trim_end());
+        text.push('\n');
+    };
+    line(&header.map(String::from));
+    for row in &cells {
+        line(row);
+    }
+    text
+}
+
+fn show(detail: &JobDetail) -> String {
+    let mut text = format!("job s3://{}/{}\n\n", detail.bucket, printable(&detail.key));
+    text.push_str(&table(&detail.instances));
+    let _ = write!(text, "\n{}:\n", detail.status_url);
+    match &detail.status {
+        Some(status) => {
+            text.push_str(&status_json(status));
+            text.push('\n');
+        }
+        None => text.push_str("  none yet\n"),
+    }
+    for log in &detail.logs {
+        let _ = write!(
+            text,
+            "\n{} (last {} bytes at most):\n",
+            log.url,
+            s3spot_lambda::jobs::LOG_TAIL_BYTES
+        );
+        text.push_str(&log.tail);
+        if !log.tail.ends_with('\n') {
+            text.push('\n');
+        }
+    }
+    text
+}
+
+fn status_json(status: &Status) -> String {
+    serde_json::to_string_pretty(status).unwrap_or_default()
+}
+
+fn stopped_text(stopped: &Stopped, verb: &str) -> String {
+    if stopped.instances.is_empty() {
+        return format!("{verb}: none\n");
+    }
+    let mut text = String::new();
+    for instance in &stopped.instances {
+        let _ = writeln!(
+            text,
+            "{verb} {} ({}, {}) s3://{}/{} attempt {}",
+            instance.instance_id,
+            instance.state,
+            age(instance.age_secs),
+            instance.bucket,
+            printable(&instance.key),
+            instance.attempt.unwrap_or(1),
+        );
+    }
+    for error in &stopped.errors {
+        let _ = writeln!(text, "warning: {error}");
+    }
+    text
+}
+
+fn retried(report: &Report) -> String {
+    let mut text = String::new();
+    for launched in &report.launched {
+        let _ = writeln!(
+            text,
+            "launched s3://{}/{} on {} ({} {}, ClientToken {})",
+            launched.bucket,
+            printable(&launched.key),
+            launched.instance_id,
+            launched.market,
+            launched.instance_type.as_deref().unwrap_or("template type"),
+            launched.client_token
+        );
+    }
+    for skipped in &report.skipped {
+        let _ = writeln!(
+            text,
+            "skipped s3://{}/{}: {}",
+            skipped.bucket,
+            printable(&skipped.key),
+            skipped.reason
+        );
+    }
+    for failed in &report.failed {
+        let _ = writeln!(
+            text,
+            "failed s3://{}/{}: {}",
+            failed.bucket,
+            printable(&failed.key),
+            failed.error
+        );
+    }
+    text
+}
