@@ -263,3 +263,166 @@ fn invoke_exits_1_with_the_report_when_records_fail() {
         "{stderr}"
     );
 }
+
+#[test]
+fn prices_follow_every_page_and_recommend_within_the_configured_types() {
+    let ec2 = Ec2::start();
+    let mut env = ec2.env.clone();
+    env.push(("S3SPOT_INSTANCE_TYPES", "t3.micro,m5.large".into()));
+
+    let output = run(&["prices", "--json", "--recommend"], &env);
+    assert!(output.status.success(), "{}", show(&output));
+    let document = stdout_json(&output);
+    assert_eq!(document["region"], "us-east-1");
+    let prices = document["prices"].as_array().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for price in prices {
+        let instance_type = price["instance_type"].as_str().unwrap();
+        assert!(["t3.micro", "m5.large"].contains(&instance_type), "{price}");
+        assert!(
+            price["spot_usd_per_hour"].as_f64().unwrap() > 0.0,
+            "{price}"
+        );
+        let zone = price["availability_zone"].as_str().unwrap().to_owned();
+        assert!(zone.starts_with("us-east-1"), "{price}");
+        assert!(
+            seen.insert((instance_type.to_owned(), zone)),
+            "one row per type and zone"
+        );
+        let on_demand = price["on_demand_usd_per_hour"].as_f64();
+        match instance_type {
+            "t3.micro" => assert_eq!(on_demand, Some(0.0104)),
+            _ => assert_eq!(on_demand, Some(0.096)),
+        }
+    }
+    assert!(seen.iter().any(|(t, _)| t == "t3.micro"));
+    assert!(seen.iter().any(|(t, _)| t == "m5.large"));
+    let best = &document["recommendation"];
+    assert_eq!(
+        best["spot_usd_per_hour"], prices[0]["spot_usd_per_hour"],
+        "the cheapest"
+    );
+    assert_eq!(document["order_by_price"].as_array().unwrap().len(), 2);
+
+    // One zone, as a table.
+    let output = run(
+        &[
+            "prices",
+            "--instance-types",
+            "t3.micro",
+            "--az",
+            "us-east-1a",
+        ],
+        &env,
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TYPE"), "{text}");
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[1].starts_with("t3.micro  us-east-1a"), "{text}");
+    assert!(lines[1].contains("0.0104"), "the on-demand price: {text}");
+
+    // No types anywhere: a clear error naming both ways to give them.
+    let output = run(&["prices"], &ec2.env);
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--instance-types"), "{stderr}");
+}
+
+#[test]
+fn jobs_list_cancel_retry_and_reap_instances_in_ec2() {
+    let ec2 = Ec2::start();
+    let env = ec2.env.clone();
+    ec2.runtime.block_on(async {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&ec2._moto.sdk_config().await)
+                .force_path_style(true)
+                .build(),
+        );
+        s3.create_bucket()
+            .bucket("example-bucket")
+            .send()
+            .await
+            .unwrap();
+    });
+    let jobs = |args: &[&str]| {
+        let mut all = vec!["jobs"];
+        all.extend_from_slice(args);
+        run(&all, &env)
+    };
+    let json = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let output = jobs(&all);
+        assert!(output.status.success(), "{args:?}: {}", show(&output));
+        stdout_json(&output)
+    };
+    let state = |id: &str| {
+        let described = ec2
+            .runtime
+            .block_on(ec2.client.describe_instances().instance_ids(id).send())
+            .unwrap();
+        described.reservations()[0].instances()[0]
+            .state()
+            .unwrap()
+            .name()
+            .unwrap()
+            .as_str()
+            .to_owned()
+    };
+
+    let output = run(&["invoke", "--event", &event_path("s3-put.json")], &env);
+    assert!(output.status.success(), "{}", show(&output));
+    let first = stdout_json(&output)["launched"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let rows = json(&["list"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows:#}");
+    assert_eq!(rows[0]["instance_id"], first.as_str());
+    assert_eq!(rows[0]["key"], "test/key");
+    assert_eq!(rows[0]["market"], "spot");
+    assert_eq!(rows[0]["stuck"], false);
+
+    let dry = json(&["reap", "--dry-run", "--stuck-after", "0s"]);
+    assert_eq!(dry["instances"][0]["instance_id"], first.as_str());
+    assert_eq!(state(&first), "running", "a dry run terminates nothing");
+
+    let output = jobs(&["cancel", "test/key"]);
+    assert!(output.status.success(), "{}", show(&output));
+    assert_ne!(state(&first), "running");
+    let shown = json(&["show", "test/key"]);
+    assert_eq!(shown["status"]["state"], "cancelled", "{shown:#}");
+    assert_eq!(
+        shown["status_url"],
+        "s3://example-bucket/analysis/test/key/status.json"
+    );
+
+    let retried = json(&["retry", &first]);
+    let second = retried["launched"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(second, first);
+    let token = retried["launched"][0]["client_token"].as_str().unwrap();
+    assert!(token.contains("-2-"), "attempt 2's token: {token}");
+    let output = jobs(&["retry", "test/key"]);
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cancel it first"),
+        "{}",
+        show(&output)
+    );
+
+    let reaped = json(&["reap", "--stuck-after", "0s"]);
+    assert_eq!(reaped["instances"][0]["instance_id"], second.as_str());
+    assert_ne!(state(&second), "running");
+    let shown = json(&["show", &second]);
+    assert_eq!(shown["status"]["state"], "failed", "{shown:#}");
+    assert_eq!(shown["status"]["attempt"], 2);
+    assert_eq!(shown["status"]["history"][0]["state"], "cancelled");
+    let output = jobs(&["reap", "--stuck-after", "0s"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "reaped: none\n");
+}

@@ -63,8 +63,12 @@ def check_resource_star_only_where_required(template):
             if s["Effect"] != "Allow" or "Resource" not in s:
                 continue
             if "*" in as_list(s["Resource"]):
-                assert as_list(s["Action"]) == ["ec2:DescribeInstances"], (
-                    f"{where}: Resource '*' for {s['Action']}; only DescribeInstances needs it"
+                assert as_list(s["Action"]) in (
+                    ["ec2:DescribeInstances"],
+                    ["ec2:DescribeSpotPriceHistory"],
+                ), (
+                    f"{where}: Resource '*' for {s['Action']}; only DescribeInstances and "
+                    "DescribeSpotPriceHistory need it"
                 )
                 assert "RequiresWildcard" in s.get("Sid", ""), (
                     f"{where}: the Resource '*' statement must say why in its Sid"
@@ -132,6 +136,8 @@ def check_launcher_role_exact(template):
         "ec2:CreateTags",
         "ec2:DescribeInstances",
         "ec2:DescribeInstanceAttribute",
+        "ec2:DescribeSpotPriceHistory",
+        "ec2:TerminateInstances",
         "s3:GetObject",
         "s3:PutObject",
         "s3:ListBucket",
@@ -155,11 +161,41 @@ def check_launcher_role_exact(template):
             )
         if "s3:ListBucket" in as_list(s["Action"]):
             assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
-        if "ec2:DescribeInstanceAttribute" in as_list(s["Action"]):
+        if {"ec2:DescribeInstanceAttribute", "ec2:TerminateInstances"} & set(
+            as_list(s["Action"])
+        ):
             assert resource_type(sub_text(s["Resource"])) == "instance"
             assert s.get("Condition") == {
                 "StringEquals": {"ec2:ResourceTag/s3spot:pipeline": {"Ref": "PipelineName"}}
-            }, "user-data of the pipeline's own instances only"
+            }, f"{s['Action']}: the pipeline's own instances only"
+
+
+def check_reaper_scheduled(template):
+    """The reaper runs on a schedule, as the launcher function, with the standard scheduled
+    event (what `Record::Reap` recognises)."""
+    rules = [
+        r["Properties"]
+        for r in resources_of_type(template, "AWS::Events::Rule").values()
+        if "ScheduleExpression" in r["Properties"]
+    ]
+    assert len(rules) == 1, rules
+    rule = rules[0]
+    assert rule["ScheduleExpression"] == {"Ref": "ReaperRate"}
+    assert rule.get("State", "ENABLED") == "ENABLED"
+    targets = rule["Targets"]
+    assert len(targets) == 1 and targets[0]["Arn"] == {"Fn::GetAtt": ["LauncherFunction", "Arn"]}
+    assert "Input" not in targets[0], "the scheduled event itself, not a custom input"
+    pattern = re.compile(template["Parameters"]["ReaperRate"]["AllowedPattern"])
+    for good in ("rate(15 minutes)", "rate(1 hour)", "rate(2 hours)"):
+        assert pattern.fullmatch(good), good
+    for bad in ("rate(1 minutes)", "rate(0 minutes)", "cron(0 * * * ? *)", "15"):
+        assert not pattern.fullmatch(bad), bad
+    permissions = [
+        p["Properties"]
+        for p in resources_of_type(template, "AWS::Lambda::Permission").values()
+        if p["Properties"]["Principal"] == "events.amazonaws.com"
+    ]
+    assert any(p["FunctionName"] == {"Ref": "LauncherFunction"} for p in permissions), permissions
 
 
 def check_instance_role_exact(template):
@@ -415,6 +451,7 @@ CHECKS = [
     check_function,
     check_environment_matches_launcher,
     check_alarms,
+    check_reaper_scheduled,
     check_checkov_skips_explained,
     check_parameters,
 ]
@@ -623,6 +660,22 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
                     s.pop("Condition")
 
         self.expect_failure(check_launcher_role_exact, edit)
+
+    def test_launcher_terminates_any_instance(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s.get("Sid") == "TerminateOwnInstances":
+                    s.pop("Condition")
+
+        self.expect_failure(check_launcher_role_exact, edit)
+
+    def test_no_reaper(self):
+        def edit(t):
+            for name, r in list(t["Resources"].items()):
+                if r["Type"] == "AWS::Events::Rule" and "ScheduleExpression" in r["Properties"]:
+                    del t["Resources"][name]
+
+        self.expect_failure(check_reaper_scheduled, edit)
 
     def test_queue_policy_names_another_bucket(self):
         self.expect_failure(

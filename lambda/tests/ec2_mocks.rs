@@ -6,10 +6,13 @@ use std::time::Duration;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::retry::RetryConfig;
 use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
+use aws_sdk_ec2::operation::describe_spot_price_history::{
+    DescribeSpotPriceHistoryInput, DescribeSpotPriceHistoryOutput,
+};
 use aws_sdk_ec2::operation::run_instances::{RunInstancesInput, RunInstancesOutput};
 use aws_sdk_ec2::types::{
     HttpTokensState, Instance, InstanceType, MarketType, Reservation, ResourceType,
-    ShutdownBehavior, SpotInstanceType,
+    ShutdownBehavior, SpotInstanceType, SpotPrice,
 };
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
 use s3spot_lambda::handler::Report;
@@ -414,4 +417,87 @@ async fn under_the_cap_the_guard_follows_every_page() {
     let report = report(&handler).await;
     assert_eq!(report.launched.len(), 1, "{report:?}");
     assert_eq!((first_page.num_calls(), next_page.num_calls()), (1, 1));
+}
+
+/// A page of spot price history: `(type, zone, price)` entries, and the token of the next page.
+fn price_page(
+    entries: &[(&str, &str, &str)],
+    next_token: Option<&str>,
+) -> DescribeSpotPriceHistoryOutput {
+    DescribeSpotPriceHistoryOutput::builder()
+        .set_spot_price_history(Some(
+            entries
+                .iter()
+                .map(|(instance_type, zone, price)| {
+                    SpotPrice::builder()
+                        .instance_type(InstanceType::from(*instance_type))
+                        .availability_zone(*zone)
+                        .spot_price(*price)
+                        .timestamp(aws_sdk_ec2::primitives::DateTime::from_secs(1_800_000_000))
+                        .build()
+                })
+                .collect(),
+        ))
+        .set_next_token(next_token.map(str::to_owned))
+        .build()
+}
+
+/// Two pages of prices; the cheapest type is on the second.
+fn two_pages_of_prices() -> (Rule, Rule) {
+    let first = mock!(Client::describe_spot_price_history)
+        .match_requests(|r: &DescribeSpotPriceHistoryInput| {
+            r.next_token().is_none() && r.product_descriptions() == ["Linux/UNIX"]
+        })
+        .then_output(|| {
+            price_page(
+                &[
+                    ("m5.large", "us-east-1a", "0.0400"),
+                    ("c5.large", "us-east-1a", "0.0350"),
+                ],
+                Some("page-2"),
+            )
+        });
+    let second = mock!(Client::describe_spot_price_history)
+        .match_requests(|r: &DescribeSpotPriceHistoryInput| r.next_token() == Some("page-2"))
+        .then_output(|| price_page(&[("t3.large", "us-east-1b", "0.0200")], None));
+    (first, second)
+}
+
+#[tokio::test]
+async fn spot_prices_follow_every_page() {
+    use s3spot_lambda::{Launcher as _, PriceQuery};
+    let (first, second) = two_pages_of_prices();
+    let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, &[&first, &second]);
+    let prices = Ec2Launcher::from_client(client)
+        .spot_prices(&PriceQuery::default())
+        .await
+        .unwrap();
+    let types: Vec<&str> = prices.iter().map(|p| p.instance_type.as_str()).collect();
+    assert_eq!(types, ["m5.large", "c5.large", "t3.large"]);
+    assert_eq!(prices[2].usd_per_hour, 0.02);
+    assert_eq!(prices[2].at, 1_800_000_000);
+    assert_eq!((first.num_calls(), second.num_calls()), (1, 1));
+}
+
+#[tokio::test]
+async fn order_by_price_launches_the_cheapest_type_of_any_page_first() {
+    let (first, second) = two_pages_of_prices();
+    let run = mock!(Client::run_instances)
+        .match_requests(|r: &RunInstancesInput| r.instance_type() == Some(&InstanceType::T3Large))
+        .then_output(|| launched("i-0cheap", "t3.large"));
+    let describe = none_running();
+    let handler = handler(
+        config(&[
+            ("S3SPOT_INSTANCE_TYPES", "m5.large,c5.large,t3.large"),
+            ("S3SPOT_ORDER_BY_PRICE", "true"),
+        ]),
+        &[&describe, &first, &second, &run],
+    );
+    let report = report(&handler).await;
+    assert_eq!(report.launched.len(), 1, "{report:?}");
+    assert_eq!(
+        report.launched[0].instance_type.as_deref(),
+        Some("t3.large")
+    );
+    assert_eq!(run.num_calls(), 1, "the cheapest type, first");
 }

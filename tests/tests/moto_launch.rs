@@ -244,6 +244,8 @@ const EXPECTED: &[Expected] = &[
     ),
     // Its instance is not one moto knows.
     expect("spot-interruption.json", &[], 1),
+    // The reaper's schedule: the instances launched above are young, so none is reaped.
+    expect("scheduled-reap.json", &[], 0),
 ];
 
 #[tokio::test]
@@ -268,6 +270,7 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
     {
         let report = report(&handler, name).await;
         assert_eq!(report.failed, [], "{name}");
+        assert_eq!(report.reaped, [], "{name}");
         assert_eq!(
             report.skipped.len(),
             skipped,
