@@ -112,12 +112,21 @@ pub fn current(history: &[SpotPrice], region: &str) -> Vec<Quote> {
     quotes
 }
 
-/// The cheapest current quote among `allowed` types (any type when `allowed` is empty).
+/// The cheapest current quote among `allowed` types (any type when `allowed` is empty). Among
+/// equally cheap types, the one listed first in `allowed` wins, as it does in
+/// [`order_by_price`].
 pub fn recommend<'q>(quotes: &'q [Quote], allowed: &[String]) -> Option<&'q Quote> {
-    // `quotes` is sorted cheapest first.
-    quotes
-        .iter()
-        .find(|q| allowed.is_empty() || allowed.contains(&q.instance_type))
+    let rank = |q: &Quote| allowed.iter().position(|t| *t == q.instance_type);
+    let fitting = || {
+        quotes
+            .iter()
+            .filter(move |q| allowed.is_empty() || rank(q).is_some())
+    };
+    let cheapest = fitting().map(|q| q.spot_usd_per_hour).reduce(f64::min)?;
+    // `quotes` is sorted cheapest first, so the zone is the first one listed at that price.
+    fitting()
+        .filter(|q| q.spot_usd_per_hour == cheapest)
+        .min_by_key(|q| rank(q))
 }
 
 /// `types` ordered by their cheapest current price in any zone. Types without a price keep
@@ -214,6 +223,21 @@ mod tests {
             ("m5.large", "b")
         );
         assert_eq!(recommend(&quotes, &["x1.32xlarge".to_owned()]), None);
+
+        // A tie goes to the type listed first, as in the launch order.
+        let tied = current(
+            &[
+                price("c5.large", "a", 0.02, 1),
+                price("m5.large", "a", 0.02, 1),
+            ],
+            "us-east-1",
+        );
+        let allowed = ["m5.large".to_owned(), "c5.large".to_owned()];
+        assert_eq!(
+            recommend(&tied, &allowed).unwrap().instance_type,
+            "m5.large"
+        );
+        assert_eq!(order_by_price(&allowed, &tied)[0], "m5.large");
     }
 
     #[test]

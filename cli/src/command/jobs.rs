@@ -249,9 +249,13 @@ fn show(detail: &JobDetail) -> String {
             log.url,
             s3spot_lambda::jobs::LOG_TAIL_BYTES
         );
-        text.push_str(&log.tail);
-        if !log.tail.ends_with('\n') {
-            text.push('\n');
+        if log.tail.is_empty() {
+            text.push_str("(empty)\n");
+        } else {
+            text.push_str(&log.tail);
+            if !log.tail.ends_with('\n') {
+                text.push('\n');
+            }
         }
     }
     text

@@ -89,7 +89,7 @@ pub fn run(args: PricesArgs) -> anyhow::Result<bool> {
         if args.recommend {
             match recommended {
                 Some(best) => println!(
-                    "recommended: {} in {} at ${:.4}/h\nS3SPOT_ORDER_BY_PRICE=true tries them in \
+                    "recommended: {} in {} at ${}/h\nS3SPOT_ORDER_BY_PRICE=true tries them in \
                      this order: {}",
                     best.instance_type,
                     best.availability_zone,
@@ -107,7 +107,8 @@ fn table(quotes: &[Quote], with_range: bool) -> String {
     if quotes.is_empty() {
         return "no spot prices for these types here\n".into();
     }
-    let dollars = |usd: f64| format!("{usd:.4}");
+    // As EC2 gives them: spot prices have up to six decimals, list prices three to five.
+    let dollars = |usd: f64| format!("{usd}");
     let mut header = vec!["TYPE", "ZONE", "SPOT $/H", "ON-DEMAND $/H", "SAVING"];
     if with_range {
         header.extend(["LOW", "HIGH"]);
