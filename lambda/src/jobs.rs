@@ -227,8 +227,24 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 self.rows(instances, clock).await
             }
             Target::Object { bucket, key } => {
-                let rows = self.list(clock).await?;
-                Ok(rows
+                // By the tags first, so that only this job's status.json is read; a key longer
+                // than a tag holds is confirmed from the user-data by `rows`.
+                let tagged: String = key.chars().take(MAX_TAG_VALUE_CHARS).collect();
+                let instances = self
+                    .launcher
+                    .instances(pipeline, None)
+                    .await?
+                    .into_iter()
+                    .filter(|i| i.tag(TAG_KEY) == Some(tagged.as_str()))
+                    .filter(|i| {
+                        bucket
+                            .as_deref()
+                            .is_none_or(|b| i.tag(TAG_BUCKET) == Some(b))
+                    })
+                    .collect();
+                Ok(self
+                    .rows(instances, clock)
+                    .await?
                     .into_iter()
                     .filter(|row| {
                         &row.key == key && bucket.as_ref().is_none_or(|b| &row.bucket == b)

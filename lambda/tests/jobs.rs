@@ -453,3 +453,24 @@ async fn order_by_price_tries_the_cheapest_spot_type_first() {
         Some("m5.large")
     );
 }
+
+#[tokio::test]
+async fn keys_longer_than_a_tag_are_read_whole_from_the_user_data() {
+    let long = format!("in/{}.csv", "k".repeat(300));
+    let mut instance = instance("i-long", &long, 1, "running", 60);
+    for (name, value) in &mut instance.0.tags {
+        if name == "s3spot:key" {
+            *value = long.chars().take(256).collect();
+        }
+    }
+    let launcher = launcher(vec![instance]);
+    let statuses = MemoryStatuses::default();
+    let jobs = jobs(&launcher, &statuses);
+    let rows = jobs.list(clock()).await.unwrap();
+    assert_eq!(rows[0].key, long);
+    let found = jobs.find(&key(&long), clock()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    // A key that shares the tag's 256 characters but not the rest is another job.
+    let other = format!("{}other", &long[..256]);
+    assert_eq!(jobs.find(&key(&other), clock()).await.unwrap(), []);
+}
