@@ -5,26 +5,50 @@
 use s3spot_lambda::{Clock, Handler, Jobs, Launcher, StatusStore, Target};
 use serde::{Deserialize, Serialize};
 
-/// One job command, as `s3spot local serve` receives it over its control socket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One job command: parsed from the command line, and sent as JSON to `s3spot local serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Subcommand)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
+    /// The pipeline's instances (EC2 lists terminated ones for about an hour), oldest first,
+    /// with what each one's status.json says. Stuck ones are flagged.
     List {
+        /// Active this long counts as stuck, e.g. 90m; default: S3SPOT_MAX_RUNTIME plus 10
+        /// minutes.
+        #[arg(long = "stuck-after", value_name = "DURATION", value_parser = seconds)]
         stuck_after_secs: Option<u64>,
     },
+    /// A job's instances, its status.json and the end of its logs.
     Show {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
         job: String,
     },
+    /// Terminate a job's pending or running instance and mark it cancelled in status.json.
     Cancel {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
         job: String,
     },
+    /// Launch a job again as its next attempt, through the launcher's guard and options. Needs
+    /// the same S3SPOT_* settings as the function.
     Retry {
+        /// An object key, s3://bucket/key, or the id of one of the job's instances.
         job: String,
     },
+    /// Terminate the stuck instances (pending or running past the max runtime and its grace)
+    /// and mark them failed.
     Reap {
+        /// Only list what would be terminated.
+        #[arg(long)]
         dry_run: bool,
+        /// Active this long counts as stuck, e.g. 90m; default: S3SPOT_MAX_RUNTIME plus 10
+        /// minutes.
+        #[arg(long = "stuck-after", value_name = "DURATION", value_parser = seconds)]
         stuck_after_secs: Option<u64>,
     },
+}
+
+/// A duration as people write it ("90m", "2h"), in whole seconds.
+fn seconds(text: &str) -> Result<u64, humantime::DurationError> {
+    humantime::parse_duration(text).map(|d| d.as_secs())
 }
 
 /// Runs every request but `retry` on `jobs`; the answer as JSON, or the error's whole chain.

@@ -142,10 +142,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     pub async fn retry(&self, target: &Target) -> Result<Report, JobsError> {
         let jobs = self.jobs();
         let instances = jobs.find(target, Clock::now(jobs.config())).await?;
-        if let Some(active) = instances
-            .iter()
-            .find(|i| matches!(i.state.as_str(), "pending" | "running"))
-        {
+        if let Some(active) = instances.iter().find(|i| i.is_active()) {
             return Err(JobsError::StillActive {
                 bucket: active.bucket.clone(),
                 key: active.key.clone(),

@@ -12,7 +12,7 @@ use crate::config::JobsConfig;
 use crate::handler::{decode_job, ended};
 use crate::launcher::{
     InstanceInfo, LaunchError, Launcher, MAX_TAG_VALUE_CHARS, TAG_BUCKET, TAG_JOB, TAG_KEY,
-    TAG_PIPELINE,
+    TAG_PIPELINE, is_active_state,
 };
 use crate::statuses::{StatusError, StatusStore};
 
@@ -128,6 +128,12 @@ pub struct JobInstance {
     pub stuck: bool,
     /// What status.json says of this instance's attempt, once there is one.
     pub result: Option<State>,
+}
+
+impl JobInstance {
+    pub fn is_active(&self) -> bool {
+        is_active_state(&self.state)
+    }
 }
 
 /// A job in full, for `s3spot jobs show`.
@@ -291,7 +297,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         let (bucket, key) = self.object_of(target, &instances)?;
         let active: Vec<JobInstance> = instances
             .iter()
-            .filter(|i| is_active(&i.state))
+            .filter(|i| i.is_active())
             .cloned()
             .collect();
         if active.is_empty() {
@@ -523,10 +529,6 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         }
         Ok(rows)
     }
-}
-
-fn is_active(state: &str) -> bool {
-    matches!(state, "pending" | "running")
 }
 
 /// How status.json says `attempt` ended: the document itself, or an entry of its history.

@@ -35,6 +35,11 @@ pub struct Launched {
     pub instance_type: Option<String>,
 }
 
+/// Pending or running: the states that bill, or are about to.
+pub fn is_active_state(state: &str) -> bool {
+    matches!(state, "pending" | "running")
+}
+
 /// An instance as the compute provider describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
@@ -57,9 +62,8 @@ impl InstanceInfo {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Pending or running: the states that bill, or are about to.
     pub fn is_active(&self) -> bool {
-        matches!(self.state.as_str(), "pending" | "running")
+        is_active_state(&self.state)
     }
 
     /// The job's attempt this instance runs, from its tag.

@@ -3,10 +3,9 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Subcommand};
+use clap::Args;
 use s3spot_bootstrap::Status;
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::jobs::{JobDetail, JobInstance, Stopped};
@@ -24,73 +23,12 @@ pub struct JobsArgs {
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
-    command: JobsCommand,
-}
-
-#[derive(Subcommand)]
-enum JobsCommand {
-    /// The pipeline's instances (EC2 lists terminated ones for about an hour), oldest first,
-    /// with what each one's status.json says. Stuck ones are flagged.
-    List {
-        #[command(flatten)]
-        stuck: StuckAfter,
-    },
-    /// A job's instances, its status.json and the end of its logs.
-    Show {
-        /// An object key, s3://bucket/key, or the id of one of the job's instances.
-        job: String,
-    },
-    /// Terminate a job's pending or running instance and mark it cancelled in status.json.
-    Cancel {
-        /// An object key, s3://bucket/key, or the id of one of the job's instances.
-        job: String,
-    },
-    /// Launch a job again as its next attempt, through the launcher's guard and options. Needs
-    /// the same S3SPOT_* settings as the function.
-    Retry {
-        /// An object key, s3://bucket/key, or the id of one of the job's instances.
-        job: String,
-    },
-    /// Terminate the stuck instances (pending or running past the max runtime and its grace)
-    /// and mark them failed.
-    Reap {
-        /// Only list what would be terminated.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        stuck: StuckAfter,
-    },
-}
-
-#[derive(Args)]
-struct StuckAfter {
-    /// Active for longer than this counts as stuck, e.g. 90m; default: S3SPOT_MAX_RUNTIME plus
-    /// 10 minutes.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    stuck_after: Option<Duration>,
-}
-
-impl From<JobsCommand> for Request {
-    fn from(command: JobsCommand) -> Request {
-        let secs = |stuck: StuckAfter| stuck.stuck_after.map(|d| d.as_secs());
-        match command {
-            JobsCommand::List { stuck } => Request::List {
-                stuck_after_secs: secs(stuck),
-            },
-            JobsCommand::Show { job } => Request::Show { job },
-            JobsCommand::Cancel { job } => Request::Cancel { job },
-            JobsCommand::Retry { job } => Request::Retry { job },
-            JobsCommand::Reap { dry_run, stuck } => Request::Reap {
-                dry_run,
-                stuck_after_secs: secs(stuck),
-            },
-        }
-    }
+    command: Request,
 }
 
 /// Returns whether the command did all it was asked.
 pub fn run(args: JobsArgs) -> anyhow::Result<bool> {
-    let request = Request::from(args.command);
+    let request = args.command;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
