@@ -8,6 +8,8 @@
 pub mod config;
 pub mod ec2;
 pub mod event;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod handler;
 pub mod jobs;
 pub mod key;

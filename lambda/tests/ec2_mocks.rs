@@ -15,9 +15,10 @@ use aws_sdk_ec2::types::{
     ShutdownBehavior, SpotInstanceType, SpotPrice,
 };
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
+use s3spot_lambda::fake::MemoryStatuses;
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, ec2};
-use s3spot_tests::{MemoryStatuses, event, s3spot_lookup};
+use s3spot_tests::{event, s3spot_lookup};
 use serde_json::Value;
 
 fn config(overrides: &[(&str, &str)]) -> Config {

@@ -4,12 +4,13 @@
 use s3spot_bootstrap::{Attempt, State, Status, job_from_user_data};
 use s3spot_lambda::config::MarketType;
 use s3spot_lambda::event::ObjectCreated;
+use s3spot_lambda::fake::{MemoryStatuses, ScriptedLauncher};
 use s3spot_lambda::handler::{FailedRecord, Report};
 use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::{
     Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Response,
 };
-use s3spot_tests::{MemoryStatuses, ScriptedLauncher, event, s3spot_lookup};
+use s3spot_tests::{event, s3spot_lookup};
 use serde_json::{Value, json};
 
 fn config(overrides: &[(&str, &str)]) -> Config {

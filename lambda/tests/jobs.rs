@@ -3,12 +3,13 @@
 
 use s3spot_bootstrap::{Attempt, State, Status};
 use s3spot_lambda::event::ObjectCreated;
+use s3spot_lambda::fake::{MemoryStatuses, ScriptedLauncher};
 use s3spot_lambda::handler::Report;
 use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::{
     Clock, Config, Handler, InstanceInfo, Jobs, JobsError, Response, SpotPrice, Target,
 };
-use s3spot_tests::{MemoryStatuses, ScriptedLauncher, event, s3spot_lookup};
+use s3spot_tests::{event, s3spot_lookup};
 use serde_json::json;
 
 fn config(overrides: &[(&str, &str)]) -> Config {

@@ -1,4 +1,4 @@
-//! Test servers on threads of their own, with the accept loop of the local S3 server.
+//! Test servers on threads of their own.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -7,8 +7,28 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
-/// The accept loop the local S3 server uses too.
-pub(crate) use s3spot::local::serve;
+/// Serves HTTP/1.1 with `service` on every connection `listener` accepts, until dropped.
+pub(crate) async fn serve<S, B>(listener: TcpListener, service: S)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
 
 /// A server on its own thread and runtime: usable from plain and async tests alike, and never
 /// starved by the test's own work. It stops when the returned handle is dropped.

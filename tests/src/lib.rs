@@ -1,12 +1,12 @@
-//! Test harness shared by s3spot's integration tests: real third-party servers (moto for EC2,
-//! s3s-fs for S3), a Lambda Runtime API emulator, a fake IMDSv2, and paths into the workspace.
+//! The servers s3spot's tests run against: real third-party servers (moto for EC2, s3s-fs for
+//! S3), a Lambda Runtime API emulator, a fake IMDSv2, and paths into the workspace. It depends on
+//! no s3spot crate, so that any crate's tests can use it without building the others; the fakes
+//! of s3spot's own seams live beside those seams.
 
 mod http;
 pub mod imds;
-mod launcher;
 mod runtime_api;
 mod s3;
-mod statuses;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -15,10 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use imds::FakeImds;
-pub use launcher::ScriptedLauncher;
 pub use runtime_api::{Outcome, RuntimeApi};
 pub use s3::S3Server;
-pub use statuses::MemoryStatuses;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {

@@ -10,7 +10,7 @@ use s3spot_bootstrap::State;
 use s3spot_tests::{show, workspace_root};
 
 /// The `s3spot` command, as this package builds it: it is also the worker local instances run.
-const S3SPOT: &str = env!("CARGO_BIN_EXE_s3spot-e2e");
+const S3SPOT: &str = env!("CARGO_BIN_EXE_s3spot");
 
 struct Local {
     pipeline: Pipeline,
