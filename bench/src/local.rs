@@ -39,7 +39,15 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
         .to_owned();
     // Progress lines keep coming; drain them so that the server never blocks on its stdout.
     std::thread::spawn(move || lines.for_each(drop));
-    let s3 = s3spot::local::client(&endpoint, &s3spot::local::Options::new(PathBuf::new())).await;
+    // The pipeline's credentials, as its ready line gives them.
+    let mut credentials = s3spot::local::Options::new(PathBuf::new());
+    if let Some(key) = ready["ready"]["access_key"].as_str() {
+        credentials.access_key = key.to_owned();
+    }
+    if let Some(key) = ready["ready"]["secret_key"].as_str() {
+        credentials.secret_key = key.to_owned();
+    }
+    let s3 = s3spot::local::client(&endpoint, &credentials).await;
 
     let small = std::fs::read("events/sample/measurements.csv")
         .context("read events/sample/measurements.csv (run from the workspace root)")?;
@@ -99,20 +107,28 @@ async fn upload_to_status(
         .await
         .with_context(|| format!("upload {key}"))?;
     let uploaded = Instant::now();
-    let status_key = format!("analysis/{key}/status.json");
+    // The upload's own folder under the key's results holds it.
+    let key_results = format!("analysis/{key}/");
     let deadline = uploaded + Duration::from_secs(120);
     loop {
-        if s3
-            .head_object()
+        let listed = s3
+            .list_objects_v2()
             .bucket("data")
-            .key(&status_key)
+            .prefix(&key_results)
             .send()
             .await
-            .is_ok()
+            .with_context(|| format!("list {key_results}"))?;
+        if listed
+            .contents()
+            .iter()
+            .any(|o| o.key().is_some_and(|k| k.ends_with("/status.json")))
         {
             return Ok(uploaded.elapsed().as_secs_f64() * 1e3);
         }
-        anyhow::ensure!(Instant::now() < deadline, "no {status_key} after 120 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no status.json under {key_results} after 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

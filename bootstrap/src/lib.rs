@@ -1,22 +1,36 @@
-//! The contracts between the launcher and the instance: the [`JobSpec`] that travels out in EC2
-//! user-data (with the bootstrap script that carries it), and the [`Status`] that comes back as
-//! `status.json` next to the results.
+//! The contract between the launcher and the instance, and the protocol that comes back:
+//!
+//! - the [`JobSpec`] that travels out in EC2 user-data, with the bootstrap script that carries
+//!   it out ([`render_user_data`]), and where the job's results live
+//!   ([`JobSpec::results_key_prefix`]);
+//! - the [`Status`] that comes back as `status.json`: what each writer starts from, the
+//!   launcher's verdicts, and the one rule for which status replaces which ([`settle`]), applied
+//!   through the [`StatusStore`] seam by [`record`];
+//! - the worker's [`Stage`] events.
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod job;
 mod render;
+mod stage;
 mod status;
+mod store;
 
 pub use job::{
-    DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, WorkerArtifact,
-    results_key_prefix,
+    DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, UploadIdentity, WorkerArtifact,
+    job_id, key_results_prefix, upload_folder,
 };
 pub use render::{
     HARD_LIMIT_GRACE_SECS, KILL_AFTER_SECS, MAX_USER_DATA_BYTES, RenderError, UserData,
-    job_from_user_data, render_user_data,
+    job_from_base64_user_data, job_from_user_data, render_user_data,
 };
+pub use stage::Stage;
 pub use status::{
-    Attempt, Input, Instance, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status,
-    Timings,
+    Attempt, Input, Instance, OtherJob, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
+    Settled, State, Status, Timings, Writer, settle, timestamp,
+};
+pub use store::{
+    Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored, read_status, record,
 };
 
 /// An error and its sources, joined with ": ". Every s3spot crate reports errors this way, so that

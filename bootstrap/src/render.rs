@@ -97,7 +97,18 @@ pub fn render_user_data(job: &JobSpec, region: Option<&str>) -> Result<UserData,
     Ok(UserData(script))
 }
 
-/// Reads the [`JobSpec`] back out of a rendered script, e.g. user-data fetched from EC2.
+/// The [`JobSpec`] an instance was launched with, from its user-data as EC2 returns it: base64
+/// of the rendered script.
+pub fn job_from_base64_user_data(encoded: &str) -> Result<JobSpec, JobDecodeError> {
+    let script = BASE64
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or(JobDecodeError::NotAScript)?;
+    job_from_user_data(&script)
+}
+
+/// Reads the [`JobSpec`] back out of a rendered script.
 pub fn job_from_user_data(script: &str) -> Result<JobSpec, JobDecodeError> {
     let word = script
         .lines()

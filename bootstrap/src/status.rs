@@ -1,6 +1,14 @@
-//! The contract that comes back: `status.json`, written by the worker on every outcome.
+//! The contract that comes back: `status.json`, one per job (one upload of one object), in the
+//! job's results folder. The worker writes its account of each attempt; the launcher writes a
+//! verdict when it ends an attempt itself or finds one ended without an account. [`settle`] is
+//! the one rule for which of them a stored document gives way to.
 
+use std::time::SystemTime;
+
+use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use serde::{Deserialize, Serialize};
+
+use crate::job::JobSpec;
 
 /// The name of the status document under a job's results prefix.
 pub const STATUS_FILE: &str = "status.json";
@@ -39,10 +47,30 @@ impl std::fmt::Display for State {
     }
 }
 
-/// How one job ended.
+/// Who wrote a status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Writer {
+    /// The worker, on the instance: what it did.
+    #[default]
+    Worker,
+    /// The launcher (a spot interruption's re-launch, a cancel, the reaper): what it decided, or
+    /// what it found when an instance ended without a word.
+    Launcher,
+}
+
+/// How one job ended, or how far it got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub state: State,
+    /// The job this status belongs to (see [`crate::job_id`]); every reader checks it.
+    #[serde(default)]
+    pub job_id: String,
+    /// When the object was uploaded, as its event said: with `job_id`, it names the job's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_at: Option<String>,
+    #[serde(default)]
+    pub written_by: Writer,
     pub input: Input,
     /// The result keys written for this job, status.json aside.
     pub outputs: Vec<String>,
@@ -74,49 +102,6 @@ pub struct Attempt {
     pub finished_at: String,
 }
 
-impl Status {
-    /// Takes over the history of `previous`, the status this job had before this attempt, with
-    /// `previous` itself as its last entry when it is an earlier attempt.
-    pub fn carry_history(&mut self, previous: Status) {
-        let mut history: Vec<Attempt> = previous
-            .history
-            .into_iter()
-            .filter(|a| a.attempt < self.attempt)
-            .collect();
-        if previous.attempt < self.attempt {
-            history.push(Attempt {
-                attempt: previous.attempt,
-                state: previous.state,
-                instance_id: previous.instance.and_then(|i| i.id),
-                error: previous.error,
-                finished_at: previous.finished_at,
-            });
-        }
-        history.extend(std::mem::take(&mut self.history));
-        self.history = history;
-    }
-}
-
-impl Status {
-    /// Keeps the launcher's verdict on this attempt. A worker stopped from outside (a shutdown,
-    /// SIGTERM) reports itself interrupted, but the launcher knows why: it cancelled the job,
-    /// reaped it as stuck, or re-launched it after a spot interruption, and wrote so to
-    /// status.json first. That state and account stay; the worker's own note is added to them.
-    pub fn keep_verdict(&mut self, current: &Status) {
-        if self.state != State::Interrupted
-            || current.attempt != self.attempt
-            || current.state == State::Succeeded
-        {
-            return;
-        }
-        self.state = current.state;
-        self.error = match (current.error.clone(), self.error.take()) {
-            (Some(verdict), Some(own)) if verdict != own => Some(format!("{verdict}; {own}")),
-            (verdict, own) => verdict.or(own),
-        };
-    }
-}
-
 /// The object as it was downloaded (or as the job described it, if it never was).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Input {
@@ -144,43 +129,249 @@ pub struct Instance {
     pub lifecycle: Option<String>,
 }
 
+/// RFC 3339 in UTC, as status.json writes times.
+pub fn timestamp(time: SystemTime) -> String {
+    DateTime::from(time)
+        .fmt(DateTimeFormat::DateTime)
+        .unwrap_or_default()
+}
+
+impl Status {
+    /// Where every account of `job` starts: failed, until the writer knows better.
+    pub fn initial(job: &JobSpec, written_by: Writer, started: SystemTime) -> Status {
+        Status {
+            state: State::Failed,
+            job_id: job.job_id.clone(),
+            uploaded_at: job.uploaded_at.clone(),
+            written_by,
+            input: Input {
+                bucket: job.bucket.clone(),
+                key: job.key.clone(),
+                version_id: job.version_id.clone(),
+                etag: job.etag.clone(),
+                size: job.size,
+                sha256: None,
+            },
+            outputs: Vec::new(),
+            exit_code: None,
+            error: None,
+            timings: Timings::default(),
+            instance: None,
+            attempt: job.attempt,
+            worker_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: timestamp(started),
+            finished_at: String::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// The launcher's verdict on an attempt of `job`: it stopped it (cancel, reaper, a spot
+    /// interruption's re-launch), or found it ended without an account.
+    pub fn verdict(job: &JobSpec, instance: Instance, state: State, error: String) -> Status {
+        let now = SystemTime::now();
+        let mut status = Status::initial(job, Writer::Launcher, now);
+        status.state = state;
+        status.error = Some(error);
+        status.instance = Some(instance);
+        status.started_at = String::new();
+        status.finished_at = timestamp(now);
+        status
+    }
+
+    /// Whether this status is an account of `job_id`'s job. Statuses of old versions, without an
+    /// id, belong to no job.
+    pub fn belongs_to(&self, job_id: &str) -> bool {
+        self.job_id == job_id
+    }
+
+    /// How `attempt` ended, as far as this status knows: the document itself, or an entry of its
+    /// history.
+    pub fn outcome_of(&self, attempt: u32) -> Option<State> {
+        if self.attempt == attempt {
+            return Some(self.state);
+        }
+        self.history
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .map(|a| a.state)
+    }
+
+    fn as_attempt(&self) -> Attempt {
+        Attempt {
+            attempt: self.attempt,
+            state: self.state,
+            instance_id: self.instance.as_ref().and_then(|i| i.id.clone()),
+            error: self.error.clone(),
+            finished_at: self.finished_at.clone(),
+        }
+    }
+
+    /// Takes over the history of `earlier`, a status of an earlier attempt, with `earlier` itself
+    /// as its last entry.
+    fn carry_history(&mut self, earlier: Status) {
+        let mut history: Vec<Attempt> = earlier
+            .history
+            .iter()
+            .filter(|a| a.attempt < self.attempt)
+            .cloned()
+            .collect();
+        if earlier.attempt < self.attempt {
+            history.push(earlier.as_attempt());
+        }
+        history.extend(std::mem::take(&mut self.history));
+        history.sort_by_key(|a| a.attempt);
+        history.dedup_by_key(|a| a.attempt);
+        self.history = history;
+    }
+
+    /// The worker's account of an attempt it was stopped in, under the launcher's verdict on it:
+    /// the launcher knows why it stopped the attempt (a cancel, the reaper, a re-launch), the
+    /// worker what it had done by then.
+    fn under_verdict(mut self, verdict: &Status) -> Status {
+        self.state = verdict.state;
+        self.error = match (verdict.error.clone(), self.error.take()) {
+            (Some(verdict), Some(own)) if verdict != own => Some(format!("{verdict}; {own}")),
+            (verdict, own) => verdict.or(own),
+        };
+        self
+    }
+}
+
+/// What [`settle`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Store this document.
+    Write(Box<Status>),
+    /// Keep the stored one: the new account adds nothing it may change.
+    Keep { reason: String },
+}
+
+/// The stored status belongs to another job: nothing may replace it from here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the status.json there belongs to job {found:?}, not to job {expected:?}; it is left as it is"
+)]
+pub struct OtherJob {
+    pub expected: String,
+    pub found: String,
+}
+
+/// The one rule for which status may replace which, applied by every writer to what is stored
+/// (`current`) and what it has to say (`new`):
+///
+/// - a status never replaces one of another job;
+/// - a later attempt replaces an earlier one, and carries it into its history;
+/// - an earlier attempt never replaces a later one; if the later one does not know how it ended,
+///   it joins that one's history;
+/// - on the same attempt, the worker's account replaces the launcher's verdict, except that a
+///   worker stopped from outside (`interrupted`) takes the verdict's state and adds its account
+///   to the verdict's error; a verdict never replaces the worker's account, except that of a
+///   stopped worker, which it completes the same way; the first verdict stands against later
+///   ones.
+pub fn settle(current: Option<Status>, new: Status) -> Result<Settled, OtherJob> {
+    let Some(mut current) = current else {
+        return Ok(Settled::Write(Box::new(new)));
+    };
+    if !current.belongs_to(&new.job_id) {
+        return Err(OtherJob {
+            expected: new.job_id,
+            found: current.job_id,
+        });
+    }
+    let keep = |reason: String| Ok(Settled::Keep { reason });
+    if new.attempt > current.attempt {
+        let mut new = new;
+        new.carry_history(current);
+        return Ok(Settled::Write(Box::new(new)));
+    }
+    if new.attempt < current.attempt {
+        if current.outcome_of(new.attempt).is_some() {
+            return keep(format!(
+                "attempt {} is already on record, and attempt {} has begun",
+                new.attempt, current.attempt
+            ));
+        }
+        current.history.push(new.as_attempt());
+        current.history.sort_by_key(|a| a.attempt);
+        return Ok(Settled::Write(Box::new(current)));
+    }
+    let history = std::mem::take(&mut current.history);
+    let settled = match (current.written_by, new.written_by) {
+        (Writer::Worker, Writer::Worker) => new,
+        (Writer::Launcher, Writer::Worker) if new.state == State::Interrupted => {
+            new.under_verdict(&current)
+        }
+        (Writer::Launcher, Writer::Worker) => new,
+        (Writer::Worker, Writer::Launcher) if current.state == State::Interrupted => {
+            current.under_verdict(&new)
+        }
+        (Writer::Worker, Writer::Launcher) => {
+            return keep(format!(
+                "the worker's own account of attempt {} ({}) stands",
+                current.attempt, current.state
+            ));
+        }
+        (Writer::Launcher, Writer::Launcher) => {
+            return keep(format!(
+                "attempt {} already has a verdict ({})",
+                current.attempt, current.state
+            ));
+        }
+    };
+    Ok(Settled::Write(Box::new(Status { history, ..settled })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn job() -> JobSpec {
+        crate::job::tests::sample()
+    }
+
+    fn status(attempt: u32, state: State, written_by: Writer, instance: &str) -> Status {
+        let mut job = job();
+        job.attempt = attempt;
+        let mut status = Status::initial(&job, written_by, SystemTime::UNIX_EPOCH);
+        status.state = state;
+        status.error = Some(format!("attempt {attempt} by {written_by:?}"));
+        status.instance = Some(Instance {
+            id: Some(instance.into()),
+            ..Instance::default()
+        });
+        status.finished_at = format!("t{attempt}");
+        status
+    }
+
+    fn written(settled: Result<Settled, OtherJob>) -> Status {
+        match settled {
+            Ok(Settled::Write(status)) => *status,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    fn kept(settled: Result<Settled, OtherJob>) -> String {
+        match settled {
+            Ok(Settled::Keep { reason }) => reason,
+            other => panic!("expected the stored status kept, got {other:?}"),
+        }
+    }
+
     #[test]
     fn field_names_are_the_documented_ones() {
-        let status = Status {
-            state: State::TimedOut,
-            input: Input {
-                bucket: "data".into(),
-                key: "in/a.csv".into(),
-                ..Input::default()
-            },
-            outputs: vec!["analysis/in/a.csv/stdout.log".into()],
-            exit_code: None,
-            error: Some("max runtime of 60s exceeded".into()),
-            timings: Timings::default(),
-            instance: Some(Instance {
-                id: Some("i-0abc".into()),
-                instance_type: Some("m7i.large".into()),
-                lifecycle: Some("spot".into()),
-            }),
-            attempt: 1,
-            worker_version: "0.1.0".into(),
-            started_at: "2024-05-01T12:00:00Z".into(),
-            finished_at: "2024-05-01T12:01:00Z".into(),
-            history: Vec::new(),
-        };
+        let status = status(1, State::TimedOut, Writer::Worker, "i-0abc");
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["state"], "timed_out");
-        assert_eq!(json["instance"]["type"], "m7i.large");
+        assert_eq!(json["written_by"], "worker");
+        assert_eq!(json["job_id"], job().job_id);
+        assert_eq!(json["uploaded_at"], "2026-11-30T10:19:37.123Z");
         assert_eq!(json["timings"]["download_ms"], 0);
         for field in [
             "input",
             "outputs",
             "exit_code",
             "error",
+            "instance",
             "attempt",
             "worker_version",
             "started_at",
@@ -199,34 +390,41 @@ mod tests {
             assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
         assert_eq!(serde_json::from_value::<Status>(json).unwrap(), status);
+        assert_eq!(timestamp(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
     }
 
-    fn status(attempt: u32, state: State, instance: &str) -> Status {
-        Status {
-            state,
-            input: Input::default(),
-            outputs: Vec::new(),
-            exit_code: None,
-            error: Some(format!("attempt {attempt}")),
-            timings: Timings::default(),
-            instance: Some(Instance {
-                id: Some(instance.into()),
-                ..Instance::default()
-            }),
-            attempt,
-            worker_version: "0.1.0".into(),
-            started_at: String::new(),
-            finished_at: format!("t{attempt}"),
-            history: Vec::new(),
+    #[test]
+    fn a_first_account_is_written_as_it_is() {
+        let new = status(1, State::Succeeded, Writer::Worker, "i-1");
+        assert_eq!(written(settle(None, new.clone())), new);
+    }
+
+    #[test]
+    fn nothing_replaces_a_status_of_another_job() {
+        let mut theirs = status(1, State::Succeeded, Writer::Worker, "i-1");
+        theirs.job_id = "another upload".into();
+        for new in [
+            status(1, State::Failed, Writer::Worker, "i-2"),
+            status(2, State::Succeeded, Writer::Worker, "i-2"),
+            status(1, State::Cancelled, Writer::Launcher, "i-2"),
+        ] {
+            let error = settle(Some(theirs.clone()), new).unwrap_err();
+            assert_eq!(error.found, "another upload");
+            assert!(error.to_string().contains("belongs to job"), "{error}");
         }
     }
 
     #[test]
     fn each_attempt_carries_the_ones_before_it() {
-        let mut second = status(2, State::Interrupted, "i-2");
-        second.carry_history(status(1, State::Interrupted, "i-1"));
-        let mut third = status(3, State::Succeeded, "i-3");
-        third.carry_history(second);
+        let first = status(1, State::Interrupted, Writer::Launcher, "i-1");
+        let second = written(settle(
+            Some(first),
+            status(2, State::Interrupted, Writer::Worker, "i-2"),
+        ));
+        let third = written(settle(
+            Some(second),
+            status(3, State::Succeeded, Writer::Worker, "i-3"),
+        ));
         let summary: Vec<(u32, State, Option<&str>)> = third
             .history
             .iter()
@@ -239,47 +437,113 @@ mod tests {
                 (2, State::Interrupted, Some("i-2"))
             ]
         );
-        assert_eq!(third.history[1].error.as_deref(), Some("attempt 2"));
+        assert_eq!(third.state, State::Succeeded);
         assert_eq!(third.history[1].finished_at, "t2");
-        let json = serde_json::to_value(&third).unwrap();
-        assert_eq!(json["history"][0]["state"], "interrupted");
     }
 
     #[test]
-    fn the_same_attempt_again_adds_nothing() {
-        let mut again = status(2, State::Failed, "i-2");
-        let mut before = status(2, State::Interrupted, "i-2");
-        before.history = vec![Attempt {
-            attempt: 1,
-            state: State::Interrupted,
-            instance_id: Some("i-1".into()),
-            error: None,
-            finished_at: "t1".into(),
-        }];
-        again.carry_history(before);
-        assert_eq!(again.history.len(), 1);
-        assert_eq!(again.history[0].attempt, 1);
+    fn a_late_earlier_attempt_never_replaces_a_later_one() {
+        let later = written(settle(
+            Some(status(1, State::Interrupted, Writer::Launcher, "i-1")),
+            status(2, State::Succeeded, Writer::Worker, "i-2"),
+        ));
+        let reason = kept(settle(
+            Some(later.clone()),
+            status(1, State::Interrupted, Writer::Worker, "i-1"),
+        ));
+        assert!(reason.contains("already on record"), "{reason}");
+
+        // An attempt the later one knows nothing of joins its history, in order.
+        let mut unaware = status(3, State::Succeeded, Writer::Worker, "i-3");
+        unaware.history = later.history.clone();
+        let joined = written(settle(
+            Some(unaware),
+            status(2, State::Failed, Writer::Launcher, "i-2"),
+        ));
+        assert_eq!(joined.state, State::Succeeded);
+        assert_eq!(joined.attempt, 3);
+        let attempts: Vec<(u32, State)> = joined
+            .history
+            .iter()
+            .map(|a| (a.attempt, a.state))
+            .collect();
+        assert_eq!(attempts, [(1, State::Interrupted), (2, State::Failed)]);
     }
 
     #[test]
-    fn a_stopped_worker_keeps_the_launchers_verdict() {
-        let mut verdict = status(2, State::Cancelled, "i-2");
-        verdict.error = Some("cancelled by s3spot jobs cancel".into());
-        let mut stopped = status(2, State::Interrupted, "i-2");
+    fn a_stopped_worker_keeps_the_launchers_verdict_whichever_comes_first() {
+        let mut verdict = status(2, State::Cancelled, Writer::Launcher, "i-2");
+        verdict.error = Some("cancelled with `s3spot jobs cancel`".into());
+        verdict.history = vec![status(1, State::Interrupted, Writer::Worker, "i-1").as_attempt()];
+        let mut stopped = status(2, State::Interrupted, Writer::Worker, "i-2");
         stopped.error = Some("the worker received SIGTERM".into());
-        stopped.keep_verdict(&verdict);
-        assert_eq!(stopped.state, State::Cancelled);
-        assert_eq!(
-            stopped.error.as_deref(),
-            Some("cancelled by s3spot jobs cancel; the worker received SIGTERM")
-        );
+        stopped.outputs = vec!["analysis/x/partial.csv".into()];
 
-        // Only a stopped worker defers, only to a verdict on its own attempt.
-        let mut finished = status(2, State::Succeeded, "i-2");
-        finished.keep_verdict(&verdict);
-        assert_eq!(finished.state, State::Succeeded);
-        let mut later = status(3, State::Interrupted, "i-3");
-        later.keep_verdict(&verdict);
-        assert_eq!(later.state, State::Interrupted);
+        let verdict_first = written(settle(Some(verdict.clone()), stopped.clone()));
+        let worker_first = written(settle(
+            Some(written(settle(None, stopped.clone()))),
+            verdict.clone(),
+        ));
+        for settled in [&verdict_first, &worker_first] {
+            assert_eq!(settled.state, State::Cancelled);
+            assert_eq!(
+                settled.error.as_deref(),
+                Some("cancelled with `s3spot jobs cancel`; the worker received SIGTERM")
+            );
+            assert_eq!(
+                settled.outputs, stopped.outputs,
+                "the worker's outputs stay"
+            );
+            assert_eq!(settled.written_by, Writer::Worker);
+        }
+        assert_eq!(verdict_first.history.len(), 1, "the history stays");
+        // The account is complete now: no later verdict changes it.
+        kept(settle(
+            Some(verdict_first),
+            status(2, State::Failed, Writer::Launcher, "i-2"),
+        ));
+    }
+
+    #[test]
+    fn a_worker_that_finished_on_its_own_keeps_its_account() {
+        let succeeded = status(2, State::Succeeded, Writer::Worker, "i-2");
+        let reason = kept(settle(
+            Some(succeeded.clone()),
+            status(2, State::Failed, Writer::Launcher, "i-2"),
+        ));
+        assert!(reason.contains("worker's own account"), "{reason}");
+        // And the other way round: a verdict that raced a success gives way to it.
+        let settled = written(settle(
+            Some(status(2, State::Cancelled, Writer::Launcher, "i-2")),
+            succeeded.clone(),
+        ));
+        assert_eq!(settled.state, State::Succeeded);
+    }
+
+    #[test]
+    fn the_first_verdict_stands() {
+        let reaped = status(1, State::Failed, Writer::Launcher, "i-1");
+        let reason = kept(settle(
+            Some(reaped),
+            status(1, State::Cancelled, Writer::Launcher, "i-1"),
+        ));
+        assert!(reason.contains("already has a verdict"), "{reason}");
+    }
+
+    #[test]
+    fn a_verdict_names_the_job_and_its_instance() {
+        let instance = Instance {
+            id: Some("i-9".into()),
+            instance_type: Some("m7i.large".into()),
+            lifecycle: Some("spot".into()),
+        };
+        let verdict = Status::verdict(&job(), instance.clone(), State::Failed, "gone".into());
+        assert_eq!(verdict.written_by, Writer::Launcher);
+        assert!(verdict.belongs_to(&job().job_id));
+        assert_eq!(verdict.instance, Some(instance));
+        assert_eq!(verdict.error.as_deref(), Some("gone"));
+        assert!(!verdict.finished_at.is_empty());
+        assert_eq!(verdict.outcome_of(1), Some(State::Failed));
+        assert_eq!(verdict.outcome_of(2), None);
     }
 }

@@ -46,6 +46,8 @@ fn job(key: &str, worker_sha256: &str) -> JobSpec {
         etag: Some("d41d8cd98f00b204e9800998ecf8427e".into()),
         size: Some(42),
         sequencer: Some("0055AED6DCD90281E5".into()),
+        job_id: "6f1c2a3b4c5d6e7f8091a2b3c4d5e6f7".into(),
+        uploaded_at: Some("2026-11-30T10:19:37.123Z".into()),
         results_bucket: "data".into(),
         results_prefix: "analysis/".into(),
         command: Some("wc -l \"$S3SPOT_INPUT\" > \"$S3SPOT_OUTPUT_DIR/lines\"".into()),

@@ -2,7 +2,8 @@
 //! [`Jobs`] or a [`Handler`], in this process (AWS) or in `s3spot local serve` (which receives
 //! the request over its control socket).
 
-use s3spot_lambda::{Clock, Handler, Jobs, Launcher, StatusStore, Target};
+use s3spot_lambda::jobs::{EndedAttempt, Stopped};
+use s3spot_lambda::{Clock, Handler, Jobs, JobsConfig, Launcher, StatusStore, Target};
 use serde::{Deserialize, Serialize};
 
 /// One job command: parsed from the command line, and sent as JSON to `s3spot local serve`.
@@ -51,54 +52,93 @@ fn seconds(text: &str) -> Result<u64, humantime::DurationError> {
     humantime::parse_duration(text).map(|d| d.as_secs())
 }
 
-/// Runs every request but `retry` on `jobs`; the answer as JSON, or the error's whole chain.
+impl Request {
+    /// Whether the request may launch, and so needs the function's whole configuration: a
+    /// retry does, and so does a reap, which launches the next attempt of a job that EC2 took
+    /// back.
+    pub fn launches(&self) -> bool {
+        matches!(
+            self,
+            Request::Retry { .. } | Request::Reap { dry_run: false, .. }
+        )
+    }
+}
+
+fn clock(config: &JobsConfig, stuck_after_secs: Option<u64>) -> Clock {
+    Clock {
+        stuck_after_secs,
+        ..Clock::now(config)
+    }
+}
+
+/// Runs a request that launches nothing on `jobs`; the answer as JSON, or the error's whole
+/// chain.
 pub async fn execute<L: Launcher, S: StatusStore>(
     jobs: &Jobs<L, S>,
     request: &Request,
 ) -> Result<serde_json::Value, String> {
-    let clock = |stuck_after_secs: Option<u64>| {
-        let mut clock = Clock::now(jobs.config());
-        if let Some(secs) = stuck_after_secs {
-            clock.stuck_after_secs = secs;
-        }
-        clock
-    };
+    let config = jobs.config();
     let value = match request {
         Request::List { stuck_after_secs } => jobs
-            .list(clock(*stuck_after_secs))
+            .list(clock(config, *stuck_after_secs))
             .await
             .map(serde_json::to_value),
         Request::Show { job } => jobs
-            .show(&Target::parse(job), clock(None))
+            .show(&Target::parse(job), clock(config, None))
             .await
             .map(serde_json::to_value),
         Request::Cancel { job } => jobs
-            .cancel(&Target::parse(job), clock(None))
+            .cancel(&Target::parse(job), clock(config, None))
             .await
             .map(serde_json::to_value),
         Request::Reap {
-            dry_run,
-            stuck_after_secs,
+            stuck_after_secs, ..
         } => jobs
-            .reap(clock(*stuck_after_secs), *dry_run)
+            .sweep(clock(config, *stuck_after_secs))
             .await
+            .map(|sweep| Stopped {
+                instances: sweep.stuck,
+                ended: sweep
+                    .ended
+                    .into_iter()
+                    .map(|instance| EndedAttempt {
+                        outcome: "would give its attempt a final status".into(),
+                        instance,
+                    })
+                    .collect(),
+                errors: Vec::new(),
+            })
             .map(serde_json::to_value),
-        // A launch: it needs the whole configuration, which a `Jobs` does not have.
-        Request::Retry { .. } => return Err("retry runs on a handler: see `retry`".into()),
+        Request::Retry { .. } => {
+            return Err("retry launches: it runs on the function's handler".into());
+        }
     };
     value
         .map_err(|error| s3spot_lambda::error_chain(&error))?
         .map_err(|error| error.to_string())
 }
 
-/// Runs `retry` on `handler`.
-pub async fn retry<L: Launcher, S: StatusStore>(
+/// Runs any request on `handler`: those that launch through it, the others on its jobs.
+pub async fn on_handler<L: Launcher, S: StatusStore>(
     handler: &Handler<L, S>,
-    job: &str,
+    request: &Request,
 ) -> Result<serde_json::Value, String> {
-    let report = handler
-        .retry(&Target::parse(job))
-        .await
-        .map_err(|error| s3spot_lambda::error_chain(&error))?;
-    serde_json::to_value(report).map_err(|error| error.to_string())
+    let config = handler.jobs().config().clone();
+    let value = match request {
+        Request::Retry { job } => handler
+            .retry(&Target::parse(job))
+            .await
+            .map(serde_json::to_value),
+        Request::Reap {
+            dry_run: false,
+            stuck_after_secs,
+        } => handler
+            .reap(clock(&config, *stuck_after_secs), false)
+            .await
+            .map(serde_json::to_value),
+        _ => return execute(&handler.jobs(), request).await,
+    };
+    value
+        .map_err(|error| s3spot_lambda::error_chain(&error))?
+        .map_err(|error| error.to_string())
 }

@@ -216,13 +216,17 @@ fn invoke_launches_through_ec2_and_prints_the_report() {
 #[test]
 fn invoke_exits_1_with_the_report_when_records_fail() {
     let ec2 = Ec2::start();
-    // The service-specific endpoint variable works as well as the general one.
+    // The service-specific endpoint variables work as well as the general one: the launcher
+    // asks EC2, and S3 for the job's status.json.
     let mut env: Vec<(&str, String)> = ec2
         .env
         .iter()
-        .map(|(name, value)| match *name {
-            "AWS_ENDPOINT_URL" => ("AWS_ENDPOINT_URL_EC2", value.clone()),
-            _ => (*name, value.clone()),
+        .flat_map(|(name, value)| match *name {
+            "AWS_ENDPOINT_URL" => vec![
+                ("AWS_ENDPOINT_URL_EC2", value.clone()),
+                ("AWS_ENDPOINT_URL_S3", value.clone()),
+            ],
+            _ => vec![(*name, value.clone())],
         })
         .collect();
     env.push(("S3SPOT_MAX_INSTANCES", "1".into()));
@@ -395,9 +399,11 @@ fn jobs_list_cancel_retry_and_reap_instances_in_ec2() {
     assert_ne!(state(&first), "running");
     let shown = json(&["show", "test/key"]);
     assert_eq!(shown["status"]["state"], "cancelled", "{shown:#}");
-    assert_eq!(
-        shown["status_url"],
-        "s3://example-bucket/analysis/test/key/status.json"
+    let status_url = shown["status_url"].as_str().unwrap();
+    assert!(
+        status_url.starts_with("s3://example-bucket/analysis/test/key/19700101T000000.000Z-")
+            && status_url.ends_with("/status.json"),
+        "the console event's upload has its own folder: {status_url}"
     );
 
     let retried = json(&["retry", &first]);

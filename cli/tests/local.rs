@@ -34,6 +34,20 @@ impl Local {
         path
     }
 
+    /// The results folder of the newest job of `key`: in S3, and on this machine.
+    fn results(&self, key: &str) -> (String, PathBuf) {
+        let instance = self
+            .pipeline
+            .instances()
+            .into_iter()
+            .rfind(|i| i.key == key)
+            .unwrap_or_else(|| panic!("no job of {key:?}"));
+        let dir = self
+            .pipeline
+            .local_dir(&instance.results_bucket, &instance.results_prefix);
+        (instance.results_prefix, dir)
+    }
+
     async fn upload(&self, key: &str, content: &[u8]) {
         let client = self.pipeline.client().await;
         client
@@ -81,7 +95,13 @@ async fn an_upload_runs_through_the_whole_pipeline() {
     let status = finished.status.clone().expect("status.json");
     assert_eq!(status.state, State::Succeeded, "{status:#?}");
     assert_eq!(status.input.key, "in/f.csv");
-    assert_eq!(status.outputs, ["analysis/in/f.csv/report.json"]);
+    let (prefix, dir) = local.results("in/f.csv");
+    assert!(
+        prefix.starts_with("analysis/in/f.csv/")
+            && prefix.ends_with(&format!("-{}/", &status.job_id[..16])),
+        "one folder per upload under the key's: {prefix}"
+    );
+    assert_eq!(status.outputs, [format!("{prefix}report.json")]);
     assert!(
         matches!(
             finished.last,
@@ -93,15 +113,19 @@ async fn an_upload_runs_through_the_whole_pipeline() {
         "{:?}",
         finished.last
     );
-    assert_eq!(
-        finished.local_dir,
-        local
-            .dir
-            .path()
-            .join("local")
-            .canonicalize()
-            .unwrap()
-            .join("s3/data/analysis/in/f.csv/")
+    assert_eq!(finished.local_dir, dir);
+    assert!(
+        dir.starts_with(
+            local
+                .dir
+                .path()
+                .join("local")
+                .canonicalize()
+                .unwrap()
+                .join("s3/data/analysis/in/f.csv/")
+        ),
+        "{}",
+        dir.display()
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(finished.local_dir.join("report.json")).unwrap())
@@ -202,19 +226,15 @@ async fn a_real_s3_client_uploads_and_downloads() {
         "s3://data/in/by the cli.csv",
     ]);
     until_ended(&mut progress, 1).await;
-    let status = aws(&[
-        "s3",
-        "cp",
-        "s3://data/analysis/in/by the cli.csv/status.json",
-        "-",
-    ]);
+    let (prefix, _) = local.results("in/by the cli.csv");
+    let status = aws(&["s3", "cp", &format!("s3://data/{prefix}status.json"), "-"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["state"], "succeeded");
     assert_eq!(status["input"]["key"], "in/by the cli.csv");
     let listing = aws(&["s3", "ls", "--recursive", "s3://data/analysis/"]);
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(
-        listing.contains("analysis/in/by the cli.csv/report.json"),
+        listing.contains(&format!("{prefix}report.json")),
         "{listing}"
     );
     local.pipeline.shutdown().await;
@@ -302,7 +322,8 @@ async fn twenty_concurrent_uploads_all_run_within_the_cap() {
     assert_eq!(local.pipeline.instances().len(), JOBS);
     let client = local.pipeline.client().await;
     for i in 0..JOBS {
-        let key = format!("analysis/in/batch/{i:02}.csv/status.json");
+        let (prefix, _) = local.results(&format!("in/batch/{i:02}.csv"));
+        let key = format!("{prefix}status.json");
         let object = client
             .get_object()
             .bucket("data")
@@ -410,10 +431,12 @@ fn local_run_exits_non_zero_when_the_job_fails() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("\"state\": \"failed\""), "{stdout}");
     assert!(stdout.contains("\"exit_code\": 3"), "{stdout}");
-    assert!(stdout.contains("analysis/in/f.csv/stderr.log"), "{stdout}");
-    let stderr_log = dir
-        .path()
-        .join("local/s3/data/analysis/in/f.csv/stderr.log");
+    let logged = stdout
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("analysis/in/f.csv/") && line.ends_with("/stderr.log"))
+        .unwrap_or_else(|| panic!("no stderr.log among the results: {stdout}"));
+    let stderr_log = dir.path().join("local/s3/data").join(logged);
     assert_eq!(std::fs::read_to_string(stderr_log).unwrap(), "broken\n");
 }
 
@@ -445,9 +468,19 @@ fn the_demo_runs_the_bundled_sample_with_nothing_but_this_program() {
     ] {
         assert!(stderr.contains(stage), "no {stage:?} line: {stderr}");
     }
-    assert!(
+    let uploads: Vec<_> = std::fs::read_dir(
         dir.path()
-            .join(".s3spot-local/s3/data/analysis/in/measurements.csv/report.json")
+            .join(".s3spot-local/s3/data/analysis/in/measurements.csv"),
+    )
+    .unwrap()
+    .collect();
+    assert_eq!(uploads.len(), 1, "one upload, one folder");
+    assert!(
+        uploads[0]
+            .as_ref()
+            .unwrap()
+            .path()
+            .join("report.json")
             .exists()
     );
 }
@@ -511,7 +544,7 @@ async fn stopping_the_pipeline_stops_its_jobs_and_leaves_nothing_running() {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let results = local.pipeline.results_dir("data", "in/long.csv");
+    let (_, results) = local.results("in/long.csv");
     local.pipeline.shutdown().await;
 
     let left: Vec<String> = command_lines()
@@ -646,7 +679,7 @@ async fn ended(
     })
     .await
     .unwrap_or_else(|_| panic!("{id} did not end"));
-    let results = local.pipeline.results_dir("data", key);
+    let (_, results) = local.results(key);
     serde_json::from_slice(&std::fs::read(results.join("status.json")).unwrap()).unwrap()
 }
 

@@ -67,6 +67,8 @@ pub struct Config {
 /// `s3spot render` needs only this part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobConfig {
+    /// The `s3spot:pipeline` tag; part of every job's identity.
+    pub pipeline: String,
     pub worker: WorkerArtifact,
     pub command: Option<String>,
     pub max_runtime_secs: u64,
@@ -91,7 +93,6 @@ pub struct LaunchConfig {
     pub max_instances: u32,
     /// Launches of one job, the first included, before a spot interruption fails it.
     pub max_attempts: u32,
-    pub pipeline: String,
     /// Try the spot types cheapest first, by the current spot price, instead of in the order
     /// given.
     pub order_by_price: bool,
@@ -203,7 +204,7 @@ impl Config {
 impl Config {
     pub fn jobs(&self) -> JobsConfig {
         JobsConfig {
-            pipeline: self.launch.pipeline.clone(),
+            pipeline: self.job.pipeline.clone(),
             results_bucket: self.job.results_bucket.clone(),
             results_prefix: self.job.results_prefix.clone(),
             max_runtime_secs: self.job.max_runtime_secs,
@@ -261,6 +262,7 @@ impl JobConfig {
         };
 
         Ok(JobConfig {
+            pipeline: parse_pipeline(&lookup)?,
             worker: WorkerArtifact { uri, sha256 },
             command: non_empty(lookup("S3SPOT_COMMAND")),
             max_runtime_secs,
@@ -344,8 +346,6 @@ impl LaunchConfig {
                 })?,
         };
 
-        let pipeline = parse_pipeline(&lookup)?;
-
         let order_by_price = match lookup("S3SPOT_ORDER_BY_PRICE").as_deref() {
             None | Some("" | "false") => false,
             Some("true") => true,
@@ -365,7 +365,6 @@ impl LaunchConfig {
             instance_types,
             max_instances,
             max_attempts,
-            pipeline,
             order_by_price,
         })
     }
@@ -575,7 +574,7 @@ mod tests {
         assert!(config.launch.instance_types.is_empty());
         assert_eq!(config.launch.max_instances, 20);
         assert_eq!(config.launch.max_attempts, 3);
-        assert_eq!(config.launch.pipeline, "s3spot");
+        assert_eq!(config.job.pipeline, "s3spot");
         assert_eq!(config.job.max_runtime_secs, 3600);
         assert_eq!(config.job.results_bucket, None);
         assert_eq!(config.job.results_prefix, "analysis/");
@@ -617,7 +616,7 @@ mod tests {
         assert_eq!(config.launch.instance_types, ["m7i.large", "m6i.large"]);
         assert_eq!(config.launch.max_instances, 3);
         assert_eq!(config.launch.max_attempts, 5);
-        assert_eq!(config.launch.pipeline, "genomics");
+        assert_eq!(config.job.pipeline, "genomics");
         assert!(config.launch.order_by_price);
         let jobs = config.jobs();
         assert_eq!(

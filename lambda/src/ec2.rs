@@ -16,8 +16,8 @@ use aws_sdk_ec2::types::{
 
 use crate::config::{LaunchTemplate, MarketType};
 use crate::launcher::{
-    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice, TAG_JOB,
-    TAG_PIPELINE,
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
+    StateReason, TAG_JOB, TAG_PIPELINE,
 };
 
 /// The spot prices s3spot compares: those of the Linux images that jobs run on.
@@ -277,6 +277,31 @@ impl Launcher for Ec2Launcher {
             })
     }
 
+    async fn console_output(&self, instance_id: &str) -> Result<Option<String>, LaunchError> {
+        let output = match self
+            .client
+            .get_console_output()
+            .instance_id(instance_id)
+            .send()
+            .await
+        {
+            Ok(output) => output,
+            Err(error) if error.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),
+            Err(error) => return Err(api_error("GetConsoleOutput", &error)),
+        };
+        // EC2 sends the output base64-encoded, as the console wrote it (not always UTF-8).
+        Ok(output
+            .output()
+            .and_then(|encoded| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .ok()
+            })
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .filter(|text| !text.is_empty()))
+    }
+
     async fn terminate(&self, instance_ids: &[String]) -> Result<(), LaunchError> {
         if instance_ids.is_empty() {
             return Ok(());
@@ -362,6 +387,12 @@ fn instance_info(instance: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
         }
         .to_owned(),
         launched_at: instance.launch_time().map(|t| t.secs()),
+        state_reason: instance.state_reason().and_then(|reason| {
+            Some(StateReason {
+                code: reason.code()?.to_owned(),
+                message: reason.message().unwrap_or_default().to_owned(),
+            })
+        }),
         tags: instance
             .tags()
             .iter()

@@ -216,9 +216,7 @@ fn parse_notification_record(value: &Value) -> Record {
         Ok(key) => Record::Created(ObjectCreated {
             bucket: bucket_name,
             key,
-            // With versioning suspended every upload is version "null": it identifies nothing, and
-            // as a ClientToken input it would make later uploads of the key look like repeats.
-            version_id: object.version_id.filter(|v| !v.is_empty() && v != "null"),
+            version_id: real_version(object.version_id),
             etag: object.etag,
             size: object.size,
             sequencer: object.sequencer,
@@ -304,12 +302,18 @@ fn parse_eventbridge(value: &Value) -> Result<Record, EventError> {
     Ok(Record::Created(ObjectCreated {
         bucket: bucket_name,
         key: object_key,
-        version_id: detail.object.version_id,
+        version_id: real_version(detail.object.version_id),
         etag: detail.object.etag,
         size: detail.object.size,
         sequencer: detail.object.sequencer,
         event_time: event.time.map(|t| t.to_rfc3339()),
     }))
+}
+
+/// With versioning suspended every upload is version "null": it identifies nothing, and as part
+/// of a job's identity it would make later uploads of the key look like repeats.
+fn real_version(version_id: Option<String>) -> Option<String> {
+    version_id.filter(|v| !v.is_empty() && v != "null")
 }
 
 fn string_at(value: &Value, path: &[&str]) -> String {

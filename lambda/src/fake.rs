@@ -1,16 +1,13 @@
-//! Fakes of the launcher's seams, for tests that need neither EC2 nor S3 (feature `fake`): a
-//! [`Launcher`] that answers from a script and records what it is asked, and `status.json`
-//! documents in memory.
+//! A fake of the launcher's seam, for tests that need no EC2 (feature `fake`): a [`Launcher`]
+//! that answers from a script and records what it is asked. Its status store's fake is the
+//! contract crate's (`s3spot_bootstrap::fake`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
-
-use s3spot_bootstrap::Status;
 
 use crate::launcher::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
 };
-use crate::statuses::{StatusError, StatusStore};
 
 /// Answers `count_active` with `active` and each launch with the next scripted result (success
 /// once the script runs out), recording every request.
@@ -25,6 +22,8 @@ pub struct ScriptedLauncher {
     pub instances: Vec<(InstanceInfo, String)>,
     /// The spot price history `spot_prices` answers with; `None`: it fails.
     pub prices: Option<Vec<SpotPrice>>,
+    /// What `console_output` answers, by instance id.
+    pub consoles: Vec<(String, String)>,
     /// Every instance id passed to `terminate`, in order.
     pub terminated: Mutex<Vec<String>>,
 }
@@ -85,6 +84,14 @@ impl Launcher for ScriptedLauncher {
             .collect())
     }
 
+    async fn console_output(&self, instance_id: &str) -> Result<Option<String>, LaunchError> {
+        Ok(self
+            .consoles
+            .iter()
+            .find(|(id, _)| id == instance_id)
+            .map(|(_, text)| text.clone()))
+    }
+
     async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {
         let found = self
             .instances
@@ -121,72 +128,5 @@ impl Launcher for ScriptedLauncher {
                 ),
             })
         })
-    }
-}
-
-#[derive(Default)]
-pub struct MemoryStatuses {
-    documents: Mutex<BTreeMap<(String, String), Status>>,
-    /// Every write, in order.
-    writes: Mutex<Vec<(String, String)>>,
-    /// Text documents (logs) by bucket and key.
-    texts: Mutex<BTreeMap<(String, String), String>>,
-}
-
-impl MemoryStatuses {
-    pub fn get(&self, bucket: &str, key: &str) -> Option<Status> {
-        self.documents
-            .lock()
-            .unwrap()
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .cloned()
-    }
-
-    pub fn put(&self, bucket: &str, key: &str, status: Status) {
-        self.documents
-            .lock()
-            .unwrap()
-            .insert((bucket.to_owned(), key.to_owned()), status);
-    }
-
-    pub fn put_text(&self, bucket: &str, key: &str, text: &str) {
-        self.texts
-            .lock()
-            .unwrap()
-            .insert((bucket.to_owned(), key.to_owned()), text.to_owned());
-    }
-
-    pub fn writes(&self) -> Vec<(String, String)> {
-        self.writes.lock().unwrap().clone()
-    }
-}
-
-impl StatusStore for MemoryStatuses {
-    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Status>, StatusError> {
-        Ok(self.get(bucket, key))
-    }
-
-    async fn write(&self, bucket: &str, key: &str, status: &Status) -> Result<(), StatusError> {
-        self.writes
-            .lock()
-            .unwrap()
-            .push((bucket.to_owned(), key.to_owned()));
-        self.put(bucket, key, status.clone());
-        Ok(())
-    }
-
-    async fn tail(
-        &self,
-        bucket: &str,
-        key: &str,
-        bytes: u64,
-    ) -> Result<Option<String>, StatusError> {
-        let texts = self.texts.lock().unwrap();
-        Ok(texts.get(&(bucket.to_owned(), key.to_owned())).map(|text| {
-            let from = text
-                .len()
-                .saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
-            String::from_utf8_lossy(&text.as_bytes()[from..]).into_owned()
-        }))
     }
 }

@@ -1,20 +1,21 @@
 //! Jobs as an operator sees them: the pipeline's instances by tag, with what their status.json
-//! says; and the controls on them (cancel, reap). `s3spot jobs` and the scheduled reaper both
-//! run this, through the same [`Launcher`] and [`StatusStore`] seams as the handler.
+//! says; and the controls on them that launch nothing (cancel, and the reaper's look at the
+//! fleet). `s3spot jobs` and the scheduled reaper both run this, through the same [`Launcher`]
+//! and [`StatusStore`] seams as the handler.
 
 use serde::{Deserialize, Serialize};
 
 use s3spot_bootstrap::{
-    HARD_LIMIT_GRACE_SECS, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status,
+    HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
+    State, Status, StatusError, StatusStore, job_from_base64_user_data, key_results_prefix,
+    read_status, record,
 };
 
 use crate::config::JobsConfig;
-use crate::handler::{decode_job, ended};
 use crate::launcher::{
-    InstanceInfo, LaunchError, Launcher, MAX_TAG_VALUE_CHARS, TAG_BUCKET, TAG_JOB, TAG_KEY,
-    TAG_PIPELINE, is_active_state,
+    InstanceInfo, LaunchError, Launcher, MAX_TAG_VALUE_CHARS, StateReason, TAG_BUCKET, TAG_JOB,
+    TAG_KEY, TAG_PIPELINE, TAG_UPLOAD, is_active_state,
 };
-use crate::statuses::{StatusError, StatusStore};
 
 /// How long past its max runtime an instance may still be pending or running before it counts
 /// as stuck: the bootstrap's own hard limit comes `HARD_LIMIT_GRACE_SECS` after the max
@@ -23,6 +24,9 @@ pub const STUCK_GRACE_SECS: u64 = HARD_LIMIT_GRACE_SECS + 300;
 
 /// How much of each log `show` prints.
 pub const LOG_TAIL_BYTES: u64 = 4096;
+
+/// How much of an ended instance's console output goes into its attempt's status.
+pub const CONSOLE_TAIL_CHARS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -66,7 +70,8 @@ pub enum Target {
     /// An instance of the job.
     Instance(String),
     /// The object: its key alone, found through the instances' tags, or its full location,
-    /// which also finds jobs whose instances EC2 has forgotten.
+    /// which also finds jobs whose instances EC2 has forgotten. Its newest upload's job, for
+    /// commands about one job.
     Object { bucket: Option<String>, key: String },
 }
 
@@ -123,16 +128,36 @@ pub struct JobInstance {
     pub bucket: String,
     pub key: String,
     pub job_id: Option<String>,
+    /// The job's folder under its key's results.
+    pub upload: Option<String>,
     pub attempt: Option<u32>,
-    /// Pending or running for longer than the max runtime plus [`STUCK_GRACE_SECS`].
+    /// The max runtime the job was launched with.
+    pub max_runtime_secs: Option<u64>,
+    /// Pending or running for longer than its max runtime plus [`STUCK_GRACE_SECS`].
     pub stuck: bool,
-    /// What status.json says of this instance's attempt, once there is one.
+    /// What status.json says of this instance's attempt, once there is something.
     pub result: Option<State>,
+    /// Why EC2 last changed its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<StateReason>,
 }
 
 impl JobInstance {
     pub fn is_active(&self) -> bool {
         is_active_state(&self.state)
+    }
+
+    /// Ended for good without an account of its attempt in status.json.
+    pub fn ended_silently(&self) -> bool {
+        matches!(self.state.as_str(), "terminated" | "stopped") && self.result.is_none()
+    }
+
+    fn info(&self) -> Instance {
+        Instance {
+            id: Some(self.instance_id.clone()),
+            instance_type: self.instance_type.clone(),
+            lifecycle: Some(self.market.clone()),
+        }
     }
 }
 
@@ -141,10 +166,14 @@ impl JobInstance {
 pub struct JobDetail {
     pub bucket: String,
     pub key: String,
+    pub job_id: Option<String>,
     pub instances: Vec<JobInstance>,
     pub status_url: String,
     pub status: Option<Status>,
     pub logs: Vec<LogTail>,
+    /// Every upload of the key with results, oldest first: each one's folder.
+    #[serde(default)]
+    pub uploads: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,12 +182,23 @@ pub struct LogTail {
     pub tail: String,
 }
 
-/// What a cancel or a reap stopped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a cancel or a reap stopped, and what the reaper found ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stopped {
     pub instances: Vec<JobInstance>,
-    /// Status documents that could not be written: the instances are stopped all the same.
+    /// Attempts whose instances ended without an account of them, and what was recorded.
+    #[serde(default)]
+    pub ended: Vec<EndedAttempt>,
+    /// What could not be done: the instances are stopped all the same.
     pub errors: Vec<String>,
+}
+
+/// An attempt whose instance ended without its worker's account: the reaper's finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedAttempt {
+    pub instance: JobInstance,
+    /// What the reaper recorded (or, in a dry run, would record).
+    pub outcome: String,
 }
 
 /// When an instance counts as stuck.
@@ -166,21 +206,41 @@ pub struct Stopped {
 pub struct Clock {
     /// Seconds since the Unix epoch.
     pub now: i64,
-    /// Active for this long or longer: stuck.
-    pub stuck_after_secs: u64,
+    /// Active this long or longer: stuck, whatever the job's own max runtime. `None`: each
+    /// job's max runtime plus [`STUCK_GRACE_SECS`].
+    pub stuck_after_secs: Option<u64>,
+    /// For instances launched without their max runtime in a tag.
+    pub default_max_runtime_secs: u64,
 }
 
 impl Clock {
-    /// Now, with the default threshold for `config`.
+    /// Now, with the default thresholds of `config`.
     pub fn now(config: &JobsConfig) -> Clock {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         Clock {
             now,
-            stuck_after_secs: config.max_runtime_secs + STUCK_GRACE_SECS,
+            stuck_after_secs: None,
+            default_max_runtime_secs: config.max_runtime_secs,
         }
     }
+
+    /// How long an instance of a job with this max runtime may be active.
+    pub fn stuck_after(&self, max_runtime_secs: Option<u64>) -> u64 {
+        self.stuck_after_secs.unwrap_or_else(|| {
+            max_runtime_secs
+                .unwrap_or(self.default_max_runtime_secs)
+                .saturating_add(STUCK_GRACE_SECS)
+        })
+    }
+}
+
+/// What the reaper found: what it must stop, and what ended without an account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub stuck: Vec<JobInstance>,
+    pub ended: Vec<JobInstance>,
 }
 
 pub struct Jobs<L, S> {
@@ -208,8 +268,8 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         self.rows(instances, clock).await
     }
 
-    /// The instances of the job `target` names; empty when it names an object that no listed
-    /// instance ran.
+    /// The instances of the jobs `target` names: one job for an instance, every job of the
+    /// object for an object. Empty when it names an object that no listed instance ran.
     pub async fn find(&self, target: &Target, clock: Clock) -> Result<Vec<JobInstance>, JobsError> {
         let pipeline = &self.config.pipeline;
         match target {
@@ -233,7 +293,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 self.rows(instances, clock).await
             }
             Target::Object { bucket, key } => {
-                // By the tags first, so that only this job's status.json is read; a key longer
+                // By the tags first, so that only these jobs' status.json are read; a key longer
                 // than a tag holds is confirmed from the user-data by `rows`.
                 let tagged: String = key.chars().take(MAX_TAG_VALUE_CHARS).collect();
                 let instances = self
@@ -260,47 +320,64 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         }
     }
 
-    /// A job's instances, status.json and log tails.
+    /// A job's instances, status.json and log tails: the job of the instance named, or the
+    /// newest upload's job of the object named.
     pub async fn show(&self, target: &Target, clock: Clock) -> Result<JobDetail, JobsError> {
-        let instances = self.find(target, clock).await?;
-        let (bucket, key) = self.object_of(target, &instances)?;
-        let (results_bucket, prefix) = self.results(&bucket, &key);
-        let status_key = format!("{prefix}{STATUS_FILE}");
-        let status = self.statuses.read(&results_bucket, &status_key).await?;
+        let found = self.find(target, clock).await?;
+        let job = self.newest_job(target, &found).await?;
+        let instances: Vec<JobInstance> = found
+            .into_iter()
+            .filter(|i| i.job_id.is_some() && i.job_id == job.job_id)
+            .collect();
+        let status = match &job.job_id {
+            Some(job_id) => {
+                read_status(
+                    &self.statuses,
+                    &job.results_bucket,
+                    &job.status_key(),
+                    job_id,
+                )
+                .await?
+            }
+            None => None,
+        };
         let mut logs = Vec::new();
         for name in [STDOUT_FILE, STDERR_FILE] {
-            let log_key = format!("{prefix}{name}");
+            let log_key = format!("{}{name}", job.prefix);
             if let Some(tail) = self
                 .statuses
-                .tail(&results_bucket, &log_key, LOG_TAIL_BYTES)
+                .tail(&job.results_bucket, &log_key, LOG_TAIL_BYTES)
                 .await?
             {
                 logs.push(LogTail {
-                    url: format!("s3://{results_bucket}/{log_key}"),
+                    url: format!("s3://{}/{log_key}", job.results_bucket),
                     tail,
                 });
             }
         }
         Ok(JobDetail {
-            bucket,
-            key,
+            status_url: format!("s3://{}/{}", job.results_bucket, job.status_key()),
+            bucket: job.bucket,
+            key: job.key,
+            job_id: job.job_id,
             instances,
-            status_url: format!("s3://{results_bucket}/{status_key}"),
             status,
             logs,
+            uploads: job.uploads,
         })
     }
 
-    /// Terminates the job's pending and running instances and marks its attempt `cancelled`.
+    /// Terminates the pending and running instances of the jobs `target` names (every upload's,
+    /// for an object), and marks their attempts `cancelled`.
     pub async fn cancel(&self, target: &Target, clock: Clock) -> Result<Stopped, JobsError> {
         let instances = self.find(target, clock).await?;
-        let (bucket, key) = self.object_of(target, &instances)?;
         let active: Vec<JobInstance> = instances
             .iter()
             .filter(|i| i.is_active())
             .cloned()
             .collect();
         if active.is_empty() {
+            let (bucket, key) = self.object_of(target, &instances)?;
             let states = instances
                 .iter()
                 .map(|i| format!("{} {}", i.instance_id, i.state))
@@ -322,29 +399,37 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         .await
     }
 
-    /// Terminates the pipeline's stuck instances and marks their attempts failed; with
-    /// `dry_run`, only lists them.
-    pub async fn reap(&self, clock: Clock, dry_run: bool) -> Result<Stopped, JobsError> {
-        let stuck: Vec<JobInstance> = self
-            .list(clock)
-            .await?
-            .into_iter()
-            .filter(|i| i.stuck)
-            .collect();
-        if dry_run || stuck.is_empty() {
-            return Ok(Stopped {
-                instances: stuck,
-                errors: Vec::new(),
-            });
+    /// What the reaper has to do: the pipeline's stuck instances (active past their job's own
+    /// max runtime and its grace), and those that ended without an account of their attempt.
+    pub async fn sweep(&self, clock: Clock) -> Result<Sweep, JobsError> {
+        let (stuck, rest): (Vec<JobInstance>, Vec<JobInstance>) =
+            self.list(clock).await?.into_iter().partition(|i| i.stuck);
+        Ok(Sweep {
+            stuck,
+            ended: rest
+                .into_iter()
+                .filter(JobInstance::ended_silently)
+                .collect(),
+        })
+    }
+
+    /// Terminates stuck instances and marks their attempts failed.
+    pub async fn reap_stuck(
+        &self,
+        stuck: Vec<JobInstance>,
+        clock: Clock,
+    ) -> Result<Stopped, JobsError> {
+        if stuck.is_empty() {
+            return Ok(Stopped::default());
         }
-        let limit = clock.stuck_after_secs;
         let stopped = self
             .stop(stuck, State::Failed, |instance| {
                 format!(
-                    "reaped: {} for {}s, past the {limit}s that the max runtime and its grace \
+                    "reaped: {} for {}s, past the {}s that the job's max runtime and its grace \
                      allow; the worker hung or the instance did not shut down",
                     instance.state,
-                    instance.age_secs.unwrap_or_default()
+                    instance.age_secs.unwrap_or_default(),
+                    clock.stuck_after(instance.max_runtime_secs),
                 )
             })
             .await?;
@@ -360,6 +445,33 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         Ok(stopped)
     }
 
+    /// Records that `instance` ended without an account of its attempt: `failed`, with EC2's
+    /// reason and the end of its console output, where they can be had. Returns what stands.
+    pub async fn record_silent_end(&self, instance: &JobInstance) -> Result<String, JobsError> {
+        let spec = self.spec_of(&instance.instance_id).await?;
+        let reason = instance.state_reason.as_ref().map_or_else(
+            || "EC2 gives no reason".to_owned(),
+            |reason| format!("EC2's reason: {reason}"),
+        );
+        let mut error = format!(
+            "instance {} ended ({}) without a status from its worker; {reason}",
+            instance.instance_id, instance.state
+        );
+        match self.launcher.console_output(&instance.instance_id).await {
+            Ok(Some(console)) => {
+                error.push_str("; the end of its console output:\n");
+                error.push_str(&tail_chars(&console, CONSOLE_TAIL_CHARS));
+            }
+            Ok(None) => error.push_str("; it left no console output"),
+            Err(e) => {
+                error.push_str("; its console output cannot be read: ");
+                error.push_str(&e.to_string());
+            }
+        }
+        let verdict = Status::verdict(&spec, instance.info(), State::Failed, error);
+        self.record_verdict(&spec, verdict).await
+    }
+
     /// Records `state` for each instance's attempt (unless its worker already recorded how the
     /// attempt ended), then terminates them. The verdict goes first so that a worker stopped by
     /// the shutdown finds it and keeps it, with its own outputs, instead of racing it.
@@ -371,7 +483,12 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
     ) -> Result<Stopped, JobsError> {
         let mut errors = Vec::new();
         for instance in &instances {
-            if let Err(error) = self.record(instance, state, why(instance)).await {
+            let recorded = async {
+                let spec = self.spec_of(&instance.instance_id).await?;
+                let verdict = Status::verdict(&spec, instance.info(), state, why(instance));
+                self.record_verdict(&spec, verdict).await
+            };
+            if let Err(error) = recorded.await {
                 errors.push(format!(
                     "{}: {}",
                     instance.instance_id,
@@ -381,58 +498,48 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         }
         let ids: Vec<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
         self.launcher.terminate(&ids).await?;
-        Ok(Stopped { instances, errors })
+        Ok(Stopped {
+            instances,
+            ended: Vec::new(),
+            errors,
+        })
     }
 
-    async fn record(
+    /// Records the launcher's verdict on `spec`'s attempt by the one rule: it never overrides
+    /// the worker's own account. Returns what stands, as a sentence.
+    pub(crate) async fn record_verdict(
         &self,
-        instance: &JobInstance,
-        state: State,
-        why: String,
-    ) -> Result<(), JobsError> {
-        let spec = self.spec_of(&instance.instance_id).await?;
-        let status_key = format!("{}{STATUS_FILE}", spec.results_key_prefix());
-        let previous = match self.statuses.read(&spec.results_bucket, &status_key).await {
-            Ok(previous) => previous,
-            // Replaced: a damaged document must not keep the verdict from being recorded.
-            Err(StatusError::Invalid { .. }) => None,
-            Err(error) => return Err(error.into()),
-        };
-        if let Some(previous) = &previous
-            && previous.attempt >= spec.attempt
-            && !matches!(previous.state, State::Interrupted)
-        {
-            return Ok(());
-        }
-        let info = InstanceInfo {
-            instance_id: instance.instance_id.clone(),
-            state: instance.state.clone(),
-            instance_type: instance.instance_type.clone(),
-            market: instance.market.clone(),
-            launched_at: instance.launched_at,
-            tags: Vec::new(),
-        };
-        let status = ended(&spec, &info, previous, state, why);
-        self.statuses
-            .write(&spec.results_bucket, &status_key, &status)
-            .await?;
-        Ok(())
+        spec: &JobSpec,
+        verdict: Status,
+    ) -> Result<String, JobsError> {
+        let state = verdict.state;
+        let recorded = record(
+            &self.statuses,
+            &spec.results_bucket,
+            &spec.status_key(),
+            verdict,
+        )
+        .await?;
+        Ok(match recorded {
+            Recorded::Written(status) if status.attempt == spec.attempt => {
+                format!("{} recorded", status.state)
+            }
+            Recorded::Written(_) => format!("{state} recorded in the job's history"),
+            Recorded::Kept { reason } => format!("nothing recorded: {reason}"),
+        })
     }
 
     /// The job an instance runs, from its user-data.
-    pub(crate) async fn spec_of(
-        &self,
-        instance_id: &str,
-    ) -> Result<s3spot_bootstrap::JobSpec, JobsError> {
+    pub(crate) async fn spec_of(&self, instance_id: &str) -> Result<JobSpec, JobsError> {
         let encoded = self.launcher.user_data(instance_id).await?;
-        decode_job(&encoded).map_err(|reason| JobsError::NoJob {
+        job_from_base64_user_data(&encoded).map_err(|error| JobsError::NoJob {
             instance_id: instance_id.to_owned(),
-            reason,
+            reason: crate::error_chain(&error),
         })
     }
 
     /// The object a job is about: from its instances, or from the target itself.
-    pub(crate) fn object_of(
+    fn object_of(
         &self,
         target: &Target,
         instances: &[JobInstance],
@@ -454,15 +561,72 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         }
     }
 
-    /// Where an object's results are: bucket, and key prefix.
-    pub(crate) fn results(&self, bucket: &str, key: &str) -> (String, String) {
-        (
-            self.config
-                .results_bucket
+    /// The job of `target` that commands about one job act on: the instance's, or the newest
+    /// upload's of the object, by its instances' tags and by the upload folders in S3 (which
+    /// outlive EC2's memory of the instances).
+    pub(crate) async fn newest_job(
+        &self,
+        target: &Target,
+        found: &[JobInstance],
+    ) -> Result<JobLocation, JobsError> {
+        let (bucket, key) = self.object_of(target, found)?;
+        let results_bucket = self
+            .config
+            .results_bucket
+            .clone()
+            .unwrap_or_else(|| bucket.clone());
+        let key_prefix = key_results_prefix(&self.config.results_prefix, &key);
+        let uploads = self.statuses.folders(&results_bucket, &key_prefix).await?;
+        let named = match target {
+            Target::Instance(id) => found.iter().find(|i| &i.instance_id == id),
+            Target::Object { .. } => None,
+        };
+        // (upload folder, job id when known), newest last: folders are named by upload time.
+        let chosen = match named {
+            Some(instance) => instance
+                .upload
                 .clone()
-                .unwrap_or_else(|| bucket.to_owned()),
-            s3spot_bootstrap::results_key_prefix(&self.config.results_prefix, key),
-        )
+                .map(|upload| (upload, instance.job_id.clone())),
+            None => found
+                .iter()
+                .filter_map(|i| Some((i.upload.clone()?, i.job_id.clone())))
+                .chain(uploads.iter().map(|upload| (upload.clone(), None)))
+                .max_by(|a, b| a.0.cmp(&b.0).then(a.1.is_some().cmp(&b.1.is_some()))),
+        };
+        let (job_id, upload) = match chosen {
+            Some((upload, Some(job_id))) => (Some(job_id), Some(upload)),
+            Some((upload, None)) => {
+                let stored = self
+                    .statuses
+                    .read(
+                        &results_bucket,
+                        &format!("{key_prefix}{upload}/{STATUS_FILE}"),
+                    )
+                    .await?;
+                let job_id = stored.and_then(|s| s.status.ok()).map(|s| s.job_id);
+                (job_id, Some(upload))
+            }
+            None if found.is_empty() => {
+                return Err(JobsError::NotFound {
+                    target: target.to_string(),
+                    pipeline: self.config.pipeline.clone(),
+                    hint: ", and no upload of it has results; upload the object again to run it",
+                });
+            }
+            None => (found.first().and_then(|i| i.job_id.clone()), None),
+        };
+        let prefix = match &upload {
+            Some(upload) => format!("{key_prefix}{upload}/"),
+            None => key_prefix,
+        };
+        Ok(JobLocation {
+            bucket,
+            key,
+            job_id,
+            results_bucket,
+            prefix,
+            uploads,
+        })
     }
 
     async fn rows(
@@ -490,28 +654,38 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             let age_secs = instance
                 .launched_at
                 .map(|at| u64::try_from(clock.now.saturating_sub(at)).unwrap_or(0));
-            let stuck =
-                instance.is_active() && age_secs.is_some_and(|age| age >= clock.stuck_after_secs);
+            let max_runtime_secs = instance.max_runtime_secs();
+            let stuck = instance.is_active()
+                && age_secs.is_some_and(|age| age >= clock.stuck_after(max_runtime_secs));
             let attempt = instance.attempt();
-            let location = self.results(&bucket, &key);
-            if !statuses.contains_key(&location) {
-                let (results_bucket, prefix) = &location;
-                let status_key = format!("{prefix}{STATUS_FILE}");
-                let status = match self.statuses.read(results_bucket, &status_key).await {
-                    Ok(status) => status,
-                    Err(error) => {
-                        tracing::warn!(
-                            error = crate::error_chain(&error),
-                            "cannot read a job's status.json"
-                        );
-                        None
+            let job_id = instance.tag(TAG_JOB).map(str::to_owned);
+            let upload = instance.tag(TAG_UPLOAD).map(str::to_owned);
+            let result = match (&job_id, &upload) {
+                (Some(job_id), Some(upload)) => {
+                    let results_bucket = self.config.results_bucket.as_deref().unwrap_or(&bucket);
+                    let status_key = format!(
+                        "{}{upload}/{STATUS_FILE}",
+                        key_results_prefix(&self.config.results_prefix, &key)
+                    );
+                    let location = (results_bucket.to_owned(), status_key);
+                    if !statuses.contains_key(&location) {
+                        let status =
+                            read_status(&self.statuses, &location.0, &location.1, job_id).await;
+                        let status = status.unwrap_or_else(|error| {
+                            tracing::warn!(
+                                error = crate::error_chain(&error),
+                                "cannot read a job's status.json"
+                            );
+                            None
+                        });
+                        statuses.insert(location.clone(), status);
                     }
-                };
-                statuses.insert(location.clone(), status);
-            }
-            let result = statuses[&location]
-                .as_ref()
-                .and_then(|status| result_of(status, attempt));
+                    statuses[&location]
+                        .as_ref()
+                        .and_then(|status| status.outcome_of(attempt.unwrap_or(status.attempt)))
+                }
+                _ => None,
+            };
             rows.push(JobInstance {
                 instance_id: instance.instance_id.clone(),
                 state: instance.state.clone(),
@@ -521,27 +695,44 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 age_secs,
                 bucket,
                 key,
-                job_id: instance.tag(TAG_JOB).map(str::to_owned),
+                job_id,
+                upload,
                 attempt,
+                max_runtime_secs,
                 stuck,
                 result,
+                state_reason: instance.state_reason.clone(),
             });
         }
         Ok(rows)
     }
 }
 
-/// How status.json says `attempt` ended: the document itself, or an entry of its history.
-fn result_of(status: &Status, attempt: Option<u32>) -> Option<State> {
-    let attempt = attempt.unwrap_or(status.attempt);
-    if status.attempt == attempt {
-        return Some(status.state);
+/// Where one job's results are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobLocation {
+    pub bucket: String,
+    pub key: String,
+    /// `None`: no instance or status.json says which job the folder is.
+    pub job_id: Option<String>,
+    pub results_bucket: String,
+    /// The job's folder, `<results prefix><key>/<upload>/` (just the key's folder when no
+    /// upload of it is known).
+    pub prefix: String,
+    /// Every upload folder of the key in S3, oldest first.
+    pub uploads: Vec<String>,
+}
+
+impl JobLocation {
+    pub(crate) fn status_key(&self) -> String {
+        format!("{}{STATUS_FILE}", self.prefix)
     }
-    status
-        .history
-        .iter()
-        .find(|a| a.attempt == attempt)
-        .map(|a| a.state)
+}
+
+/// The last `chars` characters of `text`.
+fn tail_chars(text: &str, chars: usize) -> String {
+    let skip = text.chars().count().saturating_sub(chars);
+    text.chars().skip(skip).collect()
 }
 
 #[cfg(test)]
@@ -575,5 +766,28 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    #[test]
+    fn each_job_is_judged_stuck_by_its_own_max_runtime() {
+        let clock = Clock {
+            now: 100_000,
+            stuck_after_secs: None,
+            default_max_runtime_secs: 3600,
+        };
+        assert_eq!(clock.stuck_after(Some(7200)), 7200 + STUCK_GRACE_SECS);
+        assert_eq!(clock.stuck_after(Some(60)), 60 + STUCK_GRACE_SECS);
+        assert_eq!(clock.stuck_after(None), 3600 + STUCK_GRACE_SECS);
+        let forced = Clock {
+            stuck_after_secs: Some(5),
+            ..clock
+        };
+        assert_eq!(forced.stuck_after(Some(7200)), 5);
+    }
+
+    #[test]
+    fn console_tails_keep_the_end_whole() {
+        assert_eq!(tail_chars("abcdé", 2), "dé");
+        assert_eq!(tail_chars("ab", 5), "ab");
     }
 }

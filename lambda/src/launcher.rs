@@ -2,6 +2,8 @@
 
 use std::future::Future;
 
+use s3spot_bootstrap::JobSpec;
+
 use crate::config::{LaunchOption, LaunchTemplate};
 
 /// Tags s3spot puts on every instance and volume it launches.
@@ -11,9 +13,29 @@ pub const TAG_BUCKET: &str = "s3spot:bucket";
 pub const TAG_KEY: &str = "s3spot:key";
 pub const TAG_JOB: &str = "s3spot:job";
 pub const TAG_ATTEMPT: &str = "s3spot:attempt";
+/// The job's upload folder under its key's results (see `JobSpec::upload`).
+pub const TAG_UPLOAD: &str = "s3spot:upload";
+/// The job's own max runtime, in seconds: whether it is stuck is judged by the limit it was
+/// launched with, not by the function's current one.
+pub const TAG_MAX_RUNTIME: &str = "s3spot:max-runtime";
 
 /// EC2 tag values hold at most 256 Unicode characters.
 pub const MAX_TAG_VALUE_CHARS: usize = 256;
+
+/// Tags for a job's instance and its volumes: enough to find, count, judge and re-run the job.
+pub fn job_tags(pipeline: &str, spec: &JobSpec) -> Vec<(String, String)> {
+    let bounded = |value: String| value.chars().take(MAX_TAG_VALUE_CHARS).collect::<String>();
+    vec![
+        (TAG_NAME.into(), bounded(format!("s3spot: {}", spec.key))),
+        (TAG_PIPELINE.into(), pipeline.into()),
+        (TAG_BUCKET.into(), spec.bucket.clone()),
+        (TAG_KEY.into(), bounded(spec.key.clone())),
+        (TAG_JOB.into(), spec.job_id.clone()),
+        (TAG_UPLOAD.into(), spec.upload()),
+        (TAG_ATTEMPT.into(), spec.attempt.to_string()),
+        (TAG_MAX_RUNTIME.into(), spec.max_runtime_secs.to_string()),
+    ]
+}
 
 /// One `RunInstances` call, fully decided: a launcher adds nothing of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +74,38 @@ pub struct InstanceInfo {
     /// Seconds since the Unix epoch.
     pub launched_at: Option<i64>,
     pub tags: Vec<(String, String)>,
+    /// Why it last changed state, as EC2 says: e.g. `Server.SpotInstanceTermination`.
+    pub state_reason: Option<StateReason>,
+}
+
+/// EC2's reason for an instance's last state change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateReason {
+    /// `Server.SpotInstanceTermination`, `Client.InstanceInitiatedShutdown`, ...
+    pub code: String,
+    pub message: String,
+}
+
+impl StateReason {
+    /// EC2 took a spot instance back: a spot interruption, announced or not.
+    pub fn is_spot_reclaim(&self) -> bool {
+        self.code == "Server.SpotInstanceTermination"
+    }
+}
+
+impl std::fmt::Display for StateReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // EC2's messages usually repeat the code: "Client.UserInitiatedShutdown: User ...".
+        if self.message.is_empty() || self.message.starts_with(&self.code) {
+            f.write_str(if self.message.is_empty() {
+                &self.code
+            } else {
+                &self.message
+            })
+        } else {
+            write!(f, "{}: {}", self.code, self.message)
+        }
+    }
 }
 
 impl InstanceInfo {
@@ -69,6 +123,16 @@ impl InstanceInfo {
     /// The job's attempt this instance runs, from its tag.
     pub fn attempt(&self) -> Option<u32> {
         self.tag(TAG_ATTEMPT)?.parse().ok()
+    }
+
+    /// The job's max runtime it was launched with, from its tag.
+    pub fn max_runtime_secs(&self) -> Option<u64> {
+        self.tag(TAG_MAX_RUNTIME)?.parse().ok()
+    }
+
+    /// Ended for good: it runs no job any more, and never will.
+    pub fn is_ended(&self) -> bool {
+        matches!(self.state.as_str(), "terminated" | "stopped")
     }
 }
 
@@ -168,6 +232,13 @@ pub trait Launcher: Send + Sync {
         instance_id: &str,
     ) -> impl Future<Output = Result<String, LaunchError>> + Send;
 
+    /// What the instance wrote to its console (the bootstrap script and the worker log there),
+    /// as far as the provider keeps it; `None` if it has none.
+    fn console_output(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, LaunchError>> + Send;
+
     /// Terminates instances (already terminated ones are fine). Callers pass only instances of
     /// their pipeline; EC2's policy allows no others.
     fn terminate(
@@ -222,6 +293,13 @@ macro_rules! delegate_launcher {
                 job: Option<&str>,
             ) -> impl Future<Output = Result<Vec<InstanceInfo>, LaunchError>> + Send {
                 (**self).instances(pipeline, job)
+            }
+
+            fn console_output(
+                &self,
+                instance_id: &str,
+            ) -> impl Future<Output = Result<Option<String>, LaunchError>> + Send {
+                (**self).console_output(instance_id)
             }
 
             fn terminate(

@@ -1,9 +1,11 @@
-//! s3spot's launcher: S3 "object created" events in, one spot instance per object out.
+//! s3spot's launcher: S3 "object created" events in, one spot instance per upload out.
 //!
 //! An event is parsed into records ([`event`]), each record is skipped or planned into a job
 //! with its user-data ([`plan`]), and each job is launched through a [`Launcher`] with a
-//! deterministic `ClientToken` ([`token`]). [`Handler`] ties them together; [`Ec2Launcher`] is
-//! the launcher for AWS.
+//! deterministic `ClientToken` ([`token`]), at most once per attempt ([`launch`]). Jobs whose
+//! attempts end early are launched again or given a final status ([`recover`]); [`jobs`] is the
+//! operator's view. [`Handler`] dispatches each record to these; [`Ec2Launcher`] is the launcher
+//! for AWS. The status protocol is the contract crate's ([`s3spot_bootstrap`]).
 
 pub mod config;
 pub mod ec2;
@@ -13,20 +15,24 @@ pub mod fake;
 pub mod handler;
 pub mod jobs;
 pub mod key;
+mod launch;
 pub mod launcher;
 pub mod plan;
 pub mod prices;
-pub mod statuses;
+mod recover;
+pub mod report;
 pub mod token;
 
 pub use config::{Config, ConfigError, JobConfig, JobsConfig};
 pub use ec2::Ec2Launcher;
-pub use handler::{Handler, HandlerError, Report, Response, error_chain};
+pub use handler::{Handler, error_chain};
 pub use jobs::{Clock, Jobs, JobsError, Target};
 pub use launcher::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
+    StateReason,
 };
-pub use statuses::{S3Statuses, StatusError, StatusStore};
+pub use report::{HandlerError, Report, Response};
+pub use s3spot_bootstrap::{S3Statuses, StatusError, StatusStore};
 
 impl From<HandlerError> for lambda_runtime::Diagnostic {
     fn from(error: HandlerError) -> Self {

@@ -43,9 +43,15 @@ pub fn skip_reason(config: &JobConfig, key: &str) -> Option<String> {
     None
 }
 
-/// Applies the skip rules, then builds and renders the job. Rendering fails only when the
-/// user-data would be over EC2's limit, which no retry can fix.
-pub fn plan(config: &JobConfig, object: &ObjectCreated, attempt: u32) -> Result<Plan, RenderError> {
+/// Applies the skip rules, then builds and renders the job `job_id` (the object's upload, see
+/// [`crate::token::job_id`]). Rendering fails only when the user-data would be over EC2's limit,
+/// which no retry can fix.
+pub fn plan(
+    config: &JobConfig,
+    object: &ObjectCreated,
+    attempt: u32,
+    job_id: &str,
+) -> Result<Plan, RenderError> {
     if let Some(reason) = skip_reason(config, &object.key) {
         return Ok(Plan::Skip(reason));
     }
@@ -56,6 +62,8 @@ pub fn plan(config: &JobConfig, object: &ObjectCreated, attempt: u32) -> Result<
         etag: object.etag.clone(),
         size: object.size,
         sequencer: object.sequencer.clone(),
+        job_id: job_id.to_owned(),
+        uploaded_at: object.event_time.clone(),
         results_bucket: config
             .results_bucket
             .clone()
@@ -93,7 +101,12 @@ pub enum Decision {
 /// Decides a record without calling AWS: the handler's first step, and all of `s3spot render`.
 pub fn decide(config: &JobConfig, record: Record, attempt: u32) -> Decision {
     match record {
-        Record::Created(object) => match plan(config, &object, attempt) {
+        Record::Created(object) => match plan(
+            config,
+            &object,
+            attempt,
+            &crate::token::job_id(&config.pipeline, &object),
+        ) {
             Ok(Plan::Launch(job)) => Decision::Launch { object, job },
             Ok(Plan::Skip(reason)) => Decision::Skip {
                 bucket: object.bucket,
@@ -164,6 +177,8 @@ mod tests {
             .job
     }
 
+    const JOB: &str = "0123456789abcdef0123456789abcdef";
+
     fn object(key: &str) -> ObjectCreated {
         ObjectCreated {
             bucket: "data".into(),
@@ -230,7 +245,7 @@ mod tests {
                 "data.analyzed.1700000000",
                 "ünï/cödé +$(x).csv",
             ] {
-                let Plan::Launch(job) = plan(&config, &object(key), 1).unwrap() else {
+                let Plan::Launch(job) = plan(&config, &object(key), 1, JOB).unwrap() else {
                     panic!("{key} should launch")
                 };
                 for output in [
@@ -255,7 +270,7 @@ mod tests {
             ("S3SPOT_RESULTS_BUCKET", "results"),
             ("S3SPOT_COMMAND", "true"),
         ]);
-        let Plan::Launch(job) = plan(&config, &object("in/x.csv"), 2).unwrap() else {
+        let Plan::Launch(job) = plan(&config, &object("in/x.csv"), 2, JOB).unwrap() else {
             panic!()
         };
         assert_eq!(job.spec.bucket, "data");
@@ -266,7 +281,7 @@ mod tests {
             s3spot_bootstrap::job_from_user_data(job.user_data.script()).unwrap(),
             job.spec
         );
-        let default_bucket = plan(&self::config(&[]), &object("in/x.csv"), 1).unwrap();
+        let default_bucket = plan(&self::config(&[]), &object("in/x.csv"), 1, JOB).unwrap();
         let Plan::Launch(job) = default_bucket else {
             panic!()
         };

@@ -1,54 +1,37 @@
-//! Deterministic identities: the job id (an instance tag) and the `RunInstances` `ClientToken`.
+//! Deterministic identities: the job id (an instance tag, and the job's results folder) and the
+//! `RunInstances` `ClientToken`.
 //!
 //! S3 delivers each event at least once and Lambda retries, so the same object may be handled
 //! several times. EC2 launches at most one instance per `ClientToken` (and reports
 //! `IdempotentInstanceTerminated` once it has gone), so the token must come from the event alone.
 
+use s3spot_bootstrap::UploadIdentity;
 use sha2::{Digest as _, Sha256};
 
 use crate::config::LaunchOption;
 use crate::event::ObjectCreated;
 
-/// What tells this upload of the key apart from other uploads of the same key, best first: a
-/// version id is unique per upload, a sequencer per event, an ETag per content. `eventTime` is a
-/// last resort for hand-written events that carry none of them.
-fn upload_identity(object: &ObjectCreated) -> (&'static str, &str) {
-    [
-        ("version", &object.version_id),
-        ("sequencer", &object.sequencer),
-        ("etag", &object.etag),
-        ("event-time", &object.event_time),
-    ]
-    .into_iter()
-    .find_map(|(kind, value)| value.as_deref().map(|value| (kind, value)))
-    .unwrap_or(("none", ""))
-}
-
-/// Hex sha256 of a JSON array of the parts: JSON keeps the parts apart whatever they contain.
-fn digest(parts: &serde_json::Value) -> String {
-    hex::encode(Sha256::digest(parts.to_string()))
-}
-
-/// 32 hex digits naming one upload of one object in one pipeline.
+/// 32 hex digits naming one upload of one object in one pipeline; see [`s3spot_bootstrap::job_id`].
 pub fn job_id(pipeline: &str, object: &ObjectCreated) -> String {
-    let (kind, value) = upload_identity(object);
-    let mut id = digest(&serde_json::json!([
-        "s3spot-job-v1",
+    s3spot_bootstrap::job_id(
         pipeline,
-        object.bucket,
-        object.key,
-        kind,
-        value
-    ]));
-    id.truncate(32);
-    id
+        &object.bucket,
+        &object.key,
+        UploadIdentity {
+            version_id: object.version_id.as_deref(),
+            sequencer: object.sequencer.as_deref(),
+            etag: object.etag.as_deref(),
+            event_time: object.event_time.as_deref(),
+        },
+    )
 }
 
 /// `<job id>-<attempt>-<option>`: at most 32 + 1 + 10 + 1 + 12 = 56 characters, within EC2's 64.
 /// Each launch option gets its own token, so falling back from spot to on-demand is a new request
 /// rather than a parameter mismatch.
 pub fn client_token(job_id: &str, attempt: u32, option: &LaunchOption) -> String {
-    let option_digest = digest(&serde_json::json!([option.market, option.instance_type]));
+    let parts = serde_json::json!([option.market, option.instance_type]);
+    let option_digest = hex::encode(Sha256::digest(parts.to_string()));
     format!("{job_id}-{attempt}-{}", &option_digest[..12])
 }
 
@@ -137,41 +120,5 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), variants.len());
-    }
-
-    #[test]
-    fn identity_falls_back_from_version_to_sequencer_to_etag() {
-        let mut object = object();
-        let with_version = job_id("s3spot", &object);
-        object.sequencer = Some("0B".into());
-        object.etag = Some("e2".into());
-        assert_eq!(job_id("s3spot", &object), with_version, "version id wins");
-
-        object.version_id = None;
-        let with_sequencer = job_id("s3spot", &object);
-        object.etag = Some("e3".into());
-        assert_eq!(
-            job_id("s3spot", &object),
-            with_sequencer,
-            "then the sequencer"
-        );
-        object.sequencer = Some("0C".into());
-        assert_ne!(job_id("s3spot", &object), with_sequencer);
-
-        object.sequencer = None;
-        let with_etag = job_id("s3spot", &object);
-        object.etag = Some("e4".into());
-        assert_ne!(job_id("s3spot", &object), with_etag, "then the ETag");
-    }
-
-    #[test]
-    fn parts_cannot_run_into_each_other() {
-        let mut a = object();
-        a.bucket = "ab".into();
-        a.key = "c".into();
-        let mut b = object();
-        b.bucket = "a".into();
-        b.key = "bc".into();
-        assert_ne!(job_id("s3spot", &a), job_id("s3spot", &b));
     }
 }

@@ -15,8 +15,8 @@ use aws_sdk_ec2::types::{
     ShutdownBehavior, SpotInstanceType, SpotPrice,
 };
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
-use s3spot_lambda::fake::MemoryStatuses;
-use s3spot_lambda::handler::Report;
+use s3spot_bootstrap::fake::MemoryStatuses;
+use s3spot_lambda::Report;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, ec2};
 use s3spot_tests::{event, s3spot_lookup};
 use serde_json::Value;
@@ -100,9 +100,25 @@ fn none_running() -> Rule {
     mock!(Client::describe_instances).then_output(|| DescribeInstancesOutput::builder().build())
 }
 
+/// The launcher's look for the job's own instances before it launches: none.
+fn no_instance_of_the_job() -> Rule {
+    mock!(Client::describe_instances)
+        .match_requests(|r| {
+            r.filters()
+                .iter()
+                .any(|f| f.name() == Some("tag:s3spot:job"))
+        })
+        .then_output(|| DescribeInstancesOutput::builder().build())
+}
+
 /// The production configuration, with backoff shortened so that retried sequences run fast.
+/// The job's own instances are looked up first, and there are none.
 fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher, MemoryStatuses> {
-    let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, rules, |builder| {
+    let lookup = no_instance_of_the_job();
+    let rules: Vec<&Rule> = std::iter::once(&lookup)
+        .chain(rules.iter().copied())
+        .collect();
+    let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, &rules, |builder| {
         ec2::configure(builder).retry_config(
             RetryConfig::standard()
                 .with_max_attempts(3)

@@ -1,12 +1,15 @@
 //! The handler's decisions, through a scripted launcher: what is launched, skipped and failed,
 //! and what a retry sees.
 
-use s3spot_bootstrap::{Attempt, State, Status, job_from_user_data};
+use s3spot_bootstrap::fake::MemoryStatuses;
+use s3spot_bootstrap::{Attempt, JobSpec, State, Status, job_from_user_data};
 use s3spot_lambda::config::MarketType;
 use s3spot_lambda::event::ObjectCreated;
-use s3spot_lambda::fake::{MemoryStatuses, ScriptedLauncher};
-use s3spot_lambda::handler::{FailedRecord, Report};
+use s3spot_lambda::fake::ScriptedLauncher;
+use s3spot_lambda::launcher::job_tags;
 use s3spot_lambda::plan::{Plan, plan};
+use s3spot_lambda::report::{FailedRecord, Report};
+use s3spot_lambda::token::job_id;
 use s3spot_lambda::{
     Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Response,
 };
@@ -513,9 +516,8 @@ fn job_of(request: &LaunchRequest) -> s3spot_bootstrap::JobSpec {
 
 const INTERRUPTED: &str = "i-1234567890abcdef0";
 
-/// The instance of `events/spot-interruption.json`: `s3-put.json`'s job on its `attempt`, as
-/// EC2 would describe it, with its user-data.
-fn interrupted(pipeline: &str, attempt: u32) -> (InstanceInfo, String) {
+/// `s3-put.json`'s job on its `attempt`, as the handler plans it.
+fn interrupted_job(attempt: u32) -> (JobSpec, String) {
     let config = config(&[]);
     let object = ObjectCreated {
         bucket: "example-bucket".into(),
@@ -524,28 +526,29 @@ fn interrupted(pipeline: &str, attempt: u32) -> (InstanceInfo, String) {
         etag: Some("0123456789abcdef0123456789abcdef".into()),
         size: Some(1024),
         sequencer: Some("0A1B2C3D4E5F678901".into()),
-        event_time: None,
+        event_time: Some("1970-01-01T00:00:00.000Z".into()),
     };
-    let Ok(Plan::Launch(job)) = plan(&config.job, &object, attempt) else {
+    let id = job_id(&config.job.pipeline, &object);
+    let Ok(Plan::Launch(job)) = plan(&config.job, &object, attempt, &id) else {
         panic!("s3-put.json's key is a job")
     };
-    let tags = [
-        ("s3spot:pipeline", pipeline),
-        ("s3spot:job", "0123456789abcdef0123456789abcdef"),
-        ("s3spot:attempt", &attempt.to_string()),
-    ];
+    (job.spec, job.user_data.to_base64())
+}
+
+/// The instance of `events/spot-interruption.json`: `s3-put.json`'s job on its `attempt`, as
+/// EC2 would describe it, with its user-data.
+fn interrupted(pipeline: &str, attempt: u32) -> (InstanceInfo, String) {
+    let (spec, user_data) = interrupted_job(attempt);
     let info = InstanceInfo {
         instance_id: INTERRUPTED.into(),
         state: "running".into(),
         instance_type: Some("m7i.large".into()),
         market: "spot".into(),
         launched_at: Some(1_714_564_800),
-        tags: tags
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
+        tags: job_tags(pipeline, &spec),
+        state_reason: None,
     };
-    (info, job.user_data.to_base64())
+    (info, user_data)
 }
 
 fn launcher_with(instance: (InstanceInfo, String)) -> ScriptedLauncher {
@@ -555,7 +558,9 @@ fn launcher_with(instance: (InstanceInfo, String)) -> ScriptedLauncher {
     }
 }
 
-const STATUS_KEY: &str = "analysis/test/key/status.json";
+fn status_key() -> String {
+    interrupted_job(1).0.status_key()
+}
 
 #[tokio::test]
 async fn a_spot_interruption_relaunches_the_job_as_its_next_attempt() {
@@ -578,11 +583,10 @@ async fn a_spot_interruption_relaunches_the_job_as_its_next_attempt() {
             .map(|(_, v)| v.as_str())
     };
     assert_eq!(tag("s3spot:attempt"), Some("2"));
-    assert_eq!(tag("s3spot:job"), Some("0123456789abcdef0123456789abcdef"));
+    let job_id = interrupted_job(1).0.job_id;
+    assert_eq!(tag("s3spot:job"), Some(job_id.as_str()));
     assert!(
-        request
-            .client_token
-            .starts_with("0123456789abcdef0123456789abcdef-2-"),
+        request.client_token.starts_with(&format!("{job_id}-2-")),
         "{}",
         request.client_token
     );
@@ -609,8 +613,10 @@ async fn a_spot_interruption_relaunches_the_job_as_its_next_attempt() {
 
 /// A status.json a worker wrote for `s3-put.json`'s job.
 fn worker_status(state: &str, attempt: u32) -> Status {
+    let (spec, _) = interrupted_job(attempt);
     serde_json::from_value(json!({
-        "state": state, "input": {"bucket": "example-bucket", "key": "test/key",
+        "state": state, "job_id": spec.job_id, "uploaded_at": spec.uploaded_at,
+        "input": {"bucket": "example-bucket", "key": "test/key",
         "version_id": null, "etag": null, "size": null, "sha256": null}, "outputs": [],
         "exit_code": null, "error": null, "timings": {"download_ms": 1, "process_ms": 2,
         "upload_ms": 3}, "instance": {"id": INTERRUPTED, "type": "m7i.large", "lifecycle": "spot"},
@@ -622,7 +628,7 @@ fn worker_status(state: &str, attempt: u32) -> Status {
 fn handler_status(handler: &Handler<&ScriptedLauncher, MemoryStatuses>) -> Status {
     handler
         .statuses()
-        .get("example-bucket", STATUS_KEY)
+        .get("example-bucket", &status_key())
         .expect("status.json written")
 }
 
@@ -643,7 +649,7 @@ async fn the_last_attempt_interrupted_marks_the_job_failed_with_its_history() {
             finished_at: String::new(),
         })
         .collect();
-    statuses.put("example-bucket", STATUS_KEY, worker_status);
+    statuses.put("example-bucket", &status_key(), worker_status);
     let handler = Handler::new(config(&[]), &launcher, statuses);
 
     let report = report(&handler, event("spot-interruption.json")).await;
@@ -676,24 +682,39 @@ async fn more_attempts_allowed_means_another_launch() {
 }
 
 #[tokio::test]
-async fn interruptions_of_other_instances_are_skipped() {
-    for launcher in [
-        ScriptedLauncher::default(),
-        launcher_with(interrupted("another-pipeline", 1)),
+async fn interruptions_of_other_pipelines_instances_are_skipped() {
+    let launcher = launcher_with(interrupted("another-pipeline", 1));
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(launcher.requests(), []);
+    assert_eq!(report.skipped.len(), 1);
+    assert!(
+        report.skipped[0]
+            .reason
+            .contains("not an instance of pipeline \"s3spot\""),
+        "{:?}",
+        report.skipped
+    );
+    assert_eq!(handler.statuses().writes(), []);
+}
+
+#[tokio::test]
+async fn an_interruption_of_an_instance_ec2_no_longer_lists_is_never_dropped_in_silence() {
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let report = report(&handler, event("spot-interruption.json")).await;
+    assert_eq!(launcher.requests(), []);
+    assert_eq!(report.skipped, []);
+    let FailedRecord {
+        error, retryable, ..
+    } = &report.failed[0];
+    assert!(!retryable, "retrying cannot bring the instance back");
+    for part in [
+        "spot interruption of i-1234567890abcdef0",
+        "EC2 does not list the instance",
+        "s3spot jobs retry",
     ] {
-        let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
-        let report = report(&handler, event("spot-interruption.json")).await;
-        assert_eq!(launcher.requests(), []);
-        assert_eq!(report.skipped.len(), 1);
-        assert!(
-            report.skipped[0].reason.contains("no such instance")
-                || report.skipped[0]
-                    .reason
-                    .contains("not an instance of pipeline \"s3spot\""),
-            "{:?}",
-            report.skipped
-        );
-        assert_eq!(handler.statuses().writes(), []);
+        assert!(error.contains(part), "{part:?} in {error}");
     }
 }
 
@@ -703,14 +724,14 @@ async fn a_job_that_already_finished_is_not_relaunched() {
     let statuses = MemoryStatuses::default();
     let mut done = worker_status("succeeded", 1);
     done.exit_code = Some(0);
-    statuses.put("example-bucket", STATUS_KEY, done.clone());
+    statuses.put("example-bucket", &status_key(), done.clone());
     let handler = Handler::new(config(&[]), &launcher, statuses);
     let report = report(&handler, event("spot-interruption.json")).await;
     assert_eq!(launcher.requests(), []);
     assert!(
         report.skipped[0]
             .reason
-            .contains("already ended (Succeeded)")
+            .contains("already ended (succeeded)")
     );
     assert_eq!(handler_status(&handler), done, "left as it was");
 }

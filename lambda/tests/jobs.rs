@@ -1,13 +1,16 @@
 //! The job commands and the scheduled reaper, through a scripted launcher and statuses in
 //! memory: what is listed, stopped, recorded and re-launched.
 
-use s3spot_bootstrap::{Attempt, State, Status};
+use s3spot_bootstrap::fake::MemoryStatuses;
+use s3spot_bootstrap::{Attempt, JobSpec, State, Status, Writer};
 use s3spot_lambda::event::ObjectCreated;
-use s3spot_lambda::fake::{MemoryStatuses, ScriptedLauncher};
-use s3spot_lambda::handler::Report;
+use s3spot_lambda::fake::ScriptedLauncher;
+use s3spot_lambda::launcher::job_tags;
 use s3spot_lambda::plan::{Plan, plan};
+use s3spot_lambda::token::job_id;
 use s3spot_lambda::{
-    Clock, Config, Handler, InstanceInfo, Jobs, JobsError, Response, SpotPrice, Target,
+    Clock, Config, Handler, InstanceInfo, Jobs, JobsError, Report, Response, SpotPrice,
+    StateReason, Target,
 };
 use s3spot_tests::{event, s3spot_lookup};
 use serde_json::json;
@@ -18,60 +21,84 @@ fn config(overrides: &[(&str, &str)]) -> Config {
 
 const BUCKET: &str = "data";
 const NOW: i64 = 1_800_000_000;
-/// The default max runtime (an hour) plus the grace: older and still active is stuck.
-const STUCK_AFTER: u64 = 3600 + s3spot_lambda::jobs::STUCK_GRACE_SECS;
+/// When every key in these tests was uploaded, unless a test says otherwise.
+const UPLOADED_AT: &str = "2026-11-30T10:00:00.000Z";
 
 fn clock() -> Clock {
     Clock {
         now: NOW,
-        stuck_after_secs: STUCK_AFTER,
+        stuck_after_secs: None,
+        default_max_runtime_secs: 3600,
     }
 }
 
+/// The upload of `key` at `uploaded_at`, as its event describes it.
+fn upload(key: &str, uploaded_at: &str) -> ObjectCreated {
+    ObjectCreated {
+        bucket: BUCKET.into(),
+        key: key.into(),
+        version_id: None,
+        etag: Some(format!("etag of {key} at {uploaded_at}")),
+        size: Some(10),
+        sequencer: None,
+        event_time: Some(uploaded_at.into()),
+    }
+}
+
+/// Attempt `attempt` of the job of `object`, as the handler plans it.
+fn spec_of(object: &ObjectCreated, attempt: u32, overrides: &[(&str, &str)]) -> (JobSpec, String) {
+    let config = config(overrides);
+    let id = job_id(&config.job.pipeline, object);
+    let Ok(Plan::Launch(job)) = plan(&config.job, object, attempt, &id) else {
+        panic!("{} is a job", object.key)
+    };
+    (job.spec, job.user_data.to_base64())
+}
+
+fn spec(key: &str, attempt: u32) -> JobSpec {
+    spec_of(&upload(key, UPLOADED_AT), attempt, &[]).0
+}
+
 /// An instance of the default pipeline running `key`'s job on `attempt`, launched `age` seconds
-/// before [`NOW`], with the user-data the handler would have given it.
+/// before [`NOW`], with the tags and user-data the handler would have given it.
 fn instance(id: &str, key: &str, attempt: u32, state: &str, age: i64) -> (InstanceInfo, String) {
-    launched(id, key, attempt, state, NOW - age)
+    launched(
+        id,
+        &upload(key, UPLOADED_AT),
+        attempt,
+        state,
+        NOW - age,
+        &[],
+    )
 }
 
 fn launched(
     id: &str,
-    key: &str,
+    object: &ObjectCreated,
     attempt: u32,
     state: &str,
     launched_at: i64,
+    overrides: &[(&str, &str)],
 ) -> (InstanceInfo, String) {
-    let object = ObjectCreated {
-        bucket: BUCKET.into(),
-        key: key.into(),
-        version_id: Some("v1".into()),
-        etag: None,
-        size: Some(10),
-        sequencer: None,
-        event_time: None,
-    };
-    let Ok(Plan::Launch(job)) = plan(&config(&[]).job, &object, attempt) else {
-        panic!("{key} is a job")
-    };
-    let tags = [
-        ("s3spot:pipeline", "s3spot"),
-        ("s3spot:bucket", BUCKET),
-        ("s3spot:key", key),
-        ("s3spot:job", &format!("job-{key}")),
-        ("s3spot:attempt", &attempt.to_string()),
-    ];
+    let (spec, user_data) = spec_of(object, attempt, overrides);
     let info = InstanceInfo {
         instance_id: id.into(),
         state: state.into(),
         instance_type: Some("m5.large".into()),
         market: "spot".into(),
         launched_at: Some(launched_at),
-        tags: tags
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
+        tags: job_tags("s3spot", &spec),
+        state_reason: None,
     };
-    (info, job.user_data.to_base64())
+    (info, user_data)
+}
+
+fn ended_by(mut instance: (InstanceInfo, String), code: &str) -> (InstanceInfo, String) {
+    instance.0.state_reason = Some(StateReason {
+        code: code.into(),
+        message: format!("{code}: as EC2 says it"),
+    });
+    instance
 }
 
 fn launcher(instances: Vec<(InstanceInfo, String)>) -> ScriptedLauncher {
@@ -82,13 +109,16 @@ fn launcher(instances: Vec<(InstanceInfo, String)>) -> ScriptedLauncher {
 }
 
 fn status_key(key: &str) -> String {
-    format!("analysis/{key}/status.json")
+    spec(key, 1).status_key()
 }
 
 /// A status.json as a worker writes it.
 fn worker_status(key: &str, state: &str, attempt: u32, instance_id: &str) -> Status {
+    let spec = spec(key, attempt);
     serde_json::from_value(json!({
-        "state": state, "input": {"bucket": BUCKET, "key": key, "version_id": "v1",
+        "state": state, "job_id": spec.job_id, "uploaded_at": spec.uploaded_at,
+        "written_by": "worker",
+        "input": {"bucket": BUCKET, "key": key, "version_id": null,
         "etag": null, "size": 10, "sha256": null}, "outputs": ["analysis/x/stdout.log"],
         "exit_code": 0, "error": null, "timings": {"download_ms": 1, "process_ms": 2,
         "upload_ms": 3}, "instance": {"id": instance_id, "type": "m5.large", "lifecycle": "spot"},
@@ -201,10 +231,11 @@ async fn cancel_terminates_the_active_instance_and_records_cancelled() {
         "attempt 1 kept"
     );
     assert_eq!(
-        status.input.version_id.as_deref(),
-        Some("v1"),
+        status.input.etag,
+        spec("in/a.csv", 2).etag,
         "from the user-data"
     );
+    assert_eq!(status.written_by, Writer::Launcher);
 }
 
 #[tokio::test]
@@ -226,7 +257,11 @@ async fn cancel_with_nothing_running_says_what_it_found() {
     );
     // Another pipeline's instance is not ours to touch.
     let mut foreign = instance("i-foreign", "in/a.csv", 1, "running", 9999);
-    foreign.0.tags[0].1 = "someone-else".into();
+    for (name, value) in &mut foreign.0.tags {
+        if name == "s3spot:pipeline" {
+            *value = "someone-else".into();
+        }
+    }
     let launcher = self::launcher(vec![foreign]);
     let error = self::jobs(&launcher, &statuses)
         .cancel(&key("i-foreign"), clock())
@@ -250,9 +285,9 @@ async fn reap_terminates_only_stuck_instances_and_keeps_a_finished_verdict() {
         &status_key("in/b.csv"),
         worker_status("in/b.csv", "succeeded", 1, "i-no-poweroff"),
     );
-    let jobs = jobs(&launcher, &statuses);
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
 
-    let listed = jobs.reap(clock(), true).await.unwrap();
+    let listed = handler.reap(clock(), true).await.unwrap();
     let ids: Vec<&str> = listed
         .instances
         .iter()
@@ -262,7 +297,7 @@ async fn reap_terminates_only_stuck_instances_and_keeps_a_finished_verdict() {
     assert_eq!(launcher.terminated(), Vec::<String>::new(), "a dry run");
     assert_eq!(statuses.writes(), []);
 
-    jobs.reap(clock(), false).await.unwrap();
+    handler.reap(clock(), false).await.unwrap();
     assert_eq!(launcher.terminated(), ["i-no-poweroff", "i-hung"]);
     let hung = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
     assert_eq!(hung.state, State::Failed);
@@ -277,8 +312,22 @@ async fn the_scheduled_event_runs_the_reaper() {
     // The Lambda reads the real clock.
     let now = Clock::now(&config(&[]).jobs()).now;
     let launcher = launcher(vec![
-        launched("i-hung", "in/a.csv", 1, "running", now - 100_000),
-        launched("i-young", "in/c.csv", 1, "running", now - 60),
+        launched(
+            "i-hung",
+            &upload("in/a.csv", UPLOADED_AT),
+            1,
+            "running",
+            now - 100_000,
+            &[],
+        ),
+        launched(
+            "i-young",
+            &upload("in/c.csv", UPLOADED_AT),
+            1,
+            "running",
+            now - 60,
+            &[],
+        ),
     ]);
     let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
     let Ok(Response::Report(report)) = handler.handle(event("scheduled-reap.json")).await else {
@@ -335,7 +384,10 @@ async fn retry_launches_the_next_attempt_through_the_handler() {
     let report = handler.retry(&key("i-1")).await.unwrap();
     let (attempt, token) = launched_attempt(&report, &launcher);
     assert_eq!(attempt, "3");
-    assert!(token.starts_with("job-in/a.csv-3-"), "{token}");
+    assert!(
+        token.starts_with(&format!("{}-3-", spec("in/a.csv", 1).job_id)),
+        "{token}"
+    );
     assert_eq!(report.launched[0].key, "in/a.csv");
 }
 
@@ -365,9 +417,11 @@ async fn retry_after_ec2_forgot_the_instances_reads_status_json() {
         .unwrap(),
     )
     .unwrap();
+    let first = spec("in/a.csv", 1);
     assert_eq!(
-        (job.key.as_str(), job.version_id.as_deref()),
-        ("in/a.csv", Some("v1"))
+        (job.key.as_str(), &job.job_id, job.results_key_prefix()),
+        ("in/a.csv", &first.job_id, first.results_key_prefix()),
+        "the same job, in the same folder"
     );
 
     let error = handler
@@ -390,16 +444,17 @@ async fn show_has_the_instances_status_and_log_tails() {
         worker_status("in/a.csv", "failed", 1, "i-1"),
     );
     let long_log = format!("{}\nthe last line\n", "x".repeat(10_000));
-    statuses.put_text(BUCKET, "analysis/in/a.csv/stderr.log", &long_log);
+    let prefix = spec("in/a.csv", 1).results_key_prefix();
+    statuses.put_text(BUCKET, &format!("{prefix}stderr.log"), &long_log);
     let detail = jobs(&launcher, &statuses)
         .show(&key("in/a.csv"), clock())
         .await
         .unwrap();
     assert_eq!(detail.instances.len(), 1);
     assert_eq!(detail.status.unwrap().state, State::Failed);
-    assert_eq!(detail.status_url, "s3://data/analysis/in/a.csv/status.json");
+    assert_eq!(detail.status_url, format!("s3://data/{prefix}status.json"));
     assert_eq!(detail.logs.len(), 1, "no stdout.log was written");
-    assert_eq!(detail.logs[0].url, "s3://data/analysis/in/a.csv/stderr.log");
+    assert_eq!(detail.logs[0].url, format!("s3://data/{prefix}stderr.log"));
     assert!(detail.logs[0].tail.ends_with("the last line\n"));
     assert_eq!(
         detail.logs[0].tail.len() as u64,
@@ -474,4 +529,243 @@ async fn keys_longer_than_a_tag_are_read_whole_from_the_user_data() {
     // A key that shares the tag's 256 characters but not the rest is another job.
     let other = format!("{}other", &long[..256]);
     assert_eq!(jobs.find(&key(&other), clock()).await.unwrap(), []);
+}
+
+#[tokio::test]
+async fn two_uploads_of_one_key_are_two_jobs_each_with_its_own_status() {
+    let first = upload("in/a.csv", "2026-11-30T10:00:00.000Z");
+    let second = upload("in/a.csv", "2026-11-30T11:00:00.000Z");
+    let launcher = launcher(vec![
+        launched("i-first", &first, 1, "running", NOW - 300, &[]),
+        launched("i-second", &second, 1, "running", NOW - 60, &[]),
+    ]);
+    let statuses = MemoryStatuses::default();
+    let (first_spec, _) = spec_of(&first, 1, &[]);
+    let (second_spec, _) = spec_of(&second, 1, &[]);
+    assert_ne!(first_spec.job_id, second_spec.job_id);
+    assert_ne!(first_spec.status_key(), second_spec.status_key());
+    let mut done = worker_status("in/a.csv", "succeeded", 1, "i-first");
+    done.job_id = first_spec.job_id.clone();
+    done.uploaded_at = first_spec.uploaded_at.clone();
+    statuses.put(BUCKET, &first_spec.status_key(), done);
+
+    let jobs = jobs(&launcher, &statuses);
+    let rows = jobs.list(clock()).await.unwrap();
+    let results: Vec<(&str, Option<State>)> = rows
+        .iter()
+        .map(|r| (r.instance_id.as_str(), r.result))
+        .collect();
+    assert_eq!(
+        results,
+        [("i-first", Some(State::Succeeded)), ("i-second", None)],
+        "each instance shows its own upload's result"
+    );
+
+    // The key names its newest upload; an instance names its own.
+    let newest = jobs.show(&key("in/a.csv"), clock()).await.unwrap();
+    assert_eq!(newest.job_id.as_deref(), Some(second_spec.job_id.as_str()));
+    assert_eq!(newest.status, None, "the newest upload has no status yet");
+    let older = jobs.show(&key("i-first"), clock()).await.unwrap();
+    assert_eq!(older.status.unwrap().state, State::Succeeded);
+    assert_eq!(older.instances.len(), 1);
+
+    // Cancelling the key stops whatever runs for it, each in its own status.json.
+    let stopped = jobs.cancel(&key("in/a.csv"), clock()).await.unwrap();
+    assert_eq!(stopped.errors, Vec::<String>::new());
+    assert_eq!(launcher.terminated(), ["i-first", "i-second"]);
+    let first_status = statuses.get(BUCKET, &first_spec.status_key()).unwrap();
+    assert_eq!(
+        first_status.state,
+        State::Succeeded,
+        "a finished upload's account stands"
+    );
+    let second_status = statuses.get(BUCKET, &second_spec.status_key()).unwrap();
+    assert_eq!(second_status.state, State::Cancelled);
+    assert_eq!(second_status.job_id, second_spec.job_id);
+}
+
+#[tokio::test]
+async fn a_status_of_another_job_is_never_read_as_this_ones_nor_overwritten() {
+    let launcher = launcher(vec![instance("i-1", "in/a.csv", 1, "running", 60)]);
+    let statuses = MemoryStatuses::default();
+    let mut foreign = worker_status("in/a.csv", "succeeded", 1, "i-0");
+    foreign.job_id = "f".repeat(32);
+    statuses.put(BUCKET, &status_key("in/a.csv"), foreign.clone());
+    let jobs = jobs(&launcher, &statuses);
+    let rows = jobs.list(clock()).await.unwrap();
+    assert_eq!(rows[0].result, None, "not this job's result");
+    let error = jobs.show(&key("i-1"), clock()).await.unwrap_err();
+    assert!(
+        s3spot_lambda::error_chain(&error).contains("belongs to job"),
+        "{error}"
+    );
+    let stopped = jobs.cancel(&key("i-1"), clock()).await.unwrap();
+    assert_eq!(launcher.terminated(), ["i-1"]);
+    assert!(
+        stopped.errors[0].contains("belongs to job"),
+        "{:?}",
+        stopped.errors
+    );
+    assert_eq!(statuses.get(BUCKET, &status_key("in/a.csv")), Some(foreign));
+}
+
+#[tokio::test]
+async fn stuck_is_judged_by_each_jobs_own_max_runtime() {
+    // Launched under a 4-hour limit, 3 hours ago: the function's 1-hour setting must not reap it.
+    let long = launched(
+        "i-long",
+        &upload("in/long.csv", UPLOADED_AT),
+        1,
+        "running",
+        NOW - 3 * 3600,
+        &[("S3SPOT_MAX_RUNTIME", "14400")],
+    );
+    // Launched under a 60-second limit, 20 minutes ago: past its 60 s and the grace.
+    let short = launched(
+        "i-short",
+        &upload("in/short.csv", UPLOADED_AT),
+        1,
+        "running",
+        NOW - 1200,
+        &[("S3SPOT_MAX_RUNTIME", "60")],
+    );
+    let launcher = launcher(vec![long, short]);
+    let statuses = MemoryStatuses::default();
+    let rows = jobs(&launcher, &statuses).list(clock()).await.unwrap();
+    let stuck: Vec<(&str, bool, Option<u64>)> = rows
+        .iter()
+        .map(|r| (r.instance_id.as_str(), r.stuck, r.max_runtime_secs))
+        .collect();
+    assert_eq!(
+        stuck,
+        [("i-long", false, Some(14_400)), ("i-short", true, Some(60))]
+    );
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(launcher.terminated(), ["i-short"]);
+    assert_eq!(reaped.instances.len(), 1);
+    let status = statuses.get(BUCKET, &status_key("in/short.csv")).unwrap();
+    assert!(
+        status.error.unwrap().contains("past the 660s"),
+        "its own limit and the grace"
+    );
+}
+
+#[tokio::test]
+async fn the_reaper_gives_an_attempt_that_ended_without_a_word_a_final_status() {
+    let mut gone = ended_by(
+        instance("i-oom", "in/a.csv", 1, "terminated", 900),
+        "Client.InstanceInitiatedShutdown",
+    );
+    gone.0.market = "on-demand".into();
+    let finished = ended_by(
+        instance("i-fine", "in/b.csv", 1, "terminated", 900),
+        "Client.InstanceInitiatedShutdown",
+    );
+    let still_going = instance("i-going", "in/c.csv", 1, "shutting-down", 900);
+    let launcher = ScriptedLauncher {
+        instances: vec![gone, finished, still_going],
+        consoles: vec![(
+            "i-oom".into(),
+            format!(
+                "{}\ns3spot-bootstrap: worker sha256 mismatch: expected ab, got cd; not running it\n",
+                "boot noise\n".repeat(1000)
+            ),
+        )],
+        ..Default::default()
+    };
+    let statuses = MemoryStatuses::default();
+    statuses.put(
+        BUCKET,
+        &status_key("in/b.csv"),
+        worker_status("in/b.csv", "succeeded", 1, "i-fine"),
+    );
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+
+    let planned = handler.reap(clock(), true).await.unwrap();
+    let ids: Vec<&str> = planned
+        .ended
+        .iter()
+        .map(|e| e.instance.instance_id.as_str())
+        .collect();
+    assert_eq!(ids, ["i-oom"], "only the attempt without an account");
+    assert_eq!(statuses.writes(), [], "a dry run");
+
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(reaped.errors, Vec::<String>::new());
+    assert_eq!(reaped.ended.len(), 1);
+    assert_eq!(launcher.terminated(), Vec::<String>::new());
+    let status = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    assert_eq!((status.state, status.attempt), (State::Failed, 1));
+    assert_eq!(status.written_by, Writer::Launcher);
+    let error = status.error.unwrap();
+    for part in [
+        "instance i-oom ended (terminated) without a status from its worker",
+        "Client.InstanceInitiatedShutdown",
+        "worker sha256 mismatch",
+    ] {
+        assert!(error.contains(part), "{part:?} in {error}");
+    }
+    assert!(
+        error.len() < 3000,
+        "only the end of the console: {}",
+        error.len()
+    );
+    assert_eq!(
+        status.instance.unwrap().id.as_deref(),
+        Some("i-oom"),
+        "the instance is named"
+    );
+    assert_eq!(
+        statuses.get(BUCKET, &status_key("in/b.csv")).unwrap().state,
+        State::Succeeded
+    );
+
+    // Once recorded, later runs find the attempt accounted for.
+    let again = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(again.ended, []);
+}
+
+#[tokio::test]
+async fn a_spot_instance_taken_back_without_a_warning_is_launched_again() {
+    // Reclaimed while pending: EC2 sends no warning then.
+    let reclaimed = ended_by(
+        instance("i-1", "in/a.csv", 1, "terminated", 900),
+        "Server.SpotInstanceTermination",
+    );
+    let launcher = launcher(vec![reclaimed]);
+    let statuses = MemoryStatuses::default();
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(reaped.errors, Vec::<String>::new());
+    let requests = launcher.requests();
+    assert_eq!(requests.len(), 1, "the next attempt");
+    let attempt = requests[0]
+        .tags
+        .iter()
+        .find(|(k, _)| k == "s3spot:attempt")
+        .unwrap();
+    assert_eq!(attempt.1, "2");
+    assert!(reaped.ended[0].outcome.contains("attempt 2 re-launched"));
+    let status = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    assert_eq!((status.state, status.attempt), (State::Interrupted, 1));
+
+    // On the last attempt it is failed instead, with EC2's reason.
+    let last = ended_by(
+        instance("i-3", "in/b.csv", 3, "terminated", 900),
+        "Server.SpotInstanceTermination",
+    );
+    let launcher = self::launcher(vec![last]);
+    let statuses = MemoryStatuses::default();
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    handler.reap(clock(), false).await.unwrap();
+    assert_eq!(launcher.requests(), []);
+    let status = statuses
+        .get(BUCKET, &spec("in/b.csv", 3).status_key())
+        .unwrap();
+    assert_eq!((status.state, status.attempt), (State::Failed, 3));
+    assert!(
+        status.error.unwrap().contains("S3SPOT_MAX_ATTEMPTS"),
+        "why it stopped"
+    );
 }

@@ -169,6 +169,18 @@ fn job(args: &RunArgs, matches: &ArgMatches) -> anyhow::Result<JobSpec> {
         etag: None,
         size: None,
         sequencer: None,
+        // A job run by hand belongs to no pipeline; it is named by its object alone, so that
+        // running it again replaces its results rather than adding to them.
+        job_id: s3spot_bootstrap::job_id(
+            "s3spot-worker run",
+            bucket,
+            key,
+            s3spot_bootstrap::UploadIdentity {
+                version_id: args.version_id.as_deref(),
+                ..Default::default()
+            },
+        ),
+        uploaded_at: None,
         results_bucket: args
             .results_bucket
             .clone()

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use s3spot_bootstrap::{
-    Input, JobSpec, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE, State, Status, Timings,
+    JobSpec, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE, STDOUT_FILE, Stage,
+    State, Status, Writer, record, timestamp,
 };
 use tokio::sync::watch;
 
@@ -38,7 +38,7 @@ impl Worker {
         match catch_panic(async move { worker.run(&task_job).await }).await {
             Ok(status) => status,
             Err(panic) => {
-                let mut status = initial_status(&job, started);
+                let mut status = Status::initial(&job, Writer::Worker, started);
                 status.error = Some(format!("the worker failed unexpectedly: {panic}"));
                 self.finish(&job, &mut status).await;
                 status
@@ -49,7 +49,7 @@ impl Worker {
     pub async fn run(&self, job: &JobSpec) -> Status {
         let started = SystemTime::now();
         let deadline = Instant::now() + Duration::from_secs(job.max_runtime_secs);
-        let mut status = initial_status(job, started);
+        let mut status = Status::initial(job, Writer::Worker, started);
         status.instance = self.metadata.identify().await;
         tracing::info!(bucket = job.bucket, key = ?job.key, attempt = job.attempt, instance = ?status.instance, "job started");
 
@@ -92,11 +92,16 @@ impl Worker {
         status: &mut Status,
         stop: impl Fn() -> S,
     ) {
+        // The input has a directory of its own: whatever the key's last segment, its file
+        // cannot be the command's logs, the output directory or anything else of the worker's.
         let output_dir = work.join("output");
-        let input = work.join(local_name(&job.key));
-        if let Err(error) = std::fs::create_dir(&output_dir) {
-            status.error = Some(format!("cannot create {}: {error}", output_dir.display()));
-            return;
+        let input_dir = work.join("input");
+        let input = input_dir.join(local_name(&job.key));
+        for dir in [&output_dir, &input_dir] {
+            if let Err(error) = std::fs::create_dir(dir) {
+                status.error = Some(format!("cannot create {}: {error}", dir.display()));
+                return;
+            }
         }
 
         let clock = Instant::now();
@@ -122,12 +127,15 @@ impl Worker {
         status.input.etag = downloaded.etag.clone();
         status.input.version_id = downloaded.version_id.clone();
         tracing::info!(
-            stage = "download",
             ms = status.timings.download_ms,
             size = downloaded.size,
             sha256 = downloaded.sha256,
             "downloaded"
         );
+        report_stage(Stage::Download {
+            ms: status.timings.download_ms,
+            size: downloaded.size,
+        });
 
         let clock = Instant::now();
         let logs = (work.join(STDOUT_FILE), work.join(STDERR_FILE));
@@ -197,11 +205,14 @@ impl Worker {
         };
         status.timings.process_ms = elapsed_ms(clock);
         tracing::info!(
-            stage = "process",
             ms = status.timings.process_ms,
             exit_code = status.exit_code,
             "processed"
         );
+        report_stage(Stage::Process {
+            ms: status.timings.process_ms,
+            exit_code: status.exit_code,
+        });
 
         // Outputs go up whatever happened: after a failure or a stop they are what is left to
         // understand it by.
@@ -236,69 +247,42 @@ impl Worker {
         }
         status.timings.upload_ms = elapsed_ms(clock);
         tracing::info!(
-            stage = "upload",
             ms = status.timings.upload_ms,
             outputs = status.outputs.len(),
             "uploaded"
         );
+        report_stage(Stage::Upload {
+            ms: status.timings.upload_ms,
+            outputs: status.outputs.len(),
+        });
     }
 
-    /// Stamps the end, uploads `status.json`, and logs the outcome.
+    /// Stamps the end, records `status.json` by the contract's rule (see
+    /// [`s3spot_bootstrap::settle`]), and logs the outcome. The launcher may have written a
+    /// verdict on this attempt first (a cancel, the reaper, a spot interruption's re-launch):
+    /// a worker stopped from outside then takes its state, and adds its own account.
     async fn finish(&self, job: &JobSpec, status: &mut Status) {
         status.finished_at = timestamp(SystemTime::now());
-        // A re-launched job's status.json holds the earlier attempts: keep them. A worker stopped
-        // from outside reads it too: the launcher may have written why it stopped this attempt.
-        if (job.attempt > 1 || status.state == State::Interrupted)
-            && let Some(previous) = self.previous_status(job).await
+        let statuses = S3Statuses::from_client(self.s3.clone());
+        match record(
+            &statuses,
+            &job.results_bucket,
+            &job.status_key(),
+            status.clone(),
+        )
+        .await
         {
-            status.keep_verdict(&previous);
-            status.carry_history(previous);
-        }
-        if let Ok(json) = serde_json::to_vec_pretty(&status)
-            && let Err(error) = self
-                .uploader(job)
-                .bytes(json, STATUS_FILE, "application/json")
-                .await
-        {
-            tracing::error!(
-                error = crate::error_chain(&error),
-                "cannot upload status.json"
-            );
-            fail(
-                status,
-                format!("cannot upload status.json: {}", crate::error_chain(&error)),
-            );
-        }
-        tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
-    }
-
-    /// The status.json an earlier attempt (or the launcher, on its behalf) left; `None` if there
-    /// is none or it cannot be read, which only costs the history.
-    async fn previous_status(&self, job: &JobSpec) -> Option<Status> {
-        let key = self.uploader(job).key_for(STATUS_FILE);
-        let read = async {
-            let object = self
-                .s3
-                .get_object()
-                .bucket(&job.results_bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| crate::sdk_message(&e))?;
-            let body = object.body.collect().await.map_err(|e| e.to_string())?;
-            serde_json::from_slice::<Status>(&body.into_bytes()).map_err(|e| e.to_string())
-        };
-        match read.await {
-            Ok(previous) => Some(previous),
+            Ok(Recorded::Written(written)) => *status = *written,
+            Ok(Recorded::Kept { reason }) => {
+                tracing::warn!(reason, "status.json keeps what it holds");
+            }
             Err(error) => {
-                tracing::warn!(
-                    key,
-                    error,
-                    "no earlier status.json to take the history from"
-                );
-                None
+                let error = crate::error_chain(&error);
+                tracing::error!(error, "cannot record status.json");
+                fail(status, format!("cannot record status.json: {error}"));
             }
         }
+        tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
     }
 
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
@@ -311,28 +295,9 @@ impl Worker {
     }
 }
 
-fn initial_status(job: &JobSpec, started: SystemTime) -> Status {
-    Status {
-        state: State::Failed,
-        input: Input {
-            bucket: job.bucket.clone(),
-            key: job.key.clone(),
-            version_id: job.version_id.clone(),
-            etag: job.etag.clone(),
-            size: job.size,
-            sha256: None,
-        },
-        outputs: Vec::new(),
-        exit_code: None,
-        error: None,
-        timings: Timings::default(),
-        instance: None,
-        attempt: job.attempt,
-        worker_version: env!("CARGO_PKG_VERSION").to_owned(),
-        started_at: timestamp(started),
-        finished_at: String::new(),
-        history: Vec::new(),
-    }
+/// One stage line on the log stream, in order with the logs around it.
+fn report_stage(stage: Stage) {
+    eprintln!("{}", stage.to_line());
 }
 
 /// A failure after the fact (an upload) turns success into failure but keeps an earlier, more
@@ -473,12 +438,6 @@ fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn timestamp(time: SystemTime) -> String {
-    DateTime::from(time)
-        .fmt(DateTimeFormat::DateTime)
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,28 +475,26 @@ mod tests {
 
     #[test]
     fn a_late_failure_keeps_the_first_error() {
-        let job = JobSpec::decode(
-            &s3spot_bootstrap::JobSpec {
-                bucket: "b".into(),
-                key: "k".into(),
-                version_id: None,
-                etag: None,
-                size: None,
-                sequencer: None,
-                results_bucket: "b".into(),
-                results_prefix: "analysis/".into(),
-                command: None,
-                max_runtime_secs: 1,
-                worker: s3spot_bootstrap::WorkerArtifact {
-                    uri: String::new(),
-                    sha256: String::new(),
-                },
-                attempt: 2,
-            }
-            .encode(),
-        )
-        .unwrap();
-        let mut status = initial_status(&job, SystemTime::UNIX_EPOCH);
+        let job = JobSpec {
+            bucket: "b".into(),
+            key: "k".into(),
+            version_id: None,
+            etag: None,
+            size: None,
+            sequencer: None,
+            job_id: "0".repeat(32),
+            uploaded_at: None,
+            results_bucket: "b".into(),
+            results_prefix: "analysis/".into(),
+            command: None,
+            max_runtime_secs: 1,
+            worker: s3spot_bootstrap::WorkerArtifact {
+                uri: String::new(),
+                sha256: String::new(),
+            },
+            attempt: 2,
+        };
+        let mut status = Status::initial(&job, Writer::Worker, SystemTime::UNIX_EPOCH);
         assert_eq!(status.started_at, "1970-01-01T00:00:00Z");
         assert_eq!(status.attempt, 2);
         status.state = State::Succeeded;

@@ -49,10 +49,18 @@ fn the_rendered_script_runs_the_real_worker_and_shuts_down_once() {
     }
     let output = command.output().unwrap();
     assert!(output.status.success(), "{}", show(&output));
-    let status = fixture.status("data", "analysis/in/data.csv/");
+    let status = fixture.status(
+        "data",
+        "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/",
+    );
     assert_eq!(status.state, State::Succeeded);
     assert_eq!(
-        fixture.text("data", "analysis/in/data.csv/bytes").trim(),
+        fixture
+            .text(
+                "data",
+                "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/bytes"
+            )
+            .trim(),
         "8"
     );
     assert_eq!(

@@ -29,6 +29,8 @@ fn job() -> JobSpec {
         etag: Some("abc".into()),
         size: Some(45),
         sequencer: None,
+        job_id: "0".repeat(32),
+        uploaded_at: None,
         results_bucket: "data".into(),
         results_prefix: "analysis/".into(),
         command: None,

@@ -66,7 +66,10 @@ fn a_256_mib_object_goes_through_in_under_64_mib() {
         peak_kib / 1024
     );
 
-    let status = fixture.status("data", "analysis/in/big.bin/");
+    let status = fixture.status(
+        "data",
+        "analysis/in/big.bin/20261130T101937.123Z-6f1c2a3b4c5d6e7f/",
+    );
     assert_eq!(status.state, State::Succeeded);
     assert_eq!(status.input.size, Some(SIZE));
     assert_eq!(status.input.sha256.as_deref(), Some(expected.as_str()));
@@ -77,7 +80,7 @@ fn a_256_mib_object_goes_through_in_under_64_mib() {
                 .client
                 .head_object()
                 .bucket("data")
-                .key("analysis/in/big.bin/copy.bin")
+                .key("analysis/in/big.bin/20261130T101937.123Z-6f1c2a3b4c5d6e7f/copy.bin")
                 .send(),
         )
         .unwrap();

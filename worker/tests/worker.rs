@@ -33,15 +33,15 @@ echo to-stderr >&2"#;
         "echoed"
     );
 
-    let prefix = "analysis/in/data.csv/";
+    let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     assert_eq!(
         fixture.keys("data", prefix),
         [
-            "analysis/in/data.csv/lines.txt",
-            "analysis/in/data.csv/status.json",
-            "analysis/in/data.csv/stderr.log",
-            "analysis/in/data.csv/stdout.log",
-            "analysis/in/data.csv/sub/result.json",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/lines.txt",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/status.json",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/stderr.log",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/stdout.log",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/sub/result.json",
         ]
     );
     assert_eq!(fixture.text("data", &format!("{prefix}lines.txt")), "3\n");
@@ -73,10 +73,10 @@ echo to-stderr >&2"#;
     assert_eq!(
         status.outputs,
         [
-            "analysis/in/data.csv/lines.txt",
-            "analysis/in/data.csv/sub/result.json",
-            "analysis/in/data.csv/stdout.log",
-            "analysis/in/data.csv/stderr.log",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/lines.txt",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/sub/result.json",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/stdout.log",
+            "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/stderr.log",
         ]
     );
     assert_eq!(status.instance, None, "no IMDS off EC2");
@@ -102,12 +102,12 @@ fn without_a_command_the_built_in_analysis_writes_report_json() {
     fixture.put("data", "in/people.csv", CSV);
     let output = fixture.run_job(&fixture.job("in/people.csv", None), &[]);
     assert!(output.status.success(), "{}", show(&output));
-    let prefix = "analysis/in/people.csv/";
+    let prefix = "analysis/in/people.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     assert_eq!(
         fixture.keys("data", prefix),
         [
-            "analysis/in/people.csv/report.json",
-            "analysis/in/people.csv/status.json"
+            "analysis/in/people.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/report.json",
+            "analysis/in/people.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/status.json"
         ]
     );
     let report: serde_json::Value =
@@ -125,7 +125,10 @@ fn without_a_command_the_built_in_analysis_writes_report_json() {
     let status = fixture.status("data", prefix);
     assert_eq!(status.state, State::Succeeded);
     assert_eq!(status.exit_code, None, "no command");
-    assert_eq!(status.outputs, ["analysis/in/people.csv/report.json"]);
+    assert_eq!(
+        status.outputs,
+        ["analysis/in/people.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/report.json"]
+    );
     assert_eq!(fixture.shutdowns(), 1);
 }
 
@@ -133,10 +136,10 @@ fn without_a_command_the_built_in_analysis_writes_report_json() {
 fn a_relaunched_attempt_keeps_the_earlier_ones_in_its_history() {
     let fixture = Fixture::new();
     fixture.put("data", "in/people.csv", CSV);
-    let prefix = "analysis/in/people.csv/";
+    let prefix = "analysis/in/people.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     // What the launcher recorded when attempt 1's spot instance was taken back.
     let before = serde_json::json!({
-        "state": "interrupted",
+        "state": "interrupted", "job_id": common::JOB_ID, "written_by": "launcher",
         "input": {"bucket": "data", "key": "in/people.csv", "version_id": null, "etag": null,
                   "size": null, "sha256": null},
         "outputs": [], "exit_code": null,
@@ -173,7 +176,7 @@ fn a_failing_command_fails_the_job_with_its_exit_code_and_logs() {
     );
     let output = fixture.run_job(&job, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    let prefix = "analysis/in/data.csv/";
+    let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     let status = fixture.status("data", prefix);
     assert_eq!(status.state, State::Failed);
     assert_eq!(status.exit_code, Some(3));
@@ -198,10 +201,10 @@ fn a_missing_object_fails_the_job_without_processing_anything() {
     for command in [Some(r#"touch "$S3SPOT_OUTPUT_DIR/ran""#), None] {
         let output = fixture.run_job(&fixture.job("in/missing.csv", command), &[]);
         assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-        let prefix = "analysis/in/missing.csv/";
+        let prefix = "analysis/in/missing.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
         assert_eq!(
             fixture.keys("data", prefix),
-            ["analysis/in/missing.csv/status.json"],
+            ["analysis/in/missing.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/status.json"],
             "no report of nothing"
         );
         let status = fixture.status("data", prefix);
@@ -225,7 +228,10 @@ fn an_object_replaced_since_the_event_is_not_processed_as_if_it_were_the_old_one
     job.etag = Some(old.clone());
     let output = fixture.run_job(&job, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    let status = fixture.status("data", "analysis/in/data.csv/");
+    let status = fixture.status(
+        "data",
+        "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/",
+    );
     let error = status.error.unwrap();
     assert!(
         error.starts_with("object changed since the event"),
@@ -255,7 +261,7 @@ fn the_max_runtime_stops_the_command_even_one_that_ignores_sigterm() {
         let took = clock.elapsed();
         assert_eq!(output.status.code(), Some(1), "{}", show(&output));
         assert!(took < Duration::from_secs(15), "took {took:?}");
-        let prefix = "analysis/in/data.csv/";
+        let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
         let status = fixture.status("data", prefix);
         assert_eq!(status.state, State::TimedOut, "{command}");
         assert_eq!(
@@ -303,7 +309,7 @@ fn a_spot_interruption_notice_stops_the_job_and_keeps_its_partial_outputs() {
         "well inside the two minutes: {took:?}"
     );
 
-    let prefix = "analysis/in/data.csv/";
+    let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     let status = fixture.status("data", prefix);
     assert_eq!(status.state, State::Interrupted);
     let error = status.error.unwrap();
@@ -340,7 +346,7 @@ fn hostile_keys_are_only_ever_data() {
     let output = fixture.run_job(&job, &[]);
     assert!(output.status.success(), "{}", show(&output));
     assert!(!marker.exists(), "part of the key was run");
-    let prefix = format!("analysis/{key}/");
+    let prefix = format!("analysis/{key}/{}/", common::UPLOAD);
     assert_eq!(fixture.text("data", &format!("{prefix}key.txt")), key);
     let local = fixture.text("data", &format!("{prefix}local-name.txt"));
     assert!(local.trim_end().ends_with(".csv"), "{local}");
@@ -380,16 +386,24 @@ fn flags_and_s3spot_variables_describe_the_same_job() {
         &[],
     );
     assert!(output.status.success(), "{}", show(&output));
+    // A job run by hand is named by its object: running it again replaces its results.
+    let by_hand = s3spot_bootstrap::upload_folder(
+        None,
+        &s3spot_bootstrap::job_id(
+            "s3spot-worker run",
+            "data",
+            "in/data.csv",
+            s3spot_bootstrap::UploadIdentity::default(),
+        ),
+    );
+    let prefix = format!("out/in/data.csv/{by_hand}/");
     assert_eq!(
         fixture
-            .text("results", "out/in/data.csv/copy.csv")
+            .text("results", &format!("{prefix}copy.csv"))
             .as_bytes(),
         CSV
     );
-    assert_eq!(
-        fixture.status("results", "out/in/data.csv/").state,
-        State::Succeeded
-    );
+    assert_eq!(fixture.status("results", &prefix).state, State::Succeeded);
 
     let output = fixture.run(
         &["run"],
@@ -402,7 +416,7 @@ fn flags_and_s3spot_variables_describe_the_same_job() {
     assert!(output.status.success(), "{}", show(&output));
     assert!(
         fixture
-            .get("data", "by-env/in/data.csv/report.json")
+            .get("data", &format!("by-env/in/data.csv/{by_hand}/report.json"))
             .is_some()
     );
     assert_eq!(fixture.shutdowns(), 2);
@@ -422,7 +436,12 @@ fn job_variables_in_the_environment_do_not_override_or_block_the_job() {
     );
     assert!(output.status.success(), "{}", show(&output));
     assert_eq!(
-        fixture.status("data", "analysis/in/data.csv/").state,
+        fixture
+            .status(
+                "data",
+                "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/"
+            )
+            .state,
         State::Succeeded
     );
 }
@@ -493,7 +512,10 @@ fn unexpected_failures_still_write_status_and_shut_down() {
     let job = fixture.job("in/data.csv", Some("true"));
     let output = fixture.run_job(&job, &[("S3SPOT_WORK_DIR", "/nonexistent/work".into())]);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    let status = fixture.status("data", "analysis/in/data.csv/");
+    let status = fixture.status(
+        "data",
+        "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/",
+    );
     assert_eq!(status.state, State::Failed);
     assert!(
         status
@@ -509,6 +531,6 @@ fn unexpected_failures_still_write_status_and_shut_down() {
     let output = fixture.run_job(&job, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot upload status.json"), "{stderr}");
+    assert!(stderr.contains("cannot record status.json"), "{stderr}");
     assert_eq!(fixture.shutdowns(), 2);
 }

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use s3spot_bootstrap::Status;
-use s3spot_lambda::handler::Report;
+use s3spot_lambda::Report;
 use s3spot_lambda::jobs::{JobDetail, JobInstance, Stopped};
 use s3spot_lambda::{Config, Ec2Launcher, Handler, Jobs, JobsConfig, S3Statuses};
 
-use crate::jobs::{Request, execute, retry};
+use crate::jobs::{Request, execute, on_handler};
 use crate::local::control;
 
 #[derive(Args)]
@@ -46,16 +46,16 @@ async fn in_aws(request: &Request) -> anyhow::Result<serde_json::Value> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let launcher = Ec2Launcher::new(&sdk);
     let statuses = S3Statuses::new(&sdk);
-    let answer = match request {
-        Request::Retry { job } => {
-            let mut config = Config::from_env().context("bad configuration")?;
-            config.job.region = sdk.region().map(ToString::to_string);
-            retry(&Handler::new(config, launcher, statuses), job).await
-        }
-        _ => {
-            let config = JobsConfig::from_env().context("bad configuration")?;
-            execute(&Jobs::new(config, launcher, statuses), request).await
-        }
+    let answer = if request.launches() {
+        let mut config = Config::from_env().context(
+            "bad configuration (this command may launch, so it needs the function's whole \
+             S3SPOT_* configuration)",
+        )?;
+        config.job.region = sdk.region().map(ToString::to_string);
+        on_handler(&Handler::new(config, launcher, statuses), request).await
+    } else {
+        let config = JobsConfig::from_env().context("bad configuration")?;
+        execute(&Jobs::new(config, launcher, statuses), request).await
     };
     answer.map_err(|error| anyhow::anyhow!(error))
 }

@@ -15,7 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, broadcast};
 
 use super::{LocalError, LocalLauncher, Progress};
-use crate::jobs::{Request, execute, retry};
+use crate::jobs::{Request, on_handler};
 
 /// The socket's name in the data directory.
 pub const SOCKET: &str = "control.sock";
@@ -86,12 +86,12 @@ async fn answer(
         .await?;
     let outcome = match serde_json::from_str::<Request>(&line) {
         Err(error) => Err(format!("malformed request: {error}")),
-        Ok(Request::Retry { job }) => {
+        Ok(request) if request.launches() => {
             let received = Instant::now();
             // One launch at a time, as for uploads: the guard's count stays exact.
             let answer = {
                 let _one_at_a_time = serial.lock().await;
-                retry(handler, &job).await
+                on_handler(handler, &request).await
             };
             if let Ok(report) = &answer
                 && let Ok(report) = serde_json::from_value(report.clone())
@@ -100,7 +100,7 @@ async fn answer(
             }
             answer
         }
-        Ok(request) => execute(&handler.jobs(), &request).await,
+        Ok(request) => on_handler(handler, &request).await,
     };
     let reply = match outcome {
         Ok(value) => json!({ "ok": value }),

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use s3spot_bootstrap::{STATUS_FILE, Status, job_from_user_data};
+use s3spot_bootstrap::{Stage, Status, job_from_user_data};
 use s3spot_lambda::launcher::{TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_PIPELINE};
 use s3spot_lambda::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
@@ -43,9 +43,12 @@ pub struct Instance {
     pub tags: Vec<(String, String)>,
     pub client_token: String,
     pub dir: PathBuf,
-    /// The job's exact key and where its status goes, from the user-data.
+    /// The job's exact key and where its results and status go, from the user-data.
     pub bucket: String,
     pub key: String,
+    pub results_bucket: String,
+    /// `<results prefix><key>/<upload>/`.
+    pub results_prefix: String,
     status_path: PathBuf,
     launched_at: Instant,
     /// Seconds since the Unix epoch.
@@ -70,6 +73,7 @@ impl Instance {
             market: self.market.clone(),
             launched_at: Some(self.launched_unix),
             tags: self.tags.clone(),
+            state_reason: None,
         }
     }
 
@@ -253,8 +257,9 @@ impl LocalLauncher {
             status_path: self
                 .s3_root
                 .join(&job.results_bucket)
-                .join(job.results_key_prefix())
-                .join(STATUS_FILE),
+                .join(job.status_key()),
+            results_bucket: job.results_bucket.clone(),
+            results_prefix: job.results_key_prefix(),
             key: job.key,
             launched_at: Instant::now(),
             launched_unix: std::time::SystemTime::now()
@@ -325,29 +330,25 @@ async fn follow(
 }
 
 fn stage_event(line: &str, instance: &Instance) -> Option<Progress> {
-    let start = line.find('{')?;
-    let event: serde_json::Value = serde_json::from_str(&line[start..]).ok()?;
-    let fields = event.get("fields")?;
-    let ms = fields.get("ms")?.as_u64()?;
+    let stage = Stage::from_line(line)?;
     let (instance_id, key) = (instance.id.clone(), instance.key.clone());
-    Some(match fields.get("stage")?.as_str()? {
-        "download" => Progress::Download {
+    Some(match stage {
+        Stage::Download { ms, .. } => Progress::Download {
             instance_id,
             key,
             ms,
         },
-        "process" => Progress::Process {
+        Stage::Process { ms, exit_code } => Progress::Process {
             instance_id,
             key,
             ms,
-            exit_code: fields.get("exit_code").and_then(serde_json::Value::as_i64),
+            exit_code,
         },
-        "upload" => Progress::Upload {
+        Stage::Upload { ms, .. } => Progress::Upload {
             instance_id,
             key,
             ms,
         },
-        _ => return None,
     })
 }
 
@@ -464,6 +465,18 @@ impl Launcher for LocalLauncher {
     /// There is no spot market on this machine: no prices, so a configured order stands.
     async fn spot_prices(&self, _query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
         Ok(Vec::new())
+    }
+
+    async fn console_output(&self, instance_id: &str) -> Result<Option<String>, LaunchError> {
+        match std::fs::read(self.instances_dir.join(instance_id).join("console.log")) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(LaunchError::Api {
+                operation: "GetConsoleOutput",
+                message: format!("local instance {instance_id}: {error}"),
+                retryable: false,
+            }),
+        }
     }
 
     async fn user_data(&self, instance_id: &str) -> Result<String, LaunchError> {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s3spot_bootstrap::{STATUS_FILE, Status};
-use s3spot_lambda::handler::{FailedRecord, Report};
+use s3spot_lambda::report::{FailedRecord, Report};
 use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, S3Statuses, error_chain};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -278,23 +278,19 @@ impl Pipeline {
         self.launcher.most_running()
     }
 
-    /// Where an object's results go: bucket, and key prefix `<results prefix><key>/`.
-    pub fn results_location(&self, bucket: &str, key: &str) -> (String, String) {
-        let results_bucket = self
-            .job
-            .results_bucket
-            .clone()
-            .unwrap_or_else(|| bucket.to_owned());
-        (
-            results_bucket,
-            s3spot_bootstrap::results_key_prefix(&self.job.results_prefix, key),
-        )
+    /// The directory on this machine that holds the objects under `prefix` of `bucket`.
+    pub fn local_dir(&self, bucket: &str, prefix: &str) -> PathBuf {
+        self.options.s3_root().join(bucket).join(prefix)
     }
 
-    /// The directory on this machine that holds an object's results.
-    pub fn results_dir(&self, bucket: &str, key: &str) -> PathBuf {
-        let (results_bucket, prefix) = self.results_location(bucket, key);
-        self.options.s3_root().join(results_bucket).join(prefix)
+    /// Where the job an instance ran keeps its results: bucket, and key prefix
+    /// `<results prefix><key>/<upload>/`.
+    pub fn results_of(&self, instance_id: &str) -> Option<(String, String)> {
+        self.launcher
+            .instances()
+            .into_iter()
+            .find(|i| i.id == instance_id)
+            .map(|i| (i.results_bucket, i.results_prefix))
     }
 
     /// Uploads `file` as `key` into the data bucket and waits for what becomes of it.
@@ -353,7 +349,20 @@ impl Pipeline {
                 });
             }
         };
-        let (results_bucket, prefix) = self.results_location(&bucket, key);
+        let (results_bucket, prefix) = match &last {
+            Progress::Shutdown { instance_id, .. } => self.results_of(instance_id),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            // Nothing ran: where the key's uploads would have their results.
+            (
+                self.job
+                    .results_bucket
+                    .clone()
+                    .unwrap_or_else(|| bucket.clone()),
+                s3spot_bootstrap::key_results_prefix(&self.job.results_prefix, key),
+            )
+        });
         let status = client
             .get_object()
             .bucket(&results_bucket)
@@ -373,9 +382,9 @@ impl Pipeline {
         Ok(Finished {
             last,
             status,
+            local_dir: self.local_dir(&results_bucket, &prefix),
             results_bucket,
             results_prefix: prefix,
-            local_dir: self.results_dir(&bucket, key),
         })
     }
 

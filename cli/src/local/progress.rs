@@ -47,7 +47,7 @@ pub enum Progress {
         instance_id: String,
         key: String,
         ms: u64,
-        exit_code: Option<i64>,
+        exit_code: Option<i32>,
     },
     Upload {
         instance_id: String,

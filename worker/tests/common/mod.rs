@@ -9,6 +9,11 @@ use std::process::{Command, Output};
 use s3spot_bootstrap::{JobSpec, Status, WorkerArtifact};
 use s3spot_tests::S3Server;
 
+/// Every fixture job's id, and so its upload folder under its key's results.
+pub const JOB_ID: &str = "6f1c2a3b4c5d6e7f8091a2b3c4d5e6f7";
+pub const UPLOADED_AT: &str = "2026-11-30T10:19:37.123Z";
+pub const UPLOAD: &str = "20261130T101937.123Z-6f1c2a3b4c5d6e7f";
+
 pub struct Fixture {
     pub s3: S3Server,
     pub client: aws_sdk_s3::Client,
@@ -56,6 +61,8 @@ impl Fixture {
             etag: None,
             size: None,
             sequencer: None,
+            job_id: JOB_ID.into(),
+            uploaded_at: Some(UPLOADED_AT.into()),
             results_bucket: "data".into(),
             results_prefix: "analysis/".into(),
             command: command.map(Into::into),

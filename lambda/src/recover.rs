@@ -1,0 +1,382 @@
+//! Jobs whose attempts end before their work does: spot instances taken back (with a warning or
+//! without), instances that stop without a word, and the operator's retry. Each is launched
+//! again as its next attempt, through the same guard and options as a new job, or given a final
+//! status.
+
+use s3spot_bootstrap::{JobSpec, State, Status, StatusError, StatusStore, read_status};
+
+use crate::event::ObjectCreated;
+use crate::handler::{Handler, error_chain};
+use crate::jobs::{Clock, EndedAttempt, JobInstance, JobsError, Stopped, Target};
+use crate::launch::{InvocationState, Launch};
+use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE};
+use crate::plan::{Plan, plan};
+use crate::report::{FailedRecord, Report};
+
+impl<L: Launcher, S: StatusStore> Handler<L, S> {
+    /// EC2's two-minute warning for `instance_id`: if it is one of this pipeline's, its job is
+    /// launched again as its next attempt (see [`Handler::relaunch`]).
+    pub(crate) async fn recover(
+        &self,
+        instance_id: &str,
+        state: &mut InvocationState,
+        report: &mut Report,
+    ) -> Result<(), FailedRecord> {
+        let pipeline = &self.config.job.pipeline;
+        let failed = |error: String, retryable: bool| FailedRecord {
+            bucket: String::new(),
+            key: String::new(),
+            error: format!("spot interruption of {instance_id}: {error}"),
+            retryable,
+        };
+        let instance = match self.launcher.describe(instance_id).await {
+            Ok(Some(instance)) => instance,
+            // Never dropped in silence: whose it was cannot be told any more, so a person must
+            // look (the reaper has recovered the pipeline's own reclaimed instances while EC2
+            // listed them).
+            Ok(None) => {
+                return Err(failed(
+                    "EC2 does not list the instance (it forgets instances about an hour after \
+                     they end), so its job cannot be told from here. If it was one of this \
+                     pipeline's, the reaper re-launched or failed its job while EC2 still listed \
+                     it: check with `s3spot jobs show s3://BUCKET/KEY`, and re-run a job left \
+                     without a final status with `s3spot jobs retry`"
+                        .into(),
+                    false,
+                ));
+            }
+            Err(error) => return Err(failed(error.to_string(), error.is_retryable())),
+        };
+        // The rule sees every spot interruption in the account and region.
+        if instance.tag(TAG_PIPELINE) != Some(pipeline.as_str()) {
+            report.skip(
+                "",
+                "",
+                format!(
+                    "spot interruption of {instance_id}: not an instance of pipeline {pipeline:?}"
+                ),
+            );
+            return Ok(());
+        }
+        let spec = self
+            .jobs()
+            .spec_of(instance_id)
+            .await
+            .map_err(|error| failed(error_chain(&error), is_retryable(&error)))?;
+        self.relaunch(&spec, &instance, "spot interruption warning", state, report)
+            .await
+            .map(|_| ())
+    }
+
+    /// Attempt `spec.attempt` was taken back by EC2 (`why` says how it is known): launches
+    /// the next attempt, or on the last one (`S3SPOT_MAX_ATTEMPTS`) marks the job failed, and
+    /// records the attempt. A repeated warning launches nothing more: the next attempt's
+    /// launch finds it. Returns what was recorded, as a sentence.
+    pub(crate) async fn relaunch(
+        &self,
+        spec: &JobSpec,
+        instance: &InstanceInfo,
+        why: &str,
+        state: &mut InvocationState,
+        report: &mut Report,
+    ) -> Result<String, FailedRecord> {
+        let instance_id = &instance.instance_id;
+        let failed = |error: String, retryable: bool| FailedRecord {
+            bucket: spec.bucket.clone(),
+            key: spec.key.clone(),
+            error: format!("{why} for {instance_id}: {error}"),
+            retryable,
+        };
+        let previous = match read_status(
+            &self.statuses,
+            &spec.results_bucket,
+            &spec.status_key(),
+            &spec.job_id,
+        )
+        .await
+        {
+            Ok(previous) => previous,
+            // A damaged status.json must not keep the job from its next attempt.
+            Err(StatusError::Invalid { .. }) => None,
+            Err(error @ StatusError::OtherJob { .. }) => {
+                return Err(failed(error_chain(&error), false));
+            }
+            Err(error) => return Err(failed(error_chain(&error), true)),
+        };
+        if let Some(previous) = &previous {
+            let ended = previous
+                .outcome_of(spec.attempt)
+                .filter(|state| *state != State::Interrupted);
+            if previous.attempt > spec.attempt || ended.is_some() {
+                let reason = format!(
+                    "{why} for {instance_id}: attempt {} of this job already ended ({})",
+                    spec.attempt,
+                    ended.unwrap_or(State::Interrupted)
+                );
+                report.skip(&spec.bucket, &spec.key, reason.clone());
+                return Ok(reason);
+            }
+        }
+
+        let record = |state: State, error: String| async move {
+            let verdict = Status::verdict(spec, instance_of(instance), state, error);
+            self.jobs()
+                .record_verdict(spec, verdict)
+                .await
+                .map_err(|e| failed(error_chain(&e), true))
+        };
+        let max = self.config.launch.max_attempts;
+        if spec.attempt >= max {
+            let error = format!(
+                "{why} for {instance_id} on attempt {} of {max} (S3SPOT_MAX_ATTEMPTS); not \
+                 re-launched",
+                spec.attempt
+            );
+            let recorded = record(State::Failed, error.clone()).await?;
+            report.skip(
+                &spec.bucket,
+                &spec.key,
+                format!("{error}; status.json: {recorded}"),
+            );
+            return Ok(format!("failed: {error}"));
+        }
+
+        let next_attempt = spec.attempt + 1;
+        let job = match plan(
+            &self.config.job,
+            &object_of(spec),
+            next_attempt,
+            &spec.job_id,
+        ) {
+            Ok(Plan::Launch(job)) => job,
+            Ok(Plan::Skip(reason)) => {
+                report.skip(&spec.bucket, &spec.key, reason.clone());
+                return Ok(reason);
+            }
+            Err(error) => return Err(failed(error_chain(&error), false)),
+        };
+        let next = match self.launch(&job, state, report).await? {
+            Launch::Started(instance_id) => format!("re-launched on {instance_id}"),
+            Launch::AlreadyDone {
+                instance_id: Some(instance_id),
+                ..
+            } => format!("already launched on {instance_id}"),
+            Launch::AlreadyDone { reason, .. } => reason,
+        };
+        let note = format!("{why}; attempt {next_attempt} {next}");
+        record(State::Interrupted, note.clone()).await?;
+        Ok(note)
+    }
+
+    /// Launches a job again, with the attempt after the last one EC2 or its status.json knows
+    /// of: a new ClientToken, through the same guard and options as any launch. Refused while
+    /// an instance of the job is still pending or running. `S3SPOT_MAX_ATTEMPTS` does not
+    /// apply: that bounds automatic re-launches, and this one is asked for. An object's newest
+    /// upload is the job retried.
+    pub async fn retry(&self, target: &Target) -> Result<Report, JobsError> {
+        let jobs = self.jobs();
+        let found = jobs.find(target, Clock::now(jobs.config())).await?;
+        let location = jobs.newest_job(target, &found).await?;
+        let instances: Vec<&JobInstance> = found
+            .iter()
+            .filter(|i| location.job_id.is_some() && i.job_id == location.job_id)
+            .collect();
+        if let Some(active) = instances.iter().find(|i| i.is_active()) {
+            return Err(JobsError::StillActive {
+                bucket: active.bucket.clone(),
+                key: active.key.clone(),
+                instance_id: active.instance_id.clone(),
+                state: active.state.clone(),
+                attempt: active.attempt.unwrap_or(1),
+            });
+        }
+        let status = match &location.job_id {
+            Some(job_id) => match read_status(
+                &self.statuses,
+                &location.results_bucket,
+                &location.status_key(),
+                job_id,
+            )
+            .await
+            {
+                Ok(status) => status,
+                Err(StatusError::Invalid { .. }) => None,
+                Err(error) => return Err(error.into()),
+            },
+            None => None,
+        };
+        let newest = instances.iter().max_by_key(|i| i.attempt.unwrap_or(0));
+        let (object, job_id) = match (newest, &status) {
+            (Some(newest), _) => {
+                let spec = jobs.spec_of(&newest.instance_id).await?;
+                (object_of(&spec), spec.job_id)
+            }
+            (None, Some(status)) => (
+                ObjectCreated {
+                    bucket: status.input.bucket.clone(),
+                    key: status.input.key.clone(),
+                    version_id: status.input.version_id.clone(),
+                    etag: status.input.etag.clone(),
+                    size: status.input.size,
+                    sequencer: None,
+                    event_time: status.uploaded_at.clone(),
+                },
+                status.job_id.clone(),
+            ),
+            (None, None) => {
+                return Err(JobsError::NotFound {
+                    target: target.to_string(),
+                    pipeline: self.config.job.pipeline.clone(),
+                    hint: ", and it has no status.json: upload the object again to run it",
+                });
+            }
+        };
+        let last_attempt = instances
+            .iter()
+            .filter_map(|i| i.attempt)
+            .chain(status.iter().map(|s| s.attempt))
+            .chain(
+                status
+                    .iter()
+                    .flat_map(|s| s.history.iter().map(|a| a.attempt)),
+            )
+            .max()
+            .unwrap_or(0);
+        let mut report = Report::default();
+        match plan(&self.config.job, &object, last_attempt + 1, &job_id) {
+            Ok(Plan::Launch(job)) => {
+                let mut state = InvocationState::default();
+                if let Err(failure) = self.launch(&job, &mut state, &mut report).await {
+                    report.fail(failure);
+                }
+            }
+            Ok(Plan::Skip(reason)) => report.skip(&object.bucket, &object.key, reason),
+            Err(error) => report.fail(FailedRecord {
+                bucket: object.bucket,
+                key: object.key,
+                error: error_chain(&error),
+                retryable: false,
+            }),
+        }
+        report.log();
+        Ok(report)
+    }
+
+    /// The reaper: terminates the pipeline's stuck instances and marks their attempts failed;
+    /// gives every attempt whose instance ended without its worker's account a final status
+    /// (a spot instance taken back, warned of or not, is launched again as its next attempt);
+    /// with `dry_run`, only says what it would do.
+    pub async fn reap(&self, clock: Clock, dry_run: bool) -> Result<Stopped, JobsError> {
+        let jobs = self.jobs();
+        let sweep = jobs.sweep(clock).await?;
+        if dry_run {
+            return Ok(Stopped {
+                instances: sweep.stuck,
+                ended: sweep
+                    .ended
+                    .into_iter()
+                    .map(|instance| EndedAttempt {
+                        outcome: match &instance.state_reason {
+                            Some(reason) if reason.is_spot_reclaim() => {
+                                "would re-launch its job (taken back by EC2)".into()
+                            }
+                            _ => "would record it failed".into(),
+                        },
+                        instance,
+                    })
+                    .collect(),
+                errors: Vec::new(),
+            });
+        }
+        let mut stopped = jobs.reap_stuck(sweep.stuck, clock).await?;
+        let mut state = InvocationState::default();
+        for instance in sweep.ended {
+            match self.settle_ended(&instance, &mut state).await {
+                Ok(outcome) => {
+                    tracing::warn!(
+                        instance_id = instance.instance_id,
+                        key = ?instance.key,
+                        outcome,
+                        "an instance ended without its worker's account"
+                    );
+                    stopped.ended.push(EndedAttempt { instance, outcome });
+                }
+                Err(error) => stopped
+                    .errors
+                    .push(format!("{}: {error}", instance.instance_id)),
+            }
+        }
+        Ok(stopped)
+    }
+
+    /// Gives the attempt of `instance`, which ended without an account, its final status.
+    async fn settle_ended(
+        &self,
+        instance: &JobInstance,
+        state: &mut InvocationState,
+    ) -> Result<String, String> {
+        let jobs = self.jobs();
+        let reclaimed = instance
+            .state_reason
+            .as_ref()
+            .is_some_and(|reason| reason.is_spot_reclaim());
+        if !reclaimed {
+            return jobs
+                .record_silent_end(instance)
+                .await
+                .map_err(|error| error_chain(&error));
+        }
+        let spec = jobs
+            .spec_of(&instance.instance_id)
+            .await
+            .map_err(|error| error_chain(&error))?;
+        let info = InstanceInfo {
+            instance_id: instance.instance_id.clone(),
+            state: instance.state.clone(),
+            instance_type: instance.instance_type.clone(),
+            market: instance.market.clone(),
+            launched_at: instance.launched_at,
+            tags: Vec::new(),
+            state_reason: instance.state_reason.clone(),
+        };
+        // The reaper's findings are reported in its own list, not as records.
+        let mut report = Report::default();
+        let outcome = self
+            .relaunch(&spec, &info, "taken back by EC2", state, &mut report)
+            .await
+            .map_err(|failure| failure.error)?;
+        Ok(match report.launched.first() {
+            Some(launched) => format!("{outcome} ({} {})", launched.market, launched.client_token),
+            None => outcome,
+        })
+    }
+}
+
+/// The object a job was launched for, as its event described it.
+pub(crate) fn object_of(spec: &JobSpec) -> ObjectCreated {
+    ObjectCreated {
+        bucket: spec.bucket.clone(),
+        key: spec.key.clone(),
+        version_id: spec.version_id.clone(),
+        etag: spec.etag.clone(),
+        size: spec.size,
+        sequencer: spec.sequencer.clone(),
+        event_time: spec.uploaded_at.clone(),
+    }
+}
+
+fn instance_of(instance: &InstanceInfo) -> s3spot_bootstrap::Instance {
+    s3spot_bootstrap::Instance {
+        id: Some(instance.instance_id.clone()),
+        instance_type: instance.instance_type.clone(),
+        lifecycle: Some(instance.market.clone()),
+    }
+}
+
+fn is_retryable(error: &JobsError) -> bool {
+    match error {
+        JobsError::Launcher(error) => error.is_retryable(),
+        JobsError::Status(_) => true,
+        _ => false,
+    }
+}
