@@ -1,8 +1,10 @@
 //! The servers s3spot's tests run against: real third-party servers (moto for EC2, s3s-fs for
-//! S3), a Lambda Runtime API emulator, a fake IMDSv2, and paths into the workspace. It depends on
+//! S3), a double of EC2's documented behaviour where moto has none, a Lambda Runtime API
+//! emulator, a fake IMDSv2, and paths into the workspace. It depends on
 //! no s3spot crate, so that any crate's tests can use it without building the others; the fakes
 //! of s3spot's own seams live beside those seams.
 
+pub mod ec2;
 mod http;
 pub mod imds;
 mod runtime_api;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use ec2::Ec2Double;
 pub use imds::FakeImds;
 pub use runtime_api::{Outcome, RuntimeApi};
 pub use s3::S3Server;

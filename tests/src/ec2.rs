@@ -1,0 +1,583 @@
+//! An EC2 double: the part of the EC2 Query API that s3spot calls, with the behaviour EC2
+//! documents and moto leaves out.
+//!
+//! - `RunInstances` `ClientToken` idempotency (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html>):
+//!   the same token with the same parameters returns the same instance; with other parameters,
+//!   `IdempotentParameterMismatch`; once that instance has terminated,
+//!   `IdempotentInstanceTerminated`. A token is kept for 24 hours after its instance terminates,
+//!   the least EC2 promises, and then forgotten.
+//! - EC2 lists a terminated instance for about an hour, then no more: `DescribeInstances`
+//!   leaves it out, and naming it is `InvalidInstanceID.NotFound`.
+//! - Capacity comes and goes (`InsufficientInstanceCapacity`), per market.
+//! - Instances end for EC2's reasons (`Server.SpotInstanceTermination`, ...) with their
+//!   state reason, and keep their console output.
+//!
+//! Its clock starts at the real time and moves only when a test moves it ([`Ec2Double::advance`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_ec2::primitives::{DateTime, DateTimeFormat};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, StatusCode};
+
+use crate::http::ServerThread;
+
+/// How long EC2 keeps listing a terminated instance.
+pub const LISTED_AFTER_TERMINATION: Duration = Duration::from_secs(3600);
+/// How long EC2 keeps a terminated instance's `ClientToken`, at least.
+pub const TOKEN_AFTER_TERMINATION: Duration = Duration::from_secs(24 * 3600);
+
+/// One instance, as the double keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoubleInstance {
+    pub id: String,
+    /// `running`, `shutting-down` or `terminated`.
+    pub state: String,
+    pub instance_type: String,
+    /// `spot` or `on-demand`.
+    pub market: String,
+    pub client_token: String,
+    pub tags: Vec<(String, String)>,
+    /// Base64, as it was sent.
+    pub user_data: String,
+    /// Seconds on the double's clock.
+    pub launched_at: i64,
+    pub terminated_at: Option<i64>,
+    /// (code, message).
+    pub state_reason: Option<(String, String)>,
+    pub console: Option<String>,
+}
+
+impl DoubleInstance {
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Seconds added to the real time of the double's start.
+    offset: i64,
+    started: i64,
+    next_id: u64,
+    instances: BTreeMap<String, DoubleInstance>,
+    /// Token → (the request's parameters, the instance).
+    tokens: HashMap<String, (Vec<(String, String)>, String)>,
+    /// Markets ("spot", "on-demand") without capacity.
+    no_capacity: Vec<String>,
+    /// (instance type, zone, USD per hour).
+    spot_prices: Vec<(String, String, f64)>,
+    run_instances_calls: usize,
+}
+
+impl State {
+    fn now(&self) -> i64 {
+        self.started + self.offset
+    }
+
+    /// Listed: not terminated, or terminated within the last hour.
+    fn listed(&self, instance: &DoubleInstance) -> bool {
+        instance.terminated_at.is_none_or(|at| {
+            self.now() - at < i64::try_from(LISTED_AFTER_TERMINATION.as_secs()).unwrap()
+        })
+    }
+
+    fn forget_expired_tokens(&mut self) {
+        let now = self.now();
+        let keep = i64::try_from(TOKEN_AFTER_TERMINATION.as_secs()).unwrap();
+        let instances = &self.instances;
+        self.tokens.retain(|_, (_, id)| {
+            instances[id.as_str()]
+                .terminated_at
+                .is_none_or(|at| now - at < keep)
+        });
+    }
+}
+
+pub struct Ec2Double {
+    server: ServerThread,
+    state: Arc<Mutex<State>>,
+}
+
+impl Ec2Double {
+    pub fn start() -> Ec2Double {
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let state = Arc::new(Mutex::new(State {
+            started: i64::try_from(started).expect("a sane clock"),
+            ..State::default()
+        }));
+        let shared = Arc::clone(&state);
+        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let state = Arc::clone(&shared);
+            async move {
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let params: Vec<(String, String)> = form_urlencoded::parse(&body)
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                let mut state = state.lock().expect("no panic holding the state");
+                Ok::<_, Infallible>(answer(&mut state, &params))
+            }
+        });
+        Ec2Double {
+            server: ServerThread::start("ec2-double", service),
+            state,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.server.address)
+    }
+
+    /// An SDK configuration for this double, built the way the binaries build theirs.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        crate::sdk_config(&self.endpoint()).await
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("no panic holding the state")
+    }
+
+    /// Moves the double's clock on.
+    pub fn advance(&self, by: Duration) {
+        self.state().offset += i64::try_from(by.as_secs()).expect("a sane duration");
+    }
+
+    /// Whether `market` ("spot" or "on-demand") has capacity; it has, until told otherwise.
+    pub fn set_capacity(&self, market: &str, available: bool) {
+        let mut state = self.state();
+        state.no_capacity.retain(|m| m != market);
+        if !available {
+            state.no_capacity.push(market.to_owned());
+        }
+    }
+
+    /// The current spot prices: (instance type, availability zone, USD per hour).
+    pub fn set_spot_prices(&self, prices: &[(&str, &str, f64)]) {
+        self.state().spot_prices = prices
+            .iter()
+            .map(|(t, z, p)| ((*t).to_owned(), (*z).to_owned(), *p))
+            .collect();
+    }
+
+    /// Ends an instance for EC2's reason, as EC2 does when it takes back a spot instance
+    /// (`Server.SpotInstanceTermination`) or the instance powers itself off
+    /// (`Client.InstanceInitiatedShutdown`).
+    pub fn end(&self, id: &str, code: &str, message: &str) {
+        let mut state = self.state();
+        let now = state.now();
+        let instance = state
+            .instances
+            .get_mut(id)
+            .expect("an instance of the double");
+        instance.state = "terminated".into();
+        instance.terminated_at = Some(now);
+        instance.state_reason = Some((code.into(), message.into()));
+    }
+
+    pub fn set_console(&self, id: &str, text: &str) {
+        self.state()
+            .instances
+            .get_mut(id)
+            .expect("an instance of the double")
+            .console = Some(text.into());
+    }
+
+    /// Every instance ever launched, forgotten ones too, oldest first.
+    pub fn instances(&self) -> Vec<DoubleInstance> {
+        let mut instances: Vec<DoubleInstance> = self.state().instances.values().cloned().collect();
+        instances.sort_by(|a, b| (a.launched_at, &a.id).cmp(&(b.launched_at, &b.id)));
+        instances
+    }
+
+    /// The instances that are pending or running.
+    pub fn running(&self) -> Vec<DoubleInstance> {
+        self.instances()
+            .into_iter()
+            .filter(|i| i.state == "running")
+            .collect()
+    }
+
+    pub fn run_instances_calls(&self) -> usize {
+        self.state().run_instances_calls
+    }
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The values of a list parameter: `Name.1`, `Name.2`, ...
+fn list(params: &[(String, String)], name: &str) -> Vec<String> {
+    (1..)
+        .map_while(|i| param(params, &format!("{name}.{i}")).map(str::to_owned))
+        .collect()
+}
+
+fn answer(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+    let action = param(params, "Action").unwrap_or_default();
+    match action {
+        "RunInstances" => run_instances(state, params),
+        "DescribeInstances" => describe_instances(state, params),
+        "DescribeInstanceAttribute" => describe_instance_attribute(state, params),
+        "TerminateInstances" => terminate_instances(state, params),
+        "GetConsoleOutput" => get_console_output(state, params),
+        "DescribeSpotPriceHistory" => describe_spot_price_history(state),
+        other => error(
+            StatusCode::BAD_REQUEST,
+            "InvalidAction",
+            &format!("the EC2 double does not answer {other:?}"),
+        ),
+    }
+}
+
+fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+    state.run_instances_calls += 1;
+    state.forget_expired_tokens();
+    let market = match param(params, "InstanceMarketOptions.MarketType") {
+        Some("spot") => "spot",
+        _ => "on-demand",
+    };
+    let token = param(params, "ClientToken").unwrap_or_default().to_owned();
+    // What makes a repeat the same request: every parameter but the token.
+    let mut request: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "ClientToken")
+        .cloned()
+        .collect();
+    request.sort();
+    if !token.is_empty()
+        && let Some((seen, id)) = state.tokens.get(&token)
+    {
+        if *seen != request {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "IdempotentParameterMismatch",
+                "Arguments on this idempotent request are inconsistent with arguments used in \
+                 previous request(s).",
+            );
+        }
+        let instance = &state.instances[id];
+        if instance.state == "terminated" {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "IdempotentInstanceTerminated",
+                "The request to launch an instance uses the same client token as a previous \
+                 request for which the instance has been terminated.",
+            );
+        }
+        let xml = format!("<instancesSet>{}</instancesSet>", instance_xml(instance));
+        return ok("RunInstancesResponse", &xml);
+    }
+    if state.no_capacity.iter().any(|m| m == market) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InsufficientInstanceCapacity",
+            &format!("We currently do not have sufficient {market} capacity."),
+        );
+    }
+    let mut tags = Vec::new();
+    for spec in 1.. {
+        let Some(resource) = param(params, &format!("TagSpecification.{spec}.ResourceType")) else {
+            break;
+        };
+        if resource != "instance" {
+            continue;
+        }
+        for tag in 1.. {
+            let prefix = format!("TagSpecification.{spec}.Tag.{tag}");
+            let Some(key) = param(params, &format!("{prefix}.Key")) else {
+                break;
+            };
+            let value = param(params, &format!("{prefix}.Value")).unwrap_or_default();
+            tags.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    state.next_id += 1;
+    let id = format!("i-0d{:015x}", state.next_id);
+    let instance = DoubleInstance {
+        id: id.clone(),
+        state: "running".into(),
+        instance_type: param(params, "InstanceType")
+            .unwrap_or("t3.micro")
+            .to_owned(),
+        market: market.into(),
+        client_token: token.clone(),
+        tags,
+        user_data: param(params, "UserData").unwrap_or_default().to_owned(),
+        launched_at: state.now(),
+        terminated_at: None,
+        state_reason: None,
+        console: None,
+    };
+    let xml = format!("<instancesSet>{}</instancesSet>", instance_xml(&instance));
+    if !token.is_empty() {
+        state.tokens.insert(token, (request, id.clone()));
+    }
+    state.instances.insert(id, instance);
+    ok("RunInstancesResponse", &xml)
+}
+
+fn describe_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+    let ids = list(params, "InstanceId");
+    for id in &ids {
+        if !state.instances.get(id).is_some_and(|i| state.listed(i)) {
+            return not_found(id);
+        }
+    }
+    let mut filters: Vec<(String, Vec<String>)> = Vec::new();
+    for n in 1.. {
+        let Some(name) = param(params, &format!("Filter.{n}.Name")) else {
+            break;
+        };
+        filters.push((name.to_owned(), list(params, &format!("Filter.{n}.Value"))));
+    }
+    let matches = |instance: &DoubleInstance| {
+        filters.iter().all(|(name, values)| {
+            let value = match name.strip_prefix("tag:") {
+                Some(tag) => instance.tag(tag),
+                None if name == "instance-state-name" => Some(instance.state.as_str()),
+                None => None,
+            };
+            value.is_some_and(|v| values.iter().any(|w| w == v))
+        })
+    };
+    let items: String = state
+        .instances
+        .values()
+        .filter(|i| state.listed(i))
+        .filter(|i| ids.is_empty() || ids.contains(&i.id))
+        .filter(|i| matches(i))
+        .map(|i| {
+            format!(
+                "<item><reservationId>r-{}</reservationId><ownerId>123456789012</ownerId>\
+                 <instancesSet>{}</instancesSet></item>",
+                &i.id[2..],
+                instance_xml(i)
+            )
+        })
+        .collect();
+    ok(
+        "DescribeInstancesResponse",
+        &format!("<reservationSet>{items}</reservationSet>"),
+    )
+}
+
+fn describe_instance_attribute(
+    state: &mut State,
+    params: &[(String, String)],
+) -> Response<Full<Bytes>> {
+    let id = param(params, "InstanceId").unwrap_or_default();
+    let Some(instance) = state.instances.get(id).filter(|i| state.listed(i)) else {
+        return not_found(id);
+    };
+    ok(
+        "DescribeInstanceAttributeResponse",
+        &format!(
+            "<instanceId>{}</instanceId><userData><value>{}</value></userData>",
+            instance.id,
+            escape(&instance.user_data)
+        ),
+    )
+}
+
+fn terminate_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+    let now = state.now();
+    let mut items = String::new();
+    for id in list(params, "InstanceId") {
+        let listed = state.instances.get(&id).is_some_and(|i| state.listed(i));
+        let Some(instance) = state.instances.get_mut(&id).filter(|_| listed) else {
+            return not_found(&id);
+        };
+        let previous = instance.state.clone();
+        if instance.terminated_at.is_none() {
+            instance.state = "terminated".into();
+            instance.terminated_at = Some(now);
+            instance.state_reason = Some((
+                "Client.UserInitiatedShutdown".into(),
+                "Client.UserInitiatedShutdown: User initiated shutdown".into(),
+            ));
+        }
+        let _ = write!(
+            items,
+            "<item><instanceId>{id}</instanceId><currentState>{}</currentState>\
+             <previousState>{}</previousState></item>",
+            state_xml(&instance.state),
+            state_xml(&previous)
+        );
+    }
+    ok(
+        "TerminateInstancesResponse",
+        &format!("<instancesSet>{items}</instancesSet>"),
+    )
+}
+
+fn get_console_output(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+    let id = param(params, "InstanceId").unwrap_or_default();
+    let Some(instance) = state.instances.get(id).filter(|i| state.listed(i)) else {
+        return not_found(id);
+    };
+    let output = instance
+        .console
+        .as_ref()
+        .map(|text| format!("<output>{}</output>", BASE64.encode(text)))
+        .unwrap_or_default();
+    ok(
+        "GetConsoleOutputResponse",
+        &format!(
+            "<instanceId>{id}</instanceId><timestamp>{}</timestamp>{output}",
+            time(state.now())
+        ),
+    )
+}
+
+fn describe_spot_price_history(state: &mut State) -> Response<Full<Bytes>> {
+    let items: String = state
+        .spot_prices
+        .iter()
+        .map(|(instance_type, zone, price)| {
+            format!(
+                "<item><instanceType>{instance_type}</instanceType>\
+                 <productDescription>Linux/UNIX</productDescription>\
+                 <spotPrice>{price:.6}</spotPrice><timestamp>{}</timestamp>\
+                 <availabilityZone>{zone}</availabilityZone></item>",
+                time(state.now())
+            )
+        })
+        .collect();
+    ok(
+        "DescribeSpotPriceHistoryResponse",
+        &format!("<spotPriceHistorySet>{items}</spotPriceHistorySet>"),
+    )
+}
+
+fn state_xml(name: &str) -> String {
+    let code = match name {
+        "pending" => 0,
+        "running" => 16,
+        "shutting-down" => 32,
+        "terminated" => 48,
+        _ => 80,
+    };
+    format!("<code>{code}</code><name>{name}</name>")
+}
+
+fn instance_xml(instance: &DoubleInstance) -> String {
+    let tags: String = instance
+        .tags
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "<item><key>{}</key><value>{}</value></item>",
+                escape(k),
+                escape(v)
+            )
+        })
+        .collect();
+    let lifecycle = if instance.market == "spot" {
+        "<instanceLifecycle>spot</instanceLifecycle>"
+    } else {
+        ""
+    };
+    let reason = instance
+        .state_reason
+        .as_ref()
+        .map(|(code, message)| {
+            format!(
+                "<stateReason><code>{}</code><message>{}</message></stateReason>",
+                escape(code),
+                escape(message)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "<item><instanceId>{}</instanceId><instanceType>{}</instanceType>\
+         <instanceState>{}</instanceState><launchTime>{}</launchTime>{lifecycle}{reason}\
+         <clientToken>{}</clientToken><tagSet>{tags}</tagSet></item>",
+        instance.id,
+        instance.instance_type,
+        state_xml(&instance.state),
+        time(instance.launched_at),
+        escape(&instance.client_token),
+    )
+}
+
+fn time(secs: i64) -> String {
+    DateTime::from_secs(secs)
+        .fmt(DateTimeFormat::DateTime)
+        .expect("a representable time")
+}
+
+/// Text as XML character data.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&apos;"),
+            '\n' => escaped.push_str("&#10;"),
+            '\r' => escaped.push_str("&#13;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+fn ok(root: &str, inner: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<{root} \
+         xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>ec2-double</requestId>\
+         {inner}</{root}>"
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+fn not_found(id: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "InvalidInstanceID.NotFound",
+        &format!("The instance ID '{id}' does not exist"),
+    )
+}
+
+/// An EC2 Query-protocol error response.
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>{}</Message></Error></Errors><RequestID>ec2-double</RequestID></Response>",
+        escape(message)
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
