@@ -769,3 +769,37 @@ async fn a_spot_instance_taken_back_without_a_warning_is_launched_again() {
         "why it stopped"
     );
 }
+
+#[tokio::test]
+async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_end() {
+    let older = upload("in/a.csv", "2026-11-30T10:00:00.000Z");
+    let newer = upload("in/a.csv", "2026-11-30T11:00:00.000Z");
+    let interrupted = launched("i-newer", &newer, 1, "running", NOW - 60, &[]);
+    let launcher = ScriptedLauncher {
+        instances: vec![interrupted],
+        ..Default::default()
+    };
+    let statuses = MemoryStatuses::default();
+    // The older upload's job finished.
+    let (older_spec, _) = spec_of(&older, 1, &[]);
+    let mut done = Status::initial(&older_spec, Writer::Worker, std::time::SystemTime::now());
+    done.state = State::Succeeded;
+    statuses.put(BUCKET, &older_spec.status_key(), done.clone());
+
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    let mut warning = event("spot-interruption.json");
+    warning["detail"]["instance-id"] = "i-newer".into();
+    let Ok(Response::Report(report)) = handler.handle(warning).await else {
+        panic!("a report")
+    };
+    assert_eq!(report.failed, []);
+    assert_eq!(report.launched.len(), 1, "the newer upload's next attempt");
+    let (newer_spec, _) = spec_of(&newer, 1, &[]);
+    let recorded = statuses.get(BUCKET, &newer_spec.status_key()).unwrap();
+    assert_eq!((recorded.state, recorded.attempt), (State::Interrupted, 1));
+    assert_eq!(
+        statuses.get(BUCKET, &older_spec.status_key()),
+        Some(done),
+        "the older upload's status is untouched"
+    );
+}

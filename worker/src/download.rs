@@ -68,6 +68,14 @@ fn version_suffix(version_id: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// A version id that names one upload. With versioning suspended S3 reports "null": every new
+/// upload of the key replaces that version, so it pins nothing.
+fn real_version(version_id: Option<&str>) -> Option<String> {
+    version_id
+        .filter(|v| !v.is_empty() && *v != "null")
+        .map(str::to_owned)
+}
+
 /// ETags come quoted from S3 and unquoted in events.
 fn bare_etag(etag: &str) -> &str {
     etag.trim_matches('"')
@@ -80,11 +88,12 @@ pub async fn download(
     settings: &DownloadSettings,
 ) -> Result<Downloaded, DownloadError> {
     let not_found = || not_found(job);
+    let job_version = real_version(job.version_id.as_deref());
     let head = s3
         .head_object()
         .bucket(&job.bucket)
         .key(&job.key)
-        .set_version_id(job.version_id.clone())
+        .set_version_id(job_version.clone())
         .send()
         .await
         .map_err(|e| s3_error("HeadObject", e, not_found))?;
@@ -92,7 +101,7 @@ pub async fn download(
     let etag = head.e_tag().map(|e| bare_etag(e).to_owned());
     // Without a version id, an unversioned key may have been overwritten since the event. Its
     // ETag tells; processing the newer content would attribute it to the wrong upload.
-    if job.version_id.is_none()
+    if job_version.is_none()
         && let (Some(expected), Some(found)) = (&job.etag, &etag)
         && bare_etag(expected) != found
     {
@@ -103,10 +112,7 @@ pub async fn download(
     }
     // Every GET reads the object HEAD described: its version if the bucket has versions,
     // otherwise the same ETag.
-    let version_id = head
-        .version_id()
-        .map(str::to_owned)
-        .or(job.version_id.clone());
+    let version_id = real_version(head.version_id()).or(job_version);
     let source = Source {
         s3,
         job,

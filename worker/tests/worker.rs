@@ -534,3 +534,50 @@ fn unexpected_failures_still_write_status_and_shut_down() {
     assert!(stderr.contains("cannot record status.json"), "{stderr}");
     assert_eq!(fixture.shutdowns(), 2);
 }
+
+#[test]
+fn two_uploads_of_a_key_keep_their_results_apart_whatever_the_order() {
+    let fixture = Fixture::new();
+    let command = Some(r#"cp "$S3SPOT_INPUT" "$S3SPOT_OUTPUT_DIR/copy.csv""#);
+    let upload = |content: &[u8], job_id: &str, uploaded_at: &str| {
+        let etag = fixture.put("data", "in/data.csv", content);
+        let mut job = fixture.job("in/data.csv", command);
+        job.etag = Some(etag);
+        job.job_id = job_id.repeat(32);
+        job.uploaded_at = Some(uploaded_at.into());
+        job
+    };
+    let first = upload(b"first upload\n", "1", "2026-11-30T10:00:00.000Z");
+    let second = upload(b"second upload\n", "2", "2026-11-30T11:00:00.000Z");
+    assert_ne!(first.results_key_prefix(), second.results_key_prefix());
+
+    // The newer upload's job runs first; the older one's, delivered late, runs after it.
+    let output = fixture.run_job(&second, &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    let output = fixture.run_job(&first, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+
+    let second_prefix = second.results_key_prefix();
+    let newer = fixture.status("data", &second_prefix);
+    assert_eq!(newer.state, State::Succeeded);
+    assert_eq!(newer.job_id, second.job_id);
+    assert_eq!(
+        fixture.text("data", &format!("{second_prefix}copy.csv")),
+        "second upload\n"
+    );
+    let older = fixture.status("data", &first.results_key_prefix());
+    assert_eq!(older.state, State::Failed, "its object was replaced");
+    assert_eq!(older.job_id, first.job_id);
+    let listed = fixture.keys("data", "analysis/in/data.csv/");
+    assert!(
+        listed
+            .iter()
+            .all(|k| k.starts_with(&second_prefix) || k.starts_with(&first.results_key_prefix())),
+        "{listed:?}"
+    );
+    assert_eq!(
+        fixture.keys("data", &second_prefix).len(),
+        4,
+        "the newer upload's results alone in its folder: {listed:?}"
+    );
+}
