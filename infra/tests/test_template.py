@@ -136,6 +136,7 @@ def check_launcher_role_exact(template):
         "ec2:CreateTags",
         "ec2:DescribeInstances",
         "ec2:DescribeInstanceAttribute",
+        "ec2:GetConsoleOutput",
         "ec2:DescribeSpotPriceHistory",
         "ec2:TerminateInstances",
         "s3:GetObject",
@@ -161,7 +162,7 @@ def check_launcher_role_exact(template):
             )
         if "s3:ListBucket" in as_list(s["Action"]):
             assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
-        if {"ec2:DescribeInstanceAttribute", "ec2:TerminateInstances"} & set(
+        if {"ec2:DescribeInstanceAttribute", "ec2:GetConsoleOutput", "ec2:TerminateInstances"} & set(
             as_list(s["Action"])
         ):
             assert resource_type(sub_text(s["Resource"])) == "instance"
@@ -657,6 +658,14 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
         def edit(t):
             for s in role_statements(t, "LauncherRole"):
                 if s.get("Sid") == "ReadOwnInstancesUserData":
+                    s.pop("Condition")
+
+        self.expect_failure(check_launcher_role_exact, edit)
+
+    def test_launcher_reads_any_console(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s.get("Sid") == "ReadOwnInstancesConsole":
                     s.pop("Condition")
 
         self.expect_failure(check_launcher_role_exact, edit)
