@@ -1,6 +1,11 @@
 //! A real S3 server for tests: s3s-fs (a third-party S3 protocol implementation over a
 //! directory) on a loopback port, with signature checking on.
 
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper::{Method, Request};
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
@@ -15,6 +20,12 @@ pub struct S3Server {
 impl S3Server {
     /// A server over a fresh directory, with `buckets` created.
     pub fn start(buckets: &[&str]) -> S3Server {
+        Self::start_slow(buckets, Duration::ZERO)
+    }
+
+    /// The same, but each write (PUT or POST) is answered only after `write_delay`: a slow
+    /// link, for what must end in time however long uploads take.
+    pub fn start_slow(buckets: &[&str], write_delay: Duration) -> S3Server {
         let root = tempfile::tempdir().expect("a directory for the S3 server");
         for bucket in buckets {
             std::fs::create_dir(root.path().join(bucket)).expect("create a bucket directory");
@@ -25,8 +36,17 @@ impl S3Server {
             builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             builder.build()
         };
+        let slow = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let service = service.clone();
+            async move {
+                if request.method() == Method::PUT || request.method() == Method::POST {
+                    tokio::time::sleep(write_delay).await;
+                }
+                Service::call(&service, request).await
+            }
+        });
         S3Server {
-            server: ServerThread::start("s3s-fs", service),
+            server: ServerThread::start("s3s-fs", slow),
             root,
         }
     }

@@ -25,13 +25,25 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
     pub delimiter: String,
+    /// The header's names: at most [`MAX_COLUMNS`] of them, each cut at [`MAX_COLUMN_NAME`]
+    /// bytes. `column_count` says how many there are.
     pub columns: Vec<String>,
+    /// Fields in the header, listed or not.
+    pub column_count: u64,
     /// Records after the header.
     pub rows: u64,
+    /// What was left out, when the header was too large to list whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Set when the table could not be read to the end; `rows` counts up to there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// Header names listed in the report; any past these are counted only.
+pub const MAX_COLUMNS: usize = 1000;
+/// Bytes of each header name kept in the report.
+pub const MAX_COLUMN_NAME: usize = 256;
 
 const BUFFER: usize = 256 * 1024;
 /// What content sniffing looks at.
@@ -143,48 +155,88 @@ fn delimiter_for(content_type: &str) -> Option<u8> {
     }
 }
 
+/// Reads the header's names and counts the records after it, in fixed-size buffers whatever
+/// the file holds: a field of gigabytes (an unclosed quote makes the rest of the file one field)
+/// or a header of millions of columns costs no more memory than a small one. Names past the
+/// caps are counted, not kept.
 fn read_table(path: &Path, delimiter: u8) -> Table {
     let mut table = Table {
         delimiter: char::from(delimiter).to_string(),
         columns: Vec::new(),
+        column_count: 0,
         rows: 0,
+        note: None,
         error: None,
     };
-    let reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .flexible(true)
-        .from_path(path);
-    let mut reader = match reader {
-        Ok(reader) => reader,
-        Err(error) => {
-            table.error = Some(error.to_string());
-            return table;
-        }
-    };
-    match reader.byte_headers() {
-        Ok(headers) => {
-            table.columns = headers
-                .iter()
-                .map(|h| String::from_utf8_lossy(h).into_owned())
-                .collect();
-        }
-        Err(error) => {
-            table.error = Some(error.to_string());
-            return table;
-        }
+    if let Err(error) = scan_table(path, delimiter, &mut table) {
+        table.error = Some(error.to_string());
     }
-    let mut record = csv::ByteRecord::new();
-    loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => table.rows += 1,
-            Ok(false) => break,
-            Err(error) => {
-                table.error = Some(error.to_string());
-                break;
-            }
-        }
+    let mut left_out = Vec::new();
+    if table.column_count > MAX_COLUMNS as u64 {
+        left_out.push(format!(
+            "the header has {} columns; the first {MAX_COLUMNS} are listed",
+            table.column_count
+        ));
+    }
+    if table.columns.iter().any(|c| c.ends_with(CUT)) {
+        left_out.push(format!(
+            "names longer than {MAX_COLUMN_NAME} bytes are cut, ending in \"{CUT}\""
+        ));
+    }
+    if !left_out.is_empty() {
+        table.note = Some(left_out.join("; "));
     }
     table
+}
+
+/// What ends a header name cut at [`MAX_COLUMN_NAME`] bytes.
+const CUT: &str = "…";
+
+fn scan_table(path: &Path, delimiter: u8, table: &mut Table) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut reader = csv_core::ReaderBuilder::new().delimiter(delimiter).build();
+    let mut input = vec![0u8; BUFFER];
+    // Where csv-core puts a field's bytes, a piece at a time; a header name keeps its first
+    // MAX_COLUMN_NAME bytes, and nothing else is kept.
+    let mut output = vec![0u8; BUFFER];
+    let mut name: Vec<u8> = Vec::with_capacity(MAX_COLUMN_NAME);
+    let mut cut = false;
+    let mut in_header = true;
+    let (mut start, mut filled, mut at_end) = (0, 0, false);
+    loop {
+        if start == filled && !at_end {
+            filled = file.read(&mut input)?;
+            start = 0;
+            at_end = filled == 0;
+        }
+        let (result, read, written) = reader.read_field(&input[start..filled], &mut output);
+        start += read;
+        if in_header {
+            let room = MAX_COLUMN_NAME - name.len();
+            name.extend_from_slice(&output[..written.min(room)]);
+            cut |= written > room;
+        }
+        match result {
+            csv_core::ReadFieldResult::InputEmpty | csv_core::ReadFieldResult::OutputFull => {}
+            csv_core::ReadFieldResult::Field { record_end } if in_header => {
+                table.column_count += 1;
+                if table.columns.len() < MAX_COLUMNS {
+                    let mut text = String::from_utf8_lossy(&name).into_owned();
+                    if cut {
+                        text.push_str(CUT);
+                    }
+                    table.columns.push(text);
+                }
+                name.clear();
+                cut = false;
+                in_header = !record_end;
+            }
+            csv_core::ReadFieldResult::Field { record_end } => {
+                table.rows += u64::from(record_end);
+            }
+            csv_core::ReadFieldResult::End => return Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +264,58 @@ mod tests {
         assert_eq!(table.rows, 2, "a quoted newline is inside one row");
         assert_eq!(table.delimiter, ",");
         assert_eq!(table.error, None);
+    }
+
+    #[test]
+    fn a_header_too_large_to_list_is_capped_and_said_so() {
+        let mut wide = (0..5000)
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        wide.push_str("\n1,2\n3,4\n");
+        let table = analyse_bytes(wide.as_bytes(), "wide.csv").table.unwrap();
+        assert_eq!(table.columns.len(), MAX_COLUMNS);
+        assert_eq!(table.columns[999], "c999");
+        assert_eq!(table.column_count, 5000);
+        assert_eq!(table.rows, 2);
+        assert_eq!(
+            table.note.as_deref(),
+            Some("the header has 5000 columns; the first 1000 are listed")
+        );
+
+        let long_name = format!("{},b\n1,2\n", "n".repeat(10_000));
+        let table = analyse_bytes(long_name.as_bytes(), "long.csv")
+            .table
+            .unwrap();
+        assert_eq!(
+            table.columns[0],
+            format!("{}…", "n".repeat(MAX_COLUMN_NAME))
+        );
+        assert_eq!(table.columns[1], "b");
+        assert_eq!((table.column_count, table.rows), (2, 1));
+        assert!(table.note.unwrap().contains("cut"));
+    }
+
+    #[test]
+    fn an_unclosed_quote_is_one_long_last_field() {
+        let mut unclosed = b"a,b\n1,2\n3,\"never closed".to_vec();
+        unclosed.extend(std::iter::repeat_n(b'x', 3 * BUFFER));
+        unclosed.extend(b"\n4,5\n");
+        let table = analyse_bytes(&unclosed, "broken.csv").table.unwrap();
+        assert_eq!(table.columns, ["a", "b"]);
+        assert_eq!(table.rows, 2, "the open quote runs to the end: one record");
+        assert_eq!(table.note, None);
+    }
+
+    #[test]
+    fn crlf_and_quoted_delimiters_count_as_csv_does() {
+        let table = analyse_bytes(b"x,\"y,z\"\r\n1,\"2,3\"\r\n\r\n4,5\r\n", "w.csv")
+            .table
+            .unwrap();
+        assert_eq!(table.columns, ["x", "y,z"]);
+        assert_eq!(table.rows, 2, "an empty line is no record");
+        let empty = analyse_bytes(b"", "empty.csv").table.unwrap();
+        assert_eq!((empty.column_count, empty.rows), (0, 0));
     }
 
     #[test]

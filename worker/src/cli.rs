@@ -98,6 +98,20 @@ struct RunArgs {
         default_value_t = 10
     )]
     kill_grace: u64,
+    /// Seconds the outputs keep uploading after SIGTERM or SIGINT, before status.json is
+    /// written. The bootstrap script kills the worker 30 s after its SIGTERM.
+    #[arg(
+        long,
+        env = "S3SPOT_UPLOAD_GRACE",
+        value_name = "SECS",
+        default_value_t = 15
+    )]
+    upload_grace: u64,
+    /// Seconds after its start at which something outside kills the worker; uploads stop in
+    /// time for status.json to be written before then. Default: the max runtime plus the 300 s
+    /// the bootstrap script allows.
+    #[arg(long, env = "S3SPOT_HARD_LIMIT", value_name = "SECS")]
+    hard_limit: Option<u64>,
 }
 
 /// Parses the process's arguments, runs the job and shuts down: the whole `s3spot-worker`.
@@ -217,6 +231,8 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
             settings: Settings {
                 work_root: args.work_dir.clone(),
                 kill_grace: Duration::from_secs(args.kill_grace),
+                upload_grace: Duration::from_secs(args.upload_grace),
+                hard_limit: args.hard_limit.map(Duration::from_secs),
                 ..Settings::default()
             },
         });

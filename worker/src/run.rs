@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use s3spot_bootstrap::{
-    JobSpec, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE, STDOUT_FILE, Stage,
-    State, Status, Writer, record, timestamp,
+    HARD_LIMIT_GRACE_SECS, JobSpec, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE,
+    STDOUT_FILE, Stage, State, Status, Writer, record, timestamp,
 };
 use tokio::sync::watch;
 
@@ -22,6 +22,58 @@ use crate::upload::{Uploader, files_under};
 /// Names the worker writes itself under the results prefix; a command's files of the same name
 /// would be overwritten by them, so they are not uploaded.
 const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
+
+/// Time kept before the hard limit for writing status.json, at most.
+const STATUS_RESERVE: Duration = Duration::from_secs(20);
+
+/// How long outputs keep uploading after a spot interruption notice: EC2 takes the instance two
+/// minutes after it.
+const SPOT_UPLOAD_GRACE: Duration = Duration::from_secs(90);
+
+/// When the phases of one job must end.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// The job's max runtime: its command is stopped here.
+    runtime: Instant,
+    /// Something outside kills the worker here: the bootstrap script's hard limit.
+    hard: Instant,
+    /// Outputs stop uploading here at the latest, so that status.json is written before
+    /// `hard`, however large they are.
+    outputs: Instant,
+}
+
+impl Limits {
+    fn new(started: Instant, job: &JobSpec, settings: &Settings) -> Limits {
+        let runtime = Duration::from_secs(job.max_runtime_secs);
+        let hard = settings
+            .hard_limit
+            .unwrap_or(runtime + Duration::from_secs(HARD_LIMIT_GRACE_SECS));
+        let reserve = STATUS_RESERVE.min(hard / 4);
+        Limits {
+            runtime: started + runtime,
+            hard: started + hard,
+            outputs: started + hard.saturating_sub(reserve),
+        }
+    }
+}
+
+/// A stop from outside: a signal, or EC2's notice that it takes the spot instance back.
+#[derive(Debug, Clone)]
+struct Interruption {
+    why: String,
+    at: Instant,
+    /// How long outputs may keep uploading after it.
+    upload_grace: Duration,
+}
+
+impl Interruption {
+    /// When uploads of outputs must stop, given this interruption or none.
+    fn outputs_cutoff(this: Option<&Interruption>, limits: &Limits) -> Instant {
+        this.map_or(limits.outputs, |i| {
+            (i.at + i.upload_grace).min(limits.outputs)
+        })
+    }
+}
 
 pub struct Worker {
     pub s3: aws_sdk_s3::Client,
@@ -40,7 +92,8 @@ impl Worker {
             Err(panic) => {
                 let mut status = Status::initial(&job, Writer::Worker, started);
                 status.error = Some(format!("the worker failed unexpectedly: {panic}"));
-                self.finish(&job, &mut status).await;
+                self.finish(&job, &mut status, Instant::now() + STATUS_RESERVE)
+                    .await;
                 status
             }
         }
@@ -48,7 +101,7 @@ impl Worker {
 
     pub async fn run(&self, job: &JobSpec) -> Status {
         let started = SystemTime::now();
-        let deadline = Instant::now() + Duration::from_secs(job.max_runtime_secs);
+        let limits = Limits::new(Instant::now(), job, &self.settings);
         let mut status = Status::initial(job, Writer::Worker, started);
         status.instance = self.metadata.identify().await;
         tracing::info!(bucket = job.bucket, key = ?job.key, attempt = job.attempt, instance = ?status.instance, "job started");
@@ -61,14 +114,17 @@ impl Worker {
                 interrupt.clone(),
             ))
         });
-        let signals = tokio::spawn(watch_for_signals(interrupt));
-        let stop = || stop_signal(deadline, job.max_runtime_secs, interrupted.clone());
+        let signals = tokio::spawn(watch_for_signals(interrupt, self.settings.upload_grace));
+        let stop = || stop_signal(limits.runtime, job.max_runtime_secs, interrupted.clone());
+        let cutoff = || outputs_cutoff(limits, interrupted.clone());
 
         match tempfile::Builder::new()
             .prefix("s3spot-job-")
             .tempdir_in(&self.settings.work_root)
         {
-            Ok(work) => self.work(job, work.path(), &mut status, stop).await,
+            Ok(work) => {
+                self.work(job, work.path(), &mut status, stop, cutoff).await;
+            }
             Err(error) => {
                 status.error = Some(format!(
                     "cannot create a work directory in {}: {error}",
@@ -80,17 +136,23 @@ impl Worker {
             watcher.abort();
         }
         signals.abort();
-        self.finish(job, &mut status).await;
+        // status.json goes up before the hard limit, and soon after a stop signal: what killed
+        // the worker's uploads would kill it next.
+        let cutoff = Interruption::outputs_cutoff(interrupted.borrow().as_ref(), &limits);
+        let by = (cutoff + STATUS_RESERVE).min(limits.hard);
+        self.finish(job, &mut status, by).await;
         status
     }
 
-    /// Download, process and upload, recording each step in `status`.
-    async fn work<S: Future<Output = Stop>>(
+    /// Download, process and upload, recording each step in `status`. `stop` completes when
+    /// the job must stop; `cutoff`, when its outputs must stop uploading.
+    async fn work<S: Future<Output = Stop>, C: Future<Output = Stop>>(
         &self,
         job: &JobSpec,
         work: &Path,
         status: &mut Status,
         stop: impl Fn() -> S,
+        cutoff: impl FnOnce() -> C,
     ) {
         // The input has a directory of its own: whatever the key's last segment, its file
         // cannot be the command's logs, the output directory or anything else of the worker's.
@@ -239,11 +301,40 @@ impl Worker {
             files.push((logs.0.clone(), STDOUT_FILE.to_owned()));
             files.push((logs.1.clone(), STDERR_FILE.to_owned()));
         }
-        for (path, name) in files {
-            match uploader.file(&path, &name).await {
-                Ok(key) => status.outputs.push(key),
-                Err(error) => fail(status, crate::error_chain(&error)),
+        let count = files.len();
+        let uploaded = {
+            let uploads = async {
+                for (path, name) in files {
+                    match uploader.file(&path, &name).await {
+                        Ok(key) => status.outputs.push(key),
+                        Err(error) => fail(status, crate::error_chain(&error)),
+                    }
+                }
+            };
+            tokio::select! {
+                () = uploads => Ok(()),
+                why = cutoff() => Err(why),
             }
+        };
+        if let Err(stop) = uploaded {
+            uploader.abort_unfinished().await;
+            let why = match &stop {
+                Stop::TimedOut => "the hard time limit comes next".to_owned(),
+                Stop::Interrupted(why) => why.clone(),
+            };
+            let note = format!(
+                "uploads stopped ({why}): {} of {count} outputs uploaded, so that status.json \
+                 could be",
+                status.outputs.len()
+            );
+            // Stopped from outside, or out of time: not a failure of the job's own.
+            if !matches!(status.state, State::TimedOut | State::Interrupted) {
+                status.state = match stop {
+                    Stop::TimedOut => State::TimedOut,
+                    Stop::Interrupted(_) => State::Interrupted,
+                };
+            }
+            fail(status, note);
         }
         status.timings.upload_ms = elapsed_ms(clock);
         tracing::info!(
@@ -258,40 +349,50 @@ impl Worker {
     }
 
     /// Stamps the end, records `status.json` by the contract's rule (see
-    /// [`s3spot_bootstrap::settle`]), and logs the outcome. The launcher may have written a
-    /// verdict on this attempt first (a cancel, the reaper, a spot interruption's re-launch):
-    /// a worker stopped from outside then takes its state, and adds its own account.
-    async fn finish(&self, job: &JobSpec, status: &mut Status) {
+    /// [`s3spot_bootstrap::settle`]) by `by` at the latest, and logs the outcome. The launcher
+    /// may have written a verdict on this attempt first (a cancel, the reaper, a spot
+    /// interruption's re-launch): a worker stopped from outside then takes its state, and adds
+    /// its own account.
+    async fn finish(&self, job: &JobSpec, status: &mut Status, by: Instant) {
         status.finished_at = timestamp(SystemTime::now());
         let statuses = S3Statuses::from_client(self.s3.clone());
-        match record(
-            &statuses,
-            &job.results_bucket,
-            &job.status_key(),
-            status.clone(),
+        // A moment at least, even past the deadline: without status.json nobody learns anything.
+        let by = by.max(Instant::now() + Duration::from_secs(2));
+        let recorded = tokio::time::timeout_at(
+            by.into(),
+            record(
+                &statuses,
+                &job.results_bucket,
+                &job.status_key(),
+                status.clone(),
+            ),
         )
-        .await
-        {
-            Ok(Recorded::Written(written)) => *status = *written,
-            Ok(Recorded::Kept { reason }) => {
+        .await;
+        match recorded {
+            Ok(Ok(Recorded::Written(written))) => *status = *written,
+            Ok(Ok(Recorded::Kept { reason })) => {
                 tracing::warn!(reason, "status.json keeps what it holds");
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 let error = crate::error_chain(&error);
                 tracing::error!(error, "cannot record status.json");
                 fail(status, format!("cannot record status.json: {error}"));
+            }
+            Err(_) => {
+                tracing::error!("status.json was not recorded in time");
+                fail(status, "cannot record status.json: out of time".into());
             }
         }
         tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
     }
 
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
-        Uploader {
-            s3: &self.s3,
-            bucket: &job.results_bucket,
-            prefix: job.results_key_prefix(),
-            settings: self.settings.upload,
-        }
+        Uploader::new(
+            &self.s3,
+            &job.results_bucket,
+            job.results_key_prefix(),
+            self.settings.upload,
+        )
     }
 }
 
@@ -328,7 +429,7 @@ fn stopped_by(status: &mut Status, stop: &Stop, when: &str) {
 async fn stop_signal(
     deadline: Instant,
     max_runtime_secs: u64,
-    mut interrupted: watch::Receiver<Option<String>>,
+    mut interrupted: watch::Receiver<Option<Interruption>>,
 ) -> Stop {
     let interruption = async {
         let notice = interrupted
@@ -337,7 +438,7 @@ async fn stop_signal(
             .ok()
             .and_then(|notice| notice.clone());
         match notice {
-            Some(notice) => notice,
+            Some(notice) => notice.why,
             // The sender is gone: no interruption can come any more.
             None => std::future::pending().await,
         }
@@ -351,24 +452,59 @@ async fn stop_signal(
     }
 }
 
+/// Completes when outputs must stop uploading: before the hard limit, or a while after an
+/// interruption. Says why.
+async fn outputs_cutoff(
+    limits: Limits,
+    mut interrupted: watch::Receiver<Option<Interruption>>,
+) -> Stop {
+    loop {
+        let current = interrupted.borrow_and_update().clone();
+        let at = Interruption::outputs_cutoff(current.as_ref(), &limits);
+        let why = match current {
+            Some(interruption) if at < limits.outputs => Stop::Interrupted(interruption.why),
+            _ => Stop::TimedOut,
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => return why,
+            changed = interrupted.changed() => {
+                if changed.is_err() {
+                    // No interruption can come any more: only the limit is left.
+                    tokio::time::sleep_until(at.into()).await;
+                    return why;
+                }
+            }
+        }
+    }
+}
+
 async fn watch_for_interruption(
     metadata: Metadata,
     every: Duration,
-    interrupt: watch::Sender<Option<String>>,
+    interrupt: watch::Sender<Option<Interruption>>,
 ) {
     loop {
         tokio::time::sleep(every).await;
         if let Some(notice) = metadata.interruption_notice().await {
             tracing::warn!(notice, "spot interruption notice");
-            let _ = interrupt.send(Some(format!("spot interruption notice ({notice})")));
+            interrupt.send_if_modified(|current| {
+                current
+                    .replace(Interruption {
+                        why: format!("spot interruption notice ({notice})"),
+                        at: Instant::now(),
+                        upload_grace: SPOT_UPLOAD_GRACE,
+                    })
+                    .is_none()
+            });
             return;
         }
     }
 }
 
 /// SIGTERM (the bootstrap's hard limit, a shutdown) and SIGINT (Ctrl-C in a local run) stop the
-/// job the way an interruption does: outputs and status are still uploaded.
-async fn watch_for_signals(interrupt: watch::Sender<Option<String>>) {
+/// job the way an interruption does: outputs and status are still uploaded, within
+/// `upload_grace`.
+async fn watch_for_signals(interrupt: watch::Sender<Option<Interruption>>, upload_grace: Duration) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -381,7 +517,21 @@ async fn watch_for_signals(interrupt: watch::Sender<Option<String>>) {
         _ = int.recv() => "SIGINT",
     };
     tracing::warn!(signal = name, "stopping the job");
-    let _ = interrupt.send(Some(format!("the worker received {name}")));
+    let at = Instant::now();
+    interrupt.send_modify(|current| {
+        // A signal on top of a spot notice: the signal's shorter grace holds.
+        let why = current.as_ref().map_or_else(
+            || format!("the worker received {name}"),
+            |earlier| earlier.why.clone(),
+        );
+        *current = Some(Interruption {
+            why,
+            at,
+            upload_grace: upload_grace.min(current.as_ref().map_or(upload_grace, |e| {
+                (e.at + e.upload_grace).saturating_duration_since(at)
+            })),
+        });
+    });
 }
 
 /// Runs `future` on its own task, so that a panic in it becomes an error value.

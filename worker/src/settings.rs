@@ -14,6 +14,12 @@ pub struct Settings {
     pub kill_grace: Duration,
     /// How often to ask IMDS for a spot interruption notice while working.
     pub interruption_poll: Duration,
+    /// How long outputs keep uploading after SIGTERM or SIGINT, before status.json. The
+    /// bootstrap script kills the worker 30 s after its own SIGTERM.
+    pub upload_grace: Duration,
+    /// When, after it starts, something outside kills the worker: the bootstrap script's hard
+    /// limit. `None`: the job's max runtime plus the bootstrap's grace, as the script has it.
+    pub hard_limit: Option<Duration>,
     pub download: DownloadSettings,
     pub upload: UploadSettings,
 }
@@ -42,6 +48,8 @@ impl Default for Settings {
             work_root: PathBuf::from("/var/tmp"),
             kill_grace: Duration::from_secs(10),
             interruption_poll: Duration::from_secs(5),
+            upload_grace: Duration::from_secs(15),
+            hard_limit: None,
             download: DownloadSettings {
                 ranged_above: 64 * MIB,
                 // S3 serves one connection at around 100 MB/s; throughput grows with more.

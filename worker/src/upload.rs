@@ -1,6 +1,8 @@
 //! Uploading results under the job's results prefix.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::{ByteStream, Length};
@@ -30,12 +32,57 @@ pub enum UploadError {
 pub struct Uploader<'a> {
     pub s3: &'a Client,
     pub bucket: &'a str,
-    /// `<results prefix><key>/`.
+    /// `<results prefix><key>/<upload>/`.
     pub prefix: String,
     pub settings: UploadSettings,
+    /// Multipart uploads begun and not yet completed or aborted: (key, upload id). An upload
+    /// stopped halfway (at a deadline) leaves its entry here for [`Uploader::abort_unfinished`].
+    unfinished: Mutex<Vec<(String, String)>>,
 }
 
-impl Uploader<'_> {
+/// How long aborting the unfinished multipart uploads may take: the time is status.json's.
+const ABORT_TIME: Duration = Duration::from_secs(5);
+
+impl<'a> Uploader<'a> {
+    pub fn new(s3: &'a Client, bucket: &'a str, prefix: String, settings: UploadSettings) -> Self {
+        Uploader {
+            s3,
+            bucket,
+            prefix,
+            settings,
+            unfinished: Mutex::default(),
+        }
+    }
+
+    /// Aborts the multipart uploads that were stopped halfway: an incomplete one would be
+    /// stored, and billed, until the bucket's lifecycle rule removes it.
+    pub async fn abort_unfinished(&self) {
+        let unfinished = std::mem::take(&mut *self.unfinished.lock().expect("not poisoned"));
+        let aborts = unfinished
+            .iter()
+            .map(|(key, upload_id)| self.abort(key, upload_id));
+        if tokio::time::timeout(ABORT_TIME, futures_util::future::join_all(aborts))
+            .await
+            .is_err()
+        {
+            tracing::warn!("unfinished multipart uploads were not all aborted in time");
+        }
+    }
+
+    async fn abort(&self, key: &str, upload_id: &str) {
+        if let Err(abort) = self
+            .s3
+            .abort_multipart_upload()
+            .bucket(self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            tracing::error!(key = ?key, error = crate::sdk_message(&abort), "cannot abort the multipart upload");
+        }
+    }
+
     pub fn key_for(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -125,6 +172,11 @@ impl Uploader<'_> {
             .upload_id()
             .ok_or("CreateMultipartUpload returned no upload id")?
             .to_owned();
+        let entry = (key.to_owned(), upload_id.clone());
+        self.unfinished
+            .lock()
+            .expect("not poisoned")
+            .push(entry.clone());
         let part_size = self.settings.part_size.max(5 * 1024 * 1024);
         let parts = (0..size.div_ceil(part_size)).map(|index| {
             let offset = index * part_size;
@@ -182,18 +234,12 @@ impl Uploader<'_> {
         };
         if let Err(error) = &completed {
             tracing::warn!(key = ?key, error, "multipart upload failed; aborting it");
-            if let Err(abort) = self
-                .s3
-                .abort_multipart_upload()
-                .bucket(self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await
-            {
-                tracing::error!(key = ?key, error = crate::sdk_message(&abort), "cannot abort the multipart upload");
-            }
+            self.abort(key, &upload_id).await;
         }
+        self.unfinished
+            .lock()
+            .expect("not poisoned")
+            .retain(|open| *open != entry);
         completed
     }
 }

@@ -581,3 +581,139 @@ fn two_uploads_of_a_key_keep_their_results_apart_whatever_the_order() {
         "the newer upload's results alone in its folder: {listed:?}"
     );
 }
+
+#[test]
+fn an_input_named_like_the_workers_own_files_is_processed_as_it_is() {
+    let fixture = Fixture::new();
+    let command = Some(r#"cp "$S3SPOT_INPUT" "$S3SPOT_OUTPUT_DIR/copy"; echo copied"#);
+    for name in [
+        "stdout.log",
+        "stderr.log",
+        "output",
+        "status.json",
+        "input",
+        "copy",
+    ] {
+        let key = format!("x/{name}");
+        let content = format!("12 bytes of {name}\n");
+        fixture.put("data", &key, content.as_bytes());
+        let output = fixture.run_job(&fixture.job(&key, command), &[]);
+        assert!(output.status.success(), "{key}: {}", show(&output));
+        let prefix = format!("analysis/{key}/{}/", common::UPLOAD);
+        let status = fixture.status("data", &prefix);
+        assert_eq!(status.state, State::Succeeded, "{key}: {status:#?}");
+        assert_eq!(
+            fixture.text("data", &format!("{prefix}copy")),
+            content,
+            "{key}: the command saw the whole input"
+        );
+        assert_eq!(
+            fixture.text("data", &format!("{prefix}stdout.log")),
+            "copied\n"
+        );
+    }
+}
+
+/// Starts `job` with `args`, and returns the child once its command has finished (its
+/// `process` stage line has come), with the rest of its stderr collected on a thread.
+fn start_until_processed(
+    fixture: &Fixture,
+    job: &s3spot_bootstrap::JobSpec,
+    args: &[&str],
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead as _;
+    let encoded = job.encode();
+    let mut all = vec!["run", "--job", &encoded];
+    all.extend_from_slice(args);
+    let mut child = fixture
+        .command(&all, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if matches!(
+            s3spot_bootstrap::Stage::from_line(&line),
+            Some(s3spot_bootstrap::Stage::Process { .. })
+        ) {
+            let rest = std::thread::spawn(move || {
+                lines.map_while(Result::ok).fold(seen, |mut all, line| {
+                    all.push_str(&line);
+                    all.push('\n');
+                    all
+                })
+            });
+            return (child, rest);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the command never finished: {seen}");
+}
+
+/// A hundred outputs on a link where each write takes 300 ms: half a minute of uploads.
+const MANY_OUTPUTS: &str =
+    r#"for i in $(seq 1 100); do echo "$i" > "$S3SPOT_OUTPUT_DIR/part-$i"; done"#;
+
+#[test]
+fn a_stop_signal_during_uploads_still_leaves_status_json_in_time() {
+    let fixture = Fixture::slow(Duration::from_millis(300));
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job("in/data.csv", Some(MANY_OUTPUTS));
+    let (mut child, stderr) = start_until_processed(&fixture, &job, &["--upload-grace", "2"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = child.wait().unwrap();
+    let took = signalled.elapsed();
+    let stderr = stderr.join().unwrap();
+    assert!(
+        took < Duration::from_secs(8),
+        "the bootstrap kills 30 s after its SIGTERM; this took {took:?}: {stderr}"
+    );
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    let status = fixture.status("data", &job.results_key_prefix());
+    assert_eq!(status.state, State::Interrupted, "{status:#?}");
+    let error = status.error.unwrap();
+    assert!(error.contains("uploads stopped"), "{error}");
+    assert!(error.contains("SIGTERM"), "{error}");
+    assert!(
+        status.outputs.len() < 100,
+        "{} outputs uploaded",
+        status.outputs.len()
+    );
+}
+
+#[test]
+fn uploads_stop_before_the_hard_limit_so_that_status_json_is_written() {
+    let fixture = Fixture::slow(Duration::from_millis(300));
+    fixture.put("data", "in/data.csv", CSV);
+    let mut job = fixture.job("in/data.csv", Some(MANY_OUTPUTS));
+    job.max_runtime_secs = 1;
+    let started = Instant::now();
+    let output = fixture.run_job(&job, &[("S3SPOT_HARD_LIMIT", "8".into())]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "killed at the hard limit, it would leave no status: {took:?}\n{}",
+        show(&output)
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let status = fixture.status("data", &job.results_key_prefix());
+    assert_eq!(status.state, State::TimedOut, "{status:#?}");
+    let error = status.error.unwrap();
+    assert!(
+        error.contains("uploads stopped (the hard time limit comes next)"),
+        "{error}"
+    );
+    assert_eq!(fixture.shutdowns(), 1);
+}

@@ -24,7 +24,15 @@ pub struct Fixture {
 impl Fixture {
     /// Buckets `data` and `results`.
     pub fn new() -> Fixture {
-        let s3 = S3Server::start(&["data", "results"]);
+        Self::with(S3Server::start(&["data", "results"]))
+    }
+
+    /// The same, with each write to S3 taking `write_delay`.
+    pub fn slow(write_delay: std::time::Duration) -> Fixture {
+        Self::with(S3Server::start_slow(&["data", "results"], write_delay))
+    }
+
+    fn with(s3: S3Server) -> Fixture {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let client = runtime.block_on(s3.client());
         let dir = tempfile::tempdir().unwrap();
