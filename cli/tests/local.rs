@@ -61,6 +61,31 @@ impl Local {
     }
 }
 
+/// The AWS CLI from the test tools, as a person runs it against the pipeline's endpoint with the
+/// credentials it printed.
+fn aws(local: &Local, args: &[&str]) -> std::process::Output {
+    let program = workspace_root().join(".venv/bin/aws");
+    assert!(
+        program.is_file(),
+        "the AWS CLI is not at {}; run scripts/test, which installs the test tools",
+        program.display()
+    );
+    let options = local.pipeline.options();
+    let output = Command::new(&program)
+        .args(["--endpoint-url", local.pipeline.endpoint()])
+        .args(args)
+        .env_clear()
+        .env("AWS_ACCESS_KEY_ID", &options.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &options.secret_key)
+        .env("AWS_DEFAULT_REGION", &options.region)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "aws {args:?}: {}", show(&output));
+    output
+}
+
 /// Waits until `count` instances have ended; returns every progress line seen.
 async fn until_ended(
     progress: &mut tokio::sync::broadcast::Receiver<Progress>,
@@ -196,27 +221,7 @@ async fn hostile_keys_are_data_all_the_way_through() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_s3_client_uploads_and_downloads() {
     let local = start(4, None).await;
-    let aws = workspace_root().join(".venv/bin/aws");
-    assert!(
-        aws.is_file(),
-        "the AWS CLI is not at {}; run scripts/test, which installs the test tools",
-        aws.display()
-    );
-    let aws = |args: &[&str]| {
-        let output = Command::new(&aws)
-            .args(["--endpoint-url", local.pipeline.endpoint()])
-            .args(args)
-            .env_clear()
-            .env("AWS_ACCESS_KEY_ID", "s3spot")
-            .env("AWS_SECRET_ACCESS_KEY", "s3spot-local")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "aws {args:?}: {}", show(&output));
-        output
-    };
+    let aws = |args: &[&str]| aws(&local, args);
     let mut progress = local.pipeline.subscribe();
     let file = local.file("f.csv", CSV);
     aws(&[
@@ -811,4 +816,98 @@ async fn jobs_lists_cancels_retries_and_reaps_the_jobs_of_a_running_pipeline() {
         "{}",
         show(&gone)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_literal_in_the_embedded_s3_server() {
+    let local = start(4, None).await;
+    let mut progress = local.pipeline.subscribe();
+    let evil = local.file("evil", b"not for the artifacts bucket\n");
+    // As a new user would try it: the AWS CLI sends the key as it is.
+    aws(
+        &local,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "data",
+            "--key",
+            "../artifacts/evil",
+            "--body",
+            evil.to_str().unwrap(),
+        ],
+    );
+    // And through the SDK: keys that a path would fold into others.
+    let literal = ["/abs", "a//b", "a/b", "./x", "x", "a/./b", "%2E%2E"];
+    for (i, key) in literal.iter().enumerate() {
+        local.upload(key, format!("object {i}\n").as_bytes()).await;
+    }
+    until_ended(&mut progress, 1 + literal.len()).await;
+
+    let s3 = local.pipeline.options().s3_root();
+    assert!(
+        !s3.join("artifacts/evil").exists(),
+        "the key left its bucket's folder"
+    );
+    let client = local.pipeline.client().await;
+    let get = |bucket: &'static str, key: String| {
+        let client = client.clone();
+        async move {
+            let object = client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            Some(object.body.collect().await.unwrap().into_bytes().to_vec())
+        }
+    };
+    assert_eq!(
+        get("data", "../artifacts/evil".into()).await.as_deref(),
+        Some(&b"not for the artifacts bucket\n"[..])
+    );
+    assert_eq!(get("artifacts", "evil".into()).await, None);
+    for (i, key) in literal.iter().enumerate() {
+        assert_eq!(
+            get("data", (*key).to_owned()).await,
+            Some(format!("object {i}\n").into_bytes()),
+            "{key:?} is its own object"
+        );
+    }
+    let listed: Vec<String> = client
+        .list_objects_v2()
+        .bucket("data")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .filter(|k| !k.starts_with("analysis/"))
+        .collect();
+    let mut expected: Vec<String> = literal.iter().map(|k| (*k).to_owned()).collect();
+    expected.push("../artifacts/evil".into());
+    expected.sort();
+    let mut listed = listed;
+    listed.sort();
+    assert_eq!(listed, expected, "listed as they were written");
+
+    // The job of the evil key ran, and its results stayed in the data bucket too.
+    let (prefix, dir) = local.results("../artifacts/evil");
+    assert!(
+        prefix.starts_with("analysis/../artifacts/evil/"),
+        "{prefix}"
+    );
+    assert!(dir.starts_with(s3.join("data")), "{}", dir.display());
+    let status = get("data", format!("{prefix}status.json")).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(status["input"]["key"], "../artifacts/evil");
+    let artifacts: Vec<String> = std::fs::read_dir(s3.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(artifacts, ["s3spot-worker"], "only the worker is there");
+    local.pipeline.shutdown().await;
 }

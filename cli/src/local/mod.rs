@@ -280,7 +280,10 @@ impl Pipeline {
 
     /// The directory on this machine that holds the objects under `prefix` of `bucket`.
     pub fn local_dir(&self, bucket: &str, prefix: &str) -> PathBuf {
-        self.options.s3_root().join(bucket).join(prefix)
+        self.options
+            .s3_root()
+            .join(bucket)
+            .join(s3s_fs::key_path(prefix))
     }
 
     /// Where the job an instance ran keeps its results: bucket, and key prefix

@@ -52,8 +52,8 @@ impl NotifyingFs {
         if bucket != self.data_bucket {
             return;
         }
-        // s3s-fs keeps each object in one file at <root>/<bucket>/<key>.
-        let size = std::fs::metadata(self.root.join(bucket).join(key))
+        // s3s-fs keeps each object in one file under <root>/<bucket>/.
+        let size = std::fs::metadata(self.root.join(bucket).join(s3s_fs::key_path(key)))
             .map(|m| m.len())
             .unwrap_or_default();
         let sequence = self.sequencer.fetch_add(1, Ordering::SeqCst);
@@ -83,8 +83,9 @@ const MAX_SEGMENT_BYTES: usize = 255;
 
 /// Refuses keys the store cannot hold, with a reason, before anything is written.
 fn check_key(key: &str) -> S3Result<()> {
-    if key
-        .split('/')
+    // As stored: a segment that s3s-fs escapes (see `s3s_fs::key_path`) is a little longer.
+    if s3s_fs::key_path(key)
+        .iter()
         .any(|segment| segment.len() > MAX_SEGMENT_BYTES)
     {
         return Err(s3_error!(

@@ -108,8 +108,7 @@ impl FileSystem {
     /// resolve object path under the virtual root
     pub(crate) fn get_object_path(&self, bucket: &str, key: &str) -> Result<PathBuf> {
         let dir = Path::new(&bucket);
-        let file_path = Path::new(&key);
-        self.resolve_abs_path(dir.join(file_path))
+        self.resolve_abs_path(dir.join(key_path(key)))
     }
 
     /// resolve bucket path under the virtual root
@@ -329,4 +328,58 @@ fn object_file_stem(bucket: &str, key: &str) -> String {
     let mut digest = s3s::crypto::Sha256::new();
     digest.update(key.as_bytes());
     format!(".bucket-{}.object-sha256-{}", encode(bucket), hex(digest.finalize()))
+}
+
+/// s3spot patch: keys are literal.
+///
+/// Upstream joined the key to the bucket's directory as a path, so `..`, `.`, empty segments
+/// and a leading `/` were read as path syntax: `../artifacts/evil` in bucket `data` was stored
+/// in bucket `artifacts`, and `a//b` was the same object as `a/b`. Each `/`-separated segment
+/// is now one path component, taken literally: a segment that a file system would not take
+/// literally (`""`, `.`, `..`), and one that starts with the escape character `%`, is stored as
+/// `%` followed by the segment with `%` written `%25` and `.` written `%2E`. A key's trailing
+/// `/` (a folder marker) keeps upstream's meaning, the directory itself. Keys without such
+/// segments are stored exactly as before.
+pub fn key_path(key: &str) -> PathBuf {
+    let segments: Vec<&str> = key.split('/').collect();
+    let last = segments.len() - 1;
+    let mut path = PathBuf::new();
+    for (i, segment) in segments.iter().enumerate() {
+        if i == last && segment.is_empty() && i > 0 {
+            // "a/": the directory "a" itself.
+            path.push("");
+        } else if segment.is_empty() || *segment == "." || *segment == ".." || segment.starts_with('%') {
+            path.push(format!("%{}", segment.replace('%', "%25").replace('.', "%2E")));
+        } else {
+            path.push(segment);
+        }
+    }
+    path
+}
+
+/// s3spot patch: the key stored at `path` (relative to its bucket's directory, components
+/// joined with `/`), the inverse of [`key_path`]; `None` for what no key maps to.
+pub(crate) fn path_key(path: &str) -> Option<String> {
+    let segments: Option<Vec<String>> = path
+        .split('/')
+        .map(|segment| match segment.strip_prefix('%') {
+            Some(escaped) => {
+                let mut literal = String::with_capacity(escaped.len());
+                let mut rest = escaped;
+                while let Some(at) = rest.find('%') {
+                    literal.push_str(&rest[..at]);
+                    match rest.get(at..at + 3) {
+                        Some("%25") => literal.push('%'),
+                        Some("%2E") => literal.push('.'),
+                        _ => return None,
+                    }
+                    rest = &rest[at + 3..];
+                }
+                literal.push_str(rest);
+                Some(literal)
+            }
+            None => Some(segment.to_owned()),
+        })
+        .collect();
+    Some(segments?.join("/"))
 }

@@ -15,4 +15,4 @@ mod s3;
 mod utils;
 
 pub use self::error::*;
-pub use self::fs::FileSystem;
+pub use self::fs::{FileSystem, key_path};

@@ -31,6 +31,12 @@ use stdx::default::default;
 use tracing::debug;
 use uuid::Uuid;
 
+/// The key stored at `path`, relative to its bucket's directory (s3spot patch: see
+/// [`crate::fs::key_path`]).
+fn stored_key(path: &Path) -> Option<String> {
+    crate::fs::path_key(&normalize_path(path, "/")?)
+}
+
 fn normalize_path(path: &Path, delimiter: &str) -> Option<String> {
     let mut normalized = String::new();
     let mut first = true;
@@ -1237,7 +1243,7 @@ impl FileSystem {
                 } else {
                     let file_path = entry.path();
                     let key = try_!(file_path.strip_prefix(bucket_root));
-                    let Some(key_str) = normalize_path(key, "/") else {
+                    let Some(key_str) = stored_key(key) else {
                         continue;
                     };
 
@@ -1286,7 +1292,7 @@ impl FileSystem {
 
                 // Calculate the key relative to the bucket root
                 let key = try_!(entry_path.strip_prefix(bucket_root));
-                let Some(key_str) = normalize_path(key, "/") else {
+                let Some(key_str) = stored_key(key) else {
                     continue;
                 };
 
