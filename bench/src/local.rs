@@ -44,9 +44,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
     if let Some(key) = ready["ready"]["access_key"].as_str() {
         credentials.access_key = key.to_owned();
     }
-    if let Some(key) = ready["ready"]["secret_key"].as_str() {
-        credentials.secret_key = key.to_owned();
-    }
+    credentials.secret_key = ready["ready"]["secret_key"].as_str().map(str::to_owned);
     let s3 = s3spot::local::client(&endpoint, &credentials).await;
 
     let small = std::fs::read("events/sample/measurements.csv")

@@ -76,7 +76,7 @@ fn aws(local: &Local, args: &[&str]) -> std::process::Output {
         .args(args)
         .env_clear()
         .env("AWS_ACCESS_KEY_ID", &options.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &options.secret_key)
+        .env("AWS_SECRET_ACCESS_KEY", options.secret())
         .env("AWS_DEFAULT_REGION", &options.region)
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
@@ -570,63 +570,127 @@ async fn stopping_the_pipeline_stops_its_jobs_and_leaves_nothing_running() {
     );
 }
 
-#[test]
-fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_signal() {
-    use std::io::{BufRead as _, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let mut serve = Command::new(S3SPOT)
-        .args(["local", "serve", "--port", "0", "--json", "--data-dir"])
-        .arg(dir.path().join("local"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let ready: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let endpoint = ready["ready"]["endpoint"].as_str().unwrap().to_owned();
-    assert!(endpoint.starts_with("http://127.0.0.1:"), "{ready}");
-    assert_eq!(ready["ready"]["access_key"], "s3spot");
-    assert_eq!(ready["ready"]["data_bucket"], "data");
+/// `s3spot local serve --json` as a person runs it, on `data_dir`.
+struct Served {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    ready: serde_json::Value,
+    runtime: tokio::runtime::Runtime,
+}
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&endpoint)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "s3spot",
-                "s3spot-local",
-                None,
-                None,
-                "test",
-            ))
-            .load()
-            .await;
-        let client = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&sdk)
-                .force_path_style(true)
-                .build(),
-        );
-        client
-            .put_object()
-            .bucket("data")
-            .key("in/served.csv")
-            .body(CSV.to_vec().into())
-            .send()
-            .await
+impl Served {
+    fn start(data_dir: &std::path::Path, args: &[&str]) -> Served {
+        use std::io::BufRead as _;
+        let mut child = Command::new(S3SPOT)
+            .args(["local", "serve", "--port", "0", "--json", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
             .unwrap();
-    });
-    let mut stages = Vec::new();
-    for line in lines.by_ref() {
-        let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        let stage = line["stage"].as_str().unwrap().to_owned();
-        let done = stage == "shutdown";
-        stages.push(stage);
-        if done {
-            assert_eq!(line["state"], "succeeded", "{line}");
-            break;
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        Served {
+            child,
+            lines,
+            ready,
+            runtime: tokio::runtime::Runtime::new().unwrap(),
         }
     }
+
+    fn ready(&self, field: &str) -> String {
+        self.ready["ready"][field].as_str().unwrap().to_owned()
+    }
+
+    /// An S3 client with the credentials serve printed.
+    fn client(&self) -> aws_sdk_s3::Client {
+        let mut options = Options::new(PathBuf::from(S3SPOT));
+        options.secret_key = Some(self.ready("secret_key"));
+        self.runtime
+            .block_on(s3spot::local::client(&self.ready("endpoint"), &options))
+    }
+
+    fn upload(&self, key: &str, body: &[u8]) {
+        self.runtime
+            .block_on(
+                self.client()
+                    .put_object()
+                    .bucket("data")
+                    .key(key)
+                    .body(body.to_vec().into())
+                    .send(),
+            )
+            .unwrap();
+    }
+
+    fn status(&self, key: &str) -> Option<serde_json::Value> {
+        let client = self.client();
+        self.runtime.block_on(async {
+            let listed = client
+                .list_objects_v2()
+                .bucket("data")
+                .prefix(format!("analysis/{key}/"))
+                .send()
+                .await
+                .unwrap();
+            let status_key = listed
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .find(|k| k.ends_with("/status.json"))?
+                .to_owned();
+            let object = client
+                .get_object()
+                .bucket("data")
+                .key(status_key)
+                .send()
+                .await
+                .unwrap();
+            serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).ok()
+        })
+    }
+
+    /// Progress lines until one matches, which is returned.
+    fn until(&mut self, mut done: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        for line in self.lines.by_ref() {
+            let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            if done(&line) {
+                return line;
+            }
+        }
+        panic!("serve ended first");
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Served::start(&dir.path().join("local"), &[]);
+    let endpoint = serve.ready("endpoint");
+    assert!(endpoint.starts_with("http://127.0.0.1:"), "{}", serve.ready);
+    assert_eq!(serve.ready("access_key"), "s3spot");
+    assert_eq!(serve.ready("data_bucket"), "data");
+
+    serve.upload("in/served.csv", CSV);
+    let mut stages = Vec::new();
+    let last = serve.until(|line| {
+        stages.push(line["stage"].as_str().unwrap().to_owned());
+        line["stage"] == "shutdown"
+    });
+    assert_eq!(last["state"], "succeeded", "{last}");
     for stage in [
         "event", "launched", "download", "process", "upload", "shutdown",
     ] {
@@ -635,10 +699,147 @@ fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_s
             "no {stage} in {stages:?}"
         );
     }
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(serve.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = serve.wait().unwrap();
+    serve.signal(nix::sys::signal::Signal::SIGINT);
+    let status = serve.child.wait().unwrap();
     assert!(status.success(), "Ctrl-C is a normal end: {status:?}");
+}
+
+#[test]
+fn each_data_directory_has_a_secret_of_its_own_and_is_its_owners_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let first = Served::start(&one, &[]);
+    let secret = first.ready("secret_key");
+    assert!(secret.len() >= 32, "{secret}");
+    assert_ne!(secret, "s3spot-local");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&one), 0o700);
+    assert_eq!(mode(&one.join("secret-key")), 0o600);
+    first.upload("in/a.csv", CSV);
+
+    // The old shared secret is no key to it.
+    let mut options = Options::new(PathBuf::from(S3SPOT));
+    options.secret_key = Some("s3spot-local".into());
+    let stranger = first
+        .runtime
+        .block_on(s3spot::local::client(&first.ready("endpoint"), &options));
+    let refused = first
+        .runtime
+        .block_on(stranger.list_objects_v2().bucket("data").send());
+    assert!(
+        refused.is_err(),
+        "a request with the shared secret was served"
+    );
+
+    let second = Served::start(&two, &[]);
+    assert_ne!(
+        second.ready("secret_key"),
+        secret,
+        "another directory, another secret"
+    );
+    drop(first);
+    let again = Served::start(&one, &[]);
+    assert_eq!(again.ready("secret_key"), secret, "kept with the directory");
+    let given = Served::start(
+        &dir.path().join("three"),
+        &["--secret-key", "chosen-secret"],
+    );
+    assert_eq!(given.ready("secret_key"), "chosen-secret");
+}
+
+#[test]
+fn uploads_waiting_at_the_cap_survive_a_stop_and_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("local");
+    // A needle no other process on the machine would sleep for.
+    let hang = ["--max-instances", "1", "--command", "sleep 765.4321"];
+    for stop in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let waiting = format!("in/waiting-{stop}.csv");
+        let mut serve = Served::start(&data_dir, &hang);
+        serve.upload(&format!("in/running-{stop}.csv"), CSV);
+        serve.until(|line| line["stage"] == "launched");
+        serve.upload(&waiting, CSV);
+        serve.until(|line| line["stage"] == "waiting" && line["key"] == waiting.as_str());
+        serve.signal(stop);
+        serve.child.wait().unwrap();
+        drop(serve);
+
+        // The next serve on the directory runs what was waiting.
+        let mut serve = Served::start(&data_dir, &["--max-instances", "1", "--command", "true"]);
+        let done =
+            serve.until(|line| line["stage"] == "shutdown" && line["key"] == waiting.as_str());
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(serve.status(&waiting).unwrap()["state"], "succeeded");
+        serve.signal(nix::sys::signal::Signal::SIGINT);
+        serve.child.wait().unwrap();
+    }
+    assert!(
+        !command_lines().iter().any(|line| line.contains("765.4321")),
+        "a job outlived its pipeline"
+    );
+}
+
+#[test]
+fn instances_running_when_serve_died_are_ended_and_failed_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("local");
+    let mut serve = Served::start(&data_dir, &["--command", "echo started; sleep 654.321"]);
+    serve.upload("in/orphan.csv", CSV);
+    let launched = serve.until(|line| line["stage"] == "launched");
+    let id = launched["instance_id"].as_str().unwrap().to_owned();
+    while !command_lines()
+        .iter()
+        .any(|line| line.starts_with("sleep 654.321"))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve.signal(nix::sys::signal::Signal::SIGKILL);
+    serve.child.wait().unwrap();
+    drop(serve);
+    assert!(
+        command_lines()
+            .iter()
+            .any(|line| line.starts_with("sleep 654.321")),
+        "kill -9 leaves the instance running"
+    );
+
+    let mut serve = Served::start(&data_dir, &[]);
+    let failed = serve.until(|line| line["stage"] == "failed");
+    assert_eq!(failed["key"], "in/orphan.csv", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&id) && error.contains("Server.LocalServeStopped"),
+        "{error}"
+    );
+    assert!(
+        !command_lines()
+            .iter()
+            .any(|line| line.starts_with("sleep 654.321")),
+        "never left running"
+    );
+    let status = serve.status("in/orphan.csv").expect("a final status");
+    assert_eq!(status["state"], "failed", "{status:#}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("s3spot local serve stopped while the instance ran"),
+        "{error}"
+    );
+    assert!(error.contains("started"), "the end of its console: {error}");
+    let listed = Command::new(S3SPOT)
+        .args(["jobs", "--json", "--local"])
+        .arg(&data_dir)
+        .arg("list")
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(rows[0]["instance_id"], id.as_str());
+    assert_eq!(rows[0]["state"], "terminated", "{rows:#}");
+    assert_eq!(rows[0]["result"], "failed");
 }
 
 /// `s3spot jobs --local <the pipeline's data dir> ARGS`, as a person runs it next to `serve`.

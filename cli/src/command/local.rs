@@ -52,8 +52,10 @@ pub struct ServeArgs {
     region: String,
     #[arg(long, default_value = "s3spot")]
     access_key: String,
-    #[arg(long, default_value = "s3spot-local")]
-    secret_key: String,
+    /// Default: a random secret of the data directory's own, made on its first start and kept
+    /// in DIR/secret-key; serve prints it.
+    #[arg(long)]
+    secret_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -165,7 +167,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<bool> {
             "{}",
             serde_json::json!({"ready": {
                 "endpoint": endpoint, "region": options.region,
-                "access_key": options.access_key, "secret_key": options.secret_key,
+                "access_key": options.access_key, "secret_key": options.secret(),
                 "data_bucket": options.data_bucket, "artifacts_bucket": options.artifacts_bucket,
                 "data_dir": options.data_dir,
             }})
@@ -183,7 +185,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<bool> {
         );
         println!(
             "  credentials  export AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_REGION={}",
-            options.access_key, options.secret_key, options.region
+            options.access_key,
+            options.secret(),
+            options.region
         );
         println!("  upload       aws --endpoint-url {endpoint} s3 cp FILE s3://{data}/in/FILE");
         println!("               s5cmd --endpoint-url {endpoint} cp FILE s3://{data}/in/FILE");

@@ -1,32 +1,43 @@
 //! [`Launcher`] on this machine: each "instance" is bash running the rendered user-data in a
 //! directory of its own, with the local endpoint and credentials in its environment.
 //!
-//! EC2's bookkeeping is kept too: tags, states, and `ClientToken` idempotency (the same token and
-//! request give the same instance, a different request is a mismatch, and a terminated one is
-//! reported as such), so the handler's guard and retries behave as they do in AWS.
+//! EC2's bookkeeping is kept too, on disk beside each instance, so that it outlives the pipeline
+//! as EC2's outlives a Lambda: tags, states and their reasons, and `ClientToken` idempotency
+//! (the same token and request give the same instance, a different request is a mismatch, and a
+//! terminated one is reported as such). Like EC2, the launcher lists a terminated instance for
+//! an hour. An instance that was running when its pipeline died is ended when the next one
+//! starts on the same data directory, with that reason.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use s3spot_bootstrap::{Stage, Status, job_from_user_data};
+use s3spot_bootstrap::{JobSpec, Stage, Status, job_from_user_data};
 use s3spot_lambda::launcher::{TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_PIPELINE};
 use s3spot_lambda::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
+    StateReason,
 };
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::broadcast;
 
 use super::progress::Progress;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// How long a terminated instance stays listed, as EC2 lists one for about an hour.
+const LISTED_AFTER_TERMINATION: i64 = 3600;
+
+/// The file beside each instance that keeps its bookkeeping.
+const RECORD_FILE: &str = "instance.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     Running,
@@ -35,7 +46,7 @@ pub enum InstanceState {
     Terminated,
 }
 
-/// What the launcher knows of one instance.
+/// What the launcher knows of one instance; [`Record`] is what of it is kept on disk.
 #[derive(Debug, Clone)]
 pub struct Instance {
     pub id: String,
@@ -50,12 +61,29 @@ pub struct Instance {
     /// `<results prefix><key>/<upload>/`.
     pub results_prefix: String,
     status_path: PathBuf,
+    /// For progress lines; since the launch, or since this pipeline found the instance.
     launched_at: Instant,
-    /// Seconds since the Unix epoch.
-    launched_unix: i64,
+    record: Record,
+    process_group: Option<Pid>,
+}
+
+/// An instance's bookkeeping, as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    state: InstanceState,
+    tags: Vec<(String, String)>,
+    client_token: String,
+    /// What makes a later request with the same token the same request.
+    fingerprint: String,
     /// The market the request asked for.
     market: String,
-    process_group: Option<Pid>,
+    /// Seconds since the Unix epoch.
+    launched_unix: i64,
+    terminated_unix: Option<i64>,
+    state_reason: Option<StateReason>,
+    /// The script's process group, while it may run.
+    process_group: Option<i32>,
 }
 
 impl Instance {
@@ -70,10 +98,10 @@ impl Instance {
             }
             .into(),
             instance_type: Some("local".into()),
-            market: self.market.clone(),
-            launched_at: Some(self.launched_unix),
+            market: self.record.market.clone(),
+            launched_at: Some(self.record.launched_unix),
             tags: self.tags.clone(),
-            state_reason: None,
+            state_reason: self.record.state_reason.clone(),
         }
     }
 
@@ -83,6 +111,61 @@ impl Instance {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    fn from_record(record: Record, dir: PathBuf, job: &JobSpec, s3_root: &Path) -> Instance {
+        Instance {
+            id: record.id.clone(),
+            state: record.state,
+            tags: record.tags.clone(),
+            client_token: record.client_token.clone(),
+            dir,
+            bucket: job.bucket.clone(),
+            key: job.key.clone(),
+            results_bucket: job.results_bucket.clone(),
+            results_prefix: job.results_key_prefix(),
+            status_path: s3_root
+                .join(&job.results_bucket)
+                .join(s3s_fs::key_path(&job.status_key())),
+            launched_at: Instant::now(),
+            process_group: record.process_group.map(Pid::from_raw),
+            record,
+        }
+    }
+
+    /// Ends the bookkeeping of the instance: terminated, for `reason`.
+    fn terminated(&mut self, code: &str, message: &str) {
+        self.state = InstanceState::Terminated;
+        self.record.state = InstanceState::Terminated;
+        self.record.terminated_unix = Some(unix_now());
+        self.record.state_reason = Some(StateReason {
+            code: code.into(),
+            message: message.into(),
+        });
+        self.record.process_group = None;
+        self.process_group = None;
+    }
+
+    /// Writes the bookkeeping beside the instance, whole or not at all.
+    fn save(&mut self) -> std::io::Result<()> {
+        self.record.state = self.state;
+        let json = serde_json::to_vec_pretty(&self.record).expect("a record serialises");
+        let partial = self.dir.join(format!("{RECORD_FILE}.partial"));
+        std::fs::write(&partial, json)?;
+        std::fs::rename(partial, self.dir.join(RECORD_FILE))
+    }
+
+    /// Listed as EC2 lists: not terminated, or terminated within the last hour.
+    fn listed(&self, now: i64) -> bool {
+        self.record
+            .terminated_unix
+            .is_none_or(|at| now - at < LISTED_AFTER_TERMINATION)
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[derive(Default)]
@@ -120,6 +203,9 @@ pub struct LocalLauncher {
 }
 
 impl LocalLauncher {
+    /// A launcher over `instances_dir`, with the instances an earlier pipeline left there. Any
+    /// that was still running when that pipeline died is ended now, processes and all, and
+    /// recorded as terminated with that reason: nothing is left "running" that runs no more.
     pub fn new(
         instances_dir: PathBuf,
         s3_root: PathBuf,
@@ -127,23 +213,39 @@ impl LocalLauncher {
         progress: broadcast::Sender<Progress>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&instances_dir)?;
-        // Ids continue from an earlier run in the same data directory.
-        let next = std::fs::read_dir(&instances_dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("i-local-")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0);
+        let mut table = Table::default();
+        for entry in std::fs::read_dir(&instances_dir)? {
+            let entry = entry?;
+            let Some(number) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_prefix("i-local-")?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            // Ids continue from the earlier runs, whatever became of those instances.
+            table.next = table.next.max(number);
+            let dir = entry.path();
+            let Some(mut instance) = load(&dir, &s3_root) else {
+                continue;
+            };
+            if instance.state != InstanceState::Terminated {
+                end_orphan(&instance);
+                instance.terminated(
+                    "Server.LocalServeStopped",
+                    "s3spot local serve stopped while the instance ran; the next serve on the \
+                     same data directory ended what was left of it",
+                );
+                instance.save()?;
+            }
+            table.tokens.insert(
+                instance.client_token.clone(),
+                (instance.record.fingerprint.clone(), instance.id.clone()),
+            );
+            table.instances.insert(instance.id.clone(), instance);
+        }
         Ok(LocalLauncher {
-            table: Arc::new(Mutex::new(Table {
-                next,
-                ..Table::default()
-            })),
+            table: Arc::new(Mutex::new(table)),
             instances_dir,
             s3_root,
             env,
@@ -157,7 +259,7 @@ impl LocalLauncher {
             .expect("no panics while holding the table")
     }
 
-    /// Every instance launched in this session, oldest first.
+    /// Every instance this launcher knows of, listed or not, oldest first.
     pub fn instances(&self) -> Vec<Instance> {
         self.table().instances.values().cloned().collect()
     }
@@ -195,7 +297,12 @@ impl LocalLauncher {
     /// has) before it is killed, as EC2 gives an instance time to shut down.
     const TERMINATE_GRACE: Duration = Duration::from_secs(20);
 
-    fn start(&self, id: &str, request: &LaunchRequest) -> Result<Instance, LaunchError> {
+    fn start(
+        &self,
+        id: &str,
+        request: &LaunchRequest,
+        fingerprint: String,
+    ) -> Result<Instance, LaunchError> {
         let failed = |what: &str, error: &dyn std::fmt::Display| LaunchError::Api {
             operation: "RunInstances",
             message: format!("local instance {id}: {what}: {error}"),
@@ -242,32 +349,22 @@ impl LocalLauncher {
             }
         }
         let mut child = command.spawn().map_err(|e| failed("bash", &e))?;
-        let process_group = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .map(Pid::from_raw);
+        let process_group = child.id().and_then(|pid| i32::try_from(pid).ok());
 
-        let instance = Instance {
+        let record = Record {
             id: id.to_owned(),
             state: InstanceState::Running,
             tags: request.tags.clone(),
             client_token: request.client_token.clone(),
-            dir: dir.clone(),
-            bucket: job.bucket.clone(),
-            status_path: self
-                .s3_root
-                .join(&job.results_bucket)
-                .join(job.status_key()),
-            results_bucket: job.results_bucket.clone(),
-            results_prefix: job.results_key_prefix(),
-            key: job.key,
-            launched_at: Instant::now(),
-            launched_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            fingerprint,
             market: request.option.market.to_string(),
+            launched_unix: unix_now(),
+            terminated_unix: None,
+            state_reason: None,
             process_group,
         };
+        let mut instance = Instance::from_record(record, dir.clone(), &job, &self.s3_root);
+        instance.save().map_err(|e| failed("bookkeeping", &e))?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let watched = instance.clone();
@@ -291,7 +388,24 @@ impl LocalLauncher {
             if let Ok(mut table) = table.lock()
                 && let Some(instance) = table.instances.get_mut(&watched.id)
             {
-                instance.state = InstanceState::Terminated;
+                let (code, message) = match instance.state {
+                    InstanceState::ShuttingDown => (
+                        "Client.UserInitiatedShutdown",
+                        "Client.UserInitiatedShutdown: User initiated shutdown",
+                    ),
+                    _ if shut_down => (
+                        "Client.InstanceInitiatedShutdown",
+                        "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+                    ),
+                    _ => (
+                        "Server.InternalError",
+                        "the instance's script ended without shutting down",
+                    ),
+                };
+                instance.terminated(code, message);
+                if let Err(error) = instance.save() {
+                    tracing::warn!(instance = watched.id, %error, "cannot keep the instance's record");
+                }
             }
             let _ = progress.send(Progress::Shutdown {
                 instance_id: watched.id.clone(),
@@ -305,8 +419,77 @@ impl LocalLauncher {
     }
 }
 
-/// Copies an instance's output to its console log and turns the worker's stage events (JSON
-/// lines with `fields.stage`) into progress.
+/// The instance an earlier pipeline left in `dir`, if it left one.
+fn load(dir: &Path, s3_root: &Path) -> Option<Instance> {
+    let read = || -> Result<Instance, String> {
+        let record: Record = serde_json::from_slice(
+            &std::fs::read(dir.join(RECORD_FILE)).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let script =
+            std::fs::read_to_string(dir.join("user-data.sh")).map_err(|e| e.to_string())?;
+        let job = job_from_user_data(&script).map_err(|e| e.to_string())?;
+        Ok(Instance::from_record(
+            record,
+            dir.to_path_buf(),
+            &job,
+            s3_root,
+        ))
+    };
+    match read() {
+        Ok(instance) => Some(instance),
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), error, "not an instance this pipeline can read; left alone");
+            None
+        }
+    }
+}
+
+/// Ends what is left of an instance whose pipeline died: every process working in the
+/// instance's directory (its script, its worker, and the command, which runs in a process group
+/// of its own), with the process groups they lead. Only processes in that directory are
+/// touched, so a process id reused since cannot be hit.
+fn end_orphan(instance: &Instance) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let inside = std::fs::read_link(entry.path().join("cwd"))
+            .is_ok_and(|cwd| cwd.starts_with(&instance.dir));
+        if !inside {
+            continue;
+        }
+        tracing::warn!(
+            instance = instance.id,
+            pid,
+            "ending a process of an instance whose pipeline died"
+        );
+        let pid = Pid::from_raw(pid);
+        if process_group_of(pid) == Some(pid) {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    }
+}
+
+/// A process's group, from `/proc/<pid>/stat` (the field after the state, past the command
+/// name in parentheses, which may hold anything).
+fn process_group_of(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let group = after_name.split_whitespace().nth(2)?.parse().ok()?;
+    Some(Pid::from_raw(group))
+}
+
+/// Copies an instance's output to its console log and turns the worker's stage lines into
+/// progress.
 async fn follow(
     from: impl tokio::io::AsyncRead + Unpin,
     console: &Path,
@@ -390,7 +573,7 @@ impl Launcher for LocalLauncher {
         }
         table.next += 1;
         let id = format!("i-local-{:06}", table.next);
-        let instance = self.start(&id, request)?;
+        let instance = self.start(&id, request, fingerprint.clone())?;
         tracing::info!(instance = id, bucket = ?instance.tag(TAG_BUCKET), key = ?instance.tag(TAG_KEY), "local instance started");
         table
             .tokens
@@ -409,7 +592,13 @@ impl Launcher for LocalLauncher {
     }
 
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
-        Ok(self.table().instances.get(instance_id).map(|i| i.info()))
+        let now = unix_now();
+        Ok(self
+            .table()
+            .instances
+            .get(instance_id)
+            .filter(|i| i.listed(now))
+            .map(Instance::info))
     }
 
     async fn instances(
@@ -417,10 +606,12 @@ impl Launcher for LocalLauncher {
         pipeline: &str,
         job: Option<&str>,
     ) -> Result<Vec<InstanceInfo>, LaunchError> {
+        let now = unix_now();
         Ok(self
             .table()
             .instances
             .values()
+            .filter(|i| i.listed(now))
             .filter(|i| i.tag(TAG_PIPELINE) == Some(pipeline))
             .filter(|i| job.is_none() || i.tag(TAG_JOB) == job)
             .map(Instance::info)
@@ -444,6 +635,9 @@ impl Launcher for LocalLauncher {
                     })?;
                 if instance.state == InstanceState::Running {
                     instance.state = InstanceState::ShuttingDown;
+                    if let Err(error) = instance.save() {
+                        tracing::warn!(instance = id, %error, "cannot keep the instance's record");
+                    }
                     groups.extend(instance.process_group);
                 }
             }

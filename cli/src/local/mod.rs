@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 
 pub use launcher::{Instance, InstanceState, LocalLauncher};
 pub use progress::Progress;
+pub use s3::Notification;
 pub use s3::serve;
 
 /// Where the worker is published in the artifacts bucket.
@@ -40,7 +41,9 @@ pub struct Options {
     pub artifacts_bucket: String,
     pub region: String,
     pub access_key: String,
-    pub secret_key: String,
+    /// `None`: the data directory's own, made at random the first time (see
+    /// [`Pipeline::start`]); after the start, the one in use.
+    pub secret_key: Option<String>,
     /// Overrides `S3SPOT_COMMAND`; neither means the built-in analysis.
     pub command: Option<String>,
     pub max_instances: u32,
@@ -50,7 +53,7 @@ pub struct Options {
 
 impl Options {
     /// Defaults that `s3spot local` documents: `./.s3spot-local`, buckets `data` and `artifacts`,
-    /// `us-east-1`, access key `s3spot` with secret `s3spot-local`.
+    /// `us-east-1`, access key `s3spot` with the data directory's own secret.
     pub fn new(worker: PathBuf) -> Options {
         Options {
             data_dir: PathBuf::from(".s3spot-local"),
@@ -59,7 +62,7 @@ impl Options {
             artifacts_bucket: "artifacts".into(),
             region: "us-east-1".into(),
             access_key: "s3spot".into(),
-            secret_key: "s3spot-local".into(),
+            secret_key: None,
             command: None,
             max_instances: 4,
             worker,
@@ -70,6 +73,52 @@ impl Options {
     pub fn s3_root(&self) -> PathBuf {
         self.data_dir.join("s3")
     }
+
+    /// The secret key in use: given, or the data directory's own.
+    pub fn secret(&self) -> &str {
+        self.secret_key.as_deref().unwrap_or_default()
+    }
+}
+
+/// Where a data directory keeps its own secret key.
+const SECRET_FILE: &str = "secret-key";
+
+/// The data directory's secret key: the one it keeps, or a new random one, kept for next time
+/// where only its owner can read it.
+fn own_secret(data_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if !secret.trim().is_empty() => return Ok(secret.trim().to_owned()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let mut random = [0u8; 20];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let secret = hex::encode(random);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok(secret)
+}
+
+/// Creates the data directory for its owner alone (it holds the secret key, and every object),
+/// unless it exists: a directory given by the user keeps its permissions.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,13 +181,19 @@ pub struct Pipeline {
     endpoint: String,
     progress: broadcast::Sender<Progress>,
     launcher: Arc<LocalLauncher>,
-    intake: mpsc::UnboundedSender<Value>,
+    intake: mpsc::UnboundedSender<Notification>,
+    /// Every progress line since the start, for the first subscriber: what the pipeline found
+    /// of its predecessor's comes before anyone could subscribe.
+    first_subscriber: std::sync::Mutex<Option<broadcast::Receiver<Progress>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Pipeline {
+    /// Starts the pipeline on its data directory, with what an earlier one left there: its
+    /// objects, its instances (any that was running is ended, and its attempt given a final
+    /// status), and the notifications it had not handled yet (handled now).
     pub async fn start(mut options: Options) -> Result<Pipeline, LocalError> {
-        std::fs::create_dir_all(&options.data_dir).map_err(|source| LocalError::Dir {
+        create_private_dir(&options.data_dir).map_err(|source| LocalError::Dir {
             path: options.data_dir.clone(),
             source,
         })?;
@@ -151,7 +206,19 @@ impl Pipeline {
                 source,
             })?;
         let control = control::listen(&options.data_dir).await?;
+        if options.secret_key.is_none() {
+            let secret = own_secret(&options.data_dir).map_err(|source| LocalError::Dir {
+                path: options.data_dir.join(SECRET_FILE),
+                source,
+            })?;
+            options.secret_key = Some(secret);
+        }
         let s3_root = options.s3_root();
+        let queue =
+            s3::Queue::new(options.data_dir.join("queue")).map_err(|source| LocalError::Dir {
+                path: options.data_dir.join("queue"),
+                source,
+            })?;
         for dir in [
             s3_root.join(&options.data_bucket),
             s3_root.join(&options.artifacts_bucket),
@@ -168,6 +235,7 @@ impl Pipeline {
             s3_root.clone(),
             &options.region,
             &options.data_bucket,
+            queue.clone(),
             events.clone(),
         )
         .map_err(|source| LocalError::Dir {
@@ -178,7 +246,7 @@ impl Pipeline {
             let mut builder = s3s::service::S3ServiceBuilder::new(storage);
             builder.set_auth(s3s::auth::SimpleAuth::from_single(
                 options.access_key.as_str(),
-                options.secret_key.as_str(),
+                options.secret(),
             ));
             builder.build()
         };
@@ -195,7 +263,7 @@ impl Pipeline {
         let client = client(&endpoint, &options).await;
         let sha256 = publish_worker(&client, &options).await?;
 
-        let (progress, _) = broadcast::channel(4096);
+        let (progress, first_subscriber) = broadcast::channel(4096);
         let launcher = Arc::new(
             LocalLauncher::new(
                 options.data_dir.join("instances"),
@@ -224,14 +292,29 @@ impl Pipeline {
             Arc::clone(&serial),
             progress.clone(),
         )));
+        settle_predecessor(&handler, &progress).await;
+        let (waiting, unreadable) = queue.waiting().map_err(|source| LocalError::Dir {
+            path: options.data_dir.join("queue"),
+            source,
+        })?;
+        for error in unreadable {
+            let _ = progress.send(Progress::Failed {
+                bucket: options.data_bucket.clone(),
+                key: String::new(),
+                error: format!("a waiting notification cannot be read, and is set aside: {error}"),
+            });
+        }
+        for notification in waiting {
+            let _ = events.send(notification);
+        }
         let dispatch_progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            while let Some(event) = notifications.recv().await {
+            while let Some(notification) = notifications.recv().await {
                 tokio::spawn(deliver(
                     Arc::clone(&handler),
                     Arc::clone(&serial),
                     dispatch_progress.clone(),
-                    event,
+                    notification,
                 ));
             }
         }));
@@ -242,6 +325,7 @@ impl Pipeline {
             progress,
             launcher,
             intake: events,
+            first_subscriber: std::sync::Mutex::new(Some(first_subscriber)),
             tasks,
         })
     }
@@ -255,13 +339,21 @@ impl Pipeline {
         &self.options
     }
 
+    /// Progress lines from now on; the first subscriber gets every line since the start.
     pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
-        self.progress.subscribe()
+        self.first_subscriber
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_else(|| self.progress.subscribe())
     }
 
     /// Hands a notification to the handler as if S3 had sent it (again).
     pub fn deliver(&self, event: Value) {
-        let _ = self.intake.send(event);
+        let _ = self.intake.send(Notification {
+            event,
+            queued: None,
+        });
     }
 
     /// An S3 client for the embedded server.
@@ -401,13 +493,73 @@ impl Pipeline {
     }
 }
 
+/// The instances a pipeline that stopped or died left behind: any that ended while no pipeline
+/// watched it (the launcher has ended those that were still running) gets its attempt's final
+/// status, as the reaper gives one in AWS.
+async fn settle_predecessor(
+    handler: &Handler<Arc<LocalLauncher>, S3Statuses>,
+    progress: &broadcast::Sender<Progress>,
+) {
+    let clock = s3spot_lambda::Clock::now(handler.jobs().config());
+    match handler.reap(clock, false).await {
+        Ok(stopped) => {
+            for ended in stopped.ended {
+                let _ = progress.send(Progress::Failed {
+                    bucket: ended.instance.bucket.clone(),
+                    key: ended.instance.key.clone(),
+                    error: format!(
+                        "{} ended while no pipeline ran ({}): {}",
+                        ended.instance.instance_id,
+                        ended
+                            .instance
+                            .state_reason
+                            .as_ref()
+                            .map_or_else(String::new, ToString::to_string),
+                        ended.outcome
+                    ),
+                });
+            }
+            for error in stopped.errors {
+                let _ = progress.send(Progress::Failed {
+                    bucket: String::new(),
+                    key: String::new(),
+                    error,
+                });
+            }
+        }
+        Err(error) => {
+            let _ = progress.send(Progress::Failed {
+                bucket: String::new(),
+                key: String::new(),
+                error: format!(
+                    "cannot look at the instances the last pipeline left: {}",
+                    error_chain(&error)
+                ),
+            });
+        }
+    }
+}
+
 /// Runs one notification through the handler until it is done: a record at the cap waits and
-/// tries again, like an SQS message that comes back, so no event is lost.
+/// tries again, like an SQS message that comes back, so no event is lost. Once done, the
+/// notification leaves the queue.
 async fn deliver(
     handler: Arc<Handler<Arc<LocalLauncher>, S3Statuses>>,
     serial: Arc<Mutex<()>>,
     progress: broadcast::Sender<Progress>,
-    event: Value,
+    notification: Notification,
+) {
+    handle_until_done(&handler, &serial, &progress, &notification.event).await;
+    if let Some(path) = &notification.queued {
+        s3::Queue::done(path);
+    }
+}
+
+async fn handle_until_done(
+    handler: &Handler<Arc<LocalLauncher>, S3Statuses>,
+    serial: &Mutex<()>,
+    progress: &broadcast::Sender<Progress>,
+    event: &Value,
 ) {
     let received = Instant::now();
     for record in event["Records"].as_array().into_iter().flatten() {
@@ -438,7 +590,7 @@ async fn deliver(
                 return;
             }
         };
-        let retry = announce(&report, received, &progress, &mut waiting_reported);
+        let retry = announce(&report, received, progress, &mut waiting_reported);
         if !retry {
             return;
         }
@@ -542,7 +694,7 @@ fn instance_env(endpoint: &str, options: &Options) -> Vec<(String, String)> {
         ("AWS_ENDPOINT_URL", endpoint.to_owned()),
         ("AWS_REGION", options.region.clone()),
         ("AWS_ACCESS_KEY_ID", options.access_key.clone()),
-        ("AWS_SECRET_ACCESS_KEY", options.secret_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", options.secret().to_owned()),
         ("AWS_CONFIG_FILE", "/dev/null".into()),
         ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
@@ -564,7 +716,7 @@ pub async fn client(endpoint: &str, options: &Options) -> aws_sdk_s3::Client {
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
             options.access_key.clone(),
-            options.secret_key.clone(),
+            options.secret().to_owned(),
             None,
             None,
             "s3spot-local",

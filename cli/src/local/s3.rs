@@ -22,7 +22,79 @@ pub struct NotifyingFs {
     data_bucket: String,
     /// Seeded from the clock, so that sequencers keep increasing across restarts.
     sequencer: AtomicU64,
-    events: mpsc::UnboundedSender<Value>,
+    queue: Queue,
+    events: mpsc::UnboundedSender<Notification>,
+}
+
+/// An event notification on its way to the handler, and where it waits on disk until the
+/// handler is done with it.
+#[derive(Debug)]
+pub struct Notification {
+    pub event: Value,
+    pub queued: Option<PathBuf>,
+}
+
+/// The notifications not yet handled, one file each, as SQS keeps messages until they are
+/// deleted: a pipeline stopped or killed with uploads still waiting (at the instance cap, say)
+/// handles them when it starts again.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    dir: PathBuf,
+}
+
+impl Queue {
+    pub fn new(dir: PathBuf) -> std::io::Result<Queue> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Queue { dir })
+    }
+
+    /// Keeps `event` on disk, whole or not at all, named so that names sort as events came.
+    fn keep(&self, sequence: u64, event: &Value) -> std::io::Result<PathBuf> {
+        let path = self.dir.join(format!("{sequence:020}.json"));
+        let partial = self.dir.join(format!("{sequence:020}.partial"));
+        std::fs::write(
+            &partial,
+            serde_json::to_vec(event).expect("JSON values serialise"),
+        )?;
+        std::fs::rename(&partial, &path)?;
+        Ok(path)
+    }
+
+    /// What an earlier pipeline left unhandled, oldest first. A file that is not an event is
+    /// set aside with a `.unreadable` name, and reported.
+    pub fn waiting(&self) -> std::io::Result<(Vec<Notification>, Vec<String>)> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .collect();
+        paths.sort();
+        let mut waiting = Vec::new();
+        let mut unreadable = Vec::new();
+        for path in paths {
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(event) => waiting.push(Notification {
+                    event,
+                    queued: Some(path),
+                }),
+                Err(error) => {
+                    let _ = std::fs::rename(&path, path.with_extension("unreadable"));
+                    unreadable.push(format!("{}: {error}", path.display()));
+                }
+            }
+        }
+        Ok((waiting, unreadable))
+    }
+
+    /// The handler is done with a notification: it launched, was skipped, or failed for good.
+    pub fn done(path: &std::path::Path) {
+        if let Err(error) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), %error, "cannot remove a handled notification");
+        }
+    }
 }
 
 impl NotifyingFs {
@@ -30,7 +102,8 @@ impl NotifyingFs {
         root: PathBuf,
         region: &str,
         data_bucket: &str,
-        events: mpsc::UnboundedSender<Value>,
+        queue: Queue,
+        events: mpsc::UnboundedSender<Notification>,
     ) -> std::io::Result<Self> {
         // s3s-fs errors are Debug only.
         let inner =
@@ -44,13 +117,16 @@ impl NotifyingFs {
             region: region.to_owned(),
             data_bucket: data_bucket.to_owned(),
             sequencer: AtomicU64::new(u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)),
+            queue,
             events,
         })
     }
 
-    fn notify(&self, bucket: &str, key: &str, method: &str, etag: Option<&ETag>) {
+    /// Sends the notification of an object created in the data bucket, kept on disk first: an
+    /// upload the client was told succeeded is never without its event.
+    fn notify(&self, bucket: &str, key: &str, method: &str, etag: Option<&ETag>) -> S3Result<()> {
         if bucket != self.data_bucket {
-            return;
+            return Ok(());
         }
         // s3s-fs keeps each object in one file under <root>/<bucket>/.
         let size = std::fs::metadata(self.root.join(bucket).join(s3s_fs::key_path(key)))
@@ -73,8 +149,18 @@ impl NotifyingFs {
             event_time: &event_time,
             request_id: &sequencer,
         });
-        // Nobody listening any more means the pipeline is stopping.
-        let _ = self.events.send(event);
+        let queued = self.queue.keep(sequence, &event).map_err(|error| {
+            s3_error!(
+                InternalError,
+                "the object is stored, but its event could not be queued: {error}"
+            )
+        })?;
+        // Nobody listening any more means the pipeline is stopping: the queue keeps the event.
+        let _ = self.events.send(Notification {
+            event,
+            queued: Some(queued),
+        });
+        Ok(())
     }
 }
 
@@ -136,7 +222,7 @@ s3_impl! {
         check_key(&req.input.key)?;
         let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         let response = self.inner.put_object(req).await?;
-        self.notify(&bucket, &key, "Put", response.output.e_tag.as_ref());
+        self.notify(&bucket, &key, "Put", response.output.e_tag.as_ref())?;
         Ok(response)
     }
 
@@ -149,7 +235,7 @@ s3_impl! {
             .copy_object_result
             .as_ref()
             .and_then(|r| r.e_tag.as_ref());
-        self.notify(&bucket, &key, "Copy", etag);
+        self.notify(&bucket, &key, "Copy", etag)?;
         Ok(response)
     }
 
@@ -167,7 +253,7 @@ s3_impl! {
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         let response = self.inner.complete_multipart_upload(req).await?;
-        self.notify(&bucket, &key, "CompleteMultipartUpload", response.output.e_tag.as_ref());
+        self.notify(&bucket, &key, "CompleteMultipartUpload", response.output.e_tag.as_ref())?;
         Ok(response)
     }
 }
