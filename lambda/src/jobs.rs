@@ -492,7 +492,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 errors.push(format!(
                     "{}: {}",
                     instance.instance_id,
-                    crate::error_chain(&error)
+                    s3spot_bootstrap::error_chain(&error)
                 ));
             }
         }
@@ -534,7 +534,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         let encoded = self.launcher.user_data(instance_id).await?;
         job_from_base64_user_data(&encoded).map_err(|error| JobsError::NoJob {
             instance_id: instance_id.to_owned(),
-            reason: crate::error_chain(&error),
+            reason: s3spot_bootstrap::error_chain(&error),
         })
     }
 
@@ -673,7 +673,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                             read_status(&self.statuses, &location.0, &location.1, job_id).await;
                         let status = status.unwrap_or_else(|error| {
                             tracing::warn!(
-                                error = crate::error_chain(&error),
+                                error = s3spot_bootstrap::error_chain(&error),
                                 "cannot read a job's status.json"
                             );
                             None

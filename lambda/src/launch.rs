@@ -4,10 +4,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use s3spot_bootstrap::{StatusError, StatusStore, read_status};
+use s3spot_bootstrap::{StatusError, StatusStore, error_chain, read_status};
 
 use crate::config::LaunchOption;
-use crate::handler::{Handler, error_chain};
+use crate::handler::Handler;
 use crate::launcher::{LaunchError, LaunchRequest, Launcher, PriceQuery, job_tags};
 use crate::plan::PlannedJob;
 use crate::prices;

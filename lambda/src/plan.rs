@@ -116,7 +116,7 @@ pub fn decide(config: &JobConfig, record: Record, attempt: u32) -> Decision {
             Err(error) => Decision::Fail {
                 bucket: object.bucket,
                 key: object.key,
-                error: crate::error_chain(&error),
+                error: s3spot_bootstrap::error_chain(&error),
             },
         },
         Record::Ignored {
@@ -159,7 +159,7 @@ pub fn preview(config: &JobConfig, event: serde_json::Value) -> Result<Vec<Decis
                 Err(error) => vec![Decision::Fail {
                     bucket: String::new(),
                     key: String::new(),
-                    error: crate::error_chain(&error),
+                    error: s3spot_bootstrap::error_chain(&error),
                 }],
             })
             .collect(),

@@ -3,10 +3,12 @@
 //! again as its next attempt, through the same guard and options as a new job, or given a final
 //! status.
 
-use s3spot_bootstrap::{JobSpec, State, Status, StatusError, StatusStore, read_status};
+use s3spot_bootstrap::{
+    JobSpec, State, Status, StatusError, StatusStore, error_chain, read_status,
+};
 
 use crate::event::ObjectCreated;
-use crate::handler::{Handler, error_chain};
+use crate::handler::Handler;
 use crate::jobs::{Clock, EndedAttempt, JobInstance, JobsError, Stopped, Target};
 use crate::launch::{InvocationState, Launch};
 use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE};
