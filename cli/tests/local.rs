@@ -254,6 +254,31 @@ async fn two_uploads_of_a_key_are_two_jobs_and_a_repeated_notification_is_one() 
     local.upload("in/same.csv", b"id\n1\n").await;
     until_ended(&mut progress, 1).await;
     assert_eq!(local.pipeline.instances().len(), 2, "two uploads, two jobs");
+    let key_dir = local.pipeline.local_dir("data", "analysis/in/same.csv/");
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(&key_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    folders.sort();
+    assert_eq!(folders.len(), 2, "a folder per upload: {folders:?}");
+    let statuses: Vec<serde_json::Value> = folders
+        .iter()
+        .map(|f| serde_json::from_slice(&std::fs::read(f.join("status.json")).unwrap()).unwrap())
+        .collect();
+    assert_ne!(statuses[0]["job_id"], statuses[1]["job_id"]);
+    for (folder, status) in folders.iter().zip(&statuses) {
+        assert_eq!(status["state"], "succeeded", "{status:#}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join("report.json")).unwrap()).unwrap();
+        assert_eq!(
+            report["size"], status["input"]["size"],
+            "each its own upload's"
+        );
+    }
+    assert_eq!(
+        statuses[1]["input"]["size"], 5,
+        "the newer upload lists last"
+    );
 
     // One notification, delivered twice: the same ClientToken, so no second instance.
     let head = local

@@ -170,7 +170,20 @@ fn table(rows: &[JobInstance]) -> String {
 }
 
 fn show(detail: &JobDetail) -> String {
-    let mut text = format!("job s3://{}/{}\n\n", detail.bucket, printable(&detail.key));
+    let mut text = format!("job s3://{}/{}", detail.bucket, printable(&detail.key));
+    if let Some(job_id) = &detail.job_id {
+        let _ = write!(text, " ({job_id})");
+    }
+    text.push('\n');
+    if detail.uploads.len() > 1 {
+        let _ = writeln!(
+            text,
+            "{} uploads of it have results; this is the newest unless an instance was named: {}",
+            detail.uploads.len(),
+            detail.uploads.join(", ")
+        );
+    }
+    text.push('\n');
     text.push_str(&table(&detail.instances));
     let _ = write!(text, "\n{}:\n", detail.status_url);
     match &detail.status {
@@ -204,7 +217,7 @@ fn status_json(status: &Status) -> String {
 }
 
 fn stopped_text(stopped: &Stopped, verb: &str) -> String {
-    if stopped.instances.is_empty() {
+    if stopped.instances.is_empty() && stopped.ended.is_empty() {
         return format!("{verb}: none\n");
     }
     let mut text = String::new();
@@ -218,6 +231,22 @@ fn stopped_text(stopped: &Stopped, verb: &str) -> String {
             instance.bucket,
             printable(&instance.key),
             instance.attempt.unwrap_or(1),
+        );
+    }
+    for ended in &stopped.ended {
+        let instance = &ended.instance;
+        let _ = writeln!(
+            text,
+            "ended without a status: {} ({}) s3://{}/{} attempt {}: {}",
+            instance.instance_id,
+            instance
+                .state_reason
+                .as_ref()
+                .map_or_else(|| instance.state.clone(), |r| r.code.clone()),
+            instance.bucket,
+            printable(&instance.key),
+            instance.attempt.unwrap_or(1),
+            ended.outcome.lines().next().unwrap_or_default(),
         );
     }
     for error in &stopped.errors {

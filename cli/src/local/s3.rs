@@ -134,7 +134,11 @@ impl NotifyingFs {
             .unwrap_or_default();
         let sequence = self.sequencer.fetch_add(1, Ordering::SeqCst);
         let sequencer = format!("{sequence:016X}");
-        let event_time = DateTime::from(SystemTime::now())
+        // To the millisecond, as S3 writes eventTime.
+        let millis = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let event_time = DateTime::from_millis(millis)
             .fmt(DateTimeFormat::DateTime)
             .unwrap_or_default();
         let etag = etag.map(ETag::value).unwrap_or_default();
