@@ -1137,3 +1137,52 @@ async fn keys_are_literal_in_the_embedded_s3_server() {
     assert_eq!(artifacts, ["s3spot-worker"], "only the worker is there");
     local.pipeline.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_ends_without_a_status_gets_one_from_the_reaper() {
+    let local = start(4, None).await;
+    // The worker is gone from the artifacts bucket: the instance cannot fetch it, and powers
+    // off before any worker could write a status.
+    local
+        .pipeline
+        .client()
+        .await
+        .delete_object()
+        .bucket("artifacts")
+        .key(s3spot::local::WORKER_KEY)
+        .send()
+        .await
+        .unwrap();
+    let mut progress = local.pipeline.subscribe();
+    local.upload("in/unfetched.csv", CSV).await;
+    let ended = until_ended(&mut progress, 1).await;
+    assert!(
+        ended
+            .iter()
+            .any(|line| matches!(line, Progress::Shutdown { state: None, .. })),
+        "no status when it ended: {ended:#?}"
+    );
+    let (_, dir) = local.results("in/unfetched.csv");
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(json) = std::fs::read(dir.join("status.json")) {
+                return serde_json::from_slice::<serde_json::Value>(&json).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the reaper gives the attempt a status within its period");
+    assert_eq!(status["state"], "failed", "{status:#}");
+    assert_eq!(status["written_by"], "launcher");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("Client.InstanceInitiatedShutdown"),
+        "{error}"
+    );
+    assert!(
+        error.contains("cannot get s3://artifacts/s3spot-worker"),
+        "the console's end: {error}"
+    );
+    local.pipeline.shutdown().await;
+}

@@ -292,7 +292,9 @@ impl Pipeline {
             Arc::clone(&serial),
             progress.clone(),
         )));
-        settle_predecessor(&handler, &progress).await;
+        // What the last pipeline on this directory left, first; then every REAP_EVERY, as the
+        // scheduled reaper does in AWS.
+        reap(&handler, &progress).await;
         let (waiting, unreadable) = queue.waiting().map_err(|source| LocalError::Dir {
             path: options.data_dir.join("queue"),
             source,
@@ -307,6 +309,19 @@ impl Pipeline {
         for notification in waiting {
             let _ = events.send(notification);
         }
+        tasks.push(tokio::spawn({
+            let (handler, serial, progress) =
+                (Arc::clone(&handler), Arc::clone(&serial), progress.clone());
+            async move {
+                let mut every = tokio::time::interval(REAP_EVERY);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    let _one_at_a_time = serial.lock().await;
+                    reap(&handler, &progress).await;
+                }
+            }
+        }));
         let dispatch_progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(notification) = notifications.recv().await {
@@ -493,10 +508,15 @@ impl Pipeline {
     }
 }
 
-/// The instances a pipeline that stopped or died left behind: any that ended while no pipeline
-/// watched it (the launcher has ended those that were still running) gets its attempt's final
-/// status, as the reaper gives one in AWS.
-async fn settle_predecessor(
+/// How often the local pipeline runs the reaper. Instances here end within moments of their
+/// script, so attempts that ended without a status get theirs soon.
+const REAP_EVERY: Duration = Duration::from_secs(10);
+
+/// The reaper, as the schedule runs it in AWS: stuck instances are stopped, and attempts whose
+/// instances ended without a status get their final one. That includes what a pipeline that
+/// stopped or died left behind (the launcher has ended those of its instances that were still
+/// running).
+async fn reap(
     handler: &Handler<Arc<LocalLauncher>, S3Statuses>,
     progress: &broadcast::Sender<Progress>,
 ) {
@@ -508,7 +528,7 @@ async fn settle_predecessor(
                     bucket: ended.instance.bucket.clone(),
                     key: ended.instance.key.clone(),
                     error: format!(
-                        "{} ended while no pipeline ran ({}): {}",
+                        "{} ended without a status ({}): {}",
                         ended.instance.instance_id,
                         ended
                             .instance
