@@ -52,12 +52,17 @@ impl MemoryStatuses {
     }
 
     fn store(&self, bucket: &str, key: &str, status: Result<Status, String>) {
+        let etag = self.next_etag();
+        self.documents
+            .lock()
+            .unwrap()
+            .insert((bucket.to_owned(), key.to_owned()), (etag, status));
+    }
+
+    fn next_etag(&self) -> String {
         let mut next = self.next_etag.lock().unwrap();
         *next += 1;
-        self.documents.lock().unwrap().insert(
-            (bucket.to_owned(), key.to_owned()),
-            (format!("\"etag-{next}\""), status),
-        );
+        format!("\"etag-{next}\"")
     }
 }
 
@@ -74,6 +79,7 @@ impl StatusStore for MemoryStatuses {
             }))
     }
 
+    /// Checks the condition and stores under one lock, as S3 does a conditional write: at once.
     async fn write(
         &self,
         bucket: &str,
@@ -81,15 +87,12 @@ impl StatusStore for MemoryStatuses {
         status: &Status,
         expect: &Expect,
     ) -> Result<(), StatusError> {
-        let stored = self
-            .documents
-            .lock()
-            .unwrap()
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(etag, _)| etag.clone());
+        let mut documents = self.documents.lock().unwrap();
+        let place = (bucket.to_owned(), key.to_owned());
+        let stored = documents.get(&place).map(|(etag, _)| etag);
         let holds = match expect {
             Expect::Nothing => stored.is_none(),
-            Expect::ETag(etag) => stored.as_ref() == Some(etag),
+            Expect::ETag(etag) => stored == Some(etag),
             Expect::Anything => true,
         };
         if !holds {
@@ -98,11 +101,8 @@ impl StatusStore for MemoryStatuses {
                 key: key.to_owned(),
             });
         }
-        self.writes
-            .lock()
-            .unwrap()
-            .push((bucket.to_owned(), key.to_owned()));
-        self.store(bucket, key, Ok(status.clone()));
+        self.writes.lock().unwrap().push(place.clone());
+        documents.insert(place, (self.next_etag(), Ok(status.clone())));
         Ok(())
     }
 

@@ -57,6 +57,36 @@ pub fn upload_folder(uploaded_at: Option<&str>, job_id: &str) -> String {
     format!("{stamp}-{id}")
 }
 
+/// The folder, in its job's, of the outputs of an attempt stopped from outside.
+pub fn stopped_folder(attempt: u32) -> String {
+    format!("attempt-{attempt}-stopped/")
+}
+
+/// Whether `name` is an upload folder as [`upload_folder`] names them, and where it sorts
+/// among a key's uploads: undated ones (jobs run by hand) first, then by upload time. `None`
+/// for anything else under a key's results, such as the results of a longer key
+/// (`in/f.csv/x`'s are under `in/f.csv/`).
+pub fn upload_order(name: &str) -> Option<(bool, &str)> {
+    let (stamp, id) = name.rsplit_once('-')?;
+    let hex = id.len() == FOLDER_ID_DIGITS && id.bytes().all(|b| b.is_ascii_hexdigit());
+    let dated = stamp.len() == "20261130T101937.123Z".len() && compact_utc_shape(stamp);
+    match (hex, stamp) {
+        (true, "undated") => Some((false, name)),
+        (true, _) if dated => Some((true, name)),
+        _ => None,
+    }
+}
+
+/// `20261130T101937.123Z`, as [`compact_utc`] writes it.
+fn compact_utc_shape(stamp: &str) -> bool {
+    stamp.bytes().enumerate().all(|(i, b)| match i {
+        8 => b == b'T',
+        15 => b == b'.',
+        19 => b == b'Z',
+        _ => b.is_ascii_digit(),
+    })
+}
+
 /// `2026-11-30T10:19:37.1234Z` as `20261130T101937.123Z`: ISO 8601's basic form, always with
 /// milliseconds, so that names sort as the times do. Only UTC times (`Z` or `+00:00`), as S3
 /// and EventBridge write them.
@@ -211,6 +241,17 @@ impl JobSpec {
     pub fn status_key(&self) -> String {
         format!("{}{STATUS_FILE}", self.results_key_prefix())
     }
+
+    /// Where this attempt's outputs go when it was stopped from outside (a spot interruption,
+    /// a cancel, a shutdown): apart from the job's folder, which is the attempt's that runs to
+    /// its own end. The next attempt may be writing there already.
+    pub fn stopped_outputs_prefix(&self) -> String {
+        format!(
+            "{}{}",
+            self.results_key_prefix(),
+            stopped_folder(self.attempt)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +334,10 @@ pub(crate) mod tests {
             job.status_key(),
             "analysis/in/report 2024.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/status.json"
         );
+        assert_eq!(
+            job.stopped_outputs_prefix(),
+            "analysis/in/report 2024.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/attempt-1-stopped/"
+        );
         let mut other = sample();
         other.job_id = "0".repeat(32);
         assert_ne!(other.results_key_prefix(), job.results_key_prefix());
@@ -337,6 +382,24 @@ pub(crate) mod tests {
             upload_folder(None, &"c".repeat(32)),
             format!("undated-{}", "c".repeat(16))
         );
+    }
+
+    #[test]
+    fn upload_folders_are_told_from_other_names_and_undated_ones_sort_first() {
+        let dated = upload_folder(Some("2026-11-30T10:19:37.123Z"), &"a".repeat(32));
+        let undated = upload_folder(None, &"b".repeat(32));
+        assert_eq!(upload_order(&dated), Some((true, dated.as_str())));
+        assert_eq!(upload_order(&undated), Some((false, undated.as_str())));
+        assert!(upload_order(&undated) < upload_order(&dated));
+        for other in [
+            "x",
+            "report.json",
+            "20261130T101937.123Z",
+            "undated-xyz",
+            "zz-0123456789abcdef",
+        ] {
+            assert_eq!(upload_order(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod store;
 
 pub use job::{
     DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, UploadIdentity, WorkerArtifact,
-    job_id, key_results_prefix, upload_folder,
+    job_id, key_results_prefix, stopped_folder, upload_folder, upload_order,
 };
 pub use render::{
     HARD_LIMIT_GRACE_SECS, KILL_AFTER_SECS, MAX_USER_DATA_BYTES, RenderError, UserData,

@@ -2,7 +2,6 @@
 //! [`Jobs`] or a [`Handler`], in this process (AWS) or in `s3spot local serve` (which receives
 //! the request over its control socket).
 
-use s3spot_lambda::jobs::{EndedAttempt, Stopped};
 use s3spot_lambda::{Clock, Handler, Jobs, JobsConfig, Launcher, StatusStore, Target};
 use serde::{Deserialize, Serialize};
 
@@ -96,19 +95,7 @@ pub async fn execute<L: Launcher, S: StatusStore>(
         } => jobs
             .sweep(clock(config, *stuck_after_secs))
             .await
-            .map(|sweep| Stopped {
-                instances: sweep.stuck,
-                ended: sweep
-                    .ended
-                    .into_iter()
-                    .map(|instance| EndedAttempt {
-                        outcome: "would give its attempt a final status".into(),
-                        instance,
-                    })
-                    .collect(),
-                errors: Vec::new(),
-            })
-            .map(serde_json::to_value),
+            .map(|sweep| serde_json::to_value(sweep.planned())),
         Request::Retry { .. } => {
             return Err("retry launches: it runs on the function's handler".into());
         }

@@ -590,8 +590,9 @@ async fn stopping_the_pipeline_stops_its_jobs_and_leaves_nothing_running() {
         "{status:#}"
     );
     assert_eq!(
-        std::fs::read_to_string(results.join("partial")).unwrap(),
-        "started\n"
+        std::fs::read_to_string(results.join("attempt-1-stopped/partial")).unwrap(),
+        "started\n",
+        "a stopped attempt's outputs, apart from the job's own"
     );
 }
 

@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use s3spot_bootstrap::{
     HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
     State, Status, StatusError, StatusStore, job_from_base64_user_data, key_results_prefix,
-    read_status, record,
+    read_status, record, stopped_folder, upload_order,
 };
 
 use crate::config::JobsConfig;
 use crate::launcher::{
     InstanceInfo, LaunchError, Launcher, MAX_TAG_VALUE_CHARS, StateReason, TAG_BUCKET, TAG_JOB,
-    TAG_KEY, TAG_PIPELINE, TAG_UPLOAD, is_active_state,
+    TAG_KEY, TAG_PIPELINE, TAG_UPLOAD, is_active_state, is_ended_state,
 };
 
 /// How long past its max runtime an instance may still be pending or running before it counts
@@ -137,6 +137,9 @@ pub struct JobInstance {
     pub stuck: bool,
     /// What status.json says of this instance's attempt, once there is something.
     pub result: Option<State>,
+    /// The status.json could not be read: `result` says nothing then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub status_unreadable: bool,
     /// Why EC2 last changed its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<StateReason>,
@@ -147,9 +150,10 @@ impl JobInstance {
         is_active_state(&self.state)
     }
 
-    /// Ended for good without an account of its attempt in status.json.
+    /// Ended for good without an account of its attempt in status.json (as far as it can be
+    /// read: an unreadable one is no evidence either way).
     pub fn ended_silently(&self) -> bool {
-        matches!(self.state.as_str(), "terminated" | "stopped") && self.result.is_none()
+        is_ended_state(&self.state) && self.result.is_none() && !self.status_unreadable
     }
 
     fn info(&self) -> Instance {
@@ -241,6 +245,29 @@ impl Clock {
 pub struct Sweep {
     pub stuck: Vec<JobInstance>,
     pub ended: Vec<JobInstance>,
+}
+
+impl Sweep {
+    /// What the reaper would do: a dry run's answer.
+    pub fn planned(self) -> Stopped {
+        Stopped {
+            instances: self.stuck,
+            ended: self
+                .ended
+                .into_iter()
+                .map(|instance| EndedAttempt {
+                    outcome: match &instance.state_reason {
+                        Some(reason) if reason.is_spot_reclaim() => {
+                            "would re-launch its job (taken back by EC2)".into()
+                        }
+                        _ => "would record it failed".into(),
+                    },
+                    instance,
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
 }
 
 pub struct Jobs<L, S> {
@@ -343,16 +370,31 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         };
         let mut logs = Vec::new();
         for name in [STDOUT_FILE, STDERR_FILE] {
-            let log_key = format!("{}{name}", job.prefix);
-            if let Some(tail) = self
+            // Where the attempt on record left its log: the job's folder, or its own when it
+            // was stopped from outside.
+            let log_key = status
+                .as_ref()
+                .and_then(|status| {
+                    let stopped = format!("{}{}{name}", job.prefix, stopped_folder(status.attempt));
+                    status.outputs.iter().find(|k| **k == stopped).cloned()
+                })
+                .unwrap_or_else(|| format!("{}{name}", job.prefix));
+            let url = format!("s3://{}/{log_key}", job.results_bucket);
+            // The logs are a help, not the answer: one that cannot be read is said so.
+            match self
                 .statuses
                 .tail(&job.results_bucket, &log_key, LOG_TAIL_BYTES)
-                .await?
+                .await
             {
-                logs.push(LogTail {
-                    url: format!("s3://{}/{log_key}", job.results_bucket),
-                    tail,
-                });
+                Ok(Some(tail)) => logs.push(LogTail { url, tail }),
+                Ok(None) => {}
+                Err(error) => logs.push(LogTail {
+                    url,
+                    tail: format!(
+                        "(cannot be read: {})",
+                        s3spot_bootstrap::error_chain(&error)
+                    ),
+                }),
             }
         }
         Ok(JobDetail {
@@ -402,8 +444,13 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
     /// What the reaper has to do: the pipeline's stuck instances (active past their job's own
     /// max runtime and its grace), and those that ended without an account of their attempt.
     pub async fn sweep(&self, clock: Clock) -> Result<Sweep, JobsError> {
-        let (stuck, rest): (Vec<JobInstance>, Vec<JobInstance>) =
-            self.list(clock).await?.into_iter().partition(|i| i.stuck);
+        let instances = self.launcher.instances(&self.config.pipeline, None).await?;
+        // Only ended instances need their status read here; the others are judged by their age.
+        let (stuck, rest): (Vec<JobInstance>, Vec<JobInstance>) = self
+            .rows_with(instances, clock, |i| is_ended_state(&i.state))
+            .await?
+            .into_iter()
+            .partition(|i| i.stuck);
         Ok(Sweep {
             stuck,
             ended: rest
@@ -576,7 +623,14 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             .clone()
             .unwrap_or_else(|| bucket.clone());
         let key_prefix = key_results_prefix(&self.config.results_prefix, &key);
-        let uploads = self.statuses.folders(&results_bucket, &key_prefix).await?;
+        let mut uploads: Vec<String> = self
+            .statuses
+            .folders(&results_bucket, &key_prefix)
+            .await?
+            .into_iter()
+            .filter(|folder| upload_order(folder).is_some())
+            .collect();
+        uploads.sort_by(|a, b| upload_order(a).cmp(&upload_order(b)));
         let named = match target {
             Target::Instance(id) => found.iter().find(|i| &i.instance_id == id),
             Target::Object { .. } => None,
@@ -591,7 +645,12 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 .iter()
                 .filter_map(|i| Some((i.upload.clone()?, i.job_id.clone())))
                 .chain(uploads.iter().map(|upload| (upload.clone(), None)))
-                .max_by(|a, b| a.0.cmp(&b.0).then(a.1.is_some().cmp(&b.1.is_some()))),
+                .filter(|(upload, _)| upload_order(upload).is_some())
+                .max_by(|a, b| {
+                    upload_order(&a.0)
+                        .cmp(&upload_order(&b.0))
+                        .then(a.1.is_some().cmp(&b.1.is_some()))
+                }),
         };
         let (job_id, upload) = match chosen {
             Some((upload, Some(job_id))) => (Some(job_id), Some(upload)),
@@ -631,15 +690,25 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
 
     async fn rows(
         &self,
+        instances: Vec<InstanceInfo>,
+        clock: Clock,
+    ) -> Result<Vec<JobInstance>, JobsError> {
+        self.rows_with(instances, clock, |_| true).await
+    }
+
+    /// The rows of `instances`, with the result read for those `wanted` says.
+    async fn rows_with(
+        &self,
         mut instances: Vec<InstanceInfo>,
         clock: Clock,
+        wanted: impl Fn(&InstanceInfo) -> bool,
     ) -> Result<Vec<JobInstance>, JobsError> {
         instances.sort_by(|a, b| {
             a.launched_at
                 .cmp(&b.launched_at)
                 .then_with(|| a.instance_id.cmp(&b.instance_id))
         });
-        let mut statuses: std::collections::HashMap<(String, String), Option<Status>> =
+        let mut statuses: std::collections::HashMap<(String, String), Result<Option<Status>, ()>> =
             Default::default();
         let mut rows = Vec::with_capacity(instances.len());
         for instance in instances {
@@ -660,8 +729,9 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             let attempt = instance.attempt();
             let job_id = instance.tag(TAG_JOB).map(str::to_owned);
             let upload = instance.tag(TAG_UPLOAD).map(str::to_owned);
+            let mut status_unreadable = false;
             let result = match (&job_id, &upload) {
-                (Some(job_id), Some(upload)) => {
+                (Some(job_id), Some(upload)) if wanted(&instance) => {
                     let results_bucket = self.config.results_bucket.as_deref().unwrap_or(&bucket);
                     let status_key = format!(
                         "{}{upload}/{STATUS_FILE}",
@@ -670,19 +740,33 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                     let location = (results_bucket.to_owned(), status_key);
                     if !statuses.contains_key(&location) {
                         let status =
-                            read_status(&self.statuses, &location.0, &location.1, job_id).await;
-                        let status = status.unwrap_or_else(|error| {
-                            tracing::warn!(
-                                error = s3spot_bootstrap::error_chain(&error),
-                                "cannot read a job's status.json"
-                            );
-                            None
-                        });
+                            match read_status(&self.statuses, &location.0, &location.1, job_id)
+                                .await
+                            {
+                                // A damaged document says nothing, and gives way to the next.
+                                Err(StatusError::Invalid { .. }) => Ok(None),
+                                // A read that failed, or another job's document: nothing is
+                                // known of this attempt, so nothing is decided on it.
+                                Err(error) => {
+                                    tracing::warn!(
+                                        error = s3spot_bootstrap::error_chain(&error),
+                                        "cannot read a job's status.json"
+                                    );
+                                    Err(())
+                                }
+                                Ok(status) => Ok(status),
+                            };
                         statuses.insert(location.clone(), status);
                     }
-                    statuses[&location]
-                        .as_ref()
-                        .and_then(|status| status.outcome_of(attempt.unwrap_or(status.attempt)))
+                    match &statuses[&location] {
+                        Ok(status) => status.as_ref().and_then(|status| {
+                            status.outcome_of(attempt.unwrap_or(status.attempt))
+                        }),
+                        Err(()) => {
+                            status_unreadable = true;
+                            None
+                        }
+                    }
                 }
                 _ => None,
             };
@@ -701,6 +785,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 max_runtime_secs,
                 stuck,
                 result,
+                status_unreadable,
                 state_reason: instance.state_reason.clone(),
             });
         }

@@ -62,6 +62,11 @@ pub fn is_active_state(state: &str) -> bool {
     matches!(state, "pending" | "running")
 }
 
+/// Ended for good: an instance in this state runs no job any more, and never will.
+pub fn is_ended_state(state: &str) -> bool {
+    matches!(state, "terminated" | "stopped")
+}
+
 /// An instance as the compute provider describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
@@ -128,11 +133,6 @@ impl InstanceInfo {
     /// The job's max runtime it was launched with, from its tag.
     pub fn max_runtime_secs(&self) -> Option<u64> {
         self.tag(TAG_MAX_RUNTIME)?.parse().ok()
-    }
-
-    /// Ended for good: it runs no job any more, and never will.
-    pub fn is_ended(&self) -> bool {
-        matches!(self.state.as_str(), "terminated" | "stopped")
     }
 }
 

@@ -272,23 +272,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let jobs = self.jobs();
         let sweep = jobs.sweep(clock).await?;
         if dry_run {
-            return Ok(Stopped {
-                instances: sweep.stuck,
-                ended: sweep
-                    .ended
-                    .into_iter()
-                    .map(|instance| EndedAttempt {
-                        outcome: match &instance.state_reason {
-                            Some(reason) if reason.is_spot_reclaim() => {
-                                "would re-launch its job (taken back by EC2)".into()
-                            }
-                            _ => "would record it failed".into(),
-                        },
-                        instance,
-                    })
-                    .collect(),
-                errors: Vec::new(),
-            });
+            return Ok(sweep.planned());
         }
         let mut stopped = jobs.reap_stuck(sweep.stuck, clock).await?;
         let mut state = InvocationState::default();

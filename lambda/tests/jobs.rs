@@ -803,3 +803,118 @@ async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_en
         "the older upload's status is untouched"
     );
 }
+
+/// Statuses in memory whose reads fail for a while, as S3's can.
+struct Flaky {
+    inner: MemoryStatuses,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl s3spot_bootstrap::StatusStore for Flaky {
+    async fn read(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<s3spot_bootstrap::Stored>, s3spot_bootstrap::StatusError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(s3spot_bootstrap::StatusError::Read {
+                bucket: bucket.into(),
+                key: key.into(),
+                message: "InternalError: We encountered an internal error".into(),
+                denied: false,
+            });
+        }
+        self.inner.read(bucket, key).await
+    }
+
+    async fn write(
+        &self,
+        bucket: &str,
+        key: &str,
+        status: &Status,
+        expect: &s3spot_bootstrap::Expect,
+    ) -> Result<(), s3spot_bootstrap::StatusError> {
+        self.inner.write(bucket, key, status, expect).await
+    }
+
+    async fn tail(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: u64,
+    ) -> Result<Option<String>, s3spot_bootstrap::StatusError> {
+        self.inner.tail(bucket, key, bytes).await
+    }
+
+    async fn folders(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>, s3spot_bootstrap::StatusError> {
+        self.inner.folders(bucket, prefix).await
+    }
+}
+
+#[tokio::test]
+async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
+    let launcher = launcher(vec![ended_by(
+        instance("i-1", "in/a.csv", 1, "terminated", 900),
+        "Client.InstanceInitiatedShutdown",
+    )]);
+    let statuses = Flaky {
+        inner: MemoryStatuses::default(),
+        failing: true.into(),
+    };
+    statuses.inner.put(
+        BUCKET,
+        &status_key("in/a.csv"),
+        worker_status("in/a.csv", "succeeded", 1, "i-1"),
+    );
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(
+        reaped.ended,
+        [],
+        "nothing is known of it, so nothing is decided"
+    );
+    statuses
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(reaped.ended, [], "it had its account all along");
+    assert_eq!(
+        statuses
+            .inner
+            .get(BUCKET, &status_key("in/a.csv"))
+            .unwrap()
+            .state,
+        State::Succeeded
+    );
+    assert_eq!(statuses.inner.writes(), []);
+}
+
+#[tokio::test]
+async fn the_newest_upload_is_never_a_longer_keys_folder() {
+    let statuses = MemoryStatuses::default();
+    let upload = spec("in/a.csv", 1);
+    statuses.put(
+        BUCKET,
+        &upload.status_key(),
+        worker_status("in/a.csv", "succeeded", 1, "i-1"),
+    );
+    // `in/a.csv/zzz`'s results are under `in/a.csv`'s folder, and sort after its uploads.
+    let longer = spec("in/a.csv/zzz", 1);
+    statuses.put(
+        BUCKET,
+        &longer.status_key(),
+        worker_status("in/a.csv/zzz", "failed", 1, "i-2"),
+    );
+    let launcher = ScriptedLauncher::default();
+    let detail = jobs(&launcher, &statuses)
+        .show(&key("s3://data/in/a.csv"), clock())
+        .await
+        .unwrap();
+    assert_eq!(detail.job_id.as_deref(), Some(upload.job_id.as_str()));
+    assert_eq!(detail.status.unwrap().state, State::Succeeded);
+    assert_eq!(detail.uploads, [upload.upload()]);
+}

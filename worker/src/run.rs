@@ -26,6 +26,10 @@ const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
 /// Time kept before the hard limit for writing status.json, at most.
 const STATUS_RESERVE: Duration = Duration::from_secs(20);
 
+/// How long status.json may take once the outputs have stopped: within the bootstrap script's
+/// 30 s between its SIGTERM and its SIGKILL, after the 15 s of a stop signal's upload grace.
+const STATUS_TIME: Duration = Duration::from_secs(10);
+
 /// How long outputs keep uploading after a spot interruption notice: EC2 takes the instance two
 /// minutes after it.
 const SPOT_UPLOAD_GRACE: Duration = Duration::from_secs(90);
@@ -92,7 +96,7 @@ impl Worker {
             Err(panic) => {
                 let mut status = Status::initial(&job, Writer::Worker, started);
                 status.error = Some(format!("the worker failed unexpectedly: {panic}"));
-                self.finish(&job, &mut status, Instant::now() + STATUS_RESERVE)
+                self.finish(&job, &mut status, Instant::now() + STATUS_TIME)
                     .await;
                 status
             }
@@ -139,7 +143,7 @@ impl Worker {
         // status.json goes up before the hard limit, and soon after a stop signal: what killed
         // the worker's uploads would kill it next.
         let cutoff = Interruption::outputs_cutoff(interrupted.borrow().as_ref(), &limits);
-        let by = (cutoff + STATUS_RESERVE).min(limits.hard);
+        let by = (cutoff + STATUS_TIME).min(limits.hard);
         self.finish(job, &mut status, by).await;
         status
     }
@@ -250,10 +254,15 @@ impl Worker {
                     downloaded.sha256.clone(),
                 );
                 let report_path = output_dir.join(REPORT_FILE);
+                // Written in the work directory and moved into the outputs whole: an analysis
+                // stopped at the deadline goes on in its thread, and must not leave half a
+                // report to upload.
+                let partial = work.join(format!("{REPORT_FILE}.partial"));
                 let analysis = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                     let report = analyse(&path, &key, &sha256)?;
                     let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other)?;
-                    std::fs::write(&report_path, json)
+                    std::fs::write(&partial, json)?;
+                    std::fs::rename(&partial, &report_path)
                 });
                 tokio::select! {
                     analysed = analysis => match analysed.expect("the analysis does not panic") {
@@ -277,9 +286,14 @@ impl Worker {
         });
 
         // Outputs go up whatever happened: after a failure or a stop they are what is left to
-        // understand it by.
+        // understand it by. An attempt stopped from outside writes them apart: the job's next
+        // attempt may already be writing its own into the job's folder.
         let clock = Instant::now();
-        let uploader = self.uploader(job);
+        let uploader = if status.state == State::Interrupted {
+            self.uploader_at(job, job.stopped_outputs_prefix())
+        } else {
+            self.uploader(job)
+        };
         let mut files = match files_under(&output_dir) {
             Ok(files) => files,
             Err(error) => {
@@ -387,12 +401,11 @@ impl Worker {
     }
 
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
-        Uploader::new(
-            &self.s3,
-            &job.results_bucket,
-            job.results_key_prefix(),
-            self.settings.upload,
-        )
+        self.uploader_at(job, job.results_key_prefix())
+    }
+
+    fn uploader_at<'a>(&'a self, job: &'a JobSpec, prefix: String) -> Uploader<'a> {
+        Uploader::new(&self.s3, &job.results_bucket, prefix, self.settings.upload)
     }
 }
 

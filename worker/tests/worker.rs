@@ -317,9 +317,25 @@ fn a_spot_interruption_notice_stops_the_job_and_keeps_its_partial_outputs() {
         error.starts_with("spot interruption notice ({\"action\": \"terminate\""),
         "{error}"
     );
+    // Apart from the job's folder, where the next attempt writes its own.
     assert_eq!(
-        fixture.text("data", &format!("{prefix}partial.txt")),
+        fixture.text("data", &format!("{prefix}attempt-1-stopped/partial.txt")),
         "half done\n"
+    );
+    assert_eq!(
+        fixture.keys("data", prefix),
+        [
+            format!("{prefix}attempt-1-stopped/partial.txt"),
+            format!("{prefix}attempt-1-stopped/stderr.log"),
+            format!("{prefix}attempt-1-stopped/stdout.log"),
+            format!("{prefix}status.json"),
+        ]
+    );
+    assert!(
+        status
+            .outputs
+            .iter()
+            .all(|k| k.contains("/attempt-1-stopped/"))
     );
     let instance = status.instance.expect("identified through IMDS");
     assert_eq!(instance.id.as_deref(), Some(imds::INSTANCE_ID));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use s3spot_bootstrap::{JobSpec, Stage, Status, job_from_user_data};
 use s3spot_lambda::launcher::{TAG_BUCKET, TAG_JOB, TAG_KEY, TAG_PIPELINE};
@@ -64,7 +64,7 @@ pub struct Instance {
     /// For progress lines; since the launch, or since this pipeline found the instance.
     launched_at: Instant,
     record: Record,
-    process_group: Option<Pid>,
+    session: Option<Pid>,
 }
 
 /// An instance's bookkeeping, as kept on disk.
@@ -82,8 +82,9 @@ struct Record {
     launched_unix: i64,
     terminated_unix: Option<i64>,
     state_reason: Option<StateReason>,
-    /// The script's process group, while it may run.
-    process_group: Option<i32>,
+    /// The script's session (its pid: it leads it), while it may run. Everything an instance
+    /// runs is in it, the command's own process group too.
+    session: Option<i32>,
 }
 
 impl Instance {
@@ -127,7 +128,7 @@ impl Instance {
                 .join(&job.results_bucket)
                 .join(s3s_fs::key_path(&job.status_key())),
             launched_at: Instant::now(),
-            process_group: record.process_group.map(Pid::from_raw),
+            session: record.session.map(Pid::from_raw),
             record,
         }
     }
@@ -141,8 +142,8 @@ impl Instance {
             code: code.into(),
             message: message.into(),
         });
-        self.record.process_group = None;
-        self.process_group = None;
+        self.record.session = None;
+        self.session = None;
     }
 
     /// Writes the bookkeeping beside the instance, whole or not at all.
@@ -278,7 +279,7 @@ impl LocalLauncher {
             .instances
             .values()
             .filter(|i| i.state != InstanceState::Terminated)
-            .filter_map(|i| i.process_group)
+            .filter_map(|i| i.session)
             .collect();
         for group in &groups {
             // The script leads its group: its pid is the group's id.
@@ -289,7 +290,7 @@ impl LocalLauncher {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for group in &groups {
-            let _ = killpg(*group, Signal::SIGKILL);
+            kill_session(*group, None);
         }
     }
 
@@ -324,8 +325,12 @@ impl LocalLauncher {
                 .map(|q| q.into_owned())
                 .unwrap_or_default()
         };
-        let mut command = tokio::process::Command::new("bash");
+        // A session of its own (util-linux's setsid execs the script in it): everything the
+        // instance runs, the command's own process group included, can be found and ended by it.
+        let mut command = tokio::process::Command::new("setsid");
         command
+            .arg("--wait")
+            .arg("bash")
             .arg(&user_data)
             .current_dir(&dir)
             .env_clear()
@@ -341,15 +346,16 @@ impl LocalLauncher {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
         for name in ["PATH", "HOME", "LANG", "TMPDIR"] {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
         }
-        let mut child = command.spawn().map_err(|e| failed("bash", &e))?;
-        let process_group = child.id().and_then(|pid| i32::try_from(pid).ok());
+        let mut child = command
+            .spawn()
+            .map_err(|e| failed("setsid bash (util-linux and bash are needed)", &e))?;
+        let session = child.id().and_then(|pid| i32::try_from(pid).ok());
 
         let record = Record {
             id: id.to_owned(),
@@ -361,7 +367,7 @@ impl LocalLauncher {
             launched_unix: unix_now(),
             terminated_unix: None,
             state_reason: None,
-            process_group,
+            session,
         };
         let mut instance = Instance::from_record(record, dir.clone(), &job, &self.s3_root);
         instance.save().map_err(|e| failed("bookkeeping", &e))?;
@@ -445,11 +451,26 @@ fn load(dir: &Path, s3_root: &Path) -> Option<Instance> {
     }
 }
 
-/// Ends what is left of an instance whose pipeline died: every process working in the
-/// instance's directory (its script, its worker, and the command, which runs in a process group
-/// of its own), with the process groups they lead. Only processes in that directory are
-/// touched, so a process id reused since cannot be hit.
+/// Ends what is left of an instance whose pipeline died: its whole session (its script, its
+/// worker, and the command, which runs in a process group of its own), when the session's
+/// leader is still this instance's script (it runs in the instance's directory: a process id
+/// may have been reused since). With the leader gone, only the session's processes still
+/// working in the instance's directory are ended.
 fn end_orphan(instance: &Instance) {
+    let Some(session) = instance.session else {
+        return;
+    };
+    let leader_is_ours =
+        std::fs::read_link(format!("/proc/{session}/cwd")).is_ok_and(|cwd| cwd == instance.dir);
+    tracing::warn!(
+        instance = instance.id,
+        "ending an instance whose pipeline died"
+    );
+    kill_session(session, (!leader_is_ours).then_some(instance.dir.as_path()));
+}
+
+/// SIGKILL to every process of `session`, or only to those working under `inside`.
+fn kill_session(session: Pid, inside: Option<&Path>) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -458,34 +479,29 @@ fn end_orphan(instance: &Instance) {
             .file_name()
             .to_str()
             .and_then(|name| name.parse::<i32>().ok())
+            .map(Pid::from_raw)
         else {
             continue;
         };
-        let inside = std::fs::read_link(entry.path().join("cwd"))
-            .is_ok_and(|cwd| cwd.starts_with(&instance.dir));
-        if !inside {
+        if session_of(pid) != Some(session) {
             continue;
         }
-        tracing::warn!(
-            instance = instance.id,
-            pid,
-            "ending a process of an instance whose pipeline died"
-        );
-        let pid = Pid::from_raw(pid);
-        if process_group_of(pid) == Some(pid) {
-            let _ = killpg(pid, Signal::SIGKILL);
+        if let Some(dir) = inside
+            && !std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        {
+            continue;
         }
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
     }
 }
 
-/// A process's group, from `/proc/<pid>/stat` (the field after the state, past the command
-/// name in parentheses, which may hold anything).
-fn process_group_of(pid: Pid) -> Option<Pid> {
+/// A process's session, from `/proc/<pid>/stat` (the fourth field after the command name in
+/// parentheses, which may hold anything).
+fn session_of(pid: Pid) -> Option<Pid> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
-    let group = after_name.split_whitespace().nth(2)?.parse().ok()?;
-    Some(Pid::from_raw(group))
+    let session = after_name.split_whitespace().nth(3)?.parse().ok()?;
+    Some(Pid::from_raw(session))
 }
 
 /// Copies an instance's output to its console log and turns the worker's stage lines into
@@ -638,7 +654,7 @@ impl Launcher for LocalLauncher {
                     if let Err(error) = instance.save() {
                         tracing::warn!(instance = id, %error, "cannot keep the instance's record");
                     }
-                    groups.extend(instance.process_group);
+                    groups.extend(instance.session);
                 }
             }
         }
@@ -649,7 +665,7 @@ impl Launcher for LocalLauncher {
             tokio::spawn(async move {
                 tokio::time::sleep(Self::TERMINATE_GRACE).await;
                 for group in groups {
-                    let _ = killpg(group, Signal::SIGKILL);
+                    kill_session(group, None);
                 }
             });
         }

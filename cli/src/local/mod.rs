@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use s3spot_bootstrap::{STATUS_FILE, Status};
+use s3spot_bootstrap::{STATUS_FILE, Status, read_status};
 use s3spot_lambda::report::{FailedRecord, Report};
 use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, S3Statuses, error_chain};
 use serde_json::Value;
@@ -393,16 +393,6 @@ impl Pipeline {
             .join(s3s_fs::key_path(prefix))
     }
 
-    /// Where the job an instance ran keeps its results: bucket, and key prefix
-    /// `<results prefix><key>/<upload>/`.
-    pub fn results_of(&self, instance_id: &str) -> Option<(String, String)> {
-        self.launcher
-            .instances()
-            .into_iter()
-            .find(|i| i.id == instance_id)
-            .map(|i| (i.results_bucket, i.results_prefix))
-    }
-
     /// Uploads `file` as `key` into the data bucket and waits for what becomes of it.
     pub async fn run_one(&self, file: &Path, key: &str) -> Result<Finished, LocalError> {
         let bucket = self.options.data_bucket.clone();
@@ -459,35 +449,45 @@ impl Pipeline {
                 });
             }
         };
-        let (results_bucket, prefix) = match &last {
-            Progress::Shutdown { instance_id, .. } => self.results_of(instance_id),
+        let ran = match &last {
+            Progress::Shutdown { instance_id, .. } => self
+                .launcher
+                .instances()
+                .into_iter()
+                .find(|i| i.id == *instance_id),
             _ => None,
-        }
-        .unwrap_or_else(|| {
+        };
+        let (results_bucket, prefix, status) = match ran {
+            Some(instance) => {
+                // The job's own status, checked to be its own.
+                let status = match instance.tag(s3spot_lambda::launcher::TAG_JOB) {
+                    Some(job_id) => read_status(
+                        &S3Statuses::from_client(client.clone()),
+                        &instance.results_bucket,
+                        &format!("{}{STATUS_FILE}", instance.results_prefix),
+                        job_id,
+                    )
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(
+                            error = error_chain(&error),
+                            "cannot read the job's status.json"
+                        );
+                        None
+                    }),
+                    None => None,
+                };
+                (instance.results_bucket, instance.results_prefix, status)
+            }
             // Nothing ran: where the key's uploads would have their results.
-            (
+            None => (
                 self.job
                     .results_bucket
                     .clone()
                     .unwrap_or_else(|| bucket.clone()),
                 s3spot_bootstrap::key_results_prefix(&self.job.results_prefix, key),
-            )
-        });
-        let status = client
-            .get_object()
-            .bucket(&results_bucket)
-            .key(format!("{prefix}{STATUS_FILE}"))
-            .send()
-            .await
-            .ok();
-        let status = match status {
-            Some(object) => object
-                .body
-                .collect()
-                .await
-                .ok()
-                .and_then(|body| serde_json::from_slice::<Status>(&body.into_bytes()).ok()),
-            None => None,
+                None,
+            ),
         };
         Ok(Finished {
             last,
