@@ -90,6 +90,19 @@ pub struct Status {
     /// or a retry) carries them forward.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Attempt>,
+    /// The launcher's verdict on this attempt, once a worker stopped from outside has taken it
+    /// (its `state` and the start of `error` are then the verdict's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+}
+
+/// The launcher's word on an attempt: why it stopped it, or what it found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub state: State,
+    pub error: String,
+    /// RFC 3339, UTC.
+    pub at: String,
 }
 
 /// How one earlier attempt ended.
@@ -162,6 +175,7 @@ impl Status {
             started_at: timestamp(started),
             finished_at: String::new(),
             history: Vec::new(),
+            verdict: None,
         }
     }
 
@@ -224,15 +238,44 @@ impl Status {
         self.history = history;
     }
 
+    /// The verdict this status is, or holds; `None` for a worker's own account.
+    fn verdict_on(&self) -> Option<Verdict> {
+        match self.written_by {
+            Writer::Launcher => Some(Verdict {
+                state: self.state,
+                error: self.error.clone().unwrap_or_default(),
+                at: self.finished_at.clone(),
+            }),
+            Writer::Worker => self.verdict.clone(),
+        }
+    }
+
+    /// The worker's own account of why it stopped, without the verdict in front of it.
+    fn own_error(&self) -> Option<String> {
+        let error = self.error.as_deref()?;
+        match &self.verdict {
+            Some(verdict) if error == verdict.error => None,
+            Some(verdict) => Some(
+                error
+                    .strip_prefix(&format!("{}; ", verdict.error))
+                    .unwrap_or(error)
+                    .to_owned(),
+            ),
+            None => Some(error.to_owned()),
+        }
+    }
+
     /// The worker's account of an attempt it was stopped in, under the launcher's verdict on it:
     /// the launcher knows why it stopped the attempt (a cancel, the reaper, a re-launch), the
     /// worker what it had done by then.
-    fn under_verdict(mut self, verdict: &Status) -> Status {
+    fn under_verdict(mut self, verdict: Verdict) -> Status {
+        let own = self.own_error();
         self.state = verdict.state;
-        self.error = match (verdict.error.clone(), self.error.take()) {
-            (Some(verdict), Some(own)) if verdict != own => Some(format!("{verdict}; {own}")),
-            (verdict, own) => verdict.or(own),
-        };
+        self.error = Some(match own {
+            Some(own) if own != verdict.error => format!("{}; {own}", verdict.error),
+            _ => verdict.error.clone(),
+        });
+        self.verdict = Some(verdict);
         self
     }
 }
@@ -265,9 +308,11 @@ pub struct OtherJob {
 ///   it joins that one's history;
 /// - on the same attempt, the worker's account replaces the launcher's verdict, except that a
 ///   worker stopped from outside (`interrupted`) takes the verdict's state and adds its account
-///   to the verdict's error; a verdict never replaces the worker's account, except that of a
-///   stopped worker, which it completes the same way; the first verdict stands against later
-///   ones.
+///   to the verdict's error; a verdict never replaces the worker's own account, except that of a
+///   stopped worker, which it completes the same way;
+/// - the first final verdict stands; an `interrupted` one (a re-launch, done or still to do)
+///   gives way to a later verdict;
+/// - the same account written again (a retried write) changes nothing.
 pub fn settle(current: Option<Status>, new: Status) -> Result<Settled, OtherJob> {
     let Some(mut current) = current else {
         return Ok(Settled::Write(Box::new(new)));
@@ -295,28 +340,41 @@ pub fn settle(current: Option<Status>, new: Status) -> Result<Settled, OtherJob>
         current.history.sort_by_key(|a| a.attempt);
         return Ok(Settled::Write(Box::new(current)));
     }
+    let standing = current
+        .verdict_on()
+        .filter(|verdict| verdict.state != State::Interrupted);
     let history = std::mem::take(&mut current.history);
     let settled = match (current.written_by, new.written_by) {
-        (Writer::Worker, Writer::Worker) => new,
-        (Writer::Launcher, Writer::Worker) if new.state == State::Interrupted => {
-            new.under_verdict(&current)
+        (Writer::Worker, Writer::Worker) if new.started_at == current.started_at => {
+            return keep(format!(
+                "the worker's account of attempt {} is already on record",
+                current.attempt
+            ));
         }
-        (Writer::Launcher, Writer::Worker) => new,
-        (Writer::Worker, Writer::Launcher) if current.state == State::Interrupted => {
-            current.under_verdict(&new)
-        }
-        (Writer::Worker, Writer::Launcher) => {
+        // A stopped worker takes the verdict on record, whoever wrote it.
+        (_, Writer::Worker) => match current.verdict_on() {
+            Some(verdict) if new.state == State::Interrupted => new.under_verdict(verdict),
+            _ => new,
+        },
+        (Writer::Worker, Writer::Launcher)
+            if current.verdict.is_none() && current.state != State::Interrupted =>
+        {
             return keep(format!(
                 "the worker's own account of attempt {} ({}) stands",
                 current.attempt, current.state
             ));
         }
-        (Writer::Launcher, Writer::Launcher) => {
+        (_, Writer::Launcher) if standing.is_some() => {
             return keep(format!(
                 "attempt {} already has a verdict ({})",
                 current.attempt, current.state
             ));
         }
+        (Writer::Worker, Writer::Launcher) => {
+            let verdict = new.verdict_on().expect("a launcher's status is a verdict");
+            current.under_verdict(verdict)
+        }
+        (Writer::Launcher, Writer::Launcher) => new,
     };
     Ok(Settled::Write(Box::new(Status { history, ..settled })))
 }
@@ -528,6 +586,62 @@ mod tests {
             status(1, State::Cancelled, Writer::Launcher, "i-1"),
         ));
         assert!(reason.contains("already has a verdict"), "{reason}");
+    }
+
+    #[test]
+    fn the_same_account_written_again_changes_nothing() {
+        // The worker's write landed, its answer was lost, and the retry finds its own document.
+        let mut stopped = status(1, State::Interrupted, Writer::Worker, "i-1");
+        stopped.error = Some("SIGTERM".into());
+        let merged = written(settle(
+            Some(status(1, State::Cancelled, Writer::Launcher, "i-1")),
+            stopped.clone(),
+        ));
+        let reason = kept(settle(Some(merged.clone()), stopped));
+        assert!(reason.contains("already on record"), "{reason}");
+        assert_eq!(merged.state, State::Cancelled, "the verdict is not undone");
+    }
+
+    #[test]
+    fn an_interrupted_verdict_gives_way_to_a_later_one_without_losing_the_workers_account() {
+        let pending = |why: &str| {
+            let mut verdict = status(1, State::Interrupted, Writer::Launcher, "i-1");
+            verdict.error = Some(why.into());
+            verdict
+        };
+        let mut stopped = status(1, State::Interrupted, Writer::Worker, "i-1");
+        stopped.error = Some("spot interruption notice".into());
+        stopped.outputs = vec!["out".into()];
+        let merged = written(settle(
+            Some(pending("attempt 2 not launched yet: no capacity")),
+            stopped,
+        ));
+        assert_eq!(
+            merged.error.as_deref(),
+            Some("attempt 2 not launched yet: no capacity; spot interruption notice")
+        );
+        let relaunched = written(settle(
+            Some(merged),
+            pending("attempt 2 re-launched on i-2"),
+        ));
+        assert_eq!(relaunched.state, State::Interrupted);
+        assert_eq!(
+            relaunched.error.as_deref(),
+            Some("attempt 2 re-launched on i-2; spot interruption notice"),
+            "the new verdict in front of the worker's own account, once"
+        );
+        assert_eq!(relaunched.outputs, ["out"]);
+        let mut given_up = status(1, State::Failed, Writer::Launcher, "i-1");
+        given_up.error = Some("gave up".into());
+        let failed = written(settle(Some(relaunched), given_up.clone()));
+        assert_eq!(failed.state, State::Failed);
+        assert_eq!(failed.error.as_deref(), Some("gave up; spot interruption notice"));
+        // A final verdict stands.
+        kept(settle(Some(failed), pending("attempt 2 re-launched on i-3")));
+        // The same between verdicts alone.
+        let replaced = written(settle(Some(pending("not yet")), given_up.clone()));
+        assert_eq!(replaced.state, State::Failed);
+        kept(settle(Some(replaced), pending("later")));
     }
 
     #[test]
