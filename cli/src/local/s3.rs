@@ -24,9 +24,6 @@ pub struct NotifyingFs {
     sequencer: AtomicU64,
     queue: Queue,
     events: mpsc::UnboundedSender<Notification>,
-    /// s3s-fs checks a write's condition and then writes: conditional writes go one at a time,
-    /// so that two of them cannot both pass the check (status.json relies on it).
-    conditional: tokio::sync::Mutex<()>,
 }
 
 /// An event notification on its way to the handler, and where it waits on disk until the
@@ -122,7 +119,6 @@ impl NotifyingFs {
             sequencer: AtomicU64::new(u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)),
             queue,
             events,
-            conditional: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -229,12 +225,6 @@ s3_impl! {
     async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         check_key(&req.input.key)?;
         let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
-        let conditional = req.input.if_match.is_some() || req.input.if_none_match.is_some();
-        let _one_at_a_time = if conditional {
-            Some(self.conditional.lock().await)
-        } else {
-            None
-        };
         let response = self.inner.put_object(req).await?;
         self.notify(&bucket, &key, "Put", response.output.e_tag.as_ref())?;
         Ok(response)

@@ -23,6 +23,9 @@ use uuid::Uuid;
 pub struct FileSystem {
     pub(crate) root: PathBuf,
     tmp_file_counter: AtomicU64,
+    /// S3SPOT-PATCH: conditional writes check their condition and write under this lock, one at
+    /// a time, as S3 does a conditional write: at once.
+    pub(crate) conditional: tokio::sync::Mutex<()>,
 }
 
 pub(crate) type InternalInfo = serde_json::Map<String, serde_json::Value>;
@@ -94,7 +97,11 @@ impl FileSystem {
         let root = env::current_dir()?.join(root).canonicalize()?;
         clean_old_tmp_files(&root)?;
         let tmp_file_counter = AtomicU64::new(0);
-        Ok(Self { root, tmp_file_counter })
+        Ok(Self {
+            root,
+            tmp_file_counter,
+            conditional: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub(crate) fn resolve_abs_path(&self, path: impl AsRef<Path>) -> Result<PathBuf> {

@@ -688,9 +688,20 @@ impl S3 for FileSystem {
 
         let Some(body) = body else { return Err(s3_error!(IncompleteBody)) };
 
+        // S3SPOT-PATCH: a write to a bucket that does not exist fails, as in S3, instead of
+        // creating the bucket's directory.
+        if self.get_bucket_path(&bucket)?.exists().not() {
+            return Err(s3_error!(NoSuchBucket));
+        }
+
         // Check conditional headers before modifying any state.
         // If-None-Match: * means "only create if the object doesn't exist".
         // If-Match: <etag> means "only overwrite if ETag matches" (CAS).
+        // S3SPOT-PATCH: the check and the write are one step for conditional writes.
+        let _one_at_a_time = match (&if_match, &if_none_match) {
+            (None, None) => None,
+            _ => Some(self.conditional.lock().await),
+        };
         let object_path = self.get_object_path(&bucket, &key)?;
         if let Some(ref condition) = if_none_match
             && condition.is_any()
@@ -859,6 +870,10 @@ impl S3 for FileSystem {
         use crate::fs::ObjectAttributes;
 
         let input = req.input;
+        // S3SPOT-PATCH: as put_object.
+        if self.get_bucket_path(&input.bucket)?.exists().not() {
+            return Err(s3_error!(NoSuchBucket));
+        }
         let upload_id = self.create_upload_id(req.credentials.as_ref()).await?;
 
         // Save object attributes (including user metadata and standard attributes)
@@ -1075,6 +1090,11 @@ impl S3 for FileSystem {
         }
 
         // Check conditional headers before modifying any state
+        // S3SPOT-PATCH: the check and the write are one step for conditional writes.
+        let _one_at_a_time = match (&if_match, &if_none_match) {
+            (None, None) => None,
+            _ => Some(self.conditional.lock().await),
+        };
         let object_path = self.get_object_path(&bucket, &key)?;
         if let Some(ref condition) = if_none_match
             && condition.is_any()
