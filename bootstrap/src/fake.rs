@@ -1,62 +1,67 @@
-//! `status.json` documents in memory, with the store's conditional writes (feature `fake`): for
+//! The jobs' documents in memory, with the store's conditional writes (feature `fake`): for
 //! tests of the launcher and the worker that need no S3.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::status::Status;
-use crate::store::{Expect, StatusError, StatusStore, Stored};
+use crate::store::{Document, Expect, StatusError, StatusStore};
 
-/// A stored document: its ETag, and the status or why it is not one.
-type Document = (String, Result<Status, String>);
+/// (bucket, key) → (ETag, body).
+type Documents = BTreeMap<(String, String), (String, Vec<u8>)>;
 
 #[derive(Default)]
 pub struct MemoryStatuses {
-    /// (bucket, key) → document.
-    documents: Mutex<BTreeMap<(String, String), Document>>,
+    documents: Mutex<Documents>,
     next_etag: Mutex<u64>,
-    /// Every write, in order.
+    /// Every conditional write through the seam, in order.
     writes: Mutex<Vec<(String, String)>>,
-    /// Text documents (logs) by bucket and key.
-    texts: Mutex<BTreeMap<(String, String), String>>,
 }
 
 impl MemoryStatuses {
-    pub fn get(&self, bucket: &str, key: &str) -> Option<Status> {
-        self.documents
-            .lock()
-            .unwrap()
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .and_then(|(_, status)| status.clone().ok())
+    /// The status at `key`, if there is one that reads as a status.
+    pub fn status(&self, bucket: &str, key: &str) -> Option<Status> {
+        let documents = self.documents.lock().unwrap();
+        let (_, body) = documents.get(&(bucket.to_owned(), key.to_owned()))?;
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The document at `key`, as JSON.
+    pub fn json(&self, bucket: &str, key: &str) -> Option<serde_json::Value> {
+        let documents = self.documents.lock().unwrap();
+        let (_, body) = documents.get(&(bucket.to_owned(), key.to_owned()))?;
+        serde_json::from_slice(body).ok()
     }
 
     /// Stores `status` as it is, as a writer that follows no rule would.
-    pub fn put(&self, bucket: &str, key: &str, status: Status) {
-        self.store(bucket, key, Ok(status));
+    pub fn put_status(&self, bucket: &str, key: &str, status: Status) {
+        self.store(
+            bucket,
+            key,
+            serde_json::to_vec(&status).expect("a status serialises"),
+        );
     }
 
     /// Stores a document that is not a status.
     pub fn put_damaged(&self, bucket: &str, key: &str) {
-        self.store(bucket, key, Err("expected value at line 1 column 1".into()));
+        self.store(bucket, key, b"{\"not\": \"a status\"".to_vec());
     }
 
+    /// Stores a text document (a log).
     pub fn put_text(&self, bucket: &str, key: &str, text: &str) {
-        self.texts
-            .lock()
-            .unwrap()
-            .insert((bucket.to_owned(), key.to_owned()), text.to_owned());
+        self.store(bucket, key, text.as_bytes().to_vec());
     }
 
     pub fn writes(&self) -> Vec<(String, String)> {
         self.writes.lock().unwrap().clone()
     }
 
-    fn store(&self, bucket: &str, key: &str, status: Result<Status, String>) {
+    fn store(&self, bucket: &str, key: &str, body: Vec<u8>) {
         let etag = self.next_etag();
         self.documents
             .lock()
             .unwrap()
-            .insert((bucket.to_owned(), key.to_owned()), (etag, status));
+            .insert((bucket.to_owned(), key.to_owned()), (etag, body));
     }
 
     fn next_etag(&self) -> String {
@@ -67,26 +72,26 @@ impl MemoryStatuses {
 }
 
 impl StatusStore for MemoryStatuses {
-    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Stored>, StatusError> {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
         Ok(self
             .documents
             .lock()
             .unwrap()
             .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(etag, status)| Stored {
+            .map(|(etag, body)| Document {
+                body: body.clone(),
                 etag: Some(etag.clone()),
-                status: status.clone(),
             }))
     }
 
     /// Checks the condition and stores under one lock, as S3 does a conditional write: at once.
-    async fn write(
+    async fn put(
         &self,
         bucket: &str,
         key: &str,
-        status: &Status,
+        body: Vec<u8>,
         expect: &Expect,
-    ) -> Result<(), StatusError> {
+    ) -> Result<Expect, StatusError> {
         let mut documents = self.documents.lock().unwrap();
         let place = (bucket.to_owned(), key.to_owned());
         let stored = documents.get(&place).map(|(etag, _)| etag);
@@ -102,8 +107,9 @@ impl StatusStore for MemoryStatuses {
             });
         }
         self.writes.lock().unwrap().push(place.clone());
-        documents.insert(place, (self.next_etag(), Ok(status.clone())));
-        Ok(())
+        let etag = self.next_etag();
+        documents.insert(place, (etag.clone(), body));
+        Ok(Expect::ETag(etag))
     }
 
     async fn tail(
@@ -112,13 +118,15 @@ impl StatusStore for MemoryStatuses {
         key: &str,
         bytes: u64,
     ) -> Result<Option<String>, StatusError> {
-        let texts = self.texts.lock().unwrap();
-        Ok(texts.get(&(bucket.to_owned(), key.to_owned())).map(|text| {
-            let from = text
-                .len()
-                .saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
-            String::from_utf8_lossy(&text.as_bytes()[from..]).into_owned()
-        }))
+        let documents = self.documents.lock().unwrap();
+        Ok(documents
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .map(|(_, body)| {
+                let from = body
+                    .len()
+                    .saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
+                String::from_utf8_lossy(&body[from..]).into_owned()
+            }))
     }
 
     async fn folders(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StatusError> {

@@ -6,8 +6,10 @@
 //! - the [`Status`] that comes back as `status.json`: what each writer starts from, the
 //!   launcher's verdicts, and the one rule for which status replaces which ([`settle`]), applied
 //!   through the [`StatusStore`] seam by [`record`];
+//! - each attempt's [`Claim`], which makes one attempt one launch;
 //! - the worker's [`Stage`] events.
 
+mod claim;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod job;
@@ -16,6 +18,7 @@ mod stage;
 mod status;
 mod store;
 
+pub use claim::{Claim, RECORDS_FOLDER, StoredClaim, read_claim, write_claim};
 pub use job::{
     DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, UploadIdentity, WorkerArtifact,
     job_id, key_results_prefix, stopped_folder, upload_folder, upload_order,
@@ -30,7 +33,8 @@ pub use status::{
     Settled, State, Status, Timings, Writer, settle, timestamp,
 };
 pub use store::{
-    Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored, read_status, record,
+    Document, Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored, read_status,
+    read_stored, record, write_status,
 };
 
 /// An error and its sources, joined with ": ". Every s3spot crate reports errors this way, so that

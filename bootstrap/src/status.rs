@@ -635,9 +635,15 @@ mod tests {
         given_up.error = Some("gave up".into());
         let failed = written(settle(Some(relaunched), given_up.clone()));
         assert_eq!(failed.state, State::Failed);
-        assert_eq!(failed.error.as_deref(), Some("gave up; spot interruption notice"));
+        assert_eq!(
+            failed.error.as_deref(),
+            Some("gave up; spot interruption notice")
+        );
         // A final verdict stands.
-        kept(settle(Some(failed), pending("attempt 2 re-launched on i-3")));
+        kept(settle(
+            Some(failed),
+            pending("attempt 2 re-launched on i-3"),
+        ));
         // The same between verdicts alone.
         let replaced = written(settle(Some(pending("not yet")), given_up.clone()));
         assert_eq!(replaced.state, State::Failed);

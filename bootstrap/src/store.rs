@@ -1,5 +1,6 @@
-//! Where status documents are kept, and how each writer records one: [`StatusStore`] is the seam
-//! (S3 in AWS and locally, memory in tests), [`record`] the one way to write through it.
+//! Where a job's documents are kept (its `status.json`, its attempts' claims, its logs), and how
+//! each writer records a status: [`StatusStore`] is the seam (S3 in AWS and locally, memory in
+//! tests), [`record`] the one way to write a status through it.
 //!
 //! Writes are conditional (`If-None-Match: *` for a document that is not there yet, `If-Match`
 //! with the ETag read otherwise), so that two writers racing on one job (the worker finishing
@@ -23,7 +24,7 @@ pub enum StatusError {
         /// S3 answered 403. Without `s3:ListBucket` it does so for a key that does not exist.
         denied: bool,
     },
-    #[error("s3://{bucket}/{key} is not a status.json: {reason}")]
+    #[error("s3://{bucket}/{key} is not what s3spot writes there: {reason}")]
     Invalid {
         bucket: String,
         key: String,
@@ -56,6 +57,14 @@ pub enum StatusError {
     },
 }
 
+/// A stored document, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub body: Vec<u8>,
+    /// What a conditional write must match; `None` if the store has no ETags.
+    pub etag: Option<String>,
+}
+
 /// A stored status document, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -76,24 +85,38 @@ pub enum Expect {
     Anything,
 }
 
-/// The jobs' documents: `status.json`, the tails of their logs, and the upload folders of a key.
+impl Expect {
+    /// What a write over `document` (or none) requires.
+    pub fn over(document: Option<&Document>) -> Expect {
+        match document {
+            None => Expect::Nothing,
+            Some(Document {
+                etag: Some(etag), ..
+            }) => Expect::ETag(etag.clone()),
+            Some(Document { etag: None, .. }) => Expect::Anything,
+        }
+    }
+}
+
+/// The jobs' documents: `status.json`, the attempts' claims, the tails of the logs, and the
+/// upload folders of a key.
 pub trait StatusStore: Send + Sync {
     /// The document at `key`, `None` if there is none.
-    fn read(
+    fn get(
         &self,
         bucket: &str,
         key: &str,
-    ) -> impl Future<Output = Result<Option<Stored>, StatusError>> + Send;
+    ) -> impl Future<Output = Result<Option<Document>, StatusError>> + Send;
 
-    /// Writes `status` at `key` if the stored document is still as `expect` says; otherwise
-    /// fails with [`StatusError::Conflict`].
-    fn write(
+    /// Writes a JSON document at `key` if the stored one is still as `expect` says; otherwise
+    /// fails with [`StatusError::Conflict`]. Returns what a write over it must match next.
+    fn put(
         &self,
         bucket: &str,
         key: &str,
-        status: &Status,
+        body: Vec<u8>,
         expect: &Expect,
-    ) -> impl Future<Output = Result<(), StatusError>> + Send;
+    ) -> impl Future<Output = Result<Expect, StatusError>> + Send;
 
     /// The last `bytes` of a text document (a log), lossily decoded; `None` if there is none.
     fn tail(
@@ -115,22 +138,22 @@ pub trait StatusStore: Send + Sync {
 macro_rules! delegate_status_store {
     ($($pointer:ty),*) => {$(
         impl<S: StatusStore + ?Sized> StatusStore for $pointer {
-            fn read(
+            fn get(
                 &self,
                 bucket: &str,
                 key: &str,
-            ) -> impl Future<Output = Result<Option<Stored>, StatusError>> + Send {
-                (**self).read(bucket, key)
+            ) -> impl Future<Output = Result<Option<Document>, StatusError>> + Send {
+                (**self).get(bucket, key)
             }
 
-            fn write(
+            fn put(
                 &self,
                 bucket: &str,
                 key: &str,
-                status: &Status,
+                body: Vec<u8>,
                 expect: &Expect,
-            ) -> impl Future<Output = Result<(), StatusError>> + Send {
-                (**self).write(bucket, key, status, expect)
+            ) -> impl Future<Output = Result<Expect, StatusError>> + Send {
+                (**self).put(bucket, key, body, expect)
             }
 
             fn tail(
@@ -155,6 +178,30 @@ macro_rules! delegate_status_store {
 
 delegate_status_store!(&S, std::sync::Arc<S>);
 
+/// The status at `key` as stored: its ETag, and the document or why it is not a status.
+pub async fn read_stored<S: StatusStore + ?Sized>(
+    store: &S,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<Stored>, StatusError> {
+    Ok(store.get(bucket, key).await?.map(|document| Stored {
+        etag: document.etag,
+        status: serde_json::from_slice(&document.body).map_err(|e| e.to_string()),
+    }))
+}
+
+/// Writes `status` at `key` if the stored document is still as `expect` says.
+pub async fn write_status<S: StatusStore + ?Sized>(
+    store: &S,
+    bucket: &str,
+    key: &str,
+    status: &Status,
+    expect: &Expect,
+) -> Result<(), StatusError> {
+    let body = serde_json::to_vec_pretty(status).expect("a Status always serializes");
+    store.put(bucket, key, body, expect).await.map(drop)
+}
+
 /// The status of job `job_id` at `key`, `None` if there is none. A document that is not a status,
 /// or that belongs to another job, is an error: no reader acts on it as if it were this job's.
 pub async fn read_status<S: StatusStore + ?Sized>(
@@ -163,7 +210,7 @@ pub async fn read_status<S: StatusStore + ?Sized>(
     key: &str,
     job_id: &str,
 ) -> Result<Option<Status>, StatusError> {
-    let Some(stored) = store.read(bucket, key).await? else {
+    let Some(stored) = read_stored(store, bucket, key).await? else {
         return Ok(None);
     };
     let status = stored.status.map_err(|reason| StatusError::Invalid {
@@ -206,7 +253,7 @@ pub async fn record<S: StatusStore + ?Sized>(
     status: Status,
 ) -> Result<Recorded, StatusError> {
     for _ in 0..RECORD_TRIES {
-        let (current, expect) = match store.read(bucket, key).await {
+        let (current, expect) = match read_stored(store, bucket, key).await {
             Ok(None) => (None, Expect::Nothing),
             Ok(Some(stored)) => {
                 let expect = stored.etag.map_or(Expect::Anything, Expect::ETag);
@@ -234,7 +281,7 @@ pub async fn record<S: StatusStore + ?Sized>(
                 });
             }
         };
-        match store.write(bucket, key, &document, &expect).await {
+        match write_status(store, bucket, key, &document, &expect).await {
             Ok(()) => return Ok(Recorded::Written(document)),
             Err(StatusError::Conflict { .. }) => {}
             Err(error) => return Err(error),
@@ -268,7 +315,7 @@ impl S3Statuses {
     }
 
     /// An object's bytes (from byte `from` on) and ETag; `None` if there is no such object.
-    async fn get(
+    async fn get_from(
         &self,
         bucket: &str,
         key: &str,
@@ -284,7 +331,7 @@ impl S3Statuses {
             .await
         {
             Ok(object) => object,
-            Err(error) if http_status(&error) == Some(404) => return Ok(None),
+            Err(error) if no_such_key(&error) => return Ok(None),
             Err(error) => return Err(read_error(bucket, key, &error)),
         };
         let etag = object.e_tag().map(str::to_owned);
@@ -304,6 +351,14 @@ fn http_status<E>(
     error.raw_response().map(|r| r.status().as_u16())
 }
 
+/// A 404 for the key, not for the bucket: a bucket that does not exist is a setting to fix,
+/// never "no document yet".
+fn no_such_key<E: ProvideErrorMetadata>(
+    error: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    http_status(error) == Some(404) && error.code() != Some("NoSuchBucket")
+}
+
 fn read_error<E>(
     bucket: &str,
     key: &str,
@@ -321,24 +376,20 @@ where
 }
 
 impl StatusStore for S3Statuses {
-    async fn read(&self, bucket: &str, key: &str) -> Result<Option<Stored>, StatusError> {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
         Ok(self
-            .get(bucket, key, None)
+            .get_from(bucket, key, None)
             .await?
-            .map(|(body, etag)| Stored {
-                etag,
-                status: serde_json::from_slice(&body).map_err(|e| e.to_string()),
-            }))
+            .map(|(body, etag)| Document { body, etag }))
     }
 
-    async fn write(
+    async fn put(
         &self,
         bucket: &str,
         key: &str,
-        status: &Status,
+        json: Vec<u8>,
         expect: &Expect,
-    ) -> Result<(), StatusError> {
-        let json = serde_json::to_vec_pretty(status).expect("a Status always serializes");
+    ) -> Result<Expect, StatusError> {
         let request = self
             .client
             .put_object()
@@ -352,10 +403,15 @@ impl StatusStore for S3Statuses {
             Expect::Anything => request,
         };
         match request.send().await {
-            Ok(_) => Ok(()),
+            Ok(output) => Ok(output
+                .e_tag()
+                .map_or(Expect::Anything, |etag| Expect::ETag(etag.to_owned()))),
             // 412: the precondition failed. 409: a concurrent conditional write won. 404: an
             // If-Match on a document that has since gone (S3 and moto answer so).
-            Err(error) if matches!(http_status(&error), Some(412 | 409 | 404)) => {
+            Err(error)
+                if matches!(http_status(&error), Some(412 | 409))
+                    || (matches!(expect, Expect::ETag(_)) && no_such_key(&error)) =>
+            {
                 Err(StatusError::Conflict {
                     bucket: bucket.to_owned(),
                     key: key.to_owned(),
@@ -395,7 +451,7 @@ impl StatusStore for S3Statuses {
             .unwrap_or(0);
         let from = size.checked_sub(bytes).filter(|from| *from > 0);
         Ok(self
-            .get(bucket, key, from)
+            .get_from(bucket, key, from)
             .await?
             .map(|(body, _)| String::from_utf8_lossy(&body).into_owned()))
     }
@@ -457,22 +513,22 @@ mod tests {
     }
 
     impl StatusStore for Racing {
-        async fn read(&self, bucket: &str, key: &str) -> Result<Option<Stored>, StatusError> {
-            self.inner.read(bucket, key).await
+        async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
+            self.inner.get(bucket, key).await
         }
 
-        async fn write(
+        async fn put(
             &self,
             bucket: &str,
             key: &str,
-            status: &Status,
+            body: Vec<u8>,
             expect: &Expect,
-        ) -> Result<(), StatusError> {
+        ) -> Result<Expect, StatusError> {
             let rival = self.rival.lock().unwrap().pop();
             if let Some(rival) = rival {
-                self.inner.put(bucket, key, rival);
+                self.inner.put_status(bucket, key, rival);
             }
-            self.inner.write(bucket, key, status, expect).await
+            self.inner.put(bucket, key, body, expect).await
         }
 
         async fn tail(&self, _: &str, _: &str, _: u64) -> Result<Option<String>, StatusError> {
@@ -500,7 +556,7 @@ mod tests {
             "{recorded:?}"
         );
         assert_eq!(
-            store.inner.get(BUCKET, &key).unwrap().state,
+            store.inner.status(BUCKET, &key).unwrap().state,
             State::Succeeded
         );
         assert!(
@@ -525,7 +581,7 @@ mod tests {
         let written = *written;
         assert_eq!(written.state, State::Cancelled);
         assert_eq!(written.error.as_deref(), Some("cancelled; SIGTERM"));
-        assert_eq!(store.inner.get(BUCKET, &key), Some(written));
+        assert_eq!(store.inner.status(BUCKET, &key), Some(written));
     }
 
     #[tokio::test]
@@ -560,17 +616,17 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            error.to_string().contains("is not a status.json"),
+            error.to_string().contains("is not what s3spot writes"),
             "{error}"
         );
         record(&store, BUCKET, &key, worker(State::Succeeded))
             .await
             .unwrap();
-        assert_eq!(store.get(BUCKET, &key).unwrap().state, State::Succeeded);
+        assert_eq!(store.status(BUCKET, &key).unwrap().state, State::Succeeded);
 
         let mut theirs = worker(State::Succeeded);
         theirs.job_id = "f".repeat(32);
-        store.put(BUCKET, &key, theirs.clone());
+        store.put_status(BUCKET, &key, theirs.clone());
         let error = record(&store, BUCKET, &key, worker(State::Failed))
             .await
             .unwrap_err();
@@ -582,7 +638,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, StatusError::OtherJob { .. }), "{error}");
-        assert_eq!(store.get(BUCKET, &key), Some(theirs), "left as it was");
+        assert_eq!(store.status(BUCKET, &key), Some(theirs), "left as it was");
     }
 
     /// A store that answers every read of a missing document with 403, as S3 does for a role
@@ -590,8 +646,8 @@ mod tests {
     struct Forbidding(MemoryStatuses);
 
     impl StatusStore for Forbidding {
-        async fn read(&self, bucket: &str, key: &str) -> Result<Option<Stored>, StatusError> {
-            match self.0.read(bucket, key).await? {
+        async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
+            match self.0.get(bucket, key).await? {
                 Some(stored) => Ok(Some(stored)),
                 None => Err(StatusError::Read {
                     bucket: bucket.into(),
@@ -602,19 +658,19 @@ mod tests {
             }
         }
 
-        async fn write(
+        async fn put(
             &self,
             bucket: &str,
             key: &str,
-            status: &Status,
+            body: Vec<u8>,
             expect: &Expect,
-        ) -> Result<(), StatusError> {
+        ) -> Result<Expect, StatusError> {
             assert_eq!(
                 expect,
                 &Expect::Nothing,
                 "a forbidden read writes only if absent"
             );
-            self.0.write(bucket, key, status, expect).await
+            self.0.put(bucket, key, body, expect).await
         }
 
         async fn tail(&self, _: &str, _: &str, _: u64) -> Result<Option<String>, StatusError> {
@@ -633,6 +689,9 @@ mod tests {
         record(&store, BUCKET, &key, worker(State::Succeeded))
             .await
             .unwrap();
-        assert_eq!(store.0.get(BUCKET, &key).unwrap().state, State::Succeeded);
+        assert_eq!(
+            store.0.status(BUCKET, &key).unwrap().state,
+            State::Succeeded
+        );
     }
 }

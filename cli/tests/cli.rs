@@ -44,6 +44,7 @@ impl Ec2 {
         let client = runtime.block_on(async {
             let client = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
             create_launch_template(&client, "s3spot-worker").await;
+            moto.create_buckets(&["example-bucket", "data"]).await;
             client
         });
         let mut env = job_env();
@@ -338,18 +339,6 @@ fn prices_follow_every_page_and_recommend_within_the_configured_types() {
 fn jobs_list_cancel_retry_and_reap_instances_in_ec2() {
     let ec2 = Ec2::start();
     let env = ec2.env.clone();
-    ec2.runtime.block_on(async {
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&ec2._moto.sdk_config().await)
-                .force_path_style(true)
-                .build(),
-        );
-        s3.create_bucket()
-            .bucket("example-bucket")
-            .send()
-            .await
-            .unwrap();
-    });
     let jobs = |args: &[&str]| {
         let mut all = vec!["jobs"];
         all.extend_from_slice(args);

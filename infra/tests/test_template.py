@@ -157,9 +157,10 @@ def check_launcher_role_exact(template):
         if any(a.startswith("logs:") for a in as_list(s["Action"])):
             assert s["Resource"] == {"Fn::GetAtt": ["LauncherLogGroup", "Arn"]}, s["Resource"]
         if any(a in ("s3:GetObject", "s3:PutObject") for a in as_list(s["Action"])):
-            assert sub_text(s["Resource"]) == "${DataBucket.Arn}/analysis/*status.json", (
-                "the launcher reads and writes status.json files only"
-            )
+            assert sorted(sub_text(r) for r in as_list(s["Resource"])) == [
+                "${DataBucket.Arn}/analysis/*/.s3spot/attempt-*.json",
+                "${DataBucket.Arn}/analysis/*status.json",
+            ], "the launcher reads and writes status.json files and attempts' claims only"
         if "s3:ListBucket" in as_list(s["Action"]):
             assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
         if {"ec2:DescribeInstanceAttribute", "ec2:GetConsoleOutput", "ec2:TerminateInstances"} & set(
@@ -651,6 +652,14 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
             for s in role_statements(t, "LauncherRole"):
                 if s.get("Sid") == "RecordJobAttempts":
                     s["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/*"}
+
+        self.expect_failure(check_launcher_role_exact, edit)
+
+    def test_launcher_writes_any_analysis_object(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s.get("Sid") == "RecordJobAttempts":
+                    s["Resource"][1] = {"Fn::Sub": "${DataBucket.Arn}/analysis/*"}
 
         self.expect_failure(check_launcher_role_exact, edit)
 

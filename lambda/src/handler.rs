@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::event::{self, Invocation, Record};
 use crate::jobs::{Clock, Jobs};
-use crate::launch::InvocationState;
+use crate::launch::{InvocationState, Purpose};
 use crate::launcher::Launcher;
 use crate::plan::{Decision, decide};
 use crate::report::{FailedRecord, HandlerError, Report, Response};
@@ -151,7 +151,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             }
             record => match decide(&self.config.job, record, ATTEMPT) {
                 Decision::Launch { job, .. } => {
-                    if let Err(failure) = self.launch(&job, state, report).await {
+                    if let Err(failure) = self.launch(&job, Purpose::New, state, report).await {
                         report.fail(failure);
                     }
                 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use s3spot_bootstrap::{
     HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
     State, Status, StatusError, StatusStore, job_from_base64_user_data, key_results_prefix,
-    read_status, record, stopped_folder, upload_order,
+    read_status, read_stored, record, stopped_folder, upload_order,
 };
 
 use crate::config::JobsConfig;
@@ -140,6 +140,10 @@ pub struct JobInstance {
     /// The status.json could not be read: `result` says nothing then.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub status_unreadable: bool,
+    /// The attempt was interrupted, and status.json knows of no later one: the next attempt
+    /// has yet to be launched (or its worker has yet to start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaits_next_attempt: bool,
     /// Why EC2 last changed its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<StateReason>,
@@ -154,6 +158,12 @@ impl JobInstance {
     /// read: an unreadable one is no evidence either way).
     pub fn ended_silently(&self) -> bool {
         is_ended_state(&self.state) && self.result.is_none() && !self.status_unreadable
+    }
+
+    /// Ended, and its job needs the reaper: it has no account of the attempt, or the attempt
+    /// was interrupted and no later one is on record.
+    pub fn needs_settling(&self) -> bool {
+        self.ended_silently() || (is_ended_state(&self.state) && self.awaits_next_attempt)
     }
 
     fn info(&self) -> Instance {
@@ -455,7 +465,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             stuck,
             ended: rest
                 .into_iter()
-                .filter(JobInstance::ended_silently)
+                .filter(JobInstance::needs_settling)
                 .collect(),
         })
     }
@@ -655,13 +665,12 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         let (job_id, upload) = match chosen {
             Some((upload, Some(job_id))) => (Some(job_id), Some(upload)),
             Some((upload, None)) => {
-                let stored = self
-                    .statuses
-                    .read(
-                        &results_bucket,
-                        &format!("{key_prefix}{upload}/{STATUS_FILE}"),
-                    )
-                    .await?;
+                let stored = read_stored(
+                    &self.statuses,
+                    &results_bucket,
+                    &format!("{key_prefix}{upload}/{STATUS_FILE}"),
+                )
+                .await?;
                 let job_id = stored.and_then(|s| s.status.ok()).map(|s| s.job_id);
                 (job_id, Some(upload))
             }
@@ -730,6 +739,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             let job_id = instance.tag(TAG_JOB).map(str::to_owned);
             let upload = instance.tag(TAG_UPLOAD).map(str::to_owned);
             let mut status_unreadable = false;
+            let mut awaits_next_attempt = false;
             let result = match (&job_id, &upload) {
                 (Some(job_id), Some(upload)) if wanted(&instance) => {
                     let results_bucket = self.config.results_bucket.as_deref().unwrap_or(&bucket);
@@ -760,7 +770,11 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                     }
                     match &statuses[&location] {
                         Ok(status) => status.as_ref().and_then(|status| {
-                            status.outcome_of(attempt.unwrap_or(status.attempt))
+                            let attempt = attempt.unwrap_or(status.attempt);
+                            let outcome = status.outcome_of(attempt);
+                            awaits_next_attempt =
+                                outcome == Some(State::Interrupted) && status.attempt <= attempt;
+                            outcome
                         }),
                         Err(()) => {
                             status_unreadable = true;
@@ -786,6 +800,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 stuck,
                 result,
                 status_unreadable,
+                awaits_next_attempt,
                 state_reason: instance.state_reason.clone(),
             });
         }

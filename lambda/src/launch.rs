@@ -1,10 +1,24 @@
 //! Launching one planned job: at most one instance per attempt, through the runaway guard and
 //! the launch options in order.
+//!
+//! One attempt is one launch because of three checks, each for what the others miss:
+//! - EC2 is asked for the attempt's instances (by its `s3spot:job` and `s3spot:attempt` tags):
+//!   each launch option has its own `ClientToken`, so a redelivery after a fallback to on-demand
+//!   (or after prices changed the order) would otherwise start a second instance;
+//! - status.json is read for the attempt's outcome: it outlives EC2's memory of instances (about
+//!   an hour) and of tokens (about a day), so a redrive from the dead-letter queue days later
+//!   launches nothing;
+//! - the attempt's claim (`.s3spot/attempt-N.json`, written only if there is none) lets exactly
+//!   one of the deliveries that race each other launch: duplicates delivered to two invocations
+//!   at once both find no instance.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
-use s3spot_bootstrap::{StatusError, StatusStore, error_chain, read_status};
+use s3spot_bootstrap::{
+    Claim, Expect, StatusError, StatusStore, error_chain, read_claim, read_status, write_claim,
+};
 
 use crate::config::LaunchOption;
 use crate::handler::Handler;
@@ -14,6 +28,12 @@ use crate::prices;
 use crate::report::{FailedRecord, LaunchedJob, Report};
 use crate::token::client_token;
 
+/// A claim with no instance and no release is taken to be abandoned after this long: longer
+/// than any launch takes (the template's function timeout is 50 s), and shorter than the
+/// queue's visibility timeout (300 s), so the redelivery of an event whose launcher died finds
+/// it abandoned.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(180);
+
 /// What one invocation reads from EC2 once and then keeps: the guard's count, and the order of
 /// the instance types by price.
 #[derive(Default)]
@@ -22,29 +42,197 @@ pub(crate) struct InvocationState {
     price_order: Option<Vec<String>>,
 }
 
+/// Why a launch is made, which decides whether the runaway guard applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A job's first attempt, or one an operator asked for: bounded by `S3SPOT_MAX_INSTANCES`.
+    New,
+    /// The next attempt of one that EC2 took back. Not bounded by the cap: it replaces an
+    /// instance rather than adding one, and refusing it would leave its job without an outcome.
+    Replacement,
+}
+
 /// What became of a launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Launch {
     /// On this instance: a new one, or the one EC2 already had for the same request.
     Started(String),
-    /// Nothing launched: the attempt has an instance, or has run. Reported as skipped.
+    /// Nothing launched: the attempt has an instance, has run, or is being launched by another
+    /// delivery. Reported as skipped.
     AlreadyDone {
         instance_id: Option<String>,
         reason: String,
     },
 }
 
+/// What [`Handler::claim`] found.
+enum Claimed {
+    /// This launch holds the attempt's claim.
+    Held { claim: Box<Claim>, expect: Expect },
+    /// Another holds it, or held it and launched.
+    Elsewhere(Launch),
+}
+
 impl<L: Launcher, S: StatusStore> Handler<L, S> {
-    /// Launches `job` unless its attempt already has an instance or an outcome, and records in
-    /// `report` what became of it.
-    ///
-    /// `ClientToken`s alone cannot promise one instance per attempt: each launch option has its
-    /// own (falling back from spot to on-demand is a new request), EC2 forgets them about 24
-    /// hours after the instance ends, and moto never de-duplicates. So EC2 and status.json are
-    /// asked first.
+    /// Launches `job` unless its attempt already has an instance, an outcome or another
+    /// launcher, and records in `report` what became of it.
     pub(crate) async fn launch(
         &self,
         job: &PlannedJob,
+        purpose: Purpose,
+        state: &mut InvocationState,
+        report: &mut Report,
+    ) -> Result<Launch, FailedRecord> {
+        let spec = &job.spec;
+        // Type-erased: the S3 and EC2 calls in them would otherwise nest every launch's future
+        // deeper than the compiler follows.
+        let already_done: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(self.already_done(job));
+        let mut done = already_done.await?;
+        let mut held = None;
+        if done.is_none() {
+            let claimed: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(self.claim(job));
+            match claimed.await? {
+                Claimed::Held { claim, expect } => held = Some((claim, expect)),
+                Claimed::Elsewhere(launch) => done = Some(launch),
+            }
+        }
+        if let Some(done) = done {
+            if let Launch::AlreadyDone { reason, .. } = &done {
+                report.skip(&spec.bucket, &spec.key, reason.clone());
+            }
+            return Ok(done);
+        }
+        let (mut claim, expect) = held.expect("a launch that is not done holds the claim");
+        let launched: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(self.launch_held(job, purpose, state, report));
+        let launched = launched.await;
+        match &launched {
+            Ok(Launch::Started(instance_id))
+            | Ok(Launch::AlreadyDone {
+                instance_id: Some(instance_id),
+                ..
+            }) => claim.instance_id = Some(instance_id.clone()),
+            Ok(Launch::AlreadyDone { reason, .. }) => claim.released = Some(reason.clone()),
+            Err(failure) => claim.released = Some(failure.error.clone()),
+        }
+        // A claim left pending is taken over once its lease is out, after EC2 is asked again:
+        // nothing is lost if this write is.
+        let key = spec.claim_key();
+        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(write_claim(
+            &self.statuses,
+            &spec.results_bucket,
+            &key,
+            &claim,
+            &expect,
+        ));
+        if let Err(error) = recorded.await {
+            tracing::warn!(
+                error = error_chain(&error),
+                "cannot record the launch in the attempt's claim"
+            );
+        }
+        launched
+    }
+
+    /// Takes the claim on `job`'s attempt: a new one, or one that was released, damaged or
+    /// abandoned (pending past [`CLAIM_LEASE`]).
+    async fn claim(&self, job: &PlannedJob) -> Result<Claimed, FailedRecord> {
+        let spec = &job.spec;
+        let bucket = &spec.results_bucket;
+        let key = spec.claim_key();
+        let failed = |error: &StatusError| FailedRecord {
+            bucket: spec.bucket.clone(),
+            key: spec.key.clone(),
+            error: format!(
+                "cannot claim attempt {} of job {}: {}",
+                spec.attempt,
+                spec.job_id,
+                error_chain(error)
+            ),
+            retryable: true,
+        };
+        let ours = Claim::new(spec.clone());
+        let mut expect = Expect::Nothing;
+        let mut contended = None;
+        let mut vanished = false;
+        // A new claim, then at most one take-over: a launcher that loses that race to another
+        // leaves the attempt to it.
+        for _ in 0..2 {
+            match write_claim(&self.statuses, bucket, &key, &ours, &expect).await {
+                Ok(expect) => {
+                    return Ok(Claimed::Held {
+                        claim: Box::new(ours),
+                        expect,
+                    });
+                }
+                Err(StatusError::Conflict { .. }) => {}
+                Err(error) => return Err(failed(&error)),
+            }
+            let Some(stored) = read_claim(&self.statuses, bucket, &key)
+                .await
+                .map_err(|error| failed(&error))?
+            else {
+                // Deleted in between, or a store that refuses the write and holds nothing.
+                vanished = true;
+                expect = Expect::Nothing;
+                continue;
+            };
+            vanished = false;
+            expect = stored.expect;
+            let held = match stored.claim {
+                Ok(held) if held.job.job_id == spec.job_id => held,
+                // Not what a launcher wrote: the folder is s3spot's own, so it is replaced.
+                Ok(_) | Err(_) => {
+                    tracing::warn!(key, "replacing a damaged claim");
+                    continue;
+                }
+            };
+            if let Some(instance_id) = held.instance_id {
+                return Ok(Claimed::Elsewhere(Launch::AlreadyDone {
+                    reason: format!(
+                        "already launched: attempt {} of job {} is on {instance_id} (s3://{bucket}/{key})",
+                        spec.attempt, spec.job_id
+                    ),
+                    instance_id: Some(instance_id),
+                }));
+            }
+            let age = held.age(SystemTime::now()).unwrap_or(Duration::MAX);
+            if held.is_pending() && age < CLAIM_LEASE {
+                contended = Some(held.claimed_at);
+                break;
+            }
+            tracing::info!(
+                key,
+                released = held.released,
+                claimed_at = held.claimed_at,
+                "taking over the attempt's claim"
+            );
+        }
+        if vanished {
+            return Err(failed(&StatusError::Write {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                message: "the write was refused as if a claim were there, and none is".into(),
+            }));
+        }
+        Ok(Claimed::Elsewhere(Launch::AlreadyDone {
+            instance_id: None,
+            reason: format!(
+                "being launched by another delivery: attempt {} of job {} was claimed{} \
+                 (s3://{bucket}/{key}); that delivery launches it, or leaves it to the next",
+                spec.attempt,
+                spec.job_id,
+                contended.map_or_else(String::new, |at| format!(" at {at}")),
+            ),
+        }))
+    }
+
+    /// The launch itself, under the attempt's claim: the guard, then each option in order.
+    async fn launch_held(
+        &self,
+        job: &PlannedJob,
+        purpose: Purpose,
         state: &mut InvocationState,
         report: &mut Report,
     ) -> Result<Launch, FailedRecord> {
@@ -55,23 +243,15 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             error,
             retryable,
         };
-        // Type-erased: the S3 and EC2 calls in it would otherwise nest every launch's future
-        // deeper than the compiler follows.
-        let already_done: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(self.already_done(job));
-        if let Some(done) = already_done.await? {
-            if let Launch::AlreadyDone { reason, .. } = &done {
-                report.skip(&spec.bucket, &spec.key, reason.clone());
-            }
-            return Ok(done);
-        }
         let launch = &self.config.launch;
         let pipeline = &self.config.job.pipeline;
-        state
-            .guard
-            .check(&self.launcher, pipeline, launch.max_instances)
-            .await
-            .map_err(|error| failed(error_chain(&error), true))?;
+        if purpose == Purpose::New {
+            state
+                .guard
+                .check(&self.launcher, pipeline, launch.max_instances)
+                .await
+                .map_err(|error| failed(error_chain(&error), true))?;
+        }
         let options = self.options(state).await;
 
         let tags = job_tags(pipeline, spec);

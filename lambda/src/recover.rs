@@ -3,16 +3,20 @@
 //! again as its next attempt, through the same guard and options as a new job, or given a final
 //! status.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use s3spot_bootstrap::{
-    JobSpec, State, Status, StatusError, StatusStore, error_chain, read_status,
+    JobSpec, RenderError, State, Status, StatusError, StatusStore, error_chain, read_status,
+    render_user_data,
 };
 
 use crate::event::ObjectCreated;
 use crate::handler::Handler;
 use crate::jobs::{Clock, EndedAttempt, JobInstance, JobsError, Stopped, Target};
-use crate::launch::{InvocationState, Launch};
+use crate::launch::{InvocationState, Launch, Purpose};
 use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE};
-use crate::plan::{Plan, plan};
+use crate::plan::{Plan, PlannedJob, plan};
 use crate::report::{FailedRecord, Report};
 
 impl<L: Launcher, S: StatusStore> Handler<L, S> {
@@ -74,6 +78,12 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// the next attempt, or on the last one (`S3SPOT_MAX_ATTEMPTS`) marks the job failed, and
     /// records the attempt. A repeated warning launches nothing more: the next attempt's
     /// launch finds it. Returns what was recorded, as a sentence.
+    ///
+    /// The next attempt is the job exactly as it was launched (its command, limits, worker and
+    /// results folder), whatever the function's settings are now. When it cannot be launched,
+    /// the attempt is recorded `interrupted` with the reason, and the error is returned for the
+    /// caller to try again (the queue redelivers the warning; the reaper looks again each
+    /// period while EC2 lists the instance); a launch that can never succeed fails the job.
     pub(crate) async fn relaunch(
         &self,
         spec: &JobSpec,
@@ -144,26 +154,45 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
 
         let next_attempt = spec.attempt + 1;
-        let job = match plan(
-            &self.config.job,
-            &object_of(spec),
-            next_attempt,
-            &spec.job_id,
-        ) {
-            Ok(Plan::Launch(job)) => job,
-            Ok(Plan::Skip(reason)) => {
-                report.skip(&spec.bucket, &spec.key, reason.clone());
-                return Ok(reason);
+        let launched = match next_attempt_of(spec, self.config.job.region.as_deref()) {
+            Ok(job) => {
+                // Type-erased, as the handler's rare paths are: this one nests a launch inside
+                // a recovery.
+                let launch: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                    Box::pin(self.launch(&job, Purpose::Replacement, state, report));
+                launch.await
             }
-            Err(error) => return Err(failed(error_chain(&error), false)),
+            Err(error) => Err(failed(error_chain(&error), false)),
         };
-        let next = match self.launch(&job, state, report).await? {
-            Launch::Started(instance_id) => format!("re-launched on {instance_id}"),
-            Launch::AlreadyDone {
+        let next = match launched {
+            Ok(Launch::Started(instance_id)) => format!("re-launched on {instance_id}"),
+            Ok(Launch::AlreadyDone {
                 instance_id: Some(instance_id),
                 ..
-            } => format!("already launched on {instance_id}"),
-            Launch::AlreadyDone { reason, .. } => reason,
+            }) => format!("already launched on {instance_id}"),
+            Ok(Launch::AlreadyDone { reason, .. }) => reason,
+            Err(failure) if failure.retryable => {
+                let note = format!(
+                    "{why}; attempt {next_attempt} not launched yet: {}",
+                    failure.error
+                );
+                record(State::Interrupted, note).await?;
+                return Err(failure);
+            }
+            Err(failure) => {
+                let error = format!(
+                    "{why}; attempt {next_attempt} cannot be launched: {}; `s3spot jobs retry \
+                     s3://{}/{}` runs the job again",
+                    failure.error, spec.bucket, spec.key
+                );
+                let recorded = record(State::Failed, error.clone()).await?;
+                report.skip(
+                    &spec.bucket,
+                    &spec.key,
+                    format!("{error}; status.json: {recorded}"),
+                );
+                return Ok(format!("failed: {error}"));
+            }
         };
         let note = format!("{why}; attempt {next_attempt} {next}");
         record(State::Interrupted, note.clone()).await?;
@@ -248,7 +277,10 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         match plan(&self.config.job, &object, last_attempt + 1, &job_id) {
             Ok(Plan::Launch(job)) => {
                 let mut state = InvocationState::default();
-                if let Err(failure) = self.launch(&job, &mut state, &mut report).await {
+                if let Err(failure) = self
+                    .launch(&job, Purpose::New, &mut state, &mut report)
+                    .await
+                {
                     report.fail(failure);
                 }
             }
@@ -336,6 +368,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             None => outcome,
         })
     }
+}
+
+/// The attempt after `spec`'s, exactly as `spec` was launched.
+fn next_attempt_of(spec: &JobSpec, region: Option<&str>) -> Result<PlannedJob, RenderError> {
+    let spec = JobSpec {
+        attempt: spec.attempt + 1,
+        ..spec.clone()
+    };
+    let user_data = render_user_data(&spec, region)?;
+    Ok(PlannedJob { spec, user_data })
 }
 
 /// The object a job was launched for, as its event described it.

@@ -5,9 +5,11 @@
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    JobSpec, S3Statuses, State, Status, Writer, job_from_base64_user_data, record,
+    Claim, JobSpec, S3Statuses, State, Status, Writer, job_from_base64_user_data, read_claim,
+    record, write_claim,
 };
-use s3spot_lambda::{Config, Ec2Launcher, Handler, Report, Response};
+use s3spot_lambda::plan::{Decision, preview};
+use s3spot_lambda::{CLAIM_LEASE, Config, Ec2Launcher, Handler, HandlerError, Report, Response};
 use s3spot_tests::ec2::TOKEN_AFTER_TERMINATION;
 use s3spot_tests::{Ec2Double, REGION, S3Server, s3spot_lookup};
 use serde_json::{Value, json};
@@ -265,4 +267,238 @@ async fn a_spot_instance_taken_back_is_relaunched_once_however_often_it_is_told(
         "the second attempt, once"
     );
     assert_eq!(setup.ec2.running().len(), 1, "exactly one instance runs");
+}
+
+/// The planned first attempt of the upload, as the handler plans it.
+fn planned(handler: &Handler<Ec2Launcher, S3Statuses>) -> JobSpec {
+    match preview(&handler.config().job, upload_event())
+        .unwrap()
+        .remove(0)
+    {
+        Decision::Launch { job, .. } => job.spec,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn reaper_event() -> Value {
+    json!({"source": "aws.events", "detail-type": "Scheduled Event",
+        "id": "1", "version": "0", "account": "123456789012",
+        "time": "2026-11-30T10:35:00Z", "region": REGION, "resources": [], "detail": {}})
+}
+
+fn warning_event(id: &str) -> Value {
+    json!({"version": "0", "id": "w", "detail-type": "EC2 Spot Instance Interruption Warning",
+        "source": "aws.ec2", "account": "123456789012", "time": "2026-11-30T10:30:00Z",
+        "region": REGION, "resources": [format!("arn:aws:ec2:{REGION}a:instance/{id}")],
+        "detail": {"instance-id": id, "instance-action": "terminate"}})
+}
+
+/// A report, whether the invocation asked for a retry or not.
+async fn handled(handler: &Handler<Ec2Launcher, S3Statuses>, event: Value) -> Report {
+    match handler.handle(event).await {
+        Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+        other => panic!("expected a report, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivery_before_ec2_lists_the_first_instance_launches_nothing_more() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[("S3SPOT_MARKET", "spot-then-on-demand")])
+        .await;
+    // EC2 is eventually consistent: for a while, no query by tags finds the new instance.
+    setup.ec2.set_listing_lag(Duration::from_secs(60));
+    setup.ec2.set_capacity("spot", false);
+    let first = deliver(&handler).await;
+    assert_eq!(first.launched[0].market, "on-demand", "{first:?}");
+    setup.ec2.set_capacity("spot", true);
+    let again = deliver(&handler).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    let reason = &again.skipped[0].reason;
+    assert!(
+        reason.starts_with("already launched")
+            && reason.contains(&first.launched[0].instance_id)
+            && reason.contains("/.s3spot/attempt-1.json"),
+        "{reason}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_at_the_same_time_launch_once_whatever_capacity_does_between_them() {
+    let setup = Setup::start();
+    // Two invocations of the function, each with its own clients, as Lambda runs them.
+    let one = setup
+        .handler(&[("S3SPOT_MARKET", "spot-then-on-demand")])
+        .await;
+    let two = setup
+        .handler(&[("S3SPOT_MARKET", "spot-then-on-demand")])
+        .await;
+    setup.ec2.set_listing_lag(Duration::from_secs(60));
+    // Whichever asks first finds no spot capacity; the other would find it, with a token of its
+    // own.
+    setup.ec2.fail_next("spot", 1);
+    let (a, b) = tokio::join!(deliver(&one), deliver(&two));
+    assert_eq!(a.failed, [], "{a:?}");
+    assert_eq!(b.failed, [], "{b:?}");
+    assert_eq!(
+        a.launched.len() + b.launched.len(),
+        1,
+        "one launches: {a:?} {b:?}"
+    );
+    let skipped = a
+        .skipped
+        .iter()
+        .chain(&b.skipped)
+        .next()
+        .expect("one skips");
+    assert!(
+        skipped
+            .reason
+            .starts_with("being launched by another delivery")
+            || skipped.reason.starts_with("already launched"),
+        "{skipped:?}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_that_died_holding_its_claim_is_taken_over_once_its_lease_is_out() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[]).await;
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let job = planned(&handler);
+    let key = job.claim_key();
+
+    // A launch that fails releases its claim: the event's next delivery takes it over.
+    setup.ec2.set_capacity("spot", false);
+    let failed = handled(&handler, upload_event()).await;
+    assert!(failed.failed[0].retryable, "{failed:?}");
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    let released = stored.claim.unwrap();
+    assert!(
+        released
+            .released
+            .as_deref()
+            .is_some_and(|why| why.contains("InsufficientInstanceCapacity")),
+        "{released:?}"
+    );
+
+    // A launcher that died mid-way (its invocation timed out) left a pending claim.
+    let mut pending = Claim::new(job.clone());
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+    setup.ec2.set_capacity("spot", true);
+    let waiting = deliver(&handler).await;
+    assert_eq!(waiting.launched, [], "{waiting:?}");
+    assert!(
+        waiting.skipped[0]
+            .reason
+            .starts_with("being launched by another delivery"),
+        "{waiting:?}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 0);
+
+    // Past its lease, the claim is taken over, after EC2 is asked again.
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    pending.claimed_at =
+        s3spot_bootstrap::timestamp(SystemTime::now() - CLAIM_LEASE - Duration::from_secs(1));
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+    let launched = deliver(&handler).await;
+    assert_eq!(launched.launched.len(), 1, "{launched:?}");
+    let id = &launched.launched[0].instance_id;
+    let held = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    assert_eq!(held.claim.unwrap().instance_id.as_ref(), Some(id));
+
+    let again = deliver(&handler).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_instance_taken_back_at_the_instance_cap_is_replaced() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[("S3SPOT_MAX_INSTANCES", "1")]).await;
+    let id = deliver(&handler).await.launched[0].instance_id.clone();
+    // The pipeline is at its cap, with the instance that is about to be taken back.
+    let report = handled(&handler, warning_event(&id)).await;
+    assert_eq!(report.failed, [], "{report:?}");
+    assert_eq!(report.launched.len(), 1, "{report:?}");
+    let job = setup.job_of(&report.launched[0].instance_id);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(
+        job,
+        JobSpec {
+            attempt: 2,
+            ..setup.job_of(&id)
+        },
+        "the job as it was launched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replacement_that_cannot_launch_yet_is_launched_by_the_reaper_later() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[]).await;
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let id = deliver(&handler).await.launched[0].instance_id.clone();
+    let job = setup.job_of(&id);
+
+    // No spot capacity when the warning comes: the attempt is recorded interrupted, with why,
+    // and the warning is retried.
+    setup.ec2.set_capacity("spot", false);
+    let warned = handled(&handler, warning_event(&id)).await;
+    assert!(warned.failed[0].retryable, "{warned:?}");
+    let status = s3spot_bootstrap::read_status(&statuses, BUCKET, &job.status_key(), &job.job_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.state, State::Interrupted);
+    let error = status.error.unwrap_or_default();
+    assert!(error.contains("attempt 2 not launched yet"), "{error}");
+    setup.ec2.end(
+        &id,
+        "Server.SpotInstanceTermination",
+        "Server.SpotInstanceTermination: Spot instance termination",
+    );
+
+    // The warning's deliveries ran out (the dead-letter queue has it); capacity is back by the
+    // reaper's next period, while EC2 still lists the instance.
+    setup.ec2.set_capacity("spot", true);
+    setup.ec2.advance(Duration::from_secs(15 * 60));
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.failed, [], "{reaped:?}");
+    assert_eq!(reaped.ended.len(), 1, "{reaped:?}");
+    let attempts: Vec<Option<String>> = setup
+        .ec2
+        .instances()
+        .iter()
+        .map(|i| i.tag("s3spot:attempt").map(str::to_owned))
+        .collect();
+    assert_eq!(attempts, [Some("1".into()), Some("2".into())]);
+
+    // The next period finds the second attempt launched, and launches nothing more.
+    setup.ec2.advance(Duration::from_secs(15 * 60));
+    handled(&handler, reaper_event()).await;
+    assert_eq!(setup.ec2.instances().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_results_bucket_that_does_not_exist_stops_the_launch_and_says_so() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[("S3SPOT_RESULTS_BUCKET", "no-such-results")])
+        .await;
+    let report = handled(&handler, upload_event()).await;
+    assert_eq!(report.launched, [], "{report:?}");
+    let error = &report.failed[0].error;
+    assert!(
+        error.contains("s3://no-such-results/") && error.contains("NoSuchBucket"),
+        "{error}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 0);
 }

@@ -124,14 +124,36 @@ async fn a_redelivered_event_sends_identical_requests() {
         "eventbridge-object-created.json",
         "multi-record.json",
     ] {
+        // Each delivery with a store of its own: the requests themselves are what is compared,
+        // so that EC2's ClientToken finds them the same where nothing else stops a second.
         let launcher = ScriptedLauncher::default();
-        let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
-        report(&handler, event(name)).await;
-        report(&handler, event(name)).await;
+        for _ in 0..2 {
+            let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+            report(&handler, event(name)).await;
+        }
         let requests = launcher.requests();
         assert!(!requests.is_empty(), "{name}");
         let (first, second) = requests.split_at(requests.len() / 2);
         assert_eq!(first, second, "{name}");
+
+        // With one store, the attempts' claims stop the second delivery before EC2.
+        let launcher = ScriptedLauncher::default();
+        let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+        report(&handler, event(name)).await;
+        let launched = launcher.requests().len();
+        let second = report(&handler, event(name)).await;
+        assert_eq!(launcher.requests().len(), launched, "{name}");
+        assert!(second.launched.is_empty(), "{name}: {second:?}");
+        assert_eq!(
+            second
+                .skipped
+                .iter()
+                .filter(|s| s.reason.starts_with("already launched: ")
+                    && s.reason.contains("/.s3spot/attempt-1.json"))
+                .count(),
+            launched,
+            "{name}: {second:?}"
+        );
     }
 }
 
@@ -628,7 +650,7 @@ fn worker_status(state: &str, attempt: u32) -> Status {
 fn handler_status(handler: &Handler<&ScriptedLauncher, MemoryStatuses>) -> Status {
     handler
         .statuses()
-        .get("example-bucket", &status_key())
+        .status("example-bucket", &status_key())
         .expect("status.json written")
 }
 
@@ -649,7 +671,7 @@ async fn the_last_attempt_interrupted_marks_the_job_failed_with_its_history() {
             finished_at: String::new(),
         })
         .collect();
-    statuses.put("example-bucket", &status_key(), worker_status);
+    statuses.put_status("example-bucket", &status_key(), worker_status);
     let handler = Handler::new(config(&[]), &launcher, statuses);
 
     let report = report(&handler, event("spot-interruption.json")).await;
@@ -724,7 +746,7 @@ async fn a_job_that_already_finished_is_not_relaunched() {
     let statuses = MemoryStatuses::default();
     let mut done = worker_status("succeeded", 1);
     done.exit_code = Some(0);
-    statuses.put("example-bucket", &status_key(), done.clone());
+    statuses.put_status("example-bucket", &status_key(), done.clone());
     let handler = Handler::new(config(&[]), &launcher, statuses);
     let report = report(&handler, event("spot-interruption.json")).await;
     assert_eq!(launcher.requests(), []);

@@ -56,6 +56,7 @@ async fn launch_with(moto: &Moto, environment: &HashMap<String, String>) -> Laun
     let mut config = Config::from_lookup(|name| environment.get(name).cloned())
         .unwrap_or_else(|e| panic!("the template's environment is refused: {e}\n{environment:#?}"));
     config.job.region = Some(REGION.into());
+    moto.create_buckets(&["example-bucket"]).await;
     let handler = Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk));
     let report = match handler.handle(event("s3-put.json")).await {
         Ok(Response::Report(report)) => report,

@@ -155,7 +155,7 @@ async fn list_shows_every_instance_with_its_result_and_flags_the_stuck_ones() {
         error: None,
         finished_at: "t".into(),
     }];
-    statuses.put(BUCKET, &status_key("in/c.csv"), status);
+    statuses.put_status(BUCKET, &status_key("in/c.csv"), status);
 
     let rows = jobs(&launcher, &statuses).list(clock()).await.unwrap();
     type Row<'a> = (&'a str, &'a str, bool, Option<State>, Option<u64>);
@@ -205,7 +205,7 @@ async fn cancel_terminates_the_active_instance_and_records_cancelled() {
         instance("i-other", "in/b.csv", 1, "running", 300),
     ]);
     let statuses = MemoryStatuses::default();
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &status_key("in/a.csv"),
         worker_status("in/a.csv", "interrupted", 1, "i-1"),
@@ -222,7 +222,7 @@ async fn cancel_terminates_the_active_instance_and_records_cancelled() {
     let stopped = jobs.cancel(&key("in/a.csv"), clock()).await.unwrap();
     assert_eq!(stopped.errors, Vec::<String>::new());
     assert_eq!(launcher.terminated(), ["i-2"], "only the active one");
-    let status = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    let status = statuses.status(BUCKET, &status_key("in/a.csv")).unwrap();
     assert_eq!((status.state, status.attempt), (State::Cancelled, 2));
     assert!(status.error.unwrap().contains("s3spot jobs cancel"));
     assert_eq!(
@@ -280,7 +280,7 @@ async fn reap_terminates_only_stuck_instances_and_keeps_a_finished_verdict() {
         instance("i-young", "in/c.csv", 1, "running", 600),
     ]);
     let statuses = MemoryStatuses::default();
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &status_key("in/b.csv"),
         worker_status("in/b.csv", "succeeded", 1, "i-no-poweroff"),
@@ -299,10 +299,10 @@ async fn reap_terminates_only_stuck_instances_and_keeps_a_finished_verdict() {
 
     handler.reap(clock(), false).await.unwrap();
     assert_eq!(launcher.terminated(), ["i-no-poweroff", "i-hung"]);
-    let hung = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    let hung = statuses.status(BUCKET, &status_key("in/a.csv")).unwrap();
     assert_eq!(hung.state, State::Failed);
     assert!(hung.error.unwrap().starts_with("reaped: running for 7200s"));
-    let finished = statuses.get(BUCKET, &status_key("in/b.csv")).unwrap();
+    let finished = statuses.status(BUCKET, &status_key("in/b.csv")).unwrap();
     assert_eq!(finished.state, State::Succeeded, "not overwritten");
     assert_eq!(statuses.writes().len(), 1);
 }
@@ -396,7 +396,7 @@ async fn retry_after_ec2_forgot_the_instances_reads_status_json() {
     let statuses = MemoryStatuses::default();
     let mut status = worker_status("in/a.csv", "failed", 4, "i-4");
     status.history = vec![];
-    statuses.put(BUCKET, &status_key("in/a.csv"), status);
+    statuses.put_status(BUCKET, &status_key("in/a.csv"), status);
     let launcher = ScriptedLauncher::default();
     let handler = Handler::new(config(&[]), &launcher, statuses);
 
@@ -438,7 +438,7 @@ async fn retry_after_ec2_forgot_the_instances_reads_status_json() {
 async fn show_has_the_instances_status_and_log_tails() {
     let launcher = launcher(vec![instance("i-1", "in/a.csv", 1, "terminated", 900)]);
     let statuses = MemoryStatuses::default();
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &status_key("in/a.csv"),
         worker_status("in/a.csv", "failed", 1, "i-1"),
@@ -547,7 +547,7 @@ async fn two_uploads_of_one_key_are_two_jobs_each_with_its_own_status() {
     let mut done = worker_status("in/a.csv", "succeeded", 1, "i-first");
     done.job_id = first_spec.job_id.clone();
     done.uploaded_at = first_spec.uploaded_at.clone();
-    statuses.put(BUCKET, &first_spec.status_key(), done);
+    statuses.put_status(BUCKET, &first_spec.status_key(), done);
 
     let jobs = jobs(&launcher, &statuses);
     let rows = jobs.list(clock()).await.unwrap();
@@ -573,13 +573,13 @@ async fn two_uploads_of_one_key_are_two_jobs_each_with_its_own_status() {
     let stopped = jobs.cancel(&key("in/a.csv"), clock()).await.unwrap();
     assert_eq!(stopped.errors, Vec::<String>::new());
     assert_eq!(launcher.terminated(), ["i-first", "i-second"]);
-    let first_status = statuses.get(BUCKET, &first_spec.status_key()).unwrap();
+    let first_status = statuses.status(BUCKET, &first_spec.status_key()).unwrap();
     assert_eq!(
         first_status.state,
         State::Succeeded,
         "a finished upload's account stands"
     );
-    let second_status = statuses.get(BUCKET, &second_spec.status_key()).unwrap();
+    let second_status = statuses.status(BUCKET, &second_spec.status_key()).unwrap();
     assert_eq!(second_status.state, State::Cancelled);
     assert_eq!(second_status.job_id, second_spec.job_id);
 }
@@ -590,7 +590,7 @@ async fn a_status_of_another_job_is_never_read_as_this_ones_nor_overwritten() {
     let statuses = MemoryStatuses::default();
     let mut foreign = worker_status("in/a.csv", "succeeded", 1, "i-0");
     foreign.job_id = "f".repeat(32);
-    statuses.put(BUCKET, &status_key("in/a.csv"), foreign.clone());
+    statuses.put_status(BUCKET, &status_key("in/a.csv"), foreign.clone());
     let jobs = jobs(&launcher, &statuses);
     let rows = jobs.list(clock()).await.unwrap();
     assert_eq!(rows[0].result, None, "not this job's result");
@@ -606,7 +606,10 @@ async fn a_status_of_another_job_is_never_read_as_this_ones_nor_overwritten() {
         "{:?}",
         stopped.errors
     );
-    assert_eq!(statuses.get(BUCKET, &status_key("in/a.csv")), Some(foreign));
+    assert_eq!(
+        statuses.status(BUCKET, &status_key("in/a.csv")),
+        Some(foreign)
+    );
 }
 
 #[tokio::test]
@@ -644,7 +647,9 @@ async fn stuck_is_judged_by_each_jobs_own_max_runtime() {
     let reaped = handler.reap(clock(), false).await.unwrap();
     assert_eq!(launcher.terminated(), ["i-short"]);
     assert_eq!(reaped.instances.len(), 1);
-    let status = statuses.get(BUCKET, &status_key("in/short.csv")).unwrap();
+    let status = statuses
+        .status(BUCKET, &status_key("in/short.csv"))
+        .unwrap();
     assert!(
         status.error.unwrap().contains("past the 660s"),
         "its own limit and the grace"
@@ -675,7 +680,7 @@ async fn the_reaper_gives_an_attempt_that_ended_without_a_word_a_final_status() 
         ..Default::default()
     };
     let statuses = MemoryStatuses::default();
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &status_key("in/b.csv"),
         worker_status("in/b.csv", "succeeded", 1, "i-fine"),
@@ -695,7 +700,7 @@ async fn the_reaper_gives_an_attempt_that_ended_without_a_word_a_final_status() 
     assert_eq!(reaped.errors, Vec::<String>::new());
     assert_eq!(reaped.ended.len(), 1);
     assert_eq!(launcher.terminated(), Vec::<String>::new());
-    let status = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    let status = statuses.status(BUCKET, &status_key("in/a.csv")).unwrap();
     assert_eq!((status.state, status.attempt), (State::Failed, 1));
     assert_eq!(status.written_by, Writer::Launcher);
     let error = status.error.unwrap();
@@ -717,7 +722,10 @@ async fn the_reaper_gives_an_attempt_that_ended_without_a_word_a_final_status() 
         "the instance is named"
     );
     assert_eq!(
-        statuses.get(BUCKET, &status_key("in/b.csv")).unwrap().state,
+        statuses
+            .status(BUCKET, &status_key("in/b.csv"))
+            .unwrap()
+            .state,
         State::Succeeded
     );
 
@@ -747,7 +755,7 @@ async fn a_spot_instance_taken_back_without_a_warning_is_launched_again() {
         .unwrap();
     assert_eq!(attempt.1, "2");
     assert!(reaped.ended[0].outcome.contains("attempt 2 re-launched"));
-    let status = statuses.get(BUCKET, &status_key("in/a.csv")).unwrap();
+    let status = statuses.status(BUCKET, &status_key("in/a.csv")).unwrap();
     assert_eq!((status.state, status.attempt), (State::Interrupted, 1));
 
     // On the last attempt it is failed instead, with EC2's reason.
@@ -761,7 +769,7 @@ async fn a_spot_instance_taken_back_without_a_warning_is_launched_again() {
     handler.reap(clock(), false).await.unwrap();
     assert_eq!(launcher.requests(), []);
     let status = statuses
-        .get(BUCKET, &spec("in/b.csv", 3).status_key())
+        .status(BUCKET, &spec("in/b.csv", 3).status_key())
         .unwrap();
     assert_eq!((status.state, status.attempt), (State::Failed, 3));
     assert!(
@@ -784,7 +792,7 @@ async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_en
     let (older_spec, _) = spec_of(&older, 1, &[]);
     let mut done = Status::initial(&older_spec, Writer::Worker, std::time::SystemTime::now());
     done.state = State::Succeeded;
-    statuses.put(BUCKET, &older_spec.status_key(), done.clone());
+    statuses.put_status(BUCKET, &older_spec.status_key(), done.clone());
 
     let handler = Handler::new(config(&[]), &launcher, &statuses);
     let mut warning = event("spot-interruption.json");
@@ -795,10 +803,10 @@ async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_en
     assert_eq!(report.failed, []);
     assert_eq!(report.launched.len(), 1, "the newer upload's next attempt");
     let (newer_spec, _) = spec_of(&newer, 1, &[]);
-    let recorded = statuses.get(BUCKET, &newer_spec.status_key()).unwrap();
+    let recorded = statuses.status(BUCKET, &newer_spec.status_key()).unwrap();
     assert_eq!((recorded.state, recorded.attempt), (State::Interrupted, 1));
     assert_eq!(
-        statuses.get(BUCKET, &older_spec.status_key()),
+        statuses.status(BUCKET, &older_spec.status_key()),
         Some(done),
         "the older upload's status is untouched"
     );
@@ -811,11 +819,11 @@ struct Flaky {
 }
 
 impl s3spot_bootstrap::StatusStore for Flaky {
-    async fn read(
+    async fn get(
         &self,
         bucket: &str,
         key: &str,
-    ) -> Result<Option<s3spot_bootstrap::Stored>, s3spot_bootstrap::StatusError> {
+    ) -> Result<Option<s3spot_bootstrap::Document>, s3spot_bootstrap::StatusError> {
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(s3spot_bootstrap::StatusError::Read {
                 bucket: bucket.into(),
@@ -824,17 +832,17 @@ impl s3spot_bootstrap::StatusStore for Flaky {
                 denied: false,
             });
         }
-        self.inner.read(bucket, key).await
+        self.inner.get(bucket, key).await
     }
 
-    async fn write(
+    async fn put(
         &self,
         bucket: &str,
         key: &str,
-        status: &Status,
+        body: Vec<u8>,
         expect: &s3spot_bootstrap::Expect,
-    ) -> Result<(), s3spot_bootstrap::StatusError> {
-        self.inner.write(bucket, key, status, expect).await
+    ) -> Result<s3spot_bootstrap::Expect, s3spot_bootstrap::StatusError> {
+        self.inner.put(bucket, key, body, expect).await
     }
 
     async fn tail(
@@ -865,7 +873,7 @@ async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
         inner: MemoryStatuses::default(),
         failing: true.into(),
     };
-    statuses.inner.put(
+    statuses.inner.put_status(
         BUCKET,
         &status_key("in/a.csv"),
         worker_status("in/a.csv", "succeeded", 1, "i-1"),
@@ -885,7 +893,7 @@ async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
     assert_eq!(
         statuses
             .inner
-            .get(BUCKET, &status_key("in/a.csv"))
+            .status(BUCKET, &status_key("in/a.csv"))
             .unwrap()
             .state,
         State::Succeeded
@@ -897,14 +905,14 @@ async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
 async fn the_newest_upload_is_never_a_longer_keys_folder() {
     let statuses = MemoryStatuses::default();
     let upload = spec("in/a.csv", 1);
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &upload.status_key(),
         worker_status("in/a.csv", "succeeded", 1, "i-1"),
     );
     // `in/a.csv/zzz`'s results are under `in/a.csv`'s folder, and sort after its uploads.
     let longer = spec("in/a.csv/zzz", 1);
-    statuses.put(
+    statuses.put_status(
         BUCKET,
         &longer.status_key(),
         worker_status("in/a.csv/zzz", "failed", 1, "i-2"),

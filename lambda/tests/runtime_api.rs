@@ -25,6 +25,8 @@ async fn a_malformed_event_fails_only_its_invocation() {
     let moto = Moto::start();
     let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
     create_launch_template(&ec2, "s3spot-worker").await;
+    moto.create_buckets(&["example-bucket", "data", "su2c-data"])
+        .await;
     let api = RuntimeApi::start().await;
     let mut env = s3spot_env("s3spot-worker");
     env.extend(moto.env());

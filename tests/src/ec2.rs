@@ -75,9 +75,14 @@ struct State {
     tokens: HashMap<String, (Vec<(String, String)>, String)>,
     /// Markets ("spot", "on-demand") without capacity.
     no_capacity: Vec<String>,
+    /// Markets whose next requests (this many) find no capacity.
+    capacity_failures: HashMap<String, usize>,
     /// (instance type, zone, USD per hour).
     spot_prices: Vec<(String, String, f64)>,
     run_instances_calls: usize,
+    /// Seconds after its launch for which a filtered DescribeInstances does not list an
+    /// instance yet.
+    listing_lag: i64,
 }
 
 impl State {
@@ -90,6 +95,12 @@ impl State {
         instance.terminated_at.is_none_or(|at| {
             self.now() - at < i64::try_from(LISTED_AFTER_TERMINATION.as_secs()).unwrap()
         })
+    }
+
+    /// Listed by a query on its tags or state: EC2's API is eventually consistent, and a
+    /// new instance can be missing from DescribeInstances for a while after RunInstances.
+    fn found(&self, instance: &DoubleInstance) -> bool {
+        self.listed(instance) && self.now() - instance.launched_at >= self.listing_lag
     }
 
     fn forget_expired_tokens(&mut self) {
@@ -170,6 +181,14 @@ impl Ec2Double {
         }
     }
 
+    /// The next `requests` launches in `market` find no capacity, whatever comes after: capacity
+    /// that churns between two requests made at nearly the same time.
+    pub fn fail_next(&self, market: &str, requests: usize) {
+        self.state()
+            .capacity_failures
+            .insert(market.to_owned(), requests);
+    }
+
     /// The current spot prices: (instance type, availability zone, USD per hour).
     pub fn set_spot_prices(&self, prices: &[(&str, &str, f64)]) {
         self.state().spot_prices = prices
@@ -214,6 +233,13 @@ impl Ec2Double {
             .into_iter()
             .filter(|i| i.state == "running")
             .collect()
+    }
+
+    /// How long a new instance stays out of DescribeInstances' answers to a query by tags or
+    /// state (EC2's eventual consistency); none until told otherwise. The double's clock
+    /// ([`Ec2Double::advance`]) ends it.
+    pub fn set_listing_lag(&self, lag: Duration) {
+        self.state().listing_lag = i64::try_from(lag.as_secs()).expect("a sane duration");
     }
 
     pub fn run_instances_calls(&self) -> usize {
@@ -290,7 +316,13 @@ fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Ful
         let xml = format!("<instancesSet>{}</instancesSet>", instance_xml(instance));
         return ok("RunInstancesResponse", &xml);
     }
-    if state.no_capacity.iter().any(|m| m == market) {
+    let failing = state
+        .capacity_failures
+        .get_mut(market)
+        .filter(|left| **left > 0)
+        .map(|left| *left -= 1)
+        .is_some();
+    if failing || state.no_capacity.iter().any(|m| m == market) {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InsufficientInstanceCapacity",
@@ -366,8 +398,13 @@ fn describe_instances(state: &mut State, params: &[(String, String)]) -> Respons
     let items: String = state
         .instances
         .values()
-        .filter(|i| state.listed(i))
-        .filter(|i| ids.is_empty() || ids.contains(&i.id))
+        .filter(|i| {
+            if ids.is_empty() {
+                state.found(i)
+            } else {
+                state.listed(i) && ids.contains(&i.id)
+            }
+        })
         .filter(|i| matches(i))
         .map(|i| {
             format!(

@@ -116,6 +116,23 @@ impl Moto {
     pub fn env(&self) -> Vec<(&'static str, String)> {
         child_env(&self.endpoint)
     }
+
+    /// Creates S3 buckets, as a deployed stack has them: the launcher keeps each job's claim
+    /// and status.json in its results bucket.
+    pub async fn create_buckets(&self, buckets: &[&str]) {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.sdk_config().await)
+                .force_path_style(true)
+                .build(),
+        );
+        for bucket in buckets {
+            s3.create_bucket()
+                .bucket(*bucket)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("create bucket {bucket} in moto: {e:?}"));
+        }
+    }
 }
 
 /// An SDK configuration for a test server at `endpoint`, with the test credentials.

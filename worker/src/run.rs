@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use s3spot_bootstrap::{
-    HARD_LIMIT_GRACE_SECS, JobSpec, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE,
-    STDOUT_FILE, Stage, State, Status, Writer, record, timestamp,
+    HARD_LIMIT_GRACE_SECS, JobSpec, RECORDS_FOLDER, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE,
+    STDERR_FILE, STDOUT_FILE, Stage, State, Status, Writer, record, timestamp,
 };
 use tokio::sync::watch;
 
@@ -20,7 +20,8 @@ use crate::settings::Settings;
 use crate::upload::{Uploader, files_under};
 
 /// Names the worker writes itself under the results prefix; a command's files of the same name
-/// would be overwritten by them, so they are not uploaded.
+/// would be overwritten by them, so they are not uploaded. Nor is anything under
+/// [`RECORDS_FOLDER`], where the launcher keeps the attempts' claims.
 const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
 
 /// Time kept before the hard limit for writing status.json, at most.
@@ -302,7 +303,7 @@ impl Worker {
             }
         };
         files.retain(|(_, name)| {
-            let reserved = RESERVED.contains(&name.as_str());
+            let reserved = RESERVED.contains(&name.as_str()) || name.starts_with(RECORDS_FOLDER);
             if reserved {
                 tracing::warn!(
                     name,

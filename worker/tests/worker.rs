@@ -630,6 +630,33 @@ fn an_input_named_like_the_workers_own_files_is_processed_as_it_is() {
     }
 }
 
+#[test]
+fn a_commands_files_where_s3spot_keeps_its_own_are_not_uploaded() {
+    let fixture = Fixture::new();
+    fixture.put("data", "x/in.csv", CSV);
+    let prefix = format!("analysis/x/in.csv/{}/", common::UPLOAD);
+    let claim = format!("{prefix}.s3spot/attempt-1.json");
+    fixture.put("data", &claim, b"the launcher's claim");
+    let command = Some(
+        r#"cd "$S3SPOT_OUTPUT_DIR" && mkdir .s3spot && echo forged > .s3spot/attempt-1.json && echo forged > .s3spot/attempt-2.json && echo forged > status.json && echo forged > stdout.log && echo kept > kept.txt"#,
+    );
+    let output = fixture.run_job(&fixture.job("x/in.csv", command), &[]);
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(fixture.text("data", &claim), "the launcher's claim");
+    assert_eq!(fixture.keys("data", &format!("{prefix}.s3spot/")), [claim]);
+    let status = fixture.status("data", &prefix);
+    assert_eq!(status.state, State::Succeeded, "{status:#?}");
+    assert_eq!(
+        status.outputs,
+        [
+            format!("{prefix}kept.txt"),
+            format!("{prefix}stdout.log"),
+            format!("{prefix}stderr.log"),
+        ]
+    );
+    assert_eq!(fixture.text("data", &format!("{prefix}stdout.log")), "");
+}
+
 /// Starts `job` with `args`, and returns the child once its command has finished (its
 /// `process` stage line has come), with the rest of its stderr collected on a thread.
 fn start_until_processed(
