@@ -34,10 +34,18 @@ pub struct Claim {
     pub job: JobSpec,
     /// When the launcher that holds it began the launch (RFC 3339, UTC).
     pub claimed_at: String,
+    /// When the attempt was first claimed, if a launcher has taken the claim over since: how
+    /// long the attempt has waited for an instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
     /// The instance launched for the attempt, once there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
-    /// Why the launch gave up, leaving the attempt to whoever comes next.
+    /// Why the attempt needs no launch, though its instance is not known: EC2 answered that its
+    /// `ClientToken` belongs to an instance that has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
+    /// Why the launch gave up, when nothing was launched: whoever comes next takes it over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<String>,
 }
@@ -48,23 +56,46 @@ impl Claim {
         Claim {
             job,
             claimed_at: crate::status::timestamp(SystemTime::now()),
+            since: None,
             instance_id: None,
+            done: None,
             released: None,
+        }
+    }
+
+    /// A new claim on the same attempt, taking this one over: it keeps [`Claim::since`].
+    pub fn take_over(&self, job: JobSpec) -> Claim {
+        Claim {
+            since: Some(
+                self.since
+                    .clone()
+                    .unwrap_or_else(|| self.claimed_at.clone()),
+            ),
+            ..Claim::new(job)
         }
     }
 
     /// How long ago the launch began; `None` if that cannot be told (the claim is then as old
     /// as can be).
     pub fn age(&self, now: SystemTime) -> Option<Duration> {
-        let claimed = DateTime::from_str(&self.claimed_at, DateTimeFormat::DateTime).ok()?;
-        let claimed = SystemTime::try_from(claimed).ok()?;
-        Some(now.duration_since(claimed).unwrap_or_default())
+        age(&self.claimed_at, now)
     }
 
-    /// Held by a launch that is (or was) under way, with no instance on record yet.
-    pub fn is_pending(&self) -> bool {
-        self.instance_id.is_none() && self.released.is_none()
+    /// How long the attempt has been claimed, by this launcher and those before it.
+    pub fn waited(&self, now: SystemTime) -> Option<Duration> {
+        age(self.since.as_deref().unwrap_or(&self.claimed_at), now)
     }
+
+    /// Held by a launch that is (or was) under way, with nothing on record yet.
+    pub fn is_pending(&self) -> bool {
+        self.instance_id.is_none() && self.done.is_none() && self.released.is_none()
+    }
+}
+
+fn age(timestamp: &str, now: SystemTime) -> Option<Duration> {
+    let then = DateTime::from_str(timestamp, DateTimeFormat::DateTime).ok()?;
+    let then = SystemTime::try_from(then).ok()?;
+    Some(now.duration_since(then).unwrap_or_default())
 }
 
 /// A claim as read: the claim, or why it is not one, and what a write over it must match.
@@ -152,5 +183,12 @@ mod tests {
             ..claim
         };
         assert!(stale.age(SystemTime::now()).unwrap() > Duration::from_secs(3600));
+        // Taken over, the claim is new, and still says since when the attempt has waited.
+        let taken = stale.take_over(job.clone());
+        assert!(taken.is_pending());
+        assert!(taken.age(SystemTime::now()).unwrap() < Duration::from_secs(60));
+        assert!(taken.waited(SystemTime::now()).unwrap() > Duration::from_secs(3600));
+        let again = taken.take_over(job);
+        assert_eq!(again.since.as_deref(), Some("2020-01-01T00:00:00Z"));
     }
 }

@@ -188,9 +188,18 @@ def check_reaper_scheduled(template):
     assert len(targets) == 1 and targets[0]["Arn"] == {"Fn::GetAtt": ["LauncherFunction", "Arn"]}
     assert "Input" not in targets[0], "the scheduled event itself, not a custom input"
     pattern = re.compile(template["Parameters"]["ReaperRate"]["AllowedPattern"])
-    for good in ("rate(15 minutes)", "rate(1 hour)", "rate(2 hours)"):
+    for good in ("rate(15 minutes)", "rate(1 minute)", "rate(5 minutes)", "rate(10 minutes)"):
         assert pattern.fullmatch(good), good
-    for bad in ("rate(1 minutes)", "rate(0 minutes)", "cron(0 * * * ? *)", "15"):
+    # EC2 forgets an ended instance about an hour after it ends: a slower reaper could miss it.
+    for bad in (
+        "rate(16 minutes)",
+        "rate(30 minutes)",
+        "rate(1 hour)",
+        "rate(1 minutes)",
+        "rate(0 minutes)",
+        "cron(0 * * * ? *)",
+        "15",
+    ):
         assert not pattern.fullmatch(bad), bad
     permissions = [
         p["Properties"]
@@ -201,17 +210,20 @@ def check_reaper_scheduled(template):
 
 
 def check_instance_role_exact(template):
-    grants = {}
+    grants = {"Allow": {}, "Deny": {}}
     for s in role_statements(template, "InstanceRole"):
-        assert s["Effect"] == "Allow"
         for action in as_list(s["Action"]):
             for resource in as_list(s["Resource"]):
-                grants.setdefault(action, set()).add(sub_text(resource))
-    assert grants == {
+                grants[s["Effect"]].setdefault(action, set()).add(sub_text(resource))
+    assert grants["Allow"] == {
         "s3:GetObject": {"${DataBucket.Arn}/*", "${ArtifactsBucket.Arn}/${WorkerKey}"},
         "s3:GetObjectVersion": {"${DataBucket.Arn}/*"},
         "s3:PutObject": {"${DataBucket.Arn}/analysis/*"},
         "s3:AbortMultipartUpload": {"${DataBucket.Arn}/analysis/*"},
+    }, grants
+    # A job's command runs with this role: it must not forge the launcher's claims.
+    assert grants["Deny"] == {
+        "s3:PutObject": {"${DataBucket.Arn}/analysis/*/.s3spot/*"},
     }, grants
     props = template["Resources"]["InstanceRole"]["Properties"]
     assert [sub_text(a) for a in props["ManagedPolicyArns"]] == [
@@ -562,6 +574,15 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
                 Resource={"Fn::Sub": "${DataBucket.Arn}/*"}
             ),
         )
+
+    def test_instance_may_forge_claims(self):
+        def edit(t):
+            statements = t["Resources"]["InstanceRole"]["Properties"]["Policies"][0][
+                "PolicyDocument"
+            ]["Statement"]
+            statements[:] = [s for s in statements if s.get("Sid") != "NeverTheLaunchersClaims"]
+
+        self.expect_failure(check_instance_role_exact, edit)
 
     def test_imdsv1(self):
         self.expect_failure(

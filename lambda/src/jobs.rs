@@ -510,10 +510,20 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             || "EC2 gives no reason".to_owned(),
             |reason| format!("EC2's reason: {reason}"),
         );
-        let mut error = format!(
-            "instance {} ended ({}) without a status from its worker; {reason}",
-            instance.instance_id, instance.state
-        );
+        let mut error = if instance.result == Some(State::Interrupted) {
+            // Its worker was stopped (a shutdown, a terminate) by something other than a spot
+            // interruption, which alone launches a next attempt.
+            format!(
+                "instance {} ended ({}) after its worker was stopped, and not by a spot \
+                 interruption, so no next attempt is launched; {reason}",
+                instance.instance_id, instance.state
+            )
+        } else {
+            format!(
+                "instance {} ended ({}) without a status from its worker; {reason}",
+                instance.instance_id, instance.state
+            )
+        };
         match self.launcher.console_output(&instance.instance_id).await {
             Ok(Some(console)) => {
                 error.push_str("; the end of its console output:\n");

@@ -65,6 +65,13 @@ pub(crate) enum Launch {
     },
 }
 
+/// A launch that failed.
+struct Failed {
+    record: FailedRecord,
+    /// The outcome is not known: an instance may have been launched.
+    maybe_launched: bool,
+}
+
 /// What [`Handler::claim`] found.
 enum Claimed {
     /// This launch holds the attempt's claim.
@@ -113,8 +120,13 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 instance_id: Some(instance_id),
                 ..
             }) => claim.instance_id = Some(instance_id.clone()),
-            Ok(Launch::AlreadyDone { reason, .. }) => claim.released = Some(reason.clone()),
-            Err(failure) => claim.released = Some(failure.error.clone()),
+            Ok(Launch::AlreadyDone { reason, .. }) => claim.done = Some(reason.clone()),
+            Err(failure) if !failure.maybe_launched => {
+                claim.released = Some(failure.record.error.clone());
+            }
+            // Left pending: whoever takes it over once its lease is out asks EC2 first, which
+            // lists the instance by then if there is one.
+            Err(_) => return launched.map_err(|failure| failure.record),
         }
         // A claim left pending is taken over once its lease is out, after EC2 is asked again:
         // nothing is lost if this write is.
@@ -132,7 +144,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 "cannot record the launch in the attempt's claim"
             );
         }
-        launched
+        launched.map_err(|failure| failure.record)
     }
 
     /// Takes the claim on `job`'s attempt: a new one, or one that was released, damaged or
@@ -152,7 +164,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             ),
             retryable: true,
         };
-        let ours = Claim::new(spec.clone());
+        let mut ours = Claim::new(spec.clone());
         let mut expect = Expect::Nothing;
         let mut contended = None;
         let mut vanished = false;
@@ -197,6 +209,12 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     instance_id: Some(instance_id),
                 }));
             }
+            if let Some(done) = held.done {
+                return Ok(Claimed::Elsewhere(Launch::AlreadyDone {
+                    reason: format!("{done} (s3://{bucket}/{key})"),
+                    instance_id: None,
+                }));
+            }
             let age = held.age(SystemTime::now()).unwrap_or(Duration::MAX);
             if held.is_pending() && age < CLAIM_LEASE {
                 contended = Some(held.claimed_at);
@@ -208,6 +226,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 claimed_at = held.claimed_at,
                 "taking over the attempt's claim"
             );
+            ours = held.take_over(spec.clone());
         }
         if vanished {
             return Err(failed(&StatusError::Write {
@@ -235,13 +254,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         purpose: Purpose,
         state: &mut InvocationState,
         report: &mut Report,
-    ) -> Result<Launch, FailedRecord> {
+    ) -> Result<Launch, Failed> {
         let spec = &job.spec;
-        let failed = |error: String, retryable: bool| FailedRecord {
-            bucket: spec.bucket.clone(),
-            key: spec.key.clone(),
-            error,
-            retryable,
+        let failed = |error: String, retryable: bool| Failed {
+            record: FailedRecord {
+                bucket: spec.bucket.clone(),
+                key: spec.key.clone(),
+                error,
+                retryable,
+            },
+            maybe_launched: false,
         };
         let launch = &self.config.launch;
         let pipeline = &self.config.job.pipeline;
@@ -305,7 +327,12 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     tracing::warn!(option = %request.option, error = %error, "no capacity; trying the next option");
                     no_capacity.push(format!("{}: {error}", request.option));
                 }
-                Err(error) => return Err(failed(error.to_string(), error.is_retryable())),
+                Err(error) => {
+                    return Err(Failed {
+                        maybe_launched: error.may_have_launched(),
+                        ..failed(error.to_string(), error.is_retryable())
+                    });
+                }
             }
         }
         Err(failed(

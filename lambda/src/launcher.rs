@@ -192,6 +192,18 @@ impl LaunchError {
             LaunchError::Api { retryable, .. } => *retryable,
         }
     }
+
+    /// Whether an instance may exist although the call failed: a timeout, a dropped connection
+    /// or a server error can come after EC2 has launched it. EC2's refusals say it has not.
+    pub fn may_have_launched(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::Api {
+                retryable: true,
+                ..
+            }
+        )
+    }
 }
 
 /// What the handler needs from a compute provider. EC2 implements it for AWS; the local mode and

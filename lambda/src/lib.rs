@@ -32,6 +32,7 @@ pub use launcher::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
     StateReason,
 };
+pub use recover::REPLACEMENT_WAIT;
 pub use report::{HandlerError, Report, Response};
 pub use s3spot_bootstrap::{S3Statuses, StatusError, StatusStore};
 

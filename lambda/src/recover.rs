@@ -6,18 +6,27 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::time::{Duration, SystemTime};
+
 use s3spot_bootstrap::{
-    JobSpec, RenderError, State, Status, StatusError, StatusStore, error_chain, read_status,
-    render_user_data,
+    JobSpec, RenderError, State, Status, StatusError, StatusStore, StoredClaim, error_chain,
+    read_claim, read_status, render_user_data,
 };
 
+use crate::config::JobConfig;
 use crate::event::ObjectCreated;
 use crate::handler::Handler;
 use crate::jobs::{Clock, EndedAttempt, JobInstance, JobsError, Stopped, Target};
 use crate::launch::{InvocationState, Launch, Purpose};
-use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE};
+use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE, is_ended_state};
 use crate::plan::{Plan, PlannedJob, plan};
 use crate::report::{FailedRecord, Report};
+
+/// How long the next attempt of a job whose instance EC2 took back may wait for capacity
+/// before the job is failed. EC2 lists an ended instance for about an hour, and the reaper,
+/// which launches the next attempt while it can see the instance, runs at least every 15
+/// minutes: it gets to try after this, before the instance is forgotten.
+pub const REPLACEMENT_WAIT: Duration = Duration::from_secs(25 * 60);
 
 impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// EC2's two-minute warning for `instance_id`: if it is one of this pipeline's, its job is
@@ -69,6 +78,20 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             .spec_of(instance_id)
             .await
             .map_err(|error| failed(error_chain(&error), is_retryable(&error)))?;
+        // The next attempt waits for this one to end (EC2 takes the instance two minutes after
+        // its warning; its worker stops at the warning): one upload never has two instances at
+        // once, and a worker that finishes within the two minutes needs no next attempt.
+        if !is_ended_state(&instance.state) {
+            return Err(failed(
+                format!(
+                    "attempt {} of job {} is still on it ({}); the next attempt is launched \
+                     once it has ended, when the queue delivers this warning again (or the \
+                     reaper finds it ended)",
+                    spec.attempt, spec.job_id, instance.state
+                ),
+                true,
+            ));
+        }
         self.relaunch(&spec, &instance, "spot interruption warning", state, report)
             .await
             .map(|_| ())
@@ -79,8 +102,8 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// records the attempt. A repeated warning launches nothing more: the next attempt's
     /// launch finds it. Returns what was recorded, as a sentence.
     ///
-    /// The next attempt is the job exactly as it was launched (its command, limits, worker and
-    /// results folder), whatever the function's settings are now. When it cannot be launched,
+    /// The next attempt is the job as it was launched (its command, limits and results folder,
+    /// whatever the function's settings are now), with the current worker binary. When it cannot be launched,
     /// the attempt is recorded `interrupted` with the reason, and the error is returned for the
     /// caller to try again (the queue redelivers the warning; the reaper looks again each
     /// period while EC2 lists the instance); a launch that can never succeed fails the job.
@@ -154,7 +177,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
 
         let next_attempt = spec.attempt + 1;
-        let launched = match next_attempt_of(spec, self.config.job.region.as_deref()) {
+        let launched = match next_attempt_of(spec, &self.config.job) {
             Ok(job) => {
                 // Type-erased, as the handler's rare paths are: this one nests a launch inside
                 // a recovery.
@@ -171,7 +194,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 ..
             }) => format!("already launched on {instance_id}"),
             Ok(Launch::AlreadyDone { reason, .. }) => reason,
-            Err(failure) if failure.retryable => {
+            Err(failure) if failure.retryable && !self.waited_too_long(spec).await => {
                 let note = format!(
                     "{why}; attempt {next_attempt} not launched yet: {}",
                     failure.error
@@ -180,8 +203,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 return Err(failure);
             }
             Err(failure) => {
+                let cannot = if failure.retryable {
+                    format!(
+                        "could not be launched in {} minutes",
+                        REPLACEMENT_WAIT.as_secs() / 60
+                    )
+                } else {
+                    "cannot be launched".to_owned()
+                };
                 let error = format!(
-                    "{why}; attempt {next_attempt} cannot be launched: {}; `s3spot jobs retry \
+                    "{why}; attempt {next_attempt} {cannot}: {}; `s3spot jobs retry \
                      s3://{}/{}` runs the job again",
                     failure.error, spec.bucket, spec.key
                 );
@@ -197,6 +228,24 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let note = format!("{why}; attempt {next_attempt} {next}");
         record(State::Interrupted, note.clone()).await?;
         Ok(note)
+    }
+
+    /// Whether the attempt after `spec`'s has waited [`REPLACEMENT_WAIT`] for an instance, by
+    /// its claim.
+    async fn waited_too_long(&self, spec: &JobSpec) -> bool {
+        let next = JobSpec {
+            attempt: spec.attempt + 1,
+            ..spec.clone()
+        };
+        match read_claim(&self.statuses, &next.results_bucket, &next.claim_key()).await {
+            Ok(Some(StoredClaim {
+                claim: Ok(claim), ..
+            })) => claim
+                .waited(SystemTime::now())
+                .is_some_and(|waited| waited >= REPLACEMENT_WAIT),
+            // No claim to tell by: the next try will have one.
+            _ => false,
+        }
     }
 
     /// Launches a job again, with the attempt after the last one EC2 or its status.json knows
@@ -370,13 +419,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     }
 }
 
-/// The attempt after `spec`'s, exactly as `spec` was launched.
-fn next_attempt_of(spec: &JobSpec, region: Option<&str>) -> Result<PlannedJob, RenderError> {
+/// The attempt after `spec`'s: the job as it was launched (its command, limits and results
+/// folder), with the worker binary of `config`. A deploy replaces the worker, and the instance
+/// role may read only the current one; it speaks the same contract.
+fn next_attempt_of(spec: &JobSpec, config: &JobConfig) -> Result<PlannedJob, RenderError> {
     let spec = JobSpec {
         attempt: spec.attempt + 1,
+        worker: config.worker.clone(),
         ..spec.clone()
     };
-    let user_data = render_user_data(&spec, region)?;
+    let user_data = render_user_data(&spec, config.region.as_deref())?;
     Ok(PlannedJob { spec, user_data })
 }
 

@@ -9,7 +9,9 @@ use s3spot_bootstrap::{
     record, write_claim,
 };
 use s3spot_lambda::plan::{Decision, preview};
-use s3spot_lambda::{CLAIM_LEASE, Config, Ec2Launcher, Handler, HandlerError, Report, Response};
+use s3spot_lambda::{
+    CLAIM_LEASE, Config, Ec2Launcher, Handler, HandlerError, REPLACEMENT_WAIT, Report, Response,
+};
 use s3spot_tests::ec2::TOKEN_AFTER_TERMINATION;
 use s3spot_tests::{Ec2Double, REGION, S3Server, s3spot_lookup};
 use serde_json::{Value, json};
@@ -54,11 +56,15 @@ impl Setup {
 
 /// The S3 notification of one upload of `in/f.csv`, as S3 delivers it (again and again).
 fn upload_event() -> Value {
+    upload_event_of("in/f.csv")
+}
+
+fn upload_event_of(key: &str) -> Value {
     json!({"Records": [{
         "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": REGION,
         "eventTime": "2026-11-30T10:19:37.123Z", "eventName": "ObjectCreated:Put",
         "s3": {"bucket": {"name": BUCKET}, "object": {
-            "key": "in/f.csv", "size": 42, "eTag": "0123456789abcdef0123456789abcdef",
+            "key": key, "size": 42, "eTag": "0123456789abcdef0123456789abcdef",
             "sequencer": "0062E99A88DC407460"}}
     }]})
 }
@@ -87,13 +93,14 @@ async fn spot_back_after_an_on_demand_fallback_launches_nothing_more() {
     setup.ec2.set_capacity("spot", true);
     let again = deliver(&handler).await;
     assert_eq!(again.launched, [], "{again:?}");
-    assert!(
-        again.skipped[0].reason.starts_with("already launched")
-            && again.skipped[0]
-                .reason
-                .contains(&first.launched[0].instance_id),
-        "{:?}",
-        again.skipped
+    // EC2's answer, before the claim is read: the lookup alone stops it.
+    assert_eq!(
+        again.skipped[0].reason,
+        format!(
+            "already launched: attempt 1 of job {} is on {} (running)",
+            setup.job_of(&first.launched[0].instance_id).job_id,
+            first.launched[0].instance_id
+        ),
     );
     assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
 }
@@ -125,7 +132,11 @@ async fn prices_that_move_between_deliveries_launch_nothing_more() {
     ]);
     let again = deliver(&handler).await;
     assert_eq!(again.launched, [], "{again:?}");
-    assert!(again.skipped[0].reason.starts_with("already launched"));
+    let reason = &again.skipped[0].reason;
+    assert!(
+        reason.starts_with("already launched") && reason.ends_with("(running)"),
+        "EC2's answer, before the claim is read: {reason}"
+    );
     assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
 }
 
@@ -227,32 +238,25 @@ async fn a_spot_instance_taken_back_is_relaunched_once_however_often_it_is_told(
     let setup = Setup::start();
     let handler = setup.handler(&[]).await;
     let id = deliver(&handler).await.launched[0].instance_id.clone();
-    let warning = json!({"version": "0", "id": "w", "detail-type": "EC2 Spot Instance Interruption Warning",
-        "source": "aws.ec2", "account": "123456789012", "time": "2026-11-30T10:30:00Z",
-        "region": REGION, "resources": [format!("arn:aws:ec2:{REGION}a:instance/{id}")],
-        "detail": {"instance-id": id, "instance-action": "terminate"}});
+    // The warning comes (twice): the instance still runs, so nothing is launched beside it.
     for _ in 0..2 {
-        let Ok(Response::Report(report)) = handler.handle(warning.clone()).await else {
-            panic!("a report")
-        };
-        assert_eq!(report.failed, []);
+        let report = handled(&handler, warning_event(&id)).await;
+        assert!(report.failed[0].retryable, "{report:?}");
+        assert_eq!(report.launched, []);
+        assert_eq!(setup.ec2.running().len(), 1, "never two instances at once");
     }
     setup.ec2.end(
         &id,
         "Server.SpotInstanceTermination",
         "Server.SpotInstanceTermination: Spot instance termination",
     );
-    // The reaper sees the reclaimed instance too, and the upload's event comes again.
-    let Ok(Response::Report(reaped)) = handler
-        .handle(
-            json!({"source": "aws.events", "detail-type": "Scheduled Event",
-            "id": "1", "version": "0", "account": "123456789012",
-            "time": "2026-11-30T10:35:00Z", "region": REGION, "resources": [], "detail": {}}),
-        )
-        .await
-    else {
-        panic!("a report")
-    };
+    // Its redeliveries launch the next attempt once; the reaper sees the reclaimed instance
+    // too, and the upload's event comes again.
+    for _ in 0..2 {
+        let report = handled(&handler, warning_event(&id)).await;
+        assert_eq!(report.failed, [], "{report:?}");
+    }
+    let reaped = handled(&handler, reaper_event()).await;
     assert_eq!(reaped.failed, [], "{reaped:?}");
     deliver(&handler).await;
     let attempts: Vec<Option<String>> = setup
@@ -417,26 +421,66 @@ async fn a_launch_that_died_holding_its_claim_is_taken_over_once_its_lease_is_ou
     let again = deliver(&handler).await;
     assert_eq!(again.launched, [], "{again:?}");
     assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+
+    // A launcher that died after RunInstances and before recording its instance: past the
+    // lease, EC2 lists the instance, and nothing more is launched.
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+    let again = deliver(&handler).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    assert!(
+        again.skipped[0]
+            .reason
+            .ends_with(&format!("is on {id} (running)")),
+        "{again:?}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_spot_instance_taken_back_at_the_instance_cap_is_replaced() {
+async fn a_spot_instance_taken_back_is_replaced_though_new_uploads_fill_the_cap_and_a_deploy_changed_the_worker()
+ {
     let setup = Setup::start();
     let handler = setup.handler(&[("S3SPOT_MAX_INSTANCES", "1")]).await;
     let id = deliver(&handler).await.launched[0].instance_id.clone();
-    // The pipeline is at its cap, with the instance that is about to be taken back.
-    let report = handled(&handler, warning_event(&id)).await;
+    setup.ec2.end(
+        &id,
+        "Server.SpotInstanceTermination",
+        "Server.SpotInstanceTermination: Spot instance termination",
+    );
+    // Another upload takes the place it left, up to the cap.
+    let other = handled(&handler, upload_event_of("in/g.csv")).await;
+    assert_eq!(other.launched.len(), 1, "{other:?}");
+    // A deploy since then ships another worker; the instance role can read only that one.
+    let new_worker = "f".repeat(64);
+    let deployed = setup
+        .handler(&[
+            ("S3SPOT_MAX_INSTANCES", "1"),
+            (
+                "S3SPOT_WORKER_URI",
+                "s3://artifacts/workers/new/s3spot-worker",
+            ),
+            ("S3SPOT_WORKER_SHA256", &new_worker),
+        ])
+        .await;
+    let report = handled(&deployed, warning_event(&id)).await;
     assert_eq!(report.failed, [], "{report:?}");
     assert_eq!(report.launched.len(), 1, "{report:?}");
     let job = setup.job_of(&report.launched[0].instance_id);
+    let first = setup.job_of(&id);
     assert_eq!(job.attempt, 2);
+    assert_eq!(job.worker.sha256, new_worker);
+    assert_eq!(job.worker.uri, "s3://artifacts/workers/new/s3spot-worker");
     assert_eq!(
         job,
         JobSpec {
             attempt: 2,
-            ..setup.job_of(&id)
+            worker: job.worker.clone(),
+            ..first
         },
-        "the job as it was launched"
+        "otherwise the job as it was launched"
     );
 }
 
@@ -447,9 +491,14 @@ async fn a_replacement_that_cannot_launch_yet_is_launched_by_the_reaper_later() 
     let statuses = S3Statuses::from_client(setup.s3.client().await);
     let id = deliver(&handler).await.launched[0].instance_id.clone();
     let job = setup.job_of(&id);
+    setup.ec2.end(
+        &id,
+        "Server.SpotInstanceTermination",
+        "Server.SpotInstanceTermination: Spot instance termination",
+    );
 
-    // No spot capacity when the warning comes: the attempt is recorded interrupted, with why,
-    // and the warning is retried.
+    // No spot capacity when the warning comes back: the attempt is recorded interrupted, with
+    // why, and the warning is retried.
     setup.ec2.set_capacity("spot", false);
     let warned = handled(&handler, warning_event(&id)).await;
     assert!(warned.failed[0].retryable, "{warned:?}");
@@ -460,14 +509,9 @@ async fn a_replacement_that_cannot_launch_yet_is_launched_by_the_reaper_later() 
     assert_eq!(status.state, State::Interrupted);
     let error = status.error.unwrap_or_default();
     assert!(error.contains("attempt 2 not launched yet"), "{error}");
-    setup.ec2.end(
-        &id,
-        "Server.SpotInstanceTermination",
-        "Server.SpotInstanceTermination: Spot instance termination",
-    );
 
-    // The warning's deliveries ran out (the dead-letter queue has it); capacity is back by the
-    // reaper's next period, while EC2 still lists the instance.
+    // Capacity is back by the reaper's next period, while EC2 still lists the instance, and
+    // whatever became of the warning (its deliveries may have run out).
     setup.ec2.set_capacity("spot", true);
     setup.ec2.advance(Duration::from_secs(15 * 60));
     let reaped = handled(&handler, reaper_event()).await;
@@ -485,6 +529,64 @@ async fn a_replacement_that_cannot_launch_yet_is_launched_by_the_reaper_later() 
     setup.ec2.advance(Duration::from_secs(15 * 60));
     handled(&handler, reaper_event()).await;
     assert_eq!(setup.ec2.instances().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replacement_that_waits_too_long_for_capacity_fails_the_job_while_ec2_lists_it() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[]).await;
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let id = deliver(&handler).await.launched[0].instance_id.clone();
+    let job = setup.job_of(&id);
+    setup.ec2.end(
+        &id,
+        "Server.SpotInstanceTermination",
+        "Server.SpotInstanceTermination: Spot instance termination",
+    );
+    setup.ec2.set_capacity("spot", false);
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.failed.len(), 1, "{reaped:?}");
+    assert_eq!(setup.ec2.instances().len(), 1);
+
+    // The second attempt has waited for capacity since its first claim, REPLACEMENT_WAIT ago:
+    // the reaper's next look, before EC2 forgets the instance, fails the job, and says how to
+    // run it again.
+    let next = JobSpec {
+        attempt: 2,
+        ..job.clone()
+    };
+    let stored = read_claim(&statuses, BUCKET, &next.claim_key())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut claim = stored.claim.unwrap();
+    assert!(claim.released.is_some(), "{claim:?}");
+    claim.since = Some(s3spot_bootstrap::timestamp(
+        SystemTime::now() - REPLACEMENT_WAIT - Duration::from_secs(1),
+    ));
+    write_claim(&statuses, BUCKET, &next.claim_key(), &claim, &stored.expect)
+        .await
+        .unwrap();
+    setup.ec2.advance(Duration::from_secs(15 * 60));
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.failed, [], "{reaped:?}");
+    let status = s3spot_bootstrap::read_status(&statuses, BUCKET, &job.status_key(), &job.job_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.state, State::Failed, "{status:?}");
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains("attempt 2 could not be launched in 25 minutes")
+            && error.contains("InsufficientInstanceCapacity")
+            && error.contains("s3spot jobs retry s3://data/in/f.csv"),
+        "{error}"
+    );
+    // Final: the reaper leaves it, and nothing is launched.
+    setup.ec2.set_capacity("spot", true);
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.ended, [], "{reaped:?}");
+    assert_eq!(setup.ec2.instances().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

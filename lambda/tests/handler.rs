@@ -559,11 +559,12 @@ fn interrupted_job(attempt: u32) -> (JobSpec, String) {
 
 /// The instance of `events/spot-interruption.json`: `s3-put.json`'s job on its `attempt`, as
 /// EC2 would describe it, with its user-data.
+/// The instance of a spot interruption warning, as the warning's redelivery finds it: ended.
 fn interrupted(pipeline: &str, attempt: u32) -> (InstanceInfo, String) {
     let (spec, user_data) = interrupted_job(attempt);
     let info = InstanceInfo {
         instance_id: INTERRUPTED.into(),
-        state: "running".into(),
+        state: "terminated".into(),
         instance_type: Some("m7i.large".into()),
         market: "spot".into(),
         launched_at: Some(1_714_564_800),
@@ -630,6 +631,30 @@ async fn a_spot_interruption_relaunches_the_job_as_its_next_attempt() {
     assert_eq!(
         status.instance.and_then(|i| i.id).as_deref(),
         Some(INTERRUPTED)
+    );
+}
+
+#[tokio::test]
+async fn the_next_attempt_waits_for_the_interrupted_one_to_end() {
+    let (mut info, user_data) = interrupted("s3spot", 1);
+    info.state = "running".into();
+    let launcher = launcher_with((info, user_data));
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let report = match handler.handle(event("spot-interruption.json")).await {
+        Err(HandlerError::Retryable(report)) => report,
+        other => panic!("expected a retry, got {other:?}"),
+    };
+    assert_eq!(report.launched, []);
+    let error = &report.failed[0].error;
+    assert!(
+        error.contains("still on it (running)") && error.contains("once it has ended"),
+        "{error}"
+    );
+    assert_eq!(launcher.requests(), []);
+    assert_eq!(
+        handler.statuses().writes(),
+        [],
+        "its worker writes its own account"
     );
 }
 
@@ -756,4 +781,62 @@ async fn a_job_that_already_finished_is_not_relaunched() {
             .contains("already ended (succeeded)")
     );
     assert_eq!(handler_status(&handler), done, "left as it was");
+}
+
+/// What the attempt's claim says after a launch ends in `outcome`, and what the event's next
+/// delivery then does.
+async fn claim_after(outcome: Result<Launched, LaunchError>) -> (s3spot_bootstrap::Claim, Report) {
+    let launcher = ScriptedLauncher::with_script(vec![outcome]);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let _ = handler.handle(event("s3-put.json")).await;
+    let key = interrupted_job(1).0.claim_key();
+    let claim: s3spot_bootstrap::Claim =
+        serde_json::from_value(handler.statuses().json("example-bucket", &key).unwrap()).unwrap();
+    let again = match handler.handle(event("s3-put.json")).await {
+        Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+        other => panic!("{other:?}"),
+    };
+    (claim, again)
+}
+
+#[tokio::test]
+async fn a_claim_is_released_only_when_ec2_said_no() {
+    // Refused: nothing was launched, and the next delivery takes the attempt over.
+    let (claim, again) = claim_after(capacity()).await;
+    assert!(
+        claim
+            .released
+            .as_deref()
+            .is_some_and(|why| why.contains("InsufficientInstanceCapacity")),
+        "{claim:?}"
+    );
+    assert_eq!(again.launched.len(), 1, "{again:?}");
+
+    // A timeout or a server error may come after EC2 launched the instance: the claim stays
+    // pending, and the next delivery within its lease launches nothing.
+    let (claim, again) = claim_after(Err(LaunchError::Api {
+        operation: "RunInstances",
+        message: "dispatch failure: timed out".into(),
+        retryable: true,
+    }))
+    .await;
+    assert!(claim.is_pending(), "{claim:?}");
+    assert_eq!(again.launched, [], "{again:?}");
+    assert!(
+        again.skipped[0]
+            .reason
+            .starts_with("being launched by another delivery"),
+        "{again:?}"
+    );
+
+    // EC2 says the attempt's instance ran and ended: nothing is ever launched for it again.
+    let (claim, again) = claim_after(Err(LaunchError::AlreadyLaunched)).await;
+    assert!(claim.done.is_some() && !claim.is_pending(), "{claim:?}");
+    assert_eq!(again.launched, [], "{again:?}");
+    assert!(
+        again.skipped[0]
+            .reason
+            .starts_with("already launched: ClientToken"),
+        "{again:?}"
+    );
 }

@@ -782,7 +782,8 @@ async fn a_spot_instance_taken_back_without_a_warning_is_launched_again() {
 async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_end() {
     let older = upload("in/a.csv", "2026-11-30T10:00:00.000Z");
     let newer = upload("in/a.csv", "2026-11-30T11:00:00.000Z");
-    let interrupted = launched("i-newer", &newer, 1, "running", NOW - 60, &[]);
+    // The warning's redelivery, after EC2 took the instance.
+    let interrupted = launched("i-newer", &newer, 1, "terminated", NOW - 60, &[]);
     let launcher = ScriptedLauncher {
         instances: vec![interrupted],
         ..Default::default()

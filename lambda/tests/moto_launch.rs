@@ -66,6 +66,16 @@ impl Setup {
             .collect()
     }
 
+    /// Terminates an instance, as EC2 does when it takes a spot instance back.
+    async fn end(&self, id: &str) {
+        self.ec2
+            .terminate_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .unwrap();
+    }
+
     async fn instance(&self, id: &str) -> Instance {
         let output = self
             .ec2
@@ -509,6 +519,19 @@ async fn a_spot_interruption_relaunches_the_job_once_until_its_last_attempt() {
         .instance_id
         .clone();
 
+    // While the instance runs, the next attempt waits for it to end.
+    match handler.handle(interruption_of(&first)).await {
+        Err(HandlerError::Retryable(report)) => {
+            assert!(
+                report.failed[0].error.contains("still on it (running)"),
+                "{report:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.instances().await.len(), 1);
+    setup.end(&first).await;
+
     // The same warning twice (EventBridge delivers at least once): one new instance.
     for _ in 0..2 {
         match handler.handle(interruption_of(&first)).await {
@@ -544,6 +567,7 @@ async fn a_spot_interruption_relaunches_the_job_once_until_its_last_attempt() {
     );
 
     // Attempt 2 is the last: it is marked failed, with attempt 1 in its history.
+    setup.end(&second_id).await;
     match handler.handle(interruption_of(&second_id)).await {
         Ok(Response::Report(report)) => {
             assert_eq!((report.launched.len(), report.failed.len()), (0, 0));

@@ -23,9 +23,10 @@ use uuid::Uuid;
 pub struct FileSystem {
     pub(crate) root: PathBuf,
     tmp_file_counter: AtomicU64,
-    /// S3SPOT-PATCH: conditional writes check their condition and write under this lock, one at
-    /// a time, as S3 does a conditional write: at once.
-    pub(crate) conditional: tokio::sync::Mutex<()>,
+    /// S3SPOT-PATCH: conditional writes check their condition and write holding this lock, one
+    /// at a time, as S3 does a conditional write: at once. GET and HEAD share it, so that an
+    /// object's body and ETag are never read halfway through one.
+    pub(crate) conditional: tokio::sync::RwLock<()>,
 }
 
 pub(crate) type InternalInfo = serde_json::Map<String, serde_json::Value>;
@@ -100,7 +101,7 @@ impl FileSystem {
         Ok(Self {
             root,
             tmp_file_counter,
-            conditional: tokio::sync::Mutex::new(()),
+            conditional: tokio::sync::RwLock::new(()),
         })
     }
 

@@ -329,6 +329,12 @@ impl S3 for FileSystem {
     #[tracing::instrument]
     async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
         let input = req.input;
+        // S3SPOT-PATCH: the file and its ETag are read as one, never halfway through a
+        // conditional write; and a bucket that does not exist is NoSuchBucket, as in S3.
+        let _consistent = self.conditional.read().await;
+        if self.get_bucket_path(&input.bucket)?.exists().not() {
+            return Err(s3_error!(NoSuchBucket));
+        }
         let object_path = self.get_object_path(&input.bucket, &input.key)?;
 
         let mut file = fs::File::open(&object_path).await.map_err(|e| s3_error!(e, NoSuchKey))?;
@@ -418,6 +424,8 @@ impl S3 for FileSystem {
     #[tracing::instrument]
     async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
         let input = req.input;
+        // S3SPOT-PATCH: as get_object.
+        let _consistent = self.conditional.read().await;
         let path = self.get_object_path(&input.bucket, &input.key)?;
 
         if !path.exists() {
@@ -700,7 +708,7 @@ impl S3 for FileSystem {
         // S3SPOT-PATCH: the check and the write are one step for conditional writes.
         let _one_at_a_time = match (&if_match, &if_none_match) {
             (None, None) => None,
-            _ => Some(self.conditional.lock().await),
+            _ => Some(self.conditional.write().await),
         };
         let object_path = self.get_object_path(&bucket, &key)?;
         if let Some(ref condition) = if_none_match
@@ -1093,7 +1101,7 @@ impl S3 for FileSystem {
         // S3SPOT-PATCH: the check and the write are one step for conditional writes.
         let _one_at_a_time = match (&if_match, &if_none_match) {
             (None, None) => None,
-            _ => Some(self.conditional.lock().await),
+            _ => Some(self.conditional.write().await),
         };
         let object_path = self.get_object_path(&bucket, &key)?;
         if let Some(ref condition) = if_none_match
