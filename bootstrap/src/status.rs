@@ -94,6 +94,10 @@ pub struct Status {
     /// (its `state` and the start of `error` are then the verdict's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
+    /// The worker was stopped by EC2's spot interruption notice: the attempt is `interrupted`,
+    /// and its job has a next attempt coming, however its instance then ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spot_interruption: bool,
 }
 
 /// The launcher's word on an attempt: why it stopped it, or what it found.
@@ -176,6 +180,7 @@ impl Status {
             finished_at: String::new(),
             history: Vec::new(),
             verdict: None,
+            spot_interruption: false,
         }
     }
 

@@ -223,7 +223,7 @@ def check_instance_role_exact(template):
     }, grants
     # A job's command runs with this role: it must not forge the launcher's claims.
     assert grants["Deny"] == {
-        "s3:PutObject": {"${DataBucket.Arn}/analysis/*/.s3spot/*"},
+        "s3:PutObject": {"${DataBucket.Arn}/analysis/*/.s3spot/attempt-*.json"},
     }, grants
     props = template["Resources"]["InstanceRole"]["Properties"]
     assert [sub_text(a) for a in props["ManagedPolicyArns"]] == [

@@ -144,6 +144,10 @@ pub struct JobInstance {
     /// has yet to be launched (or its worker has yet to start).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awaits_next_attempt: bool,
+    /// Its worker was stopped by EC2's spot interruption notice: its job's next attempt is due,
+    /// whether EC2 or the bootstrap then powered the instance off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spot_interruption: bool,
     /// Why EC2 last changed its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<StateReason>,
@@ -461,13 +465,21 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             .await?
             .into_iter()
             .partition(|i| i.stuck);
-        Ok(Sweep {
-            stuck,
-            ended: rest
-                .into_iter()
-                .filter(JobInstance::needs_settling)
-                .collect(),
-        })
+        // A job that EC2 lists a later attempt of has moved on: that attempt carries it (its
+        // worker writes status.json when it ends, and carries this one into its history).
+        let later_attempt_listed = |ended: &JobInstance| {
+            rest.iter().chain(&stuck).any(|other| {
+                other.job_id.is_some()
+                    && other.job_id == ended.job_id
+                    && other.attempt > ended.attempt
+            })
+        };
+        let ended = rest
+            .iter()
+            .filter(|i| i.needs_settling() && !later_attempt_listed(i))
+            .cloned()
+            .collect();
+        Ok(Sweep { stuck, ended })
     }
 
     /// Terminates stuck instances and marks their attempts failed.
@@ -750,6 +762,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             let upload = instance.tag(TAG_UPLOAD).map(str::to_owned);
             let mut status_unreadable = false;
             let mut awaits_next_attempt = false;
+            let mut spot_interruption = false;
             let result = match (&job_id, &upload) {
                 (Some(job_id), Some(upload)) if wanted(&instance) => {
                     let results_bucket = self.config.results_bucket.as_deref().unwrap_or(&bucket);
@@ -784,6 +797,9 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                             let outcome = status.outcome_of(attempt);
                             awaits_next_attempt =
                                 outcome == Some(State::Interrupted) && status.attempt <= attempt;
+                            spot_interruption = awaits_next_attempt
+                                && status.attempt == attempt
+                                && status.spot_interruption;
                             outcome
                         }),
                         Err(()) => {
@@ -811,6 +827,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 result,
                 status_unreadable,
                 awaits_next_attempt,
+                spot_interruption,
                 state_reason: instance.state_reason.clone(),
             });
         }

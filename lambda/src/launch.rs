@@ -76,7 +76,7 @@ struct Failed {
 enum Claimed {
     /// This launch holds the attempt's claim.
     Held { claim: Box<Claim>, expect: Expect },
-    /// Another holds it, or held it and launched.
+    /// Another held it and launched, or found nothing to launch.
     Elsewhere(Launch),
 }
 
@@ -235,16 +235,21 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 message: "the write was refused as if a claim were there, and none is".into(),
             }));
         }
-        Ok(Claimed::Elsewhere(Launch::AlreadyDone {
-            instance_id: None,
-            reason: format!(
+        // Retried, not skipped: if that launch comes to nothing (its outcome unknown, its
+        // invocation gone), this delivery may be the event's last, as Lambda's retries of a
+        // direct invocation are.
+        Err(FailedRecord {
+            bucket: spec.bucket.clone(),
+            key: spec.key.clone(),
+            error: format!(
                 "being launched by another delivery: attempt {} of job {} was claimed{} \
-                 (s3://{bucket}/{key}); that delivery launches it, or leaves it to the next",
+                 (s3://{bucket}/{key}); this delivery looks again when it is retried",
                 spec.attempt,
                 spec.job_id,
                 contended.map_or_else(String::new, |at| format!(" at {at}")),
             ),
-        }))
+            retryable: true,
+        })
     }
 
     /// The launch itself, under the attempt's claim: the guard, then each option in order.

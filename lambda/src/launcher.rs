@@ -194,15 +194,19 @@ impl LaunchError {
     }
 
     /// Whether an instance may exist although the call failed: a timeout, a dropped connection
-    /// or a server error can come after EC2 has launched it. EC2's refusals say it has not.
+    /// or a server error can come after EC2 has launched it. EC2's refusals (throttling among
+    /// them) say it has not.
     pub fn may_have_launched(&self) -> bool {
-        matches!(
-            self,
+        match self {
             LaunchError::Api {
                 retryable: true,
+                message,
                 ..
-            }
-        )
+            } => !["RequestLimitExceeded", "Throttling"]
+                .iter()
+                .any(|code| message.starts_with(code)),
+            _ => false,
+        }
     }
 }
 

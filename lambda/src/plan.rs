@@ -18,6 +18,9 @@ pub enum Plan {
     Launch(Box<PlannedJob>),
 }
 
+/// [`s3spot_bootstrap::RECORDS_FOLDER`], as a key's part.
+const RECORDS_SEGMENT: &str = ".s3spot";
+
 /// Why a key is not a job, if it is not.
 ///
 /// Results are written under `<results prefix><key>/`, which the results-prefix rule covers
@@ -31,6 +34,14 @@ pub fn skip_reason(config: &JobConfig, key: &str) -> Option<String> {
         return Some(format!(
             "under the results prefix {:?} (S3SPOT_RESULTS_PREFIX)",
             config.results_prefix
+        ));
+    }
+    // The instance role may not write where the launcher keeps its claims
+    // (`analysis/*/.s3spot/attempt-*.json`), which such a key's results could match.
+    if key.split('/').any(|segment| segment == RECORDS_SEGMENT) {
+        return Some(format!(
+            "a part of the key is {RECORDS_SEGMENT:?}, the name of the folder where s3spot keeps \
+             its records; rename the object"
         ));
     }
     if let Some(substring) = &config.skip_substring
@@ -202,6 +213,12 @@ mod tests {
             ("in/Analysis/data.csv", Some("contains \"analysis\"")),
             ("in/data.analyzed.1700000000", None),
             ("in/analy sis.csv", None),
+            (
+                "in/.s3spot/attempt-1.json",
+                Some("\".s3spot\", the name of the folder"),
+            ),
+            (".s3spot/x.csv", Some("\".s3spot\"")),
+            ("in/x.s3spot/a.csv", None),
         ];
         for (key, expected) in cases {
             let reason = skip_reason(&config, key);

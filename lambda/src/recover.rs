@@ -9,14 +9,14 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    JobSpec, RenderError, State, Status, StatusError, StatusStore, StoredClaim, error_chain,
-    read_claim, read_status, render_user_data,
+    JobSpec, RECORDS_FOLDER, RenderError, State, Status, StatusError, StatusStore, StoredClaim,
+    error_chain, read_claim, read_status, render_user_data,
 };
 
 use crate::config::JobConfig;
 use crate::event::ObjectCreated;
 use crate::handler::Handler;
-use crate::jobs::{Clock, EndedAttempt, JobInstance, JobsError, Stopped, Target};
+use crate::jobs::{Clock, EndedAttempt, JobInstance, JobLocation, JobsError, Stopped, Target};
 use crate::launch::{InvocationState, Launch, Purpose};
 use crate::launcher::{InstanceInfo, Launcher, TAG_PIPELINE, is_ended_state};
 use crate::plan::{Plan, PlannedJob, plan};
@@ -230,8 +230,38 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         Ok(note)
     }
 
+    /// The last attempt of job `job_id` that has run or been launched, from `known` (what EC2
+    /// and status.json say) and the attempts' claims after it: EC2 forgets instances, and a
+    /// claim records an instance, or a token whose instance ended, that nothing else may.
+    async fn last_claimed(
+        &self,
+        location: &JobLocation,
+        job_id: &str,
+        known: u32,
+    ) -> Result<u32, JobsError> {
+        let mut last = known;
+        loop {
+            let key = format!(
+                "{}{RECORDS_FOLDER}attempt-{}.json",
+                location.prefix,
+                last + 1
+            );
+            match read_claim(&self.statuses, &location.results_bucket, &key).await? {
+                Some(StoredClaim {
+                    claim: Ok(claim), ..
+                }) if claim.job.job_id == job_id
+                    && (claim.instance_id.is_some() || claim.done.is_some()) =>
+                {
+                    last += 1;
+                }
+                _ => return Ok(last),
+            }
+        }
+    }
+
     /// Whether the attempt after `spec`'s has waited [`REPLACEMENT_WAIT`] for an instance, by
-    /// its claim.
+    /// its claim, and EC2 refused its last launch: a claim with an instance, or a launch whose
+    /// outcome is not known yet, has not given up.
     async fn waited_too_long(&self, spec: &JobSpec) -> bool {
         let next = JobSpec {
             attempt: spec.attempt + 1,
@@ -240,9 +270,12 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         match read_claim(&self.statuses, &next.results_bucket, &next.claim_key()).await {
             Ok(Some(StoredClaim {
                 claim: Ok(claim), ..
-            })) => claim
-                .waited(SystemTime::now())
-                .is_some_and(|waited| waited >= REPLACEMENT_WAIT),
+            })) => {
+                claim.released.is_some()
+                    && claim
+                        .waited(SystemTime::now())
+                        .is_some_and(|waited| waited >= REPLACEMENT_WAIT)
+            }
             // No claim to tell by: the next try will have one.
             _ => false,
         }
@@ -322,6 +355,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             )
             .max()
             .unwrap_or(0);
+        let last_attempt = self.last_claimed(&location, &job_id, last_attempt).await?;
         let mut report = Report::default();
         match plan(&self.config.job, &object, last_attempt + 1, &job_id) {
             Ok(Plan::Launch(job)) => {
@@ -383,10 +417,13 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         state: &mut InvocationState,
     ) -> Result<String, String> {
         let jobs = self.jobs();
-        let reclaimed = instance
-            .state_reason
-            .as_ref()
-            .is_some_and(|reason| reason.is_spot_reclaim());
+        // Taken back by EC2: by its reason, or by its worker's account of the notice (the
+        // bootstrap powers the instance off once the worker is done, often before EC2 does).
+        let reclaimed = instance.spot_interruption
+            || instance
+                .state_reason
+                .as_ref()
+                .is_some_and(|reason| reason.is_spot_reclaim());
         if !reclaimed {
             return jobs
                 .record_silent_end(instance)

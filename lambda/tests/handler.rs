@@ -823,11 +823,22 @@ async fn a_claim_is_released_only_when_ec2_said_no() {
     assert!(claim.is_pending(), "{claim:?}");
     assert_eq!(again.launched, [], "{again:?}");
     assert!(
-        again.skipped[0]
-            .reason
-            .starts_with("being launched by another delivery"),
+        again.failed[0].retryable
+            && again.failed[0]
+                .error
+                .starts_with("being launched by another delivery"),
         "{again:?}"
     );
+
+    // Throttled: EC2 launched nothing, so the claim is released.
+    let (claim, again) = claim_after(Err(LaunchError::Api {
+        operation: "RunInstances",
+        message: "RequestLimitExceeded: Request limit exceeded.".into(),
+        retryable: true,
+    }))
+    .await;
+    assert!(claim.released.is_some(), "{claim:?}");
+    assert_eq!(again.launched.len(), 1, "{again:?}");
 
     // EC2 says the attempt's instance ran and ended: nothing is ever launched for it again.
     let (claim, again) = claim_after(Err(LaunchError::AlreadyLaunched)).await;

@@ -927,3 +927,62 @@ async fn the_newest_upload_is_never_a_longer_keys_folder() {
     assert_eq!(detail.status.unwrap().state, State::Succeeded);
     assert_eq!(detail.uploads, [upload.upload()]);
 }
+
+#[tokio::test]
+async fn retry_counts_the_attempts_that_only_their_claims_remember() {
+    let statuses = MemoryStatuses::default();
+    statuses.put_status(
+        BUCKET,
+        &status_key("in/a.csv"),
+        worker_status("in/a.csv", "failed", 1, "i-1"),
+    );
+    // Attempt 2 was launched (and its instance forgotten by EC2) before any status of its own;
+    // attempt 3's token was found spent.
+    let mut launched = s3spot_bootstrap::Claim::new(spec("in/a.csv", 2));
+    launched.instance_id = Some("i-2".into());
+    let mut spent = s3spot_bootstrap::Claim::new(spec("in/a.csv", 3));
+    spent.done =
+        Some("already launched: ClientToken … belongs to an instance that has terminated".into());
+    for claim in [launched, spent] {
+        s3spot_bootstrap::write_claim(
+            &statuses,
+            BUCKET,
+            &claim.job.claim_key(),
+            &claim,
+            &s3spot_bootstrap::Expect::Nothing,
+        )
+        .await
+        .unwrap();
+    }
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(config(&[]), &launcher, statuses);
+    let report = handler.retry(&key("s3://data/in/a.csv")).await.unwrap();
+    let (attempt, _) = launched_attempt(&report, &launcher);
+    assert_eq!(attempt, "4", "after the attempts claimed: {report:?}");
+}
+
+#[tokio::test]
+async fn an_attempt_stopped_by_other_than_a_spot_notice_is_failed_with_what_happened() {
+    // The worker was stopped (someone terminated the instance) and said so; no spot notice.
+    let launcher = launcher(vec![ended_by(
+        instance("i-1", "in/a.csv", 1, "terminated", 900),
+        "Client.UserInitiatedShutdown",
+    )]);
+    let statuses = MemoryStatuses::default();
+    let mut stopped = worker_status("in/a.csv", "interrupted", 1, "i-1");
+    stopped.error = Some("the worker received SIGTERM".into());
+    statuses.put_status(BUCKET, &status_key("in/a.csv"), stopped);
+    let handler = Handler::new(config(&[]), &launcher, &statuses);
+    let reaped = handler.reap(clock(), false).await.unwrap();
+    assert_eq!(reaped.ended.len(), 1, "{reaped:?}");
+    assert_eq!(launcher.requests(), [], "no next attempt");
+    let status = statuses.status(BUCKET, &status_key("in/a.csv")).unwrap();
+    assert_eq!(status.state, State::Failed);
+    let error = status.error.unwrap();
+    assert!(
+        error.contains("after its worker was stopped, and not by a spot interruption")
+            && error.contains("Client.UserInitiatedShutdown")
+            && error.contains("the worker received SIGTERM"),
+        "{error}"
+    );
+}

@@ -20,8 +20,9 @@ use crate::settings::Settings;
 use crate::upload::{Uploader, files_under};
 
 /// Names the worker writes itself under the results prefix; a command's files of the same name
-/// would be overwritten by them, so they are not uploaded. Nor is anything under
-/// [`RECORDS_FOLDER`], where the launcher keeps the attempts' claims.
+/// would be overwritten by them, so they are not uploaded. Nor is anything in a folder named as
+/// [`RECORDS_FOLDER`], where the launcher keeps the attempts' claims (and the instance role may
+/// not write).
 const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
 
 /// Time kept before the hard limit for writing status.json, at most.
@@ -66,6 +67,8 @@ impl Limits {
 #[derive(Debug, Clone)]
 struct Interruption {
     why: String,
+    /// EC2's spot interruption notice, rather than a signal.
+    spot: bool,
     at: Instant,
     /// How long outputs may keep uploading after it.
     upload_grace: Duration,
@@ -144,6 +147,10 @@ impl Worker {
         // status.json goes up before the hard limit, and soon after a stop signal: what killed
         // the worker's uploads would kill it next.
         let cutoff = Interruption::outputs_cutoff(interrupted.borrow().as_ref(), &limits);
+        // The launcher launches the next attempt of a job that EC2 is taking back, whichever
+        // powers the instance off first: EC2, or the bootstrap once the worker is done.
+        status.spot_interruption = status.state == State::Interrupted
+            && interrupted.borrow().as_ref().is_some_and(|i| i.spot);
         let by = (cutoff + STATUS_TIME).min(limits.hard);
         self.finish(job, &mut status, by).await;
         status
@@ -303,7 +310,10 @@ impl Worker {
             }
         };
         files.retain(|(_, name)| {
-            let reserved = RESERVED.contains(&name.as_str()) || name.starts_with(RECORDS_FOLDER);
+            let reserved = RESERVED.contains(&name.as_str())
+                || name
+                    .split('/')
+                    .any(|segment| RECORDS_FOLDER.strip_suffix('/') == Some(segment));
             if reserved {
                 tracing::warn!(
                     name,
@@ -505,6 +515,7 @@ async fn watch_for_interruption(
                 current
                     .replace(Interruption {
                         why: format!("spot interruption notice ({notice})"),
+                        spot: true,
                         at: Instant::now(),
                         upload_grace: SPOT_UPLOAD_GRACE,
                     })
@@ -540,6 +551,7 @@ async fn watch_for_signals(interrupt: watch::Sender<Option<Interruption>>, uploa
         );
         *current = Some(Interruption {
             why,
+            spot: current.as_ref().is_some_and(|earlier| earlier.spot),
             at,
             upload_grace: upload_grace.min(current.as_ref().map_or(upload_grace, |e| {
                 (e.at + e.upload_grace).saturating_duration_since(at)

@@ -312,6 +312,10 @@ fn a_spot_interruption_notice_stops_the_job_and_keeps_its_partial_outputs() {
     let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";
     let status = fixture.status("data", prefix);
     assert_eq!(status.state, State::Interrupted);
+    assert!(
+        status.spot_interruption,
+        "the launcher launches the next attempt"
+    );
     let error = status.error.unwrap();
     assert!(
         error.starts_with("spot interruption notice ({\"action\": \"terminate\""),
@@ -638,12 +642,16 @@ fn a_commands_files_where_s3spot_keeps_its_own_are_not_uploaded() {
     let claim = format!("{prefix}.s3spot/attempt-1.json");
     fixture.put("data", &claim, b"the launcher's claim");
     let command = Some(
-        r#"cd "$S3SPOT_OUTPUT_DIR" && mkdir .s3spot && echo forged > .s3spot/attempt-1.json && echo forged > .s3spot/attempt-2.json && echo forged > status.json && echo forged > stdout.log && echo kept > kept.txt"#,
+        r#"cd "$S3SPOT_OUTPUT_DIR" && mkdir -p .s3spot sub/.s3spot && echo forged > .s3spot/attempt-1.json && echo forged > .s3spot/attempt-2.json && echo forged > sub/.s3spot/attempt-1.json && echo forged > status.json && echo forged > stdout.log && echo kept > kept.txt"#,
     );
     let output = fixture.run_job(&fixture.job("x/in.csv", command), &[]);
     assert!(output.status.success(), "{}", show(&output));
     assert_eq!(fixture.text("data", &claim), "the launcher's claim");
     assert_eq!(fixture.keys("data", &format!("{prefix}.s3spot/")), [claim]);
+    assert_eq!(
+        fixture.keys("data", &format!("{prefix}sub/")),
+        Vec::<String>::new()
+    );
     let status = fixture.status("data", &prefix);
     assert_eq!(status.state, State::Succeeded, "{status:#?}");
     assert_eq!(
@@ -726,6 +734,7 @@ fn a_stop_signal_during_uploads_still_leaves_status_json_in_time() {
     assert_eq!(exit.code(), Some(1), "{stderr}");
     let status = fixture.status("data", &job.results_key_prefix());
     assert_eq!(status.state, State::Interrupted, "{status:#?}");
+    assert!(!status.spot_interruption, "a signal is not EC2's notice");
     let error = status.error.unwrap();
     assert!(error.contains("uploads stopped"), "{error}");
     assert!(error.contains("SIGTERM"), "{error}");
