@@ -1,8 +1,10 @@
 //! The jobs' documents in memory, with the store's conditional writes (feature `fake`): for
-//! tests of the launcher and the worker that need no S3.
+//! tests of the launcher and the worker that need no S3. It plays S3's faults on request: reads
+//! that fail, a 403 for a missing document, a rival writer in every race.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::status::Status;
 use crate::store::{Document, Expect, StatusError, StatusStore};
@@ -14,8 +16,14 @@ type Documents = BTreeMap<(String, String), (String, Vec<u8>)>;
 pub struct MemoryStatuses {
     documents: Mutex<Documents>,
     next_etag: Mutex<u64>,
-    /// Every conditional write through the seam, in order.
-    writes: Mutex<Vec<(String, String)>>,
+    /// Every conditional write through the seam, in order, with its condition.
+    writes: Mutex<Vec<(String, String, Expect)>>,
+    /// Every read fails, as S3's can (a 500).
+    failing_reads: AtomicBool,
+    /// A read of a missing document is 403, as S3 answers a role without `s3:ListBucket`.
+    missing_is_denied: AtomicBool,
+    /// Written by another writer just before each of the next writes, last first.
+    rivals: Mutex<Vec<Status>>,
 }
 
 impl MemoryStatuses {
@@ -52,8 +60,40 @@ impl MemoryStatuses {
         self.store(bucket, key, text.as_bytes().to_vec());
     }
 
+    /// Every conditional write through the seam, in order.
     pub fn writes(&self) -> Vec<(String, String)> {
-        self.writes.lock().unwrap().clone()
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(bucket, key, _)| (bucket.clone(), key.clone()))
+            .collect()
+    }
+
+    /// The conditions of the writes, in order.
+    pub fn conditions(&self) -> Vec<Expect> {
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, expect)| expect.clone())
+            .collect()
+    }
+
+    /// Makes every read fail, or work again.
+    pub fn fail_reads(&self, failing: bool) {
+        self.failing_reads.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every read of a missing document a 403.
+    pub fn deny_missing(&self) {
+        self.missing_is_denied.store(true, Ordering::SeqCst);
+    }
+
+    /// Has another writer store `rivals`, one before each of the next writes, in order.
+    pub fn rivals_before_writes(&self, mut rivals: Vec<Status>) {
+        rivals.reverse();
+        *self.rivals.lock().unwrap() = rivals;
     }
 
     fn store(&self, bucket: &str, key: &str, body: Vec<u8>) {
@@ -73,7 +113,19 @@ impl MemoryStatuses {
 
 impl StatusStore for MemoryStatuses {
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
-        Ok(self
+        let read_error = |message: &str, denied| StatusError::Read {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            message: message.to_owned(),
+            denied,
+        };
+        if self.failing_reads.load(Ordering::SeqCst) {
+            return Err(read_error(
+                "InternalError: We encountered an internal error",
+                false,
+            ));
+        }
+        let document = self
             .documents
             .lock()
             .unwrap()
@@ -81,7 +133,11 @@ impl StatusStore for MemoryStatuses {
             .map(|(etag, body)| Document {
                 body: body.clone(),
                 etag: Some(etag.clone()),
-            }))
+            });
+        if document.is_none() && self.missing_is_denied.load(Ordering::SeqCst) {
+            return Err(read_error("AccessDenied", true));
+        }
+        Ok(document)
     }
 
     /// Checks the condition and stores under one lock, as S3 does a conditional write: at once.
@@ -92,6 +148,10 @@ impl StatusStore for MemoryStatuses {
         body: Vec<u8>,
         expect: &Expect,
     ) -> Result<Expect, StatusError> {
+        let rival = self.rivals.lock().unwrap().pop();
+        if let Some(rival) = rival {
+            self.put_status(bucket, key, rival);
+        }
         let mut documents = self.documents.lock().unwrap();
         let place = (bucket.to_owned(), key.to_owned());
         let stored = documents.get(&place).map(|(etag, _)| etag);
@@ -106,7 +166,10 @@ impl StatusStore for MemoryStatuses {
                 key: key.to_owned(),
             });
         }
-        self.writes.lock().unwrap().push(place.clone());
+        self.writes
+            .lock()
+            .unwrap()
+            .push((place.0.clone(), place.1.clone(), expect.clone()));
         let etag = self.next_etag();
         documents.insert(place, (etag.clone(), body));
         Ok(Expect::ETag(etag))

@@ -483,7 +483,6 @@ impl StatusStore for S3Statuses {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::time::SystemTime;
 
     use super::*;
@@ -506,47 +505,18 @@ mod tests {
         Status::verdict(&job(), Instance::default(), state, why.into())
     }
 
-    /// A store where another writer gets in between each read and the next write, `races` times.
-    struct Racing {
-        inner: MemoryStatuses,
-        rival: Mutex<Vec<Status>>,
-    }
-
-    impl StatusStore for Racing {
-        async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
-            self.inner.get(bucket, key).await
-        }
-
-        async fn put(
-            &self,
-            bucket: &str,
-            key: &str,
-            body: Vec<u8>,
-            expect: &Expect,
-        ) -> Result<Expect, StatusError> {
-            let rival = self.rival.lock().unwrap().pop();
-            if let Some(rival) = rival {
-                self.inner.put_status(bucket, key, rival);
-            }
-            self.inner.put(bucket, key, body, expect).await
-        }
-
-        async fn tail(&self, _: &str, _: &str, _: u64) -> Result<Option<String>, StatusError> {
-            Ok(None)
-        }
-
-        async fn folders(&self, _: &str, _: &str) -> Result<Vec<String>, StatusError> {
-            Ok(Vec::new())
-        }
+    /// A store where another writer gets in between each read and the next write, once per
+    /// status in `rivals`.
+    fn racing(rivals: Vec<Status>) -> MemoryStatuses {
+        let store = MemoryStatuses::default();
+        store.rivals_before_writes(rivals);
+        store
     }
 
     #[tokio::test]
     async fn a_write_that_loses_a_race_settles_against_the_winner() {
         // The reaper read nothing, then the worker's success landed before the reaper's write.
-        let store = Racing {
-            inner: MemoryStatuses::default(),
-            rival: Mutex::new(vec![worker(State::Succeeded)]),
-        };
+        let store = racing(vec![worker(State::Succeeded)]);
         let key = job().status_key();
         let recorded = record(&store, BUCKET, &key, verdict(State::Failed, "reaped"))
             .await
@@ -555,22 +525,13 @@ mod tests {
             matches!(&recorded, Recorded::Kept { reason } if reason.contains("own account")),
             "{recorded:?}"
         );
-        assert_eq!(
-            store.inner.status(BUCKET, &key).unwrap().state,
-            State::Succeeded
-        );
-        assert!(
-            store.inner.writes().is_empty(),
-            "the verdict was never written"
-        );
+        assert_eq!(store.status(BUCKET, &key).unwrap().state, State::Succeeded);
+        assert!(store.writes().is_empty(), "the verdict was never written");
     }
 
     #[tokio::test]
     async fn a_stopped_workers_account_completes_a_verdict_that_won_the_race() {
-        let store = Racing {
-            inner: MemoryStatuses::default(),
-            rival: Mutex::new(vec![verdict(State::Cancelled, "cancelled")]),
-        };
+        let store = racing(vec![verdict(State::Cancelled, "cancelled")]);
         let key = job().status_key();
         let mut stopped = worker(State::Interrupted);
         stopped.error = Some("SIGTERM".into());
@@ -581,15 +542,12 @@ mod tests {
         let written = *written;
         assert_eq!(written.state, State::Cancelled);
         assert_eq!(written.error.as_deref(), Some("cancelled; SIGTERM"));
-        assert_eq!(store.inner.status(BUCKET, &key), Some(written));
+        assert_eq!(store.status(BUCKET, &key), Some(written));
     }
 
     #[tokio::test]
     async fn endless_races_end_in_an_error_that_says_so() {
-        let store = Racing {
-            inner: MemoryStatuses::default(),
-            rival: Mutex::new(vec![verdict(State::Cancelled, "cancelled"); RECORD_TRIES]),
-        };
+        let store = racing(vec![verdict(State::Cancelled, "cancelled"); RECORD_TRIES]);
         let key = job().status_key();
         // Every rival verdict is met with a worker account that must then be written again.
         let error = record(&store, BUCKET, &key, worker(State::Interrupted))
@@ -641,57 +599,20 @@ mod tests {
         assert_eq!(store.status(BUCKET, &key), Some(theirs), "left as it was");
     }
 
-    /// A store that answers every read of a missing document with 403, as S3 does for a role
-    /// without `s3:ListBucket`.
-    struct Forbidding(MemoryStatuses);
-
-    impl StatusStore for Forbidding {
-        async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
-            match self.0.get(bucket, key).await? {
-                Some(stored) => Ok(Some(stored)),
-                None => Err(StatusError::Read {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                    message: "AccessDenied".into(),
-                    denied: true,
-                }),
-            }
-        }
-
-        async fn put(
-            &self,
-            bucket: &str,
-            key: &str,
-            body: Vec<u8>,
-            expect: &Expect,
-        ) -> Result<Expect, StatusError> {
-            assert_eq!(
-                expect,
-                &Expect::Nothing,
-                "a forbidden read writes only if absent"
-            );
-            self.0.put(bucket, key, body, expect).await
-        }
-
-        async fn tail(&self, _: &str, _: &str, _: u64) -> Result<Option<String>, StatusError> {
-            Ok(None)
-        }
-
-        async fn folders(&self, _: &str, _: &str) -> Result<Vec<String>, StatusError> {
-            Ok(Vec::new())
-        }
-    }
-
     #[tokio::test]
     async fn a_forbidden_read_of_a_missing_document_still_records_the_first_status() {
-        let store = Forbidding(MemoryStatuses::default());
+        // As S3 answers a role without `s3:ListBucket`.
+        let store = MemoryStatuses::default();
+        store.deny_missing();
         let key = job().status_key();
         record(&store, BUCKET, &key, worker(State::Succeeded))
             .await
             .unwrap();
+        assert_eq!(store.status(BUCKET, &key).unwrap().state, State::Succeeded);
         assert_eq!(
-            store.0.status(BUCKET, &key).unwrap().state,
-            State::Succeeded
+            store.conditions(),
+            [Expect::Nothing],
+            "a forbidden read writes only if absent"
         );
     }
 }

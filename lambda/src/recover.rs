@@ -167,13 +167,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                  re-launched",
                 spec.attempt
             );
-            let recorded = record(State::Failed, error.clone()).await?;
-            report.skip(
-                &spec.bucket,
-                &spec.key,
-                format!("{error}; status.json: {recorded}"),
-            );
-            return Ok(format!("failed: {error}"));
+            return give_up(error, record, spec, report).await;
         }
 
         let next_attempt = spec.attempt + 1;
@@ -216,13 +210,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                      s3://{}/{}` runs the job again",
                     failure.error, spec.bucket, spec.key
                 );
-                let recorded = record(State::Failed, error.clone()).await?;
-                report.skip(
-                    &spec.bucket,
-                    &spec.key,
-                    format!("{error}; status.json: {recorded}"),
-                );
-                return Ok(format!("failed: {error}"));
+                return give_up(error, record, spec, report).await;
             }
         };
         let note = format!("{why}; attempt {next_attempt} {next}");
@@ -454,6 +442,23 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             None => outcome,
         })
     }
+}
+
+/// Ends `spec`'s job: `failed`, with `error`, recorded through `record` and reported as
+/// skipped.
+async fn give_up<F: Future<Output = Result<String, FailedRecord>>>(
+    error: String,
+    record: impl FnOnce(State, String) -> F,
+    spec: &JobSpec,
+    report: &mut Report,
+) -> Result<String, FailedRecord> {
+    let recorded = record(State::Failed, error.clone()).await?;
+    report.skip(
+        &spec.bucket,
+        &spec.key,
+        format!("{error}; status.json: {recorded}"),
+    );
+    Ok(format!("failed: {error}"))
 }
 
 /// The attempt after `spec`'s: the job as it was launched (its command, limits and results

@@ -42,6 +42,49 @@ impl Setup {
         )
     }
 
+    /// EC2 takes a spot instance back.
+    fn take_back(&self, id: &str) {
+        self.ec2.end(
+            id,
+            "Server.SpotInstanceTermination",
+            "Server.SpotInstanceTermination: Spot instance termination",
+        );
+    }
+
+    /// The instance powers itself off (the bootstrap, once its worker is done or dead).
+    fn power_off(&self, id: &str) {
+        self.ec2.end(
+            id,
+            "Client.InstanceInitiatedShutdown",
+            "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+        );
+    }
+
+    /// The worker's account of `job`, recorded as the worker records it.
+    async fn worker_writes(&self, job: &JobSpec, account: Status) {
+        record(
+            &S3Statuses::from_client(self.s3.client().await),
+            &job.results_bucket,
+            &job.status_key(),
+            account,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The job's status.json, which must be there.
+    async fn status(&self, job: &JobSpec) -> Status {
+        s3spot_bootstrap::read_status(
+            &S3Statuses::from_client(self.s3.client().await),
+            &job.results_bucket,
+            &job.status_key(),
+            &job.job_id,
+        )
+        .await
+        .unwrap()
+        .expect("a status")
+    }
+
     /// The `s3spot:attempt` of every instance launched, oldest first.
     fn attempts(&self) -> Vec<String> {
         self.ec2
@@ -160,19 +203,8 @@ async fn a_redrive_days_later_launches_nothing_for_a_job_that_ran() {
     let job = setup.job_of(&id);
     let mut done = Status::initial(&job, Writer::Worker, SystemTime::now());
     done.state = State::Succeeded;
-    record(
-        &S3Statuses::from_client(setup.s3.client().await),
-        &job.results_bucket,
-        &job.status_key(),
-        done,
-    )
-    .await
-    .unwrap();
-    setup.ec2.end(
-        &id,
-        "Client.InstanceInitiatedShutdown",
-        "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
-    );
+    setup.worker_writes(&job, done).await;
+    setup.power_off(&id);
 
     // A DLQ redrive a day and more later: EC2 has forgotten the instance and its token.
     setup
@@ -198,36 +230,14 @@ async fn a_redrive_after_an_instance_died_without_a_word_launches_nothing_more()
     setup
         .ec2
         .set_console(&id, "Out of memory: Killed process 1234 (s3spot-worker)\n");
-    setup.ec2.end(
-        &id,
-        "Client.InstanceInitiatedShutdown",
-        "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
-    );
+    setup.power_off(&id);
     // Within one period, while EC2 still lists it, the reaper gives the attempt its status.
     setup.ec2.advance(Duration::from_secs(15 * 60));
-    let reaped = match handler
-        .handle(
-            json!({"source": "aws.events", "detail-type": "Scheduled Event",
-            "id": "1", "version": "0", "account": "123456789012",
-            "time": "2026-11-30T10:35:00Z", "region": REGION, "resources": [], "detail": {}}),
-        )
-        .await
-    {
-        Ok(Response::Report(report)) => report,
-        other => panic!("{other:?}"),
-    };
+    let reaped = handled(&handler, reaper_event()).await;
     assert_eq!(reaped.failed, [], "{reaped:?}");
     assert_eq!(reaped.ended.len(), 1, "{reaped:?}");
     let job = setup.job_of(&id);
-    let status = s3spot_bootstrap::read_status(
-        &S3Statuses::from_client(setup.s3.client().await),
-        &job.results_bucket,
-        &job.status_key(),
-        &job.job_id,
-    )
-    .await
-    .unwrap()
-    .expect("a final status");
+    let status = setup.status(&job).await;
     assert_eq!(status.state, State::Failed);
     let error = status.error.unwrap();
     assert!(error.contains(&id) && error.contains("Client.InstanceInitiatedShutdown"));
@@ -254,11 +264,7 @@ async fn a_spot_instance_taken_back_is_relaunched_once_however_often_it_is_told(
         assert_eq!(report.launched, []);
         assert_eq!(setup.ec2.running().len(), 1, "never two instances at once");
     }
-    setup.ec2.end(
-        &id,
-        "Server.SpotInstanceTermination",
-        "Server.SpotInstanceTermination: Spot instance termination",
-    );
+    setup.take_back(&id);
     // Its redeliveries launch the next attempt once; the reaper sees the reclaimed instance
     // too, and the upload's event comes again.
     for _ in 0..2 {
@@ -443,11 +449,7 @@ async fn a_spot_instance_taken_back_is_replaced_though_new_uploads_fill_the_cap_
     let setup = Setup::start();
     let handler = setup.handler(&[("S3SPOT_MAX_INSTANCES", "1")]).await;
     let id = deliver(&handler).await.launched[0].instance_id.clone();
-    setup.ec2.end(
-        &id,
-        "Server.SpotInstanceTermination",
-        "Server.SpotInstanceTermination: Spot instance termination",
-    );
+    setup.take_back(&id);
     // Another upload takes the place it left, up to the cap.
     let other = handled(&handler, upload_event_of("in/g.csv")).await;
     assert_eq!(other.launched.len(), 1, "{other:?}");
@@ -488,14 +490,7 @@ async fn worker_stopped_by_the_notice(setup: &Setup, job: &JobSpec) {
     stopped.state = State::Interrupted;
     stopped.error = Some("spot interruption notice (terminate) after 61 s".into());
     stopped.spot_interruption = true;
-    record(
-        &S3Statuses::from_client(setup.s3.client().await),
-        &job.results_bucket,
-        &job.status_key(),
-        stopped,
-    )
-    .await
-    .unwrap();
+    setup.worker_writes(job, stopped).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -503,7 +498,6 @@ async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever
     for reaper_first in [true, false] {
         let setup = Setup::start();
         let handler = setup.handler(&[]).await;
-        let statuses = S3Statuses::from_client(setup.s3.client().await);
         let id = deliver(&handler).await.launched[0].instance_id.clone();
         let job = setup.job_of(&id);
         let waiting = handled(&handler, warning_event(&id)).await;
@@ -511,11 +505,7 @@ async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever
         // The worker stops at the notice and says so; the bootstrap powers the instance off
         // before EC2 takes it.
         worker_stopped_by_the_notice(&setup, &job).await;
-        setup.ec2.end(
-            &id,
-            "Client.InstanceInitiatedShutdown",
-            "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
-        );
+        setup.power_off(&id);
         let (first, second) = if reaper_first {
             (reaper_event(), warning_event(&id))
         } else {
@@ -535,11 +525,7 @@ async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever
         assert_eq!(report.ended, [], "reaper first: {reaper_first}: {report:?}");
         let attempts = setup.attempts();
         assert_eq!(attempts, ["1", "2"], "{reaper_first}");
-        let status =
-            s3spot_bootstrap::read_status(&statuses, BUCKET, &job.status_key(), &job.job_id)
-                .await
-                .unwrap()
-                .unwrap();
+        let status = setup.status(&job).await;
         assert_eq!(
             (status.state, status.attempt),
             (State::Interrupted, 1),
@@ -552,24 +538,16 @@ async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever
 async fn a_replacement_that_cannot_launch_yet_is_launched_by_the_reaper_later() {
     let setup = Setup::start();
     let handler = setup.handler(&[]).await;
-    let statuses = S3Statuses::from_client(setup.s3.client().await);
     let id = deliver(&handler).await.launched[0].instance_id.clone();
     let job = setup.job_of(&id);
-    setup.ec2.end(
-        &id,
-        "Server.SpotInstanceTermination",
-        "Server.SpotInstanceTermination: Spot instance termination",
-    );
+    setup.take_back(&id);
 
     // No spot capacity when the warning comes back: the attempt is recorded interrupted, with
     // why, and the warning is retried.
     setup.ec2.set_capacity("spot", false);
     let warned = handled(&handler, warning_event(&id)).await;
     assert!(warned.failed[0].retryable, "{warned:?}");
-    let status = s3spot_bootstrap::read_status(&statuses, BUCKET, &job.status_key(), &job.job_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let status = setup.status(&job).await;
     assert_eq!(status.state, State::Interrupted);
     let error = status.error.unwrap_or_default();
     assert!(error.contains("attempt 2 not launched yet"), "{error}");
@@ -597,11 +575,7 @@ async fn a_replacement_that_waits_too_long_for_capacity_fails_the_job_while_ec2_
     let statuses = S3Statuses::from_client(setup.s3.client().await);
     let id = deliver(&handler).await.launched[0].instance_id.clone();
     let job = setup.job_of(&id);
-    setup.ec2.end(
-        &id,
-        "Server.SpotInstanceTermination",
-        "Server.SpotInstanceTermination: Spot instance termination",
-    );
+    setup.take_back(&id);
     setup.ec2.set_capacity("spot", false);
     let reaped = handled(&handler, reaper_event()).await;
     assert_eq!(reaped.failed.len(), 1, "{reaped:?}");
@@ -629,10 +603,7 @@ async fn a_replacement_that_waits_too_long_for_capacity_fails_the_job_while_ec2_
     setup.ec2.advance(Duration::from_secs(15 * 60));
     let reaped = handled(&handler, reaper_event()).await;
     assert_eq!(reaped.failed, [], "{reaped:?}");
-    let status = s3spot_bootstrap::read_status(&statuses, BUCKET, &job.status_key(), &job.job_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let status = setup.status(&job).await;
     assert_eq!(status.state, State::Failed, "{status:?}");
     let error = status.error.unwrap_or_default();
     assert!(

@@ -813,68 +813,16 @@ async fn an_interruption_of_a_newer_upload_is_not_mistaken_for_the_older_ones_en
     );
 }
 
-/// Statuses in memory whose reads fail for a while, as S3's can.
-struct Flaky {
-    inner: MemoryStatuses,
-    failing: std::sync::atomic::AtomicBool,
-}
-
-impl s3spot_bootstrap::StatusStore for Flaky {
-    async fn get(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> Result<Option<s3spot_bootstrap::Document>, s3spot_bootstrap::StatusError> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(s3spot_bootstrap::StatusError::Read {
-                bucket: bucket.into(),
-                key: key.into(),
-                message: "InternalError: We encountered an internal error".into(),
-                denied: false,
-            });
-        }
-        self.inner.get(bucket, key).await
-    }
-
-    async fn put(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: Vec<u8>,
-        expect: &s3spot_bootstrap::Expect,
-    ) -> Result<s3spot_bootstrap::Expect, s3spot_bootstrap::StatusError> {
-        self.inner.put(bucket, key, body, expect).await
-    }
-
-    async fn tail(
-        &self,
-        bucket: &str,
-        key: &str,
-        bytes: u64,
-    ) -> Result<Option<String>, s3spot_bootstrap::StatusError> {
-        self.inner.tail(bucket, key, bytes).await
-    }
-
-    async fn folders(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<String>, s3spot_bootstrap::StatusError> {
-        self.inner.folders(bucket, prefix).await
-    }
-}
-
 #[tokio::test]
 async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
     let launcher = launcher(vec![ended_by(
         instance("i-1", "in/a.csv", 1, "terminated", 900),
         "Client.InstanceInitiatedShutdown",
     )]);
-    let statuses = Flaky {
-        inner: MemoryStatuses::default(),
-        failing: true.into(),
-    };
-    statuses.inner.put_status(
+    // S3's reads fail for a while.
+    let statuses = MemoryStatuses::default();
+    statuses.fail_reads(true);
+    statuses.put_status(
         BUCKET,
         &status_key("in/a.csv"),
         worker_status("in/a.csv", "succeeded", 1, "i-1"),
@@ -886,20 +834,17 @@ async fn a_status_that_cannot_be_read_is_no_reason_to_settle_an_attempt() {
         [],
         "nothing is known of it, so nothing is decided"
     );
-    statuses
-        .failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    statuses.fail_reads(false);
     let reaped = handler.reap(clock(), false).await.unwrap();
     assert_eq!(reaped.ended, [], "it had its account all along");
     assert_eq!(
         statuses
-            .inner
             .status(BUCKET, &status_key("in/a.csv"))
             .unwrap()
             .state,
         State::Succeeded
     );
-    assert_eq!(statuses.inner.writes(), []);
+    assert_eq!(statuses.writes(), []);
 }
 
 #[tokio::test]

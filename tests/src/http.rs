@@ -7,7 +7,9 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
-/// Serves HTTP/1.1 with `service` on every connection `listener` accepts, until dropped.
+/// Serves HTTP/1.1 with `service` on every connection `listener` accepts, until dropped. The
+/// local mode's server (`s3spot::local::s3::serve`) has the same loop: this crate depends on no
+/// s3spot crate, so that building the servers builds nothing of s3spot's.
 pub(crate) async fn serve<S, B>(listener: TcpListener, service: S)
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,

@@ -6,12 +6,10 @@ mod common;
 use std::io::Write as _;
 
 use common::{Fixture, show};
-use nix::sys::resource::{UsageWho, getrusage};
 use s3spot_bootstrap::State;
 use sha2::{Digest as _, Sha256};
 
 const SIZE: u64 = 256 * 1024 * 1024;
-const RSS_LIMIT_KIB: i64 = 64 * 1024;
 
 #[test]
 fn a_256_mib_object_goes_through_in_under_64_mib() {
@@ -35,21 +33,7 @@ fn a_256_mib_object_goes_through_in_under_64_mib() {
     file.flush().unwrap();
     drop(file);
     let expected = hex::encode(hasher.finalize());
-    fixture.runtime.block_on(async {
-        let body = aws_sdk_s3::primitives::ByteStream::from_path(&source)
-            .await
-            .unwrap();
-        fixture
-            .client
-            .put_object()
-            .bucket("data")
-            .key("in/big.bin")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-    });
-    std::fs::remove_file(&source).unwrap();
+    fixture.put_file("data", "in/big.bin", &source);
 
     // The copy makes the results a 256 MiB multipart upload as well.
     let job = fixture.job(
@@ -58,13 +42,7 @@ fn a_256_mib_object_goes_through_in_under_64_mib() {
     );
     let output = fixture.run_job(&job, &[]);
     assert!(output.status.success(), "{}", show(&output));
-    let peak_kib = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap().max_rss();
-    eprintln!("peak RSS of the worker: {} MiB", peak_kib / 1024);
-    assert!(
-        peak_kib < RSS_LIMIT_KIB,
-        "peak RSS {} MiB is over 64 MiB",
-        peak_kib / 1024
-    );
+    common::assert_children_peak_rss_bounded();
 
     let status = fixture.status(
         "data",

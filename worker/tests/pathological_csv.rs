@@ -7,11 +7,9 @@ mod common;
 use std::io::Write as _;
 
 use common::{Fixture, show};
-use nix::sys::resource::{UsageWho, getrusage};
 use s3spot_bootstrap::State;
 
 const PART: usize = 64 * 1024 * 1024;
-const RSS_LIMIT_KIB: i64 = 64 * 1024;
 
 #[test]
 fn a_csv_of_one_huge_name_and_one_unclosed_quote_is_analysed_in_under_64_mib() {
@@ -29,32 +27,12 @@ fn a_csv_of_one_huge_name_and_one_unclosed_quote_is_analysed_in_under_64_mib() {
     }
     file.flush().unwrap();
     drop(file);
-    fixture.runtime.block_on(async {
-        let body = aws_sdk_s3::primitives::ByteStream::from_path(&source)
-            .await
-            .unwrap();
-        fixture
-            .client
-            .put_object()
-            .bucket("data")
-            .key("in/huge.csv")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-    });
-    std::fs::remove_file(&source).unwrap();
+    fixture.put_file("data", "in/huge.csv", &source);
 
     let job = fixture.job("in/huge.csv", None);
     let output = fixture.run_job(&job, &[]);
     assert!(output.status.success(), "{}", show(&output));
-    let peak_kib = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap().max_rss();
-    eprintln!("peak RSS of the worker: {} MiB", peak_kib / 1024);
-    assert!(
-        peak_kib < RSS_LIMIT_KIB,
-        "peak RSS {} MiB is over 64 MiB",
-        peak_kib / 1024
-    );
+    common::assert_children_peak_rss_bounded();
 
     let prefix = job.results_key_prefix();
     assert_eq!(fixture.status("data", &prefix).state, State::Succeeded);

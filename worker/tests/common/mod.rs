@@ -60,6 +60,24 @@ impl Fixture {
         output.e_tag().unwrap().trim_matches('"').to_owned()
     }
 
+    /// Uploads the file at `path` as `bucket/key`, streamed from disk, and removes the file.
+    pub fn put_file(&self, bucket: &str, key: &str, path: &std::path::Path) {
+        self.runtime.block_on(async {
+            let body = aws_sdk_s3::primitives::ByteStream::from_path(path)
+                .await
+                .unwrap();
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+        });
+        std::fs::remove_file(path).unwrap();
+    }
+
     /// A job as the launcher would make it, for `data/<key>`.
     pub fn job(&self, key: &str, command: Option<&str>) -> JobSpec {
         JobSpec {
@@ -171,3 +189,20 @@ impl Fixture {
 }
 
 pub use s3spot_tests::show;
+
+/// The worker's memory bound, in KiB.
+pub const RSS_LIMIT_KIB: i64 = 64 * 1024;
+
+/// Asserts that no child process of this test has peaked over [`RSS_LIMIT_KIB`].
+pub fn assert_children_peak_rss_bounded() {
+    let peak_kib = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .unwrap()
+        .max_rss();
+    eprintln!("peak RSS of the worker: {} MiB", peak_kib / 1024);
+    assert!(
+        peak_kib < RSS_LIMIT_KIB,
+        "peak RSS {} MiB is over {} MiB",
+        peak_kib / 1024,
+        RSS_LIMIT_KIB / 1024
+    );
+}
