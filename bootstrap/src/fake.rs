@@ -16,8 +16,10 @@ type Documents = BTreeMap<(String, String), (String, Vec<u8>)>;
 pub struct MemoryStatuses {
     documents: Mutex<Documents>,
     next_etag: Mutex<u64>,
-    /// Every conditional write through the seam, in order, with its condition.
-    writes: Mutex<Vec<(String, String, Expect)>>,
+    /// Every conditional write through the seam that held, in order.
+    writes: Mutex<Vec<(String, String)>>,
+    /// The condition of every write tried, whether it held or not.
+    tried: Mutex<Vec<Expect>>,
     /// Every read fails, as S3's can (a 500).
     failing_reads: AtomicBool,
     /// A read of a missing document is 403, as S3 answers a role without `s3:ListBucket`.
@@ -60,24 +62,14 @@ impl MemoryStatuses {
         self.store(bucket, key, text.as_bytes().to_vec());
     }
 
-    /// Every conditional write through the seam, in order.
+    /// Every conditional write through the seam that held, in order.
     pub fn writes(&self) -> Vec<(String, String)> {
-        self.writes
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(bucket, key, _)| (bucket.clone(), key.clone()))
-            .collect()
+        self.writes.lock().unwrap().clone()
     }
 
-    /// The conditions of the writes, in order.
+    /// The conditions of every write tried, in order, whether they held or not.
     pub fn conditions(&self) -> Vec<Expect> {
-        self.writes
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, _, expect)| expect.clone())
-            .collect()
+        self.tried.lock().unwrap().clone()
     }
 
     /// Makes every read fail, or work again.
@@ -152,6 +144,7 @@ impl StatusStore for MemoryStatuses {
         if let Some(rival) = rival {
             self.put_status(bucket, key, rival);
         }
+        self.tried.lock().unwrap().push(expect.clone());
         let mut documents = self.documents.lock().unwrap();
         let place = (bucket.to_owned(), key.to_owned());
         let stored = documents.get(&place).map(|(etag, _)| etag);
@@ -166,10 +159,7 @@ impl StatusStore for MemoryStatuses {
                 key: key.to_owned(),
             });
         }
-        self.writes
-            .lock()
-            .unwrap()
-            .push((place.0.clone(), place.1.clone(), expect.clone()));
+        self.writes.lock().unwrap().push(place.clone());
         let etag = self.next_etag();
         documents.insert(place, (etag.clone(), body));
         Ok(Expect::ETag(etag))

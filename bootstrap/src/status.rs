@@ -197,6 +197,17 @@ impl Status {
         status
     }
 
+    /// Whether EC2 is taking this attempt back, and its job's next attempt is due: its worker
+    /// was stopped by the spot notice, or the launcher recorded it interrupted (which it does
+    /// only for a spot interruption).
+    pub fn taken_back(&self) -> bool {
+        self.state == State::Interrupted
+            && (self.spot_interruption
+                || self
+                    .verdict_on()
+                    .is_some_and(|verdict| verdict.state == State::Interrupted))
+    }
+
     /// Whether this status is an account of `job_id`'s job. Statuses of old versions, without an
     /// id, belong to no job.
     pub fn belongs_to(&self, job_id: &str) -> bool {
@@ -275,6 +286,9 @@ impl Status {
     /// worker what it had done by then.
     fn under_verdict(mut self, verdict: Verdict) -> Status {
         let own = self.own_error();
+        // The notice that stopped the worker says a next attempt is due only while the verdict
+        // leaves the attempt interrupted.
+        self.spot_interruption &= verdict.state == State::Interrupted;
         self.state = verdict.state;
         self.error = Some(match own {
             Some(own) if own != verdict.error => format!("{}; {own}", verdict.error),
@@ -653,6 +667,33 @@ mod tests {
         let replaced = written(settle(Some(pending("not yet")), given_up.clone()));
         assert_eq!(replaced.state, State::Failed);
         kept(settle(Some(replaced), pending("later")));
+    }
+
+    #[test]
+    fn an_attempt_is_taken_back_while_the_notice_or_an_interrupted_verdict_says_so() {
+        let mut noticed = status(1, State::Interrupted, Writer::Worker, "i-1");
+        noticed.spot_interruption = true;
+        assert!(noticed.taken_back());
+        // A worker stopped by a signal alone: not EC2's doing.
+        assert!(!status(1, State::Interrupted, Writer::Worker, "i-1").taken_back());
+        // The launcher writes `interrupted` only for a spot interruption.
+        let warned = status(1, State::Interrupted, Writer::Launcher, "i-1");
+        assert!(warned.taken_back());
+        let stopped = written(settle(
+            Some(warned),
+            status(1, State::Interrupted, Writer::Worker, "i-1"),
+        ));
+        assert!(stopped.taken_back(), "the verdict stays beside the account");
+        // A final verdict over the notice ends it: no next attempt is due.
+        let failed = written(settle(
+            Some(noticed),
+            status(1, State::Failed, Writer::Launcher, "i-1"),
+        ));
+        assert_eq!(failed.state, State::Failed);
+        assert!(
+            !failed.spot_interruption && !failed.taken_back(),
+            "{failed:?}"
+        );
     }
 
     #[test]

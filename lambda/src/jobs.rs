@@ -144,8 +144,8 @@ pub struct JobInstance {
     /// has yet to be launched (or its worker has yet to start).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awaits_next_attempt: bool,
-    /// Its worker was stopped by EC2's spot interruption notice: its job's next attempt is due,
-    /// whether EC2 or the bootstrap then powered the instance off.
+    /// EC2 took it back (its worker saw the notice, or the launcher recorded the warning): its
+    /// job's next attempt is due, whether EC2 or the bootstrap then powered the instance off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spot_interruption: bool,
     /// Why EC2 last changed its state.
@@ -799,7 +799,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                                 outcome == Some(State::Interrupted) && status.attempt <= attempt;
                             spot_interruption = awaits_next_attempt
                                 && status.attempt == attempt
-                                && status.spot_interruption;
+                                && status.taken_back();
                             outcome
                         }),
                         Err(()) => {

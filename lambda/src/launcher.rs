@@ -194,19 +194,17 @@ impl LaunchError {
     }
 
     /// Whether an instance may exist although the call failed: a timeout, a dropped connection
-    /// or a server error can come after EC2 has launched it. EC2's refusals (throttling among
-    /// them) say it has not.
+    /// or a server error can come after EC2 has launched it. EC2's refusals say it has not.
+    /// Throttling counts as unknown: the SDK retries it, and an earlier try may have timed out
+    /// after EC2 launched the instance.
     pub fn may_have_launched(&self) -> bool {
-        match self {
+        matches!(
+            self,
             LaunchError::Api {
                 retryable: true,
-                message,
                 ..
-            } => !["RequestLimitExceeded", "Throttling"]
-                .iter()
-                .any(|code| message.starts_with(code)),
-            _ => false,
-        }
+            }
+        )
     }
 }
 

@@ -82,15 +82,38 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         // its warning; its worker stops at the warning): one upload never has two instances at
         // once, and a worker that finishes within the two minutes needs no next attempt.
         if !is_ended_state(&instance.state) {
-            return Err(failed(
+            let waiting = format!(
+                "attempt {} of job {} is still on it ({}); the next attempt is launched once it \
+                 has ended, when the queue delivers this warning again (or the reaper finds it \
+                 ended)",
+                spec.attempt, spec.job_id, instance.state
+            );
+            // On record at once: whatever the worker manages to write before the instance goes
+            // (an old worker, one killed at the notice), the reaper knows that EC2 is taking the
+            // attempt back. A worker that finishes first keeps its own account.
+            let next = if spec.attempt >= self.config.launch.max_attempts {
+                "the job fails once the instance has ended: it is on its last attempt \
+                 (S3SPOT_MAX_ATTEMPTS)"
+                    .to_owned()
+            } else {
                 format!(
-                    "attempt {} of job {} is still on it ({}); the next attempt is launched \
-                     once it has ended, when the queue delivers this warning again (or the \
-                     reaper finds it ended)",
-                    spec.attempt, spec.job_id, instance.state
-                ),
-                true,
-            ));
+                    "attempt {} is launched once the instance has ended",
+                    spec.attempt + 1
+                )
+            };
+            let verdict = Status::verdict(
+                &spec,
+                instance_of(&instance),
+                State::Interrupted,
+                format!("spot interruption warning; {next}"),
+            );
+            if let Err(error) = self.jobs().record_verdict(&spec, verdict).await {
+                tracing::warn!(
+                    error = error_chain(&error),
+                    "cannot record the spot interruption warning"
+                );
+            }
+            return Err(failed(waiting, true));
         }
         self.relaunch(&spec, &instance, "spot interruption warning", state, report)
             .await

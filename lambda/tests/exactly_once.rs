@@ -484,18 +484,19 @@ async fn a_spot_instance_taken_back_is_replaced_though_new_uploads_fill_the_cap_
     );
 }
 
-/// The worker's account of attempt 1, stopped by the spot notice.
-async fn worker_stopped_by_the_notice(setup: &Setup, job: &JobSpec) {
+/// The worker's account of attempt 1, stopped by the spot notice; a worker from before
+/// `spot_interruption` (still running through a deploy) does not say it was the notice.
+async fn worker_stopped_by_the_notice(setup: &Setup, job: &JobSpec, says_so: bool) {
     let mut stopped = Status::initial(job, Writer::Worker, SystemTime::now());
     stopped.state = State::Interrupted;
     stopped.error = Some("spot interruption notice (terminate) after 61 s".into());
-    stopped.spot_interruption = true;
+    stopped.spot_interruption = says_so;
     setup.worker_writes(job, stopped).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever_comes_first() {
-    for reaper_first in [true, false] {
+    for (reaper_first, says_so) in [(true, true), (false, true), (true, false)] {
         let setup = Setup::start();
         let handler = setup.handler(&[]).await;
         let id = deliver(&handler).await.launched[0].instance_id.clone();
@@ -504,7 +505,7 @@ async fn an_instance_that_powers_itself_off_after_the_notice_is_replaced_whoever
         assert!(waiting.failed[0].retryable, "{waiting:?}");
         // The worker stops at the notice and says so; the bootstrap powers the instance off
         // before EC2 takes it.
-        worker_stopped_by_the_notice(&setup, &job).await;
+        worker_stopped_by_the_notice(&setup, &job, says_so).await;
         setup.power_off(&id);
         let (first, second) = if reaper_first {
             (reaper_event(), warning_event(&id))
@@ -592,15 +593,36 @@ async fn a_replacement_that_waits_too_long_for_capacity_fails_the_job_while_ec2_
         .await
         .unwrap()
         .unwrap();
-    let mut claim = stored.claim.unwrap();
-    assert!(claim.released.is_some(), "{claim:?}");
-    claim.since = Some(s3spot_bootstrap::timestamp(
+    let released = stored.claim.unwrap();
+    assert!(released.released.is_some(), "{released:?}");
+    let since = Some(s3spot_bootstrap::timestamp(
         SystemTime::now() - REPLACEMENT_WAIT - Duration::from_secs(1),
     ));
-    write_claim(&statuses, BUCKET, &next.claim_key(), &claim, &stored.expect)
+
+    // As long as a launch of it may be under way (its outcome unknown), the job waits on.
+    let pending = Claim {
+        since: since.clone(),
+        ..Claim::new(next.clone())
+    };
+    let expect = write_claim(
+        &statuses,
+        BUCKET,
+        &next.claim_key(),
+        &pending,
+        &stored.expect,
+    )
+    .await
+    .unwrap();
+    setup.ec2.advance(Duration::from_secs(5 * 60));
+    handled(&handler, reaper_event()).await;
+    assert_eq!(setup.status(&job).await.state, State::Interrupted);
+
+    // Refused by EC2 for all that time, it fails.
+    let claim = Claim { since, ..released };
+    write_claim(&statuses, BUCKET, &next.claim_key(), &claim, &expect)
         .await
         .unwrap();
-    setup.ec2.advance(Duration::from_secs(15 * 60));
+    setup.ec2.advance(Duration::from_secs(5 * 60));
     let reaped = handled(&handler, reaper_event()).await;
     assert_eq!(reaped.failed, [], "{reaped:?}");
     let status = setup.status(&job).await;

@@ -511,15 +511,18 @@ async fn watch_for_interruption(
         tokio::time::sleep(every).await;
         if let Some(notice) = metadata.interruption_notice().await {
             tracing::warn!(notice, "spot interruption notice");
+            // A signal that came first stands, with its shorter grace: what sent it kills next.
             interrupt.send_if_modified(|current| {
-                current
-                    .replace(Interruption {
-                        why: format!("spot interruption notice ({notice})"),
-                        spot: true,
-                        at: Instant::now(),
-                        upload_grace: SPOT_UPLOAD_GRACE,
-                    })
-                    .is_none()
+                if current.is_some() {
+                    return false;
+                }
+                *current = Some(Interruption {
+                    why: format!("spot interruption notice ({notice})"),
+                    spot: true,
+                    at: Instant::now(),
+                    upload_grace: SPOT_UPLOAD_GRACE,
+                });
+                true
             });
             return;
         }
