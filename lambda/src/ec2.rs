@@ -35,6 +35,26 @@ const CAPACITY_ERRORS: &[&str] = &[
 /// Account limits: another option would hit the same wall, and waiting frees them up.
 const QUOTA_ERRORS: &[&str] = &["VcpuLimitExceeded", "InstanceLimitExceeded"];
 
+/// Spot through the API needs this service-linked role, which a fresh account does not have
+/// (only the console creates it on the fly). Without it, spot can never launch, but on-demand
+/// can.
+pub const SPOT_ROLE_MISSING: &str = "AuthFailure.ServiceLinkedRoleCreationNotPermitted";
+
+/// What to do about [`SPOT_ROLE_MISSING`], in the error that reaches the dead-letter queue.
+const SPOT_ROLE_REMEDY: &str = "spot needs the service-linked role AWSServiceRoleForEC2Spot, \
+     which this account does not have: create it once with `aws iam create-service-linked-role \
+     --aws-service-name spot.amazonaws.com` (scripts/deploy does), then redrive the dead-letter \
+     queue";
+
+/// Whether EC2 refused this option for good: a type not offered in the zone (`Unsupported`),
+/// or an instance type EC2 rejects as a value (unknown here, or not the image's architecture).
+fn not_offered(code: &str, message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    code == "Unsupported"
+        || (code == "InvalidParameterValue"
+            && (message.contains("instance type") || message.contains("instancetype")))
+}
+
 /// Codes that are worth retrying later even after the SDK's own retries ran out.
 const TRANSIENT_ERRORS: &[&str] = &[
     "RequestLimitExceeded",
@@ -417,6 +437,16 @@ fn classify_run_instances(error: SdkError<RunInstancesError>) -> LaunchError {
             code: code.to_owned(),
             message: message(),
         },
+        Some(SPOT_ROLE_MISSING) => LaunchError::NotAvailable {
+            code: SPOT_ROLE_MISSING.to_owned(),
+            message: format!("{SPOT_ROLE_REMEDY} ({})", message()),
+        },
+        Some(code) if not_offered(code, error.message().unwrap_or_default()) => {
+            LaunchError::NotAvailable {
+                code: code.to_owned(),
+                message: message(),
+            }
+        }
         Some("IdempotentInstanceTerminated") => LaunchError::AlreadyLaunched,
         Some("IdempotentParameterMismatch") => {
             LaunchError::ParameterMismatch { message: message() }

@@ -284,6 +284,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let tags = job_tags(pipeline, spec);
         let user_data = job.user_data.to_base64();
         let mut no_capacity = Vec::new();
+        let mut capacity_may_return = false;
         for option in options {
             let request = LaunchRequest {
                 template: launch.template.clone(),
@@ -330,6 +331,11 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 }
                 Err(error @ LaunchError::Capacity { .. }) => {
                     tracing::warn!(option = %request.option, error = %error, "no capacity; trying the next option");
+                    capacity_may_return = true;
+                    no_capacity.push(format!("{}: {error}", request.option));
+                }
+                Err(error @ LaunchError::NotAvailable { .. }) => {
+                    tracing::warn!(option = %request.option, error = %error, "option cannot launch here; trying the next option");
                     no_capacity.push(format!("{}: {error}", request.option));
                 }
                 Err(error) => {
@@ -340,9 +346,15 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 }
             }
         }
+        // Capacity comes back; a type that is not offered, or a missing spot role, does not.
+        let what = if capacity_may_return {
+            "no launch option had capacity"
+        } else {
+            "no launch option can launch here"
+        };
         Err(failed(
-            format!("no launch option had capacity: {}", no_capacity.join("; ")),
-            true,
+            format!("{what}: {}", no_capacity.join("; ")),
+            capacity_may_return,
         ))
     }
 

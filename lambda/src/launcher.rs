@@ -166,6 +166,11 @@ pub enum LaunchError {
     /// An account limit; it frees up as instances finish, so retry later.
     #[error("account limit reached ({code}): {message}")]
     Quota { code: String, message: String },
+    /// This option can never launch here: its type is not offered in the zone or does not fit
+    /// the image, or spot is not set up in the account. The next option may launch; waiting
+    /// does not help, so when no option launches for this reason alone the event fails for good.
+    #[error("cannot launch here ({code}): {message}")]
+    NotAvailable { code: String, message: String },
     /// The token's instance was launched and has since terminated: this job already ran.
     #[error("already launched: the instance for this ClientToken has already terminated")]
     AlreadyLaunched,
@@ -188,7 +193,9 @@ impl LaunchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LaunchError::Capacity { .. } | LaunchError::Quota { .. } => true,
-            LaunchError::AlreadyLaunched | LaunchError::ParameterMismatch { .. } => false,
+            LaunchError::AlreadyLaunched
+            | LaunchError::ParameterMismatch { .. }
+            | LaunchError::NotAvailable { .. } => false,
             LaunchError::Api { retryable, .. } => *retryable,
         }
     }

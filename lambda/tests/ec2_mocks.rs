@@ -186,6 +186,168 @@ async fn capacity_errors_fall_back_at_once_without_sdk_retries() {
     assert_eq!(describe.num_calls(), 1);
 }
 
+const SPOT_ROLE_MISSING: &str = "The provided credentials do not have permission to create the service-linked role for EC2 Spot Instances.";
+
+#[tokio::test]
+async fn a_missing_spot_role_falls_back_to_on_demand_and_says_what_to_do() {
+    let describe = none_running();
+    let spot = mock!(Client::run_instances)
+        .match_requests(|r| well_formed(r) && is_spot(r))
+        .sequence()
+        .http_status(
+            403,
+            Some(ec2_error(
+                "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+                SPOT_ROLE_MISSING,
+            )),
+        )
+        .repeatedly()
+        .build();
+    let on_demand = mock!(Client::run_instances)
+        .match_requests(|r| well_formed(r) && r.instance_market_options().is_none())
+        .then_output(|| launched("i-0123456789abcdef0", "m7i.large"));
+    let under_test = handler(
+        config(&[
+            ("S3SPOT_MARKET", "spot-then-on-demand"),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
+        ]),
+        &[&describe, &spot, &on_demand],
+    );
+    let outcome = report(&under_test).await;
+    assert_eq!(outcome.failed, []);
+    assert_eq!(outcome.launched[0].market, "on-demand");
+    assert_eq!(spot.num_calls(), 2, "each spot option was tried once");
+    assert_eq!(on_demand.num_calls(), 1);
+
+    // Spot alone: nothing can launch until the role exists, and the error says how to make it.
+    let describe = none_running();
+    let spot = run_instances_fails(
+        403,
+        "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+        SPOT_ROLE_MISSING,
+    );
+    let under_test = handler(config(&[("S3SPOT_MARKET", "spot")]), &[&describe, &spot]);
+    let outcome = report(&under_test).await;
+    let failed = &outcome.failed[0];
+    assert!(!failed.retryable, "{failed:?}");
+    for needle in [
+        "no launch option can launch here",
+        "AWSServiceRoleForEC2Spot",
+        "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com",
+        "redrive",
+    ] {
+        assert!(
+            failed.error.contains(needle),
+            "{needle} not in {}",
+            failed.error
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_type_not_offered_here_moves_on_to_the_next_option() {
+    let describe = none_running();
+    let offered =
+        |r: &RunInstancesInput, t: &str| r.instance_type() == Some(&InstanceType::from(t));
+    let unsupported = mock!(Client::run_instances)
+        .match_requests(move |r| well_formed(r) && offered(r, "m7i.large"))
+        .sequence()
+        .http_status(400, Some(ec2_error(
+                    "Unsupported",
+                    "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).",
+                )))
+        .repeatedly()
+        .build();
+    let wrong_arch = mock!(Client::run_instances)
+        .match_requests(move |r| well_formed(r) && offered(r, "m7g.large"))
+        .sequence()
+        .http_status(400, Some(ec2_error(
+                    "InvalidParameterValue",
+                    "The architecture 'arm64' of the specified instance type does not match the architecture 'x86_64' of the specified AMI.",
+                )))
+        .repeatedly()
+        .build();
+    let fits = mock!(Client::run_instances)
+        .match_requests(move |r| well_formed(r) && offered(r, "m6i.large"))
+        .then_output(|| launched("i-0123456789abcdef0", "m6i.large"));
+    let under_test = handler(
+        config(&[
+            ("S3SPOT_MARKET", "spot"),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m7g.large,m6i.large"),
+        ]),
+        &[&describe, &unsupported, &wrong_arch, &fits],
+    );
+    let outcome = report(&under_test).await;
+    assert_eq!(outcome.failed, []);
+    assert_eq!(
+        outcome.launched[0].instance_type.as_deref(),
+        Some("m6i.large")
+    );
+    assert_eq!((unsupported.num_calls(), wrong_arch.num_calls()), (1, 1));
+}
+
+#[tokio::test]
+async fn an_event_fails_for_good_only_when_no_option_can_ever_launch() {
+    // Every type unknown or not offered: waiting does not help.
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .sequence()
+        .http_status(400, Some(ec2_error("Unsupported", "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).")))
+        .http_status(400, Some(ec2_error("InvalidParameterValue", "Invalid value 'm6i.huge' for InstanceType.")))
+        .build();
+    let under_test = handler(
+        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.huge")]),
+        &[&describe, &run],
+    );
+    let outcome = report(&under_test).await;
+    assert!(!outcome.failed[0].retryable, "{:?}", outcome.failed[0]);
+    assert!(
+        outcome.failed[0]
+            .error
+            .starts_with("no launch option can launch here: ")
+    );
+    assert!(
+        outcome.failed[0]
+            .error
+            .contains("Invalid value 'm6i.huge' for InstanceType.")
+    );
+
+    // One of them out of capacity: capacity comes back, so the event is retried.
+    let describe = none_running();
+    let run = mock!(Client::run_instances)
+        .sequence()
+        .http_status(400, Some(ec2_error("Unsupported", "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).")))
+        .http_status(500, Some(ec2_error("InsufficientInstanceCapacity", "We currently do not have sufficient m6i.large capacity.")))
+        .build();
+    let under_test = handler(
+        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large")]),
+        &[&describe, &run],
+    );
+    let Err(HandlerError::Retryable(outcome)) = under_test.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(
+        outcome.failed[0]
+            .error
+            .starts_with("no launch option had capacity: ")
+    );
+
+    // Any other bad value is the configuration's, and stops at once.
+    let describe = none_running();
+    let run = run_instances_fails(
+        400,
+        "InvalidParameterValue",
+        "Value (x) for parameter iamInstanceProfile.name is invalid.",
+    );
+    let under_test = handler(
+        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large")]),
+        &[&describe, &run],
+    );
+    let outcome = report(&under_test).await;
+    assert!(!outcome.failed[0].retryable);
+    assert_eq!(run.num_calls(), 1);
+}
+
 #[tokio::test]
 async fn throttling_is_retried_by_the_sdk() {
     let describe = none_running();
