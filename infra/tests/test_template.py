@@ -27,6 +27,13 @@ LAUNCH_TEMPLATE_ARN = (
 )
 # Resources a RunInstances call touches besides the instance, each of which must come from the
 # launch template.
+# Session Manager's channels, which support no resource-level permissions.
+SESSION_CHANNELS = [
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+]
 TEMPLATE_RESOURCE_TYPES = {"volume", "network-interface", "subnet", "security-group", "image", "key-pair"}
 
 
@@ -66,9 +73,10 @@ def check_resource_star_only_where_required(template):
                 assert as_list(s["Action"]) in (
                     ["ec2:DescribeInstances"],
                     ["ec2:DescribeSpotPriceHistory"],
+                    SESSION_CHANNELS,
                 ), (
-                    f"{where}: Resource '*' for {s['Action']}; only DescribeInstances and "
-                    "DescribeSpotPriceHistory need it"
+                    f"{where}: Resource '*' for {s['Action']}; only DescribeInstances, "
+                    "DescribeSpotPriceHistory and the Session Manager channels need it"
                 )
                 assert "RequiresWildcard" in s.get("Sid", ""), (
                     f"{where}: the Resource '*' statement must say why in its Sid"
@@ -220,15 +228,24 @@ def check_instance_role_exact(template):
         "s3:GetObjectVersion": {"${DataBucket.Arn}/*"},
         "s3:PutObject": {"${DataBucket.Arn}/analysis/*"},
         "s3:AbortMultipartUpload": {"${DataBucket.Arn}/analysis/*"},
+        # Session Manager and nothing else of SSM: no parameters, no documents.
+        "ssm:UpdateInstanceInformation": {
+            "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/*"
+        },
+        **{channel: {"*"} for channel in SESSION_CHANNELS},
     }, grants
     # A job's command runs with this role: it must not forge the launcher's claims.
     assert grants["Deny"] == {
         "s3:PutObject": {"${DataBucket.Arn}/analysis/*/.s3spot/attempt-*.json"},
     }, grants
     props = template["Resources"]["InstanceRole"]["Properties"]
-    assert [sub_text(a) for a in props["ManagedPolicyArns"]] == [
-        "arn:${AWS::Partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
-    ]
+    # AmazonSSMManagedInstanceCore, say, grants ssm:GetParameter(s) on every parameter.
+    assert not props.get("ManagedPolicyArns"), "no managed policy: the role says all it grants"
+    assert not any(
+        r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy")
+        and {"Ref": "InstanceRole"} in r["Properties"].get("Roles", [])
+        for r in template["Resources"].values()
+    ), "no policy attached to the instance role from outside it" 
     trust = statements(props["AssumeRolePolicyDocument"])
     assert [s["Principal"] for s in trust] == [{"Service": "ec2.amazonaws.com"}]
 
@@ -245,6 +262,17 @@ def check_launch_template(template):
     assert root["Ebs"]["DeleteOnTermination"] is True
     assert "AssociatePublicIpAddress" not in str(data), "no public IP is forced on"
     assert data["ImageId"] == {"Ref": "ImageId"}
+    # The template names the subnet, the security group and the network interface, so that
+    # EC2 creates nothing it does not name (ec2:IsLaunchTemplateResource holds for each).
+    assert data.get("NetworkInterfaces") == [
+        {
+            "DeviceIndex": 0,
+            "SubnetId": {"Ref": "SubnetId"},
+            "Groups": [{"Fn::GetAtt": ["WorkerSecurityGroup", "GroupId"]}],
+            "DeleteOnTermination": True,
+        }
+    ], data.get("NetworkInterfaces")
+    assert "SecurityGroupIds" not in data and "SubnetId" not in data
     assert data["InstanceType"] == {"Fn::Select": [0, {"Ref": "InstanceTypes"}]}
     tagged = {spec["ResourceType"] for spec in data["TagSpecifications"]}
     assert tagged == {"instance", "volume"}
@@ -319,27 +347,38 @@ def check_intake(template):
     assert props["EventSourceArn"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}
     assert props.get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
     assert props["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "QueueConcurrency"}
+    # S3 sends every object event to EventBridge, and the uploads rule filters out results.
     notifications = resources["DataBucket"]["Properties"]["NotificationConfiguration"]
-    assert notifications == {
-        "QueueConfigurations": [
-            {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
-        ]
-    }
-    # The queue policy names the bucket by the same name the bucket is given; if the two
-    # drifted apart, S3 could not deliver and the stack would fail to create.
-    bucket_name = sub_text(resources["DataBucket"]["Properties"]["BucketName"])
+    assert notifications == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}, notifications
+    uploads = resources["UploadsRule"]["Properties"]
+    assert uploads["Targets"] == [{"Id": "intake", "Arn": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}]
+    prefix = resources["LauncherFunction"]["Properties"]["Environment"]["Variables"][
+        "S3SPOT_RESULTS_PREFIX"
+    ]
+    assert uploads["EventPattern"] == {
+        "source": ["aws.s3"],
+        "detail-type": ["Object Created"],
+        "detail": {
+            "bucket": {"name": [{"Ref": "DataBucket"}]},
+            "object": {"key": [{"anything-but": {"prefix": prefix}}]},
+        },
+    }, uploads["EventPattern"]
     allows = [
         s
         for s in statements(resources["IntakeQueuePolicy"]["Properties"]["PolicyDocument"])
         if s["Effect"] == "Allow"
     ]
-    assert len(allows) == 2, "S3 notifications and spot interruption warnings, nothing else"
-    (allow,) = [s for s in allows if s["Principal"] == {"Service": "s3.amazonaws.com"}]
-    (events,) = [s for s in allows if s["Principal"] == {"Service": "events.amazonaws.com"}]
+    (events,) = allows
+    assert events["Principal"] == {"Service": "events.amazonaws.com"}
     assert as_list(events["Action"]) == ["sqs:SendMessage"]
     assert events.get("Condition") == {
-        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]}}
-    }, "only the interruption rule may send"
+        "ArnEquals": {
+            "aws:SourceArn": [
+                {"Fn::GetAtt": ["UploadsRule", "Arn"]},
+                {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]},
+            ]
+        }
+    }, "only the stack's two rules may send"
     rule = resources["SpotInterruptionRule"]["Properties"]
     assert rule["EventPattern"] == {
         "source": ["aws.ec2"],
@@ -349,12 +388,7 @@ def check_intake(template):
     assert [t["Arn"] for t in rule["Targets"]] == [{"Fn::GetAtt": ["IntakeQueue", "Arn"]}]
     handled = (ROOT / "lambda" / "src" / "event.rs").read_text()
     assert '"EC2 Spot Instance Interruption Warning"' in handled, "the launcher must read them"
-    assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
-    assert as_list(allow["Action"]) == ["sqs:SendMessage"]
-    assert sub_text(allow["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
-        f"arn:${{AWS::Partition}}:s3:::{bucket_name}"
-    )
-    assert allow["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+    assert '"Object Created"' in handled, "the launcher must read S3's EventBridge events"
 
 
 def check_function(template):
@@ -446,7 +480,9 @@ def check_parameters(template):
     ):
         assert name in params, f"parameter {name} is missing"
     assert params["ImageId"]["Default"].startswith("/aws/service/ami-amazon-linux-latest/al2023-")
-    assert params["KeyPairName"]["Default"] == "" and params["SubnetId"]["Default"] == ""
+    assert params["KeyPairName"]["Default"] == ""
+    # The launch template always names a subnet: it is required, and must be one.
+    assert params["SubnetId"]["Type"] == "AWS::EC2::Subnet::Id" and "Default" not in params["SubnetId"]
     assert params["MonthlyBudget"]["Default"] == 0
 
 
@@ -492,6 +528,32 @@ class TemplateProperties(unittest.TestCase):
         # The transform adds no role or policy of its own: the function uses LauncherRole.
         roles = set(resources_of_type(self.template, "AWS::IAM::Role"))
         self.assertEqual(roles, {"LauncherRole", "InstanceRole"})
+
+
+class EveryStatementSaysWhy(unittest.TestCase):
+    """Each statement of each policy has a Sid and, right above it in the template, a comment
+    that says why it allows (or denies) what it does."""
+
+    @staticmethod
+    def unexplained(text):
+        lines = text.splitlines()
+        return [
+            line.strip()
+            for i, line in enumerate(lines)
+            if re.match(r"\s*- Sid: ", line) and not lines[i - 1].strip().startswith("#")
+        ]
+
+    def test_every_statement_is_named_and_explained(self):
+        for where, document in policy_documents(source()):
+            if "trust policy" in where:
+                continue
+            for s in statements(document):
+                self.assertIn("Sid", s, f"{where}: a statement without a Sid")
+        self.assertEqual(self.unexplained((ROOT / "infra" / "template.yaml").read_text()), [])
+
+    def test_an_unexplained_statement_is_found(self):
+        text = "Statement:\n  # why\n  - Sid: A\n    Effect: Allow\n  - Sid: B\n"
+        self.assertEqual(self.unexplained(text), ["- Sid: B"])
 
 
 def weakened(edit):
@@ -651,14 +713,64 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_intake, edit)
 
-    def test_interruptions_from_any_rule(self):
+    def test_events_from_any_rule(self):
         def edit(t):
             policy = t["Resources"]["IntakeQueuePolicy"]["Properties"]["PolicyDocument"]
             for s in policy["Statement"]:
-                if s.get("Sid") == "SpotInterruptionWarnings":
+                if s.get("Sid") == "UploadsAndSpotInterruptionWarnings":
                     s.pop("Condition")
 
         self.expect_failure(check_intake, edit)
+
+    def test_results_reach_the_queue(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["UploadsRule"]["Properties"]["EventPattern"]["detail"].pop(
+                "object"
+            ),
+        )
+
+    def test_every_object_notified_to_the_queue(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
+                NotificationConfiguration={
+                    "QueueConfigurations": [
+                        {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
+                    ]
+                }
+            ),
+        )
+
+    def test_instance_role_with_the_ssm_managed_policy(self):
+        self.expect_failure(
+            check_instance_role_exact,
+            lambda t: t["Resources"]["InstanceRole"]["Properties"].update(
+                ManagedPolicyArns=["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
+            ),
+        )
+
+    def test_instance_role_reads_parameters(self):
+        def edit(t):
+            for s in role_statements(t, "InstanceRole"):
+                if s.get("Sid") == "SessionManagerRequiresWildcard":
+                    s["Action"] = s["Action"] + ["ssm:GetParameters"]
+
+        self.expect_failure(check_instance_role_exact, edit)
+
+    def test_launch_template_without_a_subnet(self):
+        self.expect_failure(
+            check_launch_template,
+            lambda t: t["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"].pop(
+                "NetworkInterfaces"
+            ),
+        )
+
+    def test_subnet_optional(self):
+        self.expect_failure(
+            check_parameters,
+            lambda t: t["Parameters"]["SubnetId"].update(Type="String", Default=""),
+        )
 
     def test_interruption_rule_matches_other_events(self):
         self.expect_failure(
@@ -716,11 +828,11 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_reaper_scheduled, edit)
 
-    def test_queue_policy_names_another_bucket(self):
+    def test_uploads_rule_matches_any_bucket(self):
         self.expect_failure(
             check_intake,
-            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
-                BucketName={"Fn::Sub": "${PipelineName}-input-${AWS::AccountId}"}
+            lambda t: t["Resources"]["UploadsRule"]["Properties"]["EventPattern"]["detail"].pop(
+                "bucket"
             ),
         )
 

@@ -28,6 +28,7 @@ fn template_environment(template_id: &str, params: &[&str]) -> HashMap<String, S
         .args(["--param", &format!("WorkerKey={WORKER_KEY}")])
         .args(["--param", &format!("WorkerSha256={SHA256}")])
         .args(["--param", "VpcId=vpc-0123456789abcdef0"])
+        .args(["--param", "SubnetId=subnet-0123456789abcdef0"])
         .args(["--physical", &format!("WorkerLaunchTemplate={template_id}")])
         .args(["--physical", "WorkerLaunchTemplate.LatestVersionNumber=1"])
         .args(["--physical", "ArtifactsBucket=s3spot-artifacts-x"]);
