@@ -347,38 +347,27 @@ def check_intake(template):
     assert props["EventSourceArn"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}
     assert props.get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
     assert props["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "QueueConcurrency"}
-    # S3 sends every object event to EventBridge, and the uploads rule filters out results.
     notifications = resources["DataBucket"]["Properties"]["NotificationConfiguration"]
-    assert notifications == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}, notifications
-    uploads = resources["UploadsRule"]["Properties"]
-    assert uploads["Targets"] == [{"Id": "intake", "Arn": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}]
-    prefix = resources["LauncherFunction"]["Properties"]["Environment"]["Variables"][
-        "S3SPOT_RESULTS_PREFIX"
-    ]
-    assert uploads["EventPattern"] == {
-        "source": ["aws.s3"],
-        "detail-type": ["Object Created"],
-        "detail": {
-            "bucket": {"name": [{"Ref": "DataBucket"}]},
-            "object": {"key": [{"anything-but": {"prefix": prefix}}]},
-        },
-    }, uploads["EventPattern"]
+    assert notifications == {
+        "QueueConfigurations": [
+            {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
+        ]
+    }
+    # The queue policy names the bucket by the same name the bucket is given; if the two
+    # drifted apart, S3 could not deliver and the stack would fail to create.
+    bucket_name = sub_text(resources["DataBucket"]["Properties"]["BucketName"])
     allows = [
         s
         for s in statements(resources["IntakeQueuePolicy"]["Properties"]["PolicyDocument"])
         if s["Effect"] == "Allow"
     ]
-    (events,) = allows
-    assert events["Principal"] == {"Service": "events.amazonaws.com"}
+    assert len(allows) == 2, "S3 notifications and spot interruption warnings, nothing else"
+    (allow,) = [s for s in allows if s["Principal"] == {"Service": "s3.amazonaws.com"}]
+    (events,) = [s for s in allows if s["Principal"] == {"Service": "events.amazonaws.com"}]
     assert as_list(events["Action"]) == ["sqs:SendMessage"]
     assert events.get("Condition") == {
-        "ArnEquals": {
-            "aws:SourceArn": [
-                {"Fn::GetAtt": ["UploadsRule", "Arn"]},
-                {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]},
-            ]
-        }
-    }, "only the stack's two rules may send"
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]}}
+    }, "only the interruption rule may send"
     rule = resources["SpotInterruptionRule"]["Properties"]
     assert rule["EventPattern"] == {
         "source": ["aws.ec2"],
@@ -388,7 +377,12 @@ def check_intake(template):
     assert [t["Arn"] for t in rule["Targets"]] == [{"Fn::GetAtt": ["IntakeQueue", "Arn"]}]
     handled = (ROOT / "lambda" / "src" / "event.rs").read_text()
     assert '"EC2 Spot Instance Interruption Warning"' in handled, "the launcher must read them"
-    assert '"Object Created"' in handled, "the launcher must read S3's EventBridge events"
+    assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert as_list(allow["Action"]) == ["sqs:SendMessage"]
+    assert sub_text(allow["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
+        f"arn:${{AWS::Partition}}:s3:::{bucket_name}"
+    )
+    assert allow["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
 
 
 def check_function(template):
@@ -713,34 +707,14 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_intake, edit)
 
-    def test_events_from_any_rule(self):
+    def test_interruptions_from_any_rule(self):
         def edit(t):
             policy = t["Resources"]["IntakeQueuePolicy"]["Properties"]["PolicyDocument"]
             for s in policy["Statement"]:
-                if s.get("Sid") == "UploadsAndSpotInterruptionWarnings":
+                if s.get("Sid") == "SpotInterruptionWarnings":
                     s.pop("Condition")
 
         self.expect_failure(check_intake, edit)
-
-    def test_results_reach_the_queue(self):
-        self.expect_failure(
-            check_intake,
-            lambda t: t["Resources"]["UploadsRule"]["Properties"]["EventPattern"]["detail"].pop(
-                "object"
-            ),
-        )
-
-    def test_every_object_notified_to_the_queue(self):
-        self.expect_failure(
-            check_intake,
-            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
-                NotificationConfiguration={
-                    "QueueConfigurations": [
-                        {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
-                    ]
-                }
-            ),
-        )
 
     def test_instance_role_with_the_ssm_managed_policy(self):
         self.expect_failure(
@@ -828,11 +802,11 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_reaper_scheduled, edit)
 
-    def test_uploads_rule_matches_any_bucket(self):
+    def test_queue_policy_names_another_bucket(self):
         self.expect_failure(
             check_intake,
-            lambda t: t["Resources"]["UploadsRule"]["Properties"]["EventPattern"]["detail"].pop(
-                "bucket"
+            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
+                BucketName={"Fn::Sub": "${PipelineName}-input-${AWS::AccountId}"}
             ),
         )
 

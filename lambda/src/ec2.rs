@@ -40,7 +40,7 @@ const QUOTA_ERRORS: &[&str] = &["VcpuLimitExceeded", "InstanceLimitExceeded"];
 /// can.
 pub const SPOT_ROLE_MISSING: &str = "AuthFailure.ServiceLinkedRoleCreationNotPermitted";
 
-/// What to do about [`SPOT_ROLE_MISSING`], in the error that reaches the dead-letter queue.
+/// What to do about [`SPOT_ROLE_MISSING`], in the error the launcher logs and reports.
 const SPOT_ROLE_REMEDY: &str = "spot needs the service-linked role AWSServiceRoleForEC2Spot, \
      which this account does not have: create it once with `aws iam create-service-linked-role \
      --aws-service-name spot.amazonaws.com` (scripts/deploy does), then redrive the dead-letter \
