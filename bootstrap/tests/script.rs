@@ -103,6 +103,7 @@ impl Sandbox {
             .env("STUB_DIR", self.dir.path())
             .env("S3SPOT_HOME", self.path("home"))
             .env("S3SPOT_LOG", self.path("log/s3spot.log"))
+            .env("S3SPOT_RUN_AS", "")
             .env("S3SPOT_SHUTDOWN_COMMAND", shutdown);
         for (name, value) in env {
             command.env(name, value);
@@ -321,6 +322,7 @@ fn a_signal_to_the_script_reaches_the_worker_which_then_finishes_before_the_shut
         .env("STUB_DIR", sandbox.dir.path())
         .env("S3SPOT_HOME", sandbox.path("home"))
         .env("S3SPOT_LOG", sandbox.path("log/s3spot.log"))
+        .env("S3SPOT_RUN_AS", "")
         .env(
             "S3SPOT_SHUTDOWN_COMMAND",
             format!("touch {}", sandbox.path("shutdown-ran").display()),

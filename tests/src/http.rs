@@ -50,7 +50,21 @@ impl ServerThread {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (bound, address) = std::sync::mpsc::channel();
+        Self::start_on(name, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), service)
+    }
+
+    /// On `address`, for a server that must be where a client looks without being told (IMDS
+    /// at 169.254.169.254:80, in a network namespace of the test's own).
+    pub(crate) fn start_on<S, B>(name: &str, address: SocketAddr, service: S) -> ServerThread
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (bound, bound_address) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -61,9 +75,9 @@ impl ServerThread {
                     .build()
                     .expect("a runtime for the test server");
                 runtime.block_on(async move {
-                    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    let listener = TcpListener::bind(address)
                         .await
-                        .expect("bind a loopback port");
+                        .unwrap_or_else(|error| panic!("cannot bind {address}: {error}"));
                     bound
                         .send(listener.local_addr().expect("bound address"))
                         .expect("the starter waits");
@@ -75,7 +89,7 @@ impl ServerThread {
             })
             .expect("spawn the server thread");
         ServerThread {
-            address: address.recv().expect("the server binds"),
+            address: bound_address.recv().expect("the server binds"),
             stop: Some(stop),
             thread: Some(thread),
         }

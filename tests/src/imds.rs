@@ -29,6 +29,14 @@ pub struct FakeImds {
 
 impl FakeImds {
     pub fn start() -> FakeImds {
+        Self::start_on(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        )))
+    }
+
+    /// On `address`: IMDS's own, 169.254.169.254:80, where nothing needs telling where it is.
+    pub fn start_on(address: std::net::SocketAddr) -> FakeImds {
         let state = Arc::new(State::default());
         let shared = Arc::clone(&state);
         let service = hyper::service::service_fn(move |request| {
@@ -36,7 +44,7 @@ impl FakeImds {
             async move { Ok::<_, Infallible>(answer(&request, &state)) }
         });
         FakeImds {
-            server: ServerThread::start("fake-imds", service),
+            server: ServerThread::start_on("fake-imds", address, service),
             state,
         }
     }

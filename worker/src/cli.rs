@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::settings::RunAs;
 use crate::{Metadata, Settings, Worker, shut_down};
 use anyhow::{Context as _, bail};
 use clap::parser::ValueSource;
@@ -112,6 +113,10 @@ struct RunArgs {
     /// the bootstrap script allows.
     #[arg(long, env = "S3SPOT_HARD_LIMIT", value_name = "SECS")]
     hard_limit: Option<u64>,
+    /// Run the command as this unprivileged user; the worker itself stays root for the S3 I/O.
+    /// Empty: the command runs as the worker's user.
+    #[arg(long, env = "S3SPOT_RUN_AS", value_name = "USER")]
+    run_as: Option<String>,
 }
 
 /// Parses the process's arguments, runs the job and shuts down: the whole `s3spot-worker`.
@@ -212,6 +217,10 @@ fn job(args: &RunArgs, matches: &ArgMatches) -> anyhow::Result<JobSpec> {
 }
 
 fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
+    let run_as = match args.run_as.as_deref() {
+        None | Some("") => None,
+        Some(name) => Some(RunAs::lookup(name)?),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -233,6 +242,7 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
                 kill_grace: Duration::from_secs(args.kill_grace),
                 upload_grace: Duration::from_secs(args.upload_grace),
                 hard_limit: args.hard_limit.map(Duration::from_secs),
+                run_as,
                 ..Settings::default()
             },
         });

@@ -9,6 +9,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use crate::settings::RunAs;
+
 /// How long the logs may keep flowing after the command has ended.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
@@ -36,9 +38,17 @@ pub struct CommandEnv<'a> {
     pub version_id: Option<&'a str>,
 }
 
+/// The environment variables a command run as another user keeps from the worker's: nothing
+/// that could carry a credential.
+const KEPT_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"];
+
 /// Runs `sh -c <command>` in `work_dir`, in a process group of its own, with stdout and stderr
 /// copied to the two log files and echoed to the worker's own. When `stop` completes first, the
 /// group gets SIGTERM, then SIGKILL after `kill_grace`.
+///
+/// With `run_as`, the command runs as that user, with no supplementary groups and a minimal
+/// environment, and once it has ended every process of that user is killed: nothing it started
+/// can change its outputs while they are read, or outlive the job.
 pub async fn run_command(
     command: &str,
     env: &CommandEnv<'_>,
@@ -46,10 +56,30 @@ pub async fn run_command(
     logs: (&Path, &Path),
     stop: impl Future<Output = Stop>,
     kill_grace: Duration,
+    run_as: Option<&RunAs>,
 ) -> std::io::Result<CommandRun> {
-    let stdout_log = tokio::fs::File::create(logs.0).await?;
-    let stderr_log = tokio::fs::File::create(logs.1).await?;
-    let mut child = tokio::process::Command::new("sh")
+    let stdout_log = private_file(logs.0).await?;
+    let stderr_log = private_file(logs.1).await?;
+    let mut command_line = tokio::process::Command::new("sh");
+    if let Some(user) = run_as {
+        command_line.env_clear();
+        for name in KEPT_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command_line.env(name, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command_line.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        // The standard library drops the supplementary groups when root sets a uid.
+        command_line
+            .uid(user.uid)
+            .gid(user.gid)
+            .env("HOME", work_dir)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    let mut child = command_line
         .arg("-c")
         .arg(command)
         .current_dir(work_dir)
@@ -97,6 +127,9 @@ pub async fn run_command(
     // Whatever the shell left behind in its group would hold the log pipes open and outlive the
     // job: it goes too.
     signal(group, Signal::SIGKILL);
+    if let Some(user) = run_as {
+        end_processes_of(user).await;
+    }
     // A process that left the group (setsid) could keep the pipes open forever; the logs then
     // end here.
     match tokio::time::timeout(LOG_DRAIN, copies).await {
@@ -106,6 +139,93 @@ pub async fn run_command(
         }
     }
     Ok(CommandRun { status, stopped })
+}
+
+/// Log files only the worker can read: they sit beside the command's directory, not in it.
+async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+}
+
+/// How many rounds of SIGKILL a user's processes get before the worker says they survive.
+const KILL_ROUNDS: usize = 50;
+
+/// Kills every process of `user`, including those that left the command's process group
+/// (`setsid`, a double fork), by sending SIGKILL to -1 as that user, until none is left.
+pub async fn end_processes_of(user: &RunAs) {
+    for _ in 0..KILL_ROUNDS {
+        match live_processes_of(user.uid) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the processes of the command's user");
+                return;
+            }
+        }
+        // kill(-1) reaches every process the sender may signal, except itself: run as the user,
+        // that is exactly the user's processes.
+        let killed = tokio::process::Command::new("sh")
+            .args(["-c", "kill -9 -1 2>/dev/null; exit 0"])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .uid(user.uid)
+            .gid(user.gid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if let Err(error) = killed {
+            tracing::warn!(%error, user = user.name, "cannot kill the processes of the command's user");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(
+        user = user.name,
+        "processes of the command's user survive SIGKILL; its outputs may still change"
+    );
+}
+
+/// The processes of `uid` that are not zombies, from `/proc`.
+fn live_processes_of(uid: u32) -> std::io::Result<usize> {
+    let mut live = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        // A process that ended while this looks is not live.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::trim)
+        };
+        // "Uid:\treal\teffective\tsaved\tfs": any of them makes it the user's to signal.
+        let owned = field("Uid:").is_some_and(|ids| {
+            ids.split_whitespace()
+                .any(|id| id.parse::<u32>().ok() == Some(uid))
+        });
+        let zombie = field("State:").is_some_and(|state| state.starts_with('Z'));
+        if owned && !zombie {
+            live += 1;
+        }
+    }
+    Ok(live)
 }
 
 fn signal(group: Option<Pid>, signal: Signal) {

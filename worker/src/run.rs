@@ -16,8 +16,20 @@ use crate::analysis::analyse;
 use crate::download::download;
 use crate::instance::Metadata;
 use crate::process::{CommandEnv, Stop, run_command};
-use crate::settings::Settings;
+use crate::settings::{RunAs, Settings};
 use crate::upload::{Uploader, files_under};
+
+/// Gives `dirs` to the command's user, and lets that user through `work` to them, but not list
+/// or read what else `work` holds.
+fn hand_over(work: &Path, dirs: &[&Path], user: &RunAs) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o711))?;
+    for dir in dirs {
+        std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
 
 /// Names the worker writes itself under the results prefix; a command's files of the same name
 /// would be overwritten by them, so they are not uploaded. Nor is anything in a folder named as
@@ -166,16 +178,27 @@ impl Worker {
         stop: impl Fn() -> S,
         cutoff: impl FnOnce() -> C,
     ) {
-        // The input has a directory of its own: whatever the key's last segment, its file
-        // cannot be the command's logs, the output directory or anything else of the worker's.
-        let output_dir = work.join("output");
-        let input_dir = work.join("input");
+        // The command gets a directory of its own, `job/`, its working directory. The input has
+        // one inside it: whatever the key's last segment, its file cannot be the output
+        // directory. The logs stay outside, where a command run as another user cannot reach.
+        let job_dir = work.join("job");
+        let output_dir = job_dir.join("output");
+        let input_dir = job_dir.join("input");
         let input = input_dir.join(local_name(&job.key));
-        for dir in [&output_dir, &input_dir] {
+        for dir in [&job_dir, &output_dir, &input_dir] {
             if let Err(error) = std::fs::create_dir(dir) {
                 status.error = Some(format!("cannot create {}: {error}", dir.display()));
                 return;
             }
+        }
+        if let Some(user) = &self.settings.run_as
+            && let Err(error) = hand_over(work, &[&job_dir, &output_dir, &input_dir], user)
+        {
+            status.error = Some(format!(
+                "cannot hand the work directory over to {}: {error}",
+                user.name
+            ));
+            return;
         }
 
         let clock = Instant::now();
@@ -215,6 +238,18 @@ impl Worker {
         let logs = (work.join(STDOUT_FILE), work.join(STDERR_FILE));
         let processed = match &job.command {
             Some(command) => {
+                // The command may rework its input in place (gunzip, say).
+                if let Some(user) = &self.settings.run_as
+                    && let Err(error) =
+                        std::os::unix::fs::chown(&downloaded.path, Some(user.uid), Some(user.gid))
+                {
+                    status.error = Some(format!(
+                        "cannot hand {} over to {}: {error}",
+                        downloaded.path.display(),
+                        user.name
+                    ));
+                    return;
+                }
                 let env = CommandEnv {
                     input: &downloaded.path,
                     output_dir: &output_dir,
@@ -225,10 +260,11 @@ impl Worker {
                 match run_command(
                     command,
                     &env,
-                    work,
+                    &job_dir,
                     (&logs.0, &logs.1),
                     stop(),
                     self.settings.kill_grace,
+                    self.settings.run_as.as_ref(),
                 )
                 .await
                 {
@@ -302,7 +338,8 @@ impl Worker {
         } else {
             self.uploader(job)
         };
-        let mut files = match files_under(&output_dir) {
+        let owner = self.settings.run_as.as_ref().map(|user| user.uid);
+        let mut files = match files_under(&output_dir, owner) {
             Ok(files) => files,
             Err(error) => {
                 fail(status, crate::error_chain(&error));

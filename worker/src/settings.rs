@@ -20,6 +20,9 @@ pub struct Settings {
     /// When, after it starts, something outside kills the worker: the bootstrap script's hard
     /// limit. `None`: the job's max runtime plus the bootstrap's grace, as the script has it.
     pub hard_limit: Option<Duration>,
+    /// The unprivileged user the command runs as, when the worker runs as root. `None`: the
+    /// command runs as the worker's own user (local mode, a person's shell).
+    pub run_as: Option<RunAs>,
     pub download: DownloadSettings,
     pub upload: UploadSettings,
 }
@@ -50,6 +53,7 @@ impl Default for Settings {
             interruption_poll: Duration::from_secs(5),
             upload_grace: Duration::from_secs(15),
             hard_limit: None,
+            run_as: None,
             download: DownloadSettings {
                 ranged_above: 64 * MIB,
                 // S3 serves one connection at around 100 MB/s; throughput grows with more.
@@ -62,5 +66,63 @@ impl Default for Settings {
                 concurrency: 4,
             },
         }
+    }
+}
+
+/// A user for the command: the object is attacker-chosen, and the command that parses it must
+/// not hold the instance's keys. The worker stays root for the S3 I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunAsError {
+    #[error(
+        "--run-as {0:?}: there is no such user; create it (useradd --system {0}) or leave --run-as out"
+    )]
+    NoSuchUser(String),
+    #[error("--run-as {name:?}: cannot look the user up")]
+    Lookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("--run-as {name:?} is uid 0; the command must run as an unprivileged user")]
+    Root { name: String },
+    #[error(
+        "--run-as {name:?}: the worker runs as uid {uid}, and only root can start the command as another user; run the worker as root or leave --run-as out"
+    )]
+    NotRoot { name: String, uid: u32 },
+}
+
+impl RunAs {
+    /// Looks `name` up in the user database, for a worker running as root.
+    pub fn lookup(name: &str) -> Result<RunAs, RunAsError> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|source| RunAsError::Lookup {
+                name: name.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| RunAsError::NoSuchUser(name.to_owned()))?;
+        if user.uid.is_root() {
+            return Err(RunAsError::Root {
+                name: name.to_owned(),
+            });
+        }
+        let me = nix::unistd::geteuid();
+        if !me.is_root() {
+            return Err(RunAsError::NotRoot {
+                name: name.to_owned(),
+                uid: me.as_raw(),
+            });
+        }
+        Ok(RunAs {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        })
     }
 }

@@ -1,5 +1,6 @@
 //! Uploading results under the job's results prefix.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -246,8 +247,10 @@ impl<'a> Uploader<'a> {
 
 /// The regular files under `dir`, as (path, name relative to `dir` with '/' separators), in a
 /// stable order. Symbolic links and special files are left out: a command must not be able to
-/// publish, say, `/etc/shadow` by linking to it.
-pub fn files_under(dir: &Path) -> Result<Vec<(PathBuf, String)>, UploadError> {
+/// publish, say, `/etc/shadow` by linking to it. With `owner`, so are files that user does not
+/// own: a command run as that user could otherwise hard-link, or swap in a directory of, files
+/// it may not read, for the worker (root) to publish.
+pub fn files_under(dir: &Path, owner: Option<u32>) -> Result<Vec<(PathBuf, String)>, UploadError> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(current) = pending.pop() {
@@ -266,6 +269,17 @@ pub fn files_under(dir: &Path) -> Result<Vec<(PathBuf, String)>, UploadError> {
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() {
+                if let Some(owner) = owner {
+                    let uid = entry.metadata().map_err(walk_error)?.uid();
+                    if uid != owner {
+                        tracing::warn!(
+                            path = %path.display(),
+                            uid,
+                            "not the command's own file; not uploaded"
+                        );
+                        continue;
+                    }
+                }
                 let name = path
                     .strip_prefix(dir)
                     .expect("entries are under dir")
@@ -296,7 +310,7 @@ mod tests {
         std::fs::write(dir.path().join("sub/deeper/c.json"), "c").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("sub"), dir.path().join("dirlink")).unwrap();
-        let names: Vec<String> = files_under(dir.path())
+        let names: Vec<String> = files_under(dir.path(), None)
             .unwrap()
             .into_iter()
             .map(|(_, name)| name)

@@ -338,6 +338,8 @@ impl LocalLauncher {
             .env("S3SPOT_HOME", dir.join("home"))
             .env("S3SPOT_LOG", dir.join("s3spot.log"))
             .env("S3SPOT_WORK_DIR", dir.join("work"))
+            // A local instance is the person's own machine: the command runs as they do.
+            .env("S3SPOT_RUN_AS", "")
             // "Powering off" a local instance: its script exits right after this.
             .env(
                 "S3SPOT_SHUTDOWN_COMMAND",
