@@ -442,6 +442,26 @@ def check_alarms(template):
     ]
     assert len(errors) == 1, "no alarm on function errors"
     assert errors[0]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "LauncherFunction"}}]
+    # The failed-records alarm watches exactly the metric the function writes.
+    report = (ROOT / "lambda" / "src" / "report.rs").read_text()
+    (namespace,) = re.findall(r'pub const METRICS_NAMESPACE: &str = "([^"]+)";', report)
+    records = [
+        a["Properties"]
+        for a in alarms.values()
+        if a["Properties"]["Namespace"] == namespace
+        and a["Properties"]["MetricName"] == "FailedRecords"
+    ]
+    assert len(records) == 1, "no alarm on the function's failed records"
+    assert '"FailedRecords"' in report, "the function no longer writes FailedRecords"
+    assert '"Dimensions": [["Pipeline"]]' in report
+    variables = template["Resources"]["LauncherFunction"]["Properties"]["Environment"]["Variables"]
+    assert records[0]["Dimensions"] == [{"Name": "Pipeline", "Value": variables["S3SPOT_PIPELINE"]}]
+    assert (records[0]["Statistic"], records[0]["ComparisonOperator"], records[0]["Threshold"]) == (
+        "Sum",
+        "GreaterThanThreshold",
+        0,
+    )
+    assert records[0]["Period"] * records[0]["EvaluationPeriods"] <= 600, "alarms within minutes"
     (budget,) = resources_of_type(template, "AWS::Budgets::Budget").values()
     assert budget["Condition"] == "HasBudget"
     assert budget["Properties"]["Budget"]["BudgetLimit"]["Amount"] == {"Ref": "MonthlyBudget"}
@@ -832,6 +852,15 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
             variables["S3SPOT_MAX_INSTANCE"] = variables.pop("S3SPOT_MAX_INSTANCES")
 
         self.expect_failure(check_environment_matches_launcher, edit)
+
+    def test_no_failed_records_alarm(self):
+        self.expect_failure(check_alarms, lambda t: t["Resources"].pop("FailedRecordsAlarm"))
+
+    def test_failed_records_alarm_on_another_namespace(self):
+        def edit(t):
+            t["Resources"]["FailedRecordsAlarm"]["Properties"]["Namespace"] = "S3Spot"
+
+        self.expect_failure(check_alarms, edit)
 
     def test_no_dead_letter_alarm(self):
         self.expect_failure(check_alarms, lambda t: t["Resources"].pop("DeadLetterAlarm"))

@@ -14,7 +14,7 @@ use crate::jobs::{Clock, Jobs};
 use crate::launch::{InvocationState, Purpose};
 use crate::launcher::Launcher;
 use crate::plan::{Decision, decide};
-use crate::report::{FailedRecord, HandlerError, Report, Response};
+use crate::report::{FailedRecord, HandlerError, MetricsSink, RecordCounts, Report, Response};
 use s3spot_bootstrap::StatusStore;
 pub use s3spot_bootstrap::error_chain;
 
@@ -22,6 +22,7 @@ pub struct Handler<L, S> {
     pub(crate) config: Config,
     pub(crate) launcher: L,
     pub(crate) statuses: S,
+    metrics: Option<MetricsSink>,
 }
 
 impl<L: Launcher, S: StatusStore> Handler<L, S> {
@@ -30,7 +31,14 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             config,
             launcher,
             statuses,
+            metrics: None,
         }
+    }
+
+    /// Writes each invocation's [`RecordCounts`] to `sink`, as CloudWatch Embedded Metric Format.
+    pub fn with_metrics(mut self, sink: MetricsSink) -> Self {
+        self.metrics = Some(sink);
+        self
     }
 
     pub fn config(&self) -> &Config {
@@ -49,6 +57,26 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
 
     /// Handles one invocation. Every record is seen through, whatever happens to the others.
     pub async fn handle(&self, event: Value) -> Result<Response, HandlerError> {
+        let mut counts = RecordCounts::default();
+        let handled = self.handle_counted(event, &mut counts).await;
+        if let Some(sink) = &self.metrics {
+            if matches!(handled, Err(HandlerError::Event(_))) {
+                counts.failed += 1;
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            sink(&counts.emf(&self.config.job.pipeline, now));
+        }
+        handled
+    }
+
+    async fn handle_counted(
+        &self,
+        event: Value,
+        counts: &mut RecordCounts,
+    ) -> Result<Response, HandlerError> {
         let mut state = InvocationState::default();
         match event::parse(event)? {
             Invocation::Direct(records) => {
@@ -57,6 +85,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     self.process(record, &mut state, &mut report).await;
                 }
                 report.log();
+                counts.add(&report);
                 if report.failed.iter().any(|f| f.retryable) {
                     return Err(HandlerError::Retryable(report));
                 }
@@ -88,6 +117,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                         }
                     }
                     report.log();
+                    counts.add(&report);
                     // Any failure goes back to the queue: retryable ones succeed later, and the
                     // others reach the dead-letter queue after maxReceiveCount, where nothing is
                     // lost.

@@ -33,7 +33,7 @@ pub use launcher::{
     StateReason,
 };
 pub use recover::REPLACEMENT_WAIT;
-pub use report::{HandlerError, Report, Response};
+pub use report::{HandlerError, METRICS_NAMESPACE, MetricsSink, RecordCounts, Report, Response};
 pub use s3spot_bootstrap::{S3Statuses, StatusError, StatusStore};
 
 impl From<HandlerError> for lambda_runtime::Diagnostic {

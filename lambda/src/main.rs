@@ -27,11 +27,12 @@ async fn run() -> anyhow::Result<()> {
     let mut config = Config::from_env().context("bad configuration")?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     config.job.region = sdk.region().map(ToString::to_string);
-    let handler = Arc::new(Handler::new(
-        config,
-        Ec2Launcher::new(&sdk),
-        S3Statuses::new(&sdk),
-    ));
+    // Embedded Metric Format must be a log line of its own with `_aws` at the top, so it goes
+    // to stdout beside the tracing subscriber's lines rather than through it.
+    let handler = Arc::new(
+        Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk))
+            .with_metrics(Arc::new(|line: &str| println!("{line}"))),
+    );
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let handler = Arc::clone(&handler);
         async move { handler.handle(event.payload).await }

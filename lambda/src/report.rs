@@ -128,3 +128,58 @@ fn retryable_summary(report: &Report) -> String {
     }
     summary
 }
+
+/// The CloudWatch namespace of the function's metrics; the template's alarm names it too.
+pub const METRICS_NAMESPACE: &str = "s3spot";
+
+/// Where the function's metric lines go: stdout in Lambda, where CloudWatch Logs reads them.
+pub type MetricsSink = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What became of one invocation's records, as numbers. A record that fails in an SQS batch is a
+/// partial batch failure, not a function error: no Lambda metric counts it, so the function
+/// counts them itself.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RecordCounts {
+    pub launched: usize,
+    pub skipped: usize,
+    /// Every failed record, retryable or not.
+    pub failed: usize,
+    pub retryable: usize,
+}
+
+impl RecordCounts {
+    pub fn add(&mut self, report: &Report) {
+        self.launched += report.launched.len();
+        self.skipped += report.skipped.len();
+        self.failed += report.failed.len();
+        self.retryable += report.failed.iter().filter(|f| f.retryable).count();
+    }
+
+    /// One line of CloudWatch Embedded Metric Format: CloudWatch Logs turns it into the metrics
+    /// `LaunchedRecords`, `SkippedRecords`, `FailedRecords` and `RetryableRecords` in
+    /// [`METRICS_NAMESPACE`], by `Pipeline`, with no SDK and no API call.
+    pub fn emf(&self, pipeline: &str, timestamp_ms: u128) -> String {
+        let metric = |name: &str| serde_json::json!({"Name": name, "Unit": "Count"});
+        serde_json::json!({
+            "_aws": {
+                "Timestamp": timestamp_ms,
+                "CloudWatchMetrics": [{
+                    "Namespace": METRICS_NAMESPACE,
+                    "Dimensions": [["Pipeline"]],
+                    "Metrics": [
+                        metric("LaunchedRecords"),
+                        metric("SkippedRecords"),
+                        metric("FailedRecords"),
+                        metric("RetryableRecords"),
+                    ],
+                }],
+            },
+            "Pipeline": pipeline,
+            "LaunchedRecords": self.launched,
+            "SkippedRecords": self.skipped,
+            "FailedRecords": self.failed,
+            "RetryableRecords": self.retryable,
+        })
+        .to_string()
+    }
+}

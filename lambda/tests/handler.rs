@@ -426,7 +426,11 @@ async fn oversized_user_data_fails_the_record_before_any_aws_call() {
 #[tokio::test]
 async fn sqs_batches_report_only_the_failed_messages() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default());
+    let metrics = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let written = std::sync::Arc::clone(&metrics);
+    let handler = Handler::new(config(&[]), &launcher, MemoryStatuses::default()).with_metrics(
+        std::sync::Arc::new(move |line: &str| written.lock().unwrap().push(line.to_owned())),
+    );
     let mut batch = event("sqs-wrapped.json");
     let records = batch["Records"].as_array_mut().unwrap();
     let mut poison = records[0].clone();
@@ -456,6 +460,18 @@ async fn sqs_batches_report_only_the_failed_messages() {
     );
     let launched: Vec<String> = launcher.requests().iter().map(job_key).collect();
     assert_eq!(launched, ["in/queued file.csv"]);
+    // A partial batch failure is no function error: the function's own metric counts it.
+    let metrics = metrics.lock().unwrap();
+    assert_eq!(metrics.len(), 1, "one metric line per invocation");
+    let line: Value = serde_json::from_str(&metrics[0]).unwrap();
+    assert_eq!(
+        (
+            &line["LaunchedRecords"],
+            &line["FailedRecords"],
+            &line["RetryableRecords"]
+        ),
+        (&json!(1), &json!(2), &json!(0))
+    );
 }
 
 #[tokio::test]

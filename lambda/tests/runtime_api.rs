@@ -113,6 +113,43 @@ async fn a_malformed_event_fails_only_its_invocation() {
             .any(|l| l["fields"]["message"] == "launched" && l["fields"]["key"] == "\"test/key\""),
         "{logs}"
     );
+    // One Embedded Metric Format line per invocation the handler saw, with `_aws` at the top of
+    // its own line as CloudWatch Logs requires. The payload that is not JSON never reached the
+    // handler: Lambda's own Errors metric counts that one.
+    let metrics: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("_aws").is_some()).collect();
+    assert_eq!(metrics.len(), 4, "{logs}");
+    for line in &metrics {
+        let directive = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Namespace"], s3spot_lambda::METRICS_NAMESPACE);
+        assert_eq!(directive["Dimensions"], serde_json::json!([["Pipeline"]]));
+        assert!(line["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+        assert_eq!(line["Pipeline"], "s3spot");
+        for metric in directive["Metrics"].as_array().unwrap() {
+            let name = metric["Name"].as_str().unwrap();
+            assert!(line[name].is_u64(), "{name} has a value: {line}");
+        }
+    }
+    let counts = |line: &serde_json::Value| {
+        [
+            "LaunchedRecords",
+            "SkippedRecords",
+            "FailedRecords",
+            "RetryableRecords",
+        ]
+        .map(|name| line[name].as_u64().unwrap())
+    };
+    assert_eq!(
+        counts(metrics[0]),
+        [0, 0, 1, 0],
+        "the wrong shape: one failed record"
+    );
+    assert_eq!(counts(metrics[1]), [1, 0, 0, 0], "the put launched");
+    assert_eq!(
+        counts(metrics[3]),
+        [0, 0, 1, 1],
+        "over the cap: failed, and retryable"
+    );
 }
 
 #[test]
