@@ -469,11 +469,23 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     }
 }
 
-/// The cap on pending and running instances of the pipeline. The count is read once per
-/// invocation, on the first launch, and then kept up to date locally.
+/// The cap on pending and running instances of the pipeline.
+///
+/// The count is read again before every launch, because other launchers run at the same time:
+/// the queue's pollers, the reaper, an operator's `retry`. Between a launcher's count and its
+/// instance showing in EC2's answers, each of the others may launch once on the same count, so
+/// with C launchers at once the pipeline can reach `max + C - 1` instances, never more (beyond
+/// EC2 listing a new instance late: its API is eventually consistent). Counted once per
+/// invocation instead, each concurrent invocation could fill the whole cap.
 #[derive(Default)]
 struct RunawayGuard {
-    active: Option<usize>,
+    /// The first count of this invocation, and the launches made since: an instance launched a
+    /// moment ago may not be listed yet, and this invocation knows of it all the same.
+    first: Option<usize>,
+    launched: usize,
+    /// The count that found the cap: the rest of the invocation's records wait too, without
+    /// asking EC2 again.
+    full: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -498,17 +510,19 @@ impl RunawayGuard {
         pipeline: &str,
         max: u32,
     ) -> Result<(), GuardError> {
-        let active = match self.active {
-            Some(active) => active,
+        let active = match self.full {
+            Some(full) => full,
             None => {
-                let active = launcher
+                let listed = launcher
                     .count_active(pipeline, max as usize)
                     .await
                     .map_err(GuardError::Count)?;
-                *self.active.insert(active)
+                let first = *self.first.get_or_insert(listed);
+                listed.max(first + self.launched)
             }
         };
         if active >= max as usize {
+            self.full = Some(active);
             return Err(GuardError::AtCap {
                 active,
                 max,
@@ -519,8 +533,6 @@ impl RunawayGuard {
     }
 
     fn launched(&mut self) {
-        if let Some(active) = &mut self.active {
-            *active += 1;
-        }
+        self.launched += 1;
     }
 }

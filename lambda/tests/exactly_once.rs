@@ -656,3 +656,44 @@ async fn a_results_bucket_that_does_not_exist_stops_the_launch_and_says_so() {
     );
     assert_eq!(setup.ec2.instances().len(), 0);
 }
+
+/// The deployed shape: several launchers at once (the queue's pollers, the reaper, an operator's
+/// retry), each with a batch of uploads, against one EC2. Each counts again before every launch,
+/// so the pipeline ends at most `C - 1` instances over the cap with C launchers, never a cap per
+/// launcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_launchers_overshoot_the_cap_by_at_most_one_each_but_the_first() {
+    const MAX: usize = 5;
+    const LAUNCHERS: usize = 4;
+    let setup = Setup::start();
+    // Round trips long enough that the launchers' counts and launches interleave.
+    setup.ec2.set_latency(Duration::from_millis(40));
+    let mut handlers = Vec::new();
+    for _ in 0..LAUNCHERS {
+        handlers.push(setup.handler(&[("S3SPOT_MAX_INSTANCES", "5")]).await);
+    }
+    let batch = |launcher: usize| {
+        let records: Vec<Value> = (0..10)
+            .map(|i| upload_event_of(&format!("in/{launcher}-{i}.csv"))["Records"][0].clone())
+            .collect();
+        json!({ "Records": records })
+    };
+    let results = tokio::join!(
+        handlers[0].handle(batch(0)),
+        handlers[1].handle(batch(1)),
+        handlers[2].handle(batch(2)),
+        handlers[3].handle(batch(3)),
+    );
+    for result in [&results.0, &results.1, &results.2, &results.3] {
+        match result {
+            Ok(_) | Err(HandlerError::Retryable(_)) => {}
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let running = setup.ec2.running().len();
+    assert!(running >= MAX, "the cap is reached: {running}");
+    assert!(
+        running < MAX + LAUNCHERS,
+        "{running} instances: over the cap of {MAX} by more than one per other launcher"
+    );
+}

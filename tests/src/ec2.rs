@@ -83,6 +83,8 @@ struct State {
     /// Seconds after its launch for which a filtered DescribeInstances does not list an
     /// instance yet.
     listing_lag: i64,
+    /// How long each answer takes, outside the lock: requests of concurrent callers interleave.
+    latency: Duration,
 }
 
 impl State {
@@ -143,6 +145,8 @@ impl Ec2Double {
                 let params: Vec<(String, String)> = form_urlencoded::parse(&body)
                     .map(|(k, v)| (k.into_owned(), v.into_owned()))
                     .collect();
+                let latency = state.lock().expect("no panic holding the state").latency;
+                tokio::time::sleep(latency).await;
                 let mut state = state.lock().expect("no panic holding the state");
                 Ok::<_, Infallible>(answer(&mut state, &params))
             }
@@ -240,6 +244,11 @@ impl Ec2Double {
     /// ([`Ec2Double::advance`]) ends it.
     pub fn set_listing_lag(&self, lag: Duration) {
         self.state().listing_lag = i64::try_from(lag.as_secs()).expect("a sane duration");
+    }
+
+    /// How long every request takes before the double acts on it, as EC2's round trips do.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state().latency = latency;
     }
 
     pub fn run_instances_calls(&self) -> usize {
