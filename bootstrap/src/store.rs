@@ -367,11 +367,17 @@ fn read_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
+    let denied = http_status(error) == Some(403);
+    // A HEAD answer has no body, so S3's own code and message are absent from a denied one.
+    let message = match error.code() {
+        None if denied => "AccessDenied (403): these credentials may not read it".to_owned(),
+        _ => DisplayErrorContext(error).to_string(),
+    };
     StatusError::Read {
         bucket: bucket.to_owned(),
         key: key.to_owned(),
-        message: DisplayErrorContext(error).to_string(),
-        denied: http_status(error) == Some(403),
+        message,
+        denied,
     }
 }
 

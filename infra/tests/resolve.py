@@ -1,7 +1,8 @@
 """Prints the launcher function's environment as a deployed stack would give it: the template's
 intrinsics resolved with the parameters' defaults, the given parameter values, and the given
 physical ids. tests/tests/infra.rs feeds the result to the real launcher configuration, so that
-a value the launcher would refuse at start-up fails a test instead of a deploy.
+a value the launcher would refuse at start-up fails a test instead of a deploy. With --policy,
+it prints policies resolved too, for the IAM-evaluating doubles of cli/tests/permissions.rs.
 
     python -m infra.tests.resolve --param WorkerSha256=... --physical WorkerLaunchTemplate=lt-1 ...
 """
@@ -126,16 +127,34 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--param", action="append", default=[], help="NAME=VALUE")
     parser.add_argument("--physical", action="append", default=[], help="Resource[.Attr]=VALUE")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        help="also print this policy, resolved: Role/PolicyName, or a managed policy's name",
+    )
     args = parser.parse_args(argv)
     template = transformed()
     try:
         resolver = Resolver(template, pairs(args.param), pairs(args.physical))
         function = template["Resources"]["LauncherFunction"]["Properties"]
         environment = resolver.resolve(function["Environment"]["Variables"])
+        policies = {name: resolver.resolve(policy(template, name)) for name in args.policy}
     except Unresolved as error:
         raise SystemExit(f"resolve: {error}")
-    json.dump({"environment": environment}, sys.stdout, indent=2, sort_keys=True)
+    json.dump({"environment": environment, "policies": policies}, sys.stdout, indent=2, sort_keys=True)
     print()
+
+
+def policy(template, name):
+    """The policy document `name` names: a role's inline policy as Role/PolicyName, or a
+    managed policy's logical id."""
+    resource, _, inline = name.partition("/")
+    props = template["Resources"][resource]["Properties"]
+    if not inline:
+        return props["PolicyDocument"]
+    (document,) = [p["PolicyDocument"] for p in props["Policies"] if p["PolicyName"] == inline]
+    return document
 
 
 if __name__ == "__main__":

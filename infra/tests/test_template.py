@@ -90,13 +90,46 @@ def check_pass_role_scoped(template):
         for s in statements(document)
         if "iam:PassRole" in as_list(s["Action"])
     ]
-    assert len(passes) == 1, f"expected one iam:PassRole statement, found {len(passes)}"
-    s = passes[0]
-    assert as_list(s["Action"]) == ["iam:PassRole"]
-    assert s["Resource"] == {"Fn::GetAtt": ["InstanceRole", "Arn"]}, s["Resource"]
-    assert s.get("Condition") == {
-        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
-    }, "iam:PassRole must be limited to EC2"
+    # The launcher's, and the operators' copy of it (for `s3spot jobs retry`).
+    assert len(passes) == 2, f"expected two iam:PassRole statements, found {len(passes)}"
+    for s in passes:
+        assert as_list(s["Action"]) == ["iam:PassRole"]
+        assert s["Resource"] == {"Fn::GetAtt": ["InstanceRole", "Arn"]}, s["Resource"]
+        assert s.get("Condition") == {
+            "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
+        }, "iam:PassRole must be limited to EC2"
+
+
+def check_operator_policy(template):
+    """The operators' managed policy is the launcher's permissions, but for its queue and logs,
+    and the jobs' logs to read: nothing more, and nothing the commands need less."""
+    launcher = [
+        s
+        for s in role_statements(template, "LauncherRole")
+        if not any(a.startswith(("sqs:", "logs:")) for a in as_list(s["Action"]))
+    ]
+    policy = template["Resources"]["OperatorPolicy"]
+    assert policy["Type"] == "AWS::IAM::ManagedPolicy"
+    operator = statements(policy["Properties"]["PolicyDocument"])
+    extra = [s for s in operator if s not in launcher]
+    assert [s not in operator for s in launcher] == [False] * len(launcher), (
+        "the operator policy lacks a launcher statement that the job commands use"
+    )
+    assert extra == [
+        {
+            "Sid": "ReadJobLogs",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": [
+                {"Fn::Sub": "${DataBucket.Arn}/analysis/*stdout.log"},
+                {"Fn::Sub": "${DataBucket.Arn}/analysis/*stderr.log"},
+            ],
+        }
+    ], extra
+    assert "Roles" not in policy["Properties"] and "Users" not in policy["Properties"], (
+        "people attach it themselves"
+    )
+    assert template["Outputs"]["OperatorPolicyArn"]["Value"] == {"Ref": "OperatorPolicy"}
 
 
 def check_run_instances_conditioned(template):
@@ -501,6 +534,7 @@ def check_parameters(template):
 
 
 CHECKS = [
+    check_operator_policy,
     check_no_wildcard_actions,
     check_resource_star_only_where_required,
     check_pass_role_scoped,
@@ -852,6 +886,22 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
             variables["S3SPOT_MAX_INSTANCE"] = variables.pop("S3SPOT_MAX_INSTANCES")
 
         self.expect_failure(check_environment_matches_launcher, edit)
+
+    def test_operator_policy_reads_every_result(self):
+        def edit(t):
+            for s in t["Resources"]["OperatorPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
+                if s["Sid"] == "ReadJobLogs":
+                    s["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/analysis/*"}
+
+        self.expect_failure(check_operator_policy, edit)
+
+    def test_operator_policy_drifts_from_the_launcher(self):
+        def edit(t):
+            for s in role_statements(t, "LauncherRole"):
+                if s["Sid"] == "TerminateOwnInstances":
+                    s["Condition"]["StringEquals"]["ec2:ResourceTag/s3spot:pipeline"] = "other"
+
+        self.expect_failure(check_operator_policy, edit)
 
     def test_no_failed_records_alarm(self):
         self.expect_failure(check_alarms, lambda t: t["Resources"].pop("FailedRecordsAlarm"))

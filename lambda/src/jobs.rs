@@ -402,13 +402,21 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             {
                 Ok(Some(tail)) => logs.push(LogTail { url, tail }),
                 Ok(None) => {}
-                Err(error) => logs.push(LogTail {
-                    url,
-                    tail: format!(
-                        "(cannot be read: {})",
-                        s3spot_bootstrap::error_chain(&error)
-                    ),
-                }),
+                Err(error) => {
+                    let hint = match &error {
+                        StatusError::Read { denied: true, .. } => {
+                            "; the stack's OperatorPolicyArn output allows it"
+                        }
+                        _ => "",
+                    };
+                    logs.push(LogTail {
+                        url,
+                        tail: format!(
+                            "(cannot be read: {}{hint})",
+                            s3spot_bootstrap::error_chain(&error)
+                        ),
+                    });
+                }
             }
         }
         Ok(JobDetail {

@@ -12,6 +12,16 @@
 //! - Instances end for EC2's reasons (`Server.SpotInstanceTermination`, ...) with their
 //!   state reason, and keep their console output.
 //!
+//! - IAM, for a principal given a policy ([`Ec2Double::set_policy`]): each action is authorized
+//!   as EC2 documents it (<https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonec2.html>).
+//!   `RunInstances` authorizes every resource it touches (the instance with `ec2:InstanceType`,
+//!   `ec2:MetadataHttpTokens`, `ec2:LaunchTemplate` and the request's tags; the launch template;
+//!   a spot request; the volume, network interface, subnet, security group and image from the
+//!   template, with `ec2:IsLaunchTemplateResource`), and `ec2:CreateTags` with
+//!   `ec2:CreateAction` for each tagged resource type; actions on an instance carry its tags as
+//!   `ec2:ResourceTag/...`. A denial is `UnauthorizedOperation`. The instance profile's
+//!   `iam:PassRole` is not checked: the double does not know the template's profile.
+//!
 //! Its clock starts at the real time and moves only when a test moves it ([`Ec2Double::advance`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +38,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, StatusCode};
 
 use crate::http::ServerThread;
+use crate::iam::{Authorization, Policy};
 
 /// How long EC2 keeps listing a terminated instance.
 pub const LISTED_AFTER_TERMINATION: Duration = Duration::from_secs(3600);
@@ -85,6 +96,8 @@ struct State {
     listing_lag: i64,
     /// How long each answer takes, outside the lock: requests of concurrent callers interleave.
     latency: Duration,
+    /// Access key -> what that principal may do. Keys with none may do anything.
+    policies: HashMap<String, Policy>,
 }
 
 impl State {
@@ -135,6 +148,14 @@ impl Ec2Double {
         let shared = Arc::clone(&state);
         let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let state = Arc::clone(&shared);
+            // SigV4: "AWS4-HMAC-SHA256 Credential=<access key>/<date>/...".
+            let principal = request
+                .headers()
+                .get("authorization")
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.split("Credential=").nth(1))
+                .and_then(|c| c.split('/').next())
+                .map(str::to_owned);
             async move {
                 let body = request
                     .into_body()
@@ -148,6 +169,11 @@ impl Ec2Double {
                 let latency = state.lock().expect("no panic holding the state").latency;
                 tokio::time::sleep(latency).await;
                 let mut state = state.lock().expect("no panic holding the state");
+                if let Some(policy) = principal.and_then(|key| state.policies.get(&key).cloned())
+                    && let Some(denied) = denial(&state, &policy, &params)
+                {
+                    return Ok::<_, Infallible>(denied);
+                }
                 Ok::<_, Infallible>(answer(&mut state, &params))
             }
         });
@@ -251,6 +277,11 @@ impl Ec2Double {
         self.state().latency = latency;
     }
 
+    /// Requests signed with `access_key` are allowed only what `policy` allows.
+    pub fn set_policy(&self, access_key: &str, policy: Policy) {
+        self.state().policies.insert(access_key.to_owned(), policy);
+    }
+
     pub fn run_instances_calls(&self) -> usize {
         self.state().run_instances_calls
     }
@@ -285,6 +316,131 @@ fn answer(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes
             &format!("the EC2 double does not answer {other:?}"),
         ),
     }
+}
+
+const ARN_PREFIX: &str = "arn:aws:ec2:us-east-1:123456789012";
+
+/// What IAM would ask of the request, in order: the first denial, as EC2 answers it.
+fn denial(
+    state: &State,
+    policy: &Policy,
+    params: &[(String, String)],
+) -> Option<Response<Full<Bytes>>> {
+    let action = param(params, "Action").unwrap_or_default();
+    let ec2 = format!("ec2:{action}");
+    let instance_arn = |id: &str| format!("{ARN_PREFIX}:instance/{id}");
+    let with_resource_tags = |request: Authorization, id: &str| {
+        state.instances.get(id).map_or(request.clone(), |instance| {
+            instance.tags.iter().fold(request, |request, (k, v)| {
+                request
+                    .with(&format!("ec2:ResourceTag/{k}"), v)
+                    .with(&format!("aws:ResourceTag/{k}"), v)
+            })
+        })
+    };
+    let requests: Vec<Authorization> = match action {
+        "DescribeInstances" | "DescribeSpotPriceHistory" => vec![Authorization::new(&ec2, "*")],
+        "TerminateInstances" | "DescribeInstanceAttribute" | "GetConsoleOutput" => {
+            let mut ids = list(params, "InstanceId");
+            ids.extend(param(params, "InstanceId").map(str::to_owned));
+            ids.iter()
+                .map(|id| with_resource_tags(Authorization::new(&ec2, &instance_arn(id)), id))
+                .collect()
+        }
+        "RunInstances" => run_instances_authorizations(params),
+        _ => Vec::new(),
+    };
+    requests
+        .iter()
+        .find(|request| !policy.allows(request))
+        .map(|denied| {
+            error(
+                StatusCode::FORBIDDEN,
+                "UnauthorizedOperation",
+                &format!(
+                    "You are not authorized to perform this operation. User is not authorized to \
+                 perform: {} on resource: {}",
+                    denied.action, denied.resource
+                ),
+            )
+        })
+}
+
+fn run_instances_authorizations(params: &[(String, String)]) -> Vec<Authorization> {
+    let template_id = param(params, "LaunchTemplate.LaunchTemplateId")
+        .or_else(|| param(params, "LaunchTemplate.LaunchTemplateName"))
+        .unwrap_or_default();
+    let template_arn = format!("{ARN_PREFIX}:launch-template/{template_id}");
+    let run = |resource: String| Authorization::new("ec2:RunInstances", &resource);
+    let from_template = |resource: String| {
+        run(resource)
+            .with("ec2:LaunchTemplate", &template_arn)
+            .with("ec2:IsLaunchTemplateResource", "true")
+    };
+    // (resource type, tags) of each tag specification.
+    let mut tagged: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for spec in 1.. {
+        let Some(kind) = param(params, &format!("TagSpecification.{spec}.ResourceType")) else {
+            break;
+        };
+        let tags = (1..)
+            .map_while(|n| {
+                let prefix = format!("TagSpecification.{spec}.Tag.{n}");
+                let key = param(params, &format!("{prefix}.Key"))?;
+                Some((
+                    key.to_owned(),
+                    param(params, &format!("{prefix}.Value"))
+                        .unwrap_or_default()
+                        .to_owned(),
+                ))
+            })
+            .collect();
+        tagged.push((kind.to_owned(), tags));
+    }
+    let instance_tags = tagged
+        .iter()
+        .find(|(kind, _)| kind == "instance")
+        .map(|(_, tags)| tags.clone())
+        .unwrap_or_default();
+    let mut instance = run(format!("{ARN_PREFIX}:instance/*"))
+        .with("ec2:LaunchTemplate", &template_arn)
+        .with(
+            "ec2:InstanceType",
+            param(params, "InstanceType").unwrap_or("t3.micro"),
+        )
+        .with(
+            "ec2:MetadataHttpTokens",
+            param(params, "MetadataOptions.HttpTokens").unwrap_or("optional"),
+        )
+        .with_all(
+            "aws:TagKeys",
+            instance_tags.iter().map(|(k, _)| k.clone()).collect(),
+        );
+    for (key, value) in &instance_tags {
+        instance = instance.with(&format!("aws:RequestTag/{key}"), value);
+    }
+    let mut requests = vec![instance, run(template_arn.clone())];
+    if param(params, "InstanceMarketOptions.MarketType") == Some("spot") {
+        requests.push(run(format!("{ARN_PREFIX}:spot-instances-request/*")));
+    }
+    for resource in [
+        "volume/*",
+        "network-interface/*",
+        "subnet/subnet-of-the-template",
+        "security-group/sg-of-the-template",
+    ] {
+        requests.push(from_template(format!("{ARN_PREFIX}:{resource}")));
+    }
+    requests.push(from_template(
+        "arn:aws:ec2:us-east-1::image/ami-of-the-template".into(),
+    ));
+    for (kind, _) in &tagged {
+        requests.push(
+            Authorization::new("ec2:CreateTags", &format!("{ARN_PREFIX}:{kind}/*"))
+                .with("ec2:CreateAction", "RunInstances"),
+        );
+    }
+    requests
 }
 
 fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {

@@ -6,6 +6,7 @@
 
 pub mod ec2;
 mod http;
+pub mod iam;
 pub mod imds;
 mod runtime_api;
 mod s3;
