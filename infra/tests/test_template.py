@@ -380,42 +380,61 @@ def check_intake(template):
     assert props["EventSourceArn"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}
     assert props.get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
     assert props["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "QueueConcurrency"}
+    # S3 sends every object event to EventBridge, and the uploads rule filters out results.
     notifications = resources["DataBucket"]["Properties"]["NotificationConfiguration"]
-    assert notifications == {
-        "QueueConfigurations": [
-            {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
-        ]
-    }
-    # The queue policy names the bucket by the same name the bucket is given; if the two
-    # drifted apart, S3 could not deliver and the stack would fail to create.
+    assert notifications == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}, notifications
+    assert set(as_list(resources["DataBucket"]["DependsOn"])) >= {"UploadsRule", "IntakeQueuePolicy"}, (
+        "the bucket sends no event before the rule and the queue policy exist"
+    )
+    # The rule names the bucket by the same name the bucket is given; if the two drifted apart,
+    # no upload would ever reach the queue.
     bucket_name = sub_text(resources["DataBucket"]["Properties"]["BucketName"])
-    allows = [
-        s
-        for s in statements(resources["IntakeQueuePolicy"]["Properties"]["PolicyDocument"])
-        if s["Effect"] == "Allow"
+    prefix = resources["LauncherFunction"]["Properties"]["Environment"]["Variables"][
+        "S3SPOT_RESULTS_PREFIX"
     ]
-    assert len(allows) == 2, "S3 notifications and spot interruption warnings, nothing else"
-    (allow,) = [s for s in allows if s["Principal"] == {"Service": "s3.amazonaws.com"}]
-    (events,) = [s for s in allows if s["Principal"] == {"Service": "events.amazonaws.com"}]
-    assert as_list(events["Action"]) == ["sqs:SendMessage"]
-    assert events.get("Condition") == {
-        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]}}
-    }, "only the interruption rule may send"
+    uploads = resources["UploadsRule"]["Properties"]
+    (name,) = uploads["EventPattern"]["detail"]["bucket"]["name"]
+    assert sub_text(name) == bucket_name, (name, bucket_name)
+    assert uploads["EventPattern"] == {
+        "source": ["aws.s3"],
+        "detail-type": ["Object Created"],
+        "detail": {
+            "bucket": {"name": [name]},
+            "object": {"key": [{"anything-but": {"prefix": prefix}}]},
+        },
+    }, uploads["EventPattern"]
+    assert uploads["State"] == "ENABLED"
     rule = resources["SpotInterruptionRule"]["Properties"]
     assert rule["EventPattern"] == {
         "source": ["aws.ec2"],
         "detail-type": ["EC2 Spot Instance Interruption Warning"],
     }, rule["EventPattern"]
     assert rule["State"] == "ENABLED"
-    assert [t["Arn"] for t in rule["Targets"]] == [{"Fn::GetAtt": ["IntakeQueue", "Arn"]}]
+    # Each rule delivers to the intake queue, retries for a day, and keeps what it could not
+    # deliver in the dead-letter queue.
+    for props in (uploads, rule):
+        (target,) = props["Targets"]
+        assert target["Arn"] == {"Fn::GetAtt": ["IntakeQueue", "Arn"]}
+        assert target.get("DeadLetterConfig") == {"Arn": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}}
+        assert target.get("RetryPolicy", {}).get("MaximumEventAgeInSeconds", 0) >= 3600
+    senders = {
+        "ArnEquals": {
+            "aws:SourceArn": [
+                {"Fn::GetAtt": ["UploadsRule", "Arn"]},
+                {"Fn::GetAtt": ["SpotInterruptionRule", "Arn"]},
+            ]
+        }
+    }
+    for policy, queue_name in (("IntakeQueuePolicy", "IntakeQueue"), ("DeadLetterQueuePolicy", "DeadLetterQueue")):
+        document = resources[policy]["Properties"]["PolicyDocument"]
+        (allow,) = [s for s in statements(document) if s["Effect"] == "Allow"]
+        assert allow["Principal"] == {"Service": "events.amazonaws.com"}, policy
+        assert as_list(allow["Action"]) == ["sqs:SendMessage"], policy
+        assert allow["Resource"] == {"Fn::GetAtt": [queue_name, "Arn"]}, policy
+        assert allow.get("Condition") == senders, f"{policy}: only the stack's two rules may send"
     handled = (ROOT / "lambda" / "src" / "event.rs").read_text()
     assert '"EC2 Spot Instance Interruption Warning"' in handled, "the launcher must read them"
-    assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
-    assert as_list(allow["Action"]) == ["sqs:SendMessage"]
-    assert sub_text(allow["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
-        f"arn:${{AWS::Partition}}:s3:::{bucket_name}"
-    )
-    assert allow["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+    assert '"Object Created"' in handled, "the launcher must read S3's EventBridge events"
 
 
 def check_function(template):
@@ -761,14 +780,46 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_intake, edit)
 
-    def test_interruptions_from_any_rule(self):
+    def test_events_from_any_rule(self):
         def edit(t):
             policy = t["Resources"]["IntakeQueuePolicy"]["Properties"]["PolicyDocument"]
             for s in policy["Statement"]:
-                if s.get("Sid") == "SpotInterruptionWarnings":
+                if s.get("Sid") == "UploadsAndSpotInterruptionWarnings":
                     s.pop("Condition")
 
         self.expect_failure(check_intake, edit)
+
+    def test_results_reach_the_queue(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["UploadsRule"]["Properties"]["EventPattern"]["detail"].pop(
+                "object"
+            ),
+        )
+
+    def test_every_object_notified_to_the_queue(self):
+        self.expect_failure(
+            check_intake,
+            lambda t: t["Resources"]["DataBucket"]["Properties"].update(
+                NotificationConfiguration={
+                    "QueueConfigurations": [
+                        {"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["IntakeQueue", "Arn"]}}
+                    ]
+                }
+            ),
+        )
+
+    def test_uploads_lost_when_delivery_fails(self):
+        def edit(t):
+            (target,) = t["Resources"]["UploadsRule"]["Properties"]["Targets"]
+            target.pop("DeadLetterConfig")
+
+        self.expect_failure(check_intake, edit)
+
+    def test_bucket_sends_before_the_rule_exists(self):
+        self.expect_failure(
+            check_intake, lambda t: t["Resources"]["DataBucket"].update(DependsOn="IntakeQueuePolicy")
+        )
 
     def test_instance_role_with_the_ssm_managed_policy(self):
         self.expect_failure(
@@ -856,7 +907,7 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_reaper_scheduled, edit)
 
-    def test_queue_policy_names_another_bucket(self):
+    def test_uploads_rule_names_another_bucket(self):
         self.expect_failure(
             check_intake,
             lambda t: t["Resources"]["DataBucket"]["Properties"].update(

@@ -289,6 +289,7 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         .filter(|name| name.ends_with(".json"))
         .collect();
     assert!(files.remove("sqs-wrapped.json"), "checked below");
+    assert!(files.remove("sqs-eventbridge-upload.json"), "checked below");
     let covered: BTreeSet<String> = EXPECTED.iter().map(|e| e.file.to_owned()).collect();
     assert_eq!(files, covered, "every event file has expectations here");
 
@@ -341,6 +342,38 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         }
     }
 
+    // The deployed shape: S3's EventBridge event, through the uploads rule, in an SQS body. Its
+    // key is as stored, '+' and '%' included.
+    let response = handler
+        .handle(event("sqs-eventbridge-upload.json"))
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&response).unwrap(),
+        serde_json::json!({"batchItemFailures": []})
+    );
+    let deployed: Vec<Instance> = setup
+        .instances()
+        .await
+        .into_iter()
+        .filter(|i| {
+            tag_map(i.tags()).get("s3spot:key").map(String::as_str)
+                == Some("in/deployed 2026+final%.csv")
+        })
+        .collect();
+    assert_eq!(deployed.len(), 1);
+    let job = setup
+        .check_launched(
+            deployed[0].instance_id().unwrap(),
+            "data",
+            "in/deployed 2026+final%.csv",
+        )
+        .await;
+    assert_eq!(
+        job.version_id.as_deref(),
+        Some("Ke5bTyuAh7Nl3VtHXcOEZJqA1sxf8pT2")
+    );
+
     // SQS: the reply is the partial-batch response; the instance is found by its tags.
     let response = handler.handle(event("sqs-wrapped.json")).await.unwrap();
     assert_eq!(
@@ -368,7 +401,8 @@ async fn every_event_file_launches_real_spot_instances_from_the_template() {
         Some("3sL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY")
     );
 
-    let expected_total: usize = EXPECTED.iter().map(|e| e.launches.len()).sum::<usize>() + 1;
+    // And one for each of the two SQS batches.
+    let expected_total: usize = EXPECTED.iter().map(|e| e.launches.len()).sum::<usize>() + 2;
     assert_eq!(
         setup.instances().await.len(),
         expected_total,
