@@ -2,5 +2,6 @@
 //! whole pipeline on one machine ([`local`]).
 
 pub mod command;
+pub mod doctor;
 pub mod jobs;
 pub mod local;

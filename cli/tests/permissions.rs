@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::process::{Command, Output};
 
 use s3spot_tests::iam::Policy;
-use s3spot_tests::{Ec2Double, S3Server, show, workspace_root};
+use s3spot_tests::{Ec2Double, S3Server, show};
 use serde_json::{Value, json};
 
 const BUCKET: &str = "data";
@@ -15,56 +15,37 @@ const LAUNCHER: &str = "AKIALAUNCHERROLE0001";
 const OPERATOR: &str = "AKIAOPERATORPOLICY01";
 /// The operator policy without `TerminateOwnInstances`: the double must deny the cancel.
 const WEAKENED: &str = "AKIAWEAKENEDPOLICY01";
+const INSTANCE_ROLE: &str = "arn:aws:iam::123456789012:role/s3spot-InstanceRole";
 
 /// The function's environment and the named policies, resolved from the template as a deployed
 /// stack would have them.
-fn resolve() -> (HashMap<String, String>, HashMap<String, Value>) {
-    let python = workspace_root().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} not found: run the README's test command (scripts/test), which creates .venv",
-        python.display()
+fn resolve(policies: &[&str]) -> (HashMap<String, String>, HashMap<String, Value>) {
+    let sha256 = "e".repeat(64);
+    let resolved = s3spot_tests::template::resolve(
+        &[
+            ("WorkerKey", "workers/w/s3spot-worker"),
+            ("WorkerSha256", &sha256),
+            ("VpcId", "vpc-0123456789abcdef0"),
+            ("SubnetId", "subnet-0123456789abcdef0"),
+        ],
+        &[
+            ("WorkerLaunchTemplate", TEMPLATE_ID),
+            ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
+            ("ArtifactsBucket", "artifacts"),
+            ("DataBucket.Arn", &format!("arn:aws:s3:::{BUCKET}")),
+            ("InstanceRole.Arn", INSTANCE_ROLE),
+            (
+                "IntakeQueue.Arn",
+                "arn:aws:sqs:us-east-1:123456789012:s3spot-intake",
+            ),
+            (
+                "LauncherLogGroup.Arn",
+                "arn:aws:logs:us-east-1:123456789012:log-group:s3spot:*",
+            ),
+        ],
+        policies,
     );
-    let output = Command::new(python)
-        .current_dir(workspace_root())
-        .args(["-m", "infra.tests.resolve"])
-        .args(["--param", "WorkerKey=workers/w/s3spot-worker"])
-        .args(["--param", &format!("WorkerSha256={}", "e".repeat(64))])
-        .args(["--param", "VpcId=vpc-0123456789abcdef0"])
-        .args(["--param", "SubnetId=subnet-0123456789abcdef0"])
-        .args(["--physical", &format!("WorkerLaunchTemplate={TEMPLATE_ID}")])
-        .args(["--physical", "WorkerLaunchTemplate.LatestVersionNumber=1"])
-        .args(["--physical", "ArtifactsBucket=artifacts"])
-        .args([
-            "--physical",
-            &format!("DataBucket.Arn=arn:aws:s3:::{BUCKET}"),
-        ])
-        .args([
-            "--physical",
-            "InstanceRole.Arn=arn:aws:iam::123456789012:role/s3spot-InstanceRole",
-        ])
-        .args([
-            "--physical",
-            "IntakeQueue.Arn=arn:aws:sqs:us-east-1:123456789012:s3spot-intake",
-        ])
-        .args([
-            "--physical",
-            "LauncherLogGroup.Arn=arn:aws:logs:us-east-1:123456789012:log-group:s3spot:*",
-        ])
-        .args([
-            "--policy",
-            "LauncherRole/launch",
-            "--policy",
-            "OperatorPolicy",
-        ])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", show(&output));
-    let resolved: Value = serde_json::from_slice(&output.stdout).unwrap();
-    (
-        serde_json::from_value(resolved["environment"].clone()).unwrap(),
-        serde_json::from_value(resolved["policies"].clone()).unwrap(),
-    )
+    (resolved.environment, resolved.policies)
 }
 
 struct Account {
@@ -75,7 +56,7 @@ struct Account {
 
 impl Account {
     fn start() -> Account {
-        let (environment, policies) = resolve();
+        let (environment, policies) = resolve(&["LauncherRole/launch", "OperatorPolicy"]);
         let launcher = Policy::from_document(&policies["LauncherRole/launch"]);
         let operator = Policy::from_document(&policies["OperatorPolicy"]);
         let mut weakened = policies["OperatorPolicy"].clone();

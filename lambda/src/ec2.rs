@@ -153,63 +153,7 @@ impl Launcher for Ec2Launcher {
     }
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Launched, LaunchError> {
-        let template = match &request.template {
-            LaunchTemplate::Id(id) => LaunchTemplateSpecification::builder().launch_template_id(id),
-            LaunchTemplate::Name(name) => {
-                LaunchTemplateSpecification::builder().launch_template_name(name)
-            }
-        }
-        .version(&request.template_version)
-        .build();
-        let tags: Vec<Tag> = request
-            .tags
-            .iter()
-            .map(|(key, value)| Tag::builder().key(key).value(value).build())
-            .collect();
-        let tag = |resource: ResourceType| {
-            TagSpecification::builder()
-                .resource_type(resource)
-                .set_tags(Some(tags.clone()))
-                .build()
-        };
-        let spot = (request.option.market == MarketType::Spot).then(|| {
-            InstanceMarketOptionsRequest::builder()
-                .market_type(Ec2MarketType::Spot)
-                .spot_options(
-                    SpotMarketOptions::builder()
-                        .spot_instance_type(SpotInstanceType::OneTime)
-                        .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
-                        .build(),
-                )
-                .build()
-        });
-        let output = self
-            .client
-            .run_instances()
-            .launch_template(template)
-            .min_count(1)
-            .max_count(1)
-            .client_token(&request.client_token)
-            .user_data(&request.user_data)
-            // The template is trusted for image, network and profile, but these two are what
-            // keep a finished job from billing and its credentials from leaking: state them.
-            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            .set_instance_market_options(spot)
-            .set_instance_type(
-                request
-                    .option
-                    .instance_type
-                    .as_deref()
-                    .map(InstanceType::from),
-            )
-            .tag_specifications(tag(ResourceType::Instance))
-            .tag_specifications(tag(ResourceType::Volume))
+        let output = run_instances(&self.client, request)
             .send()
             .await
             .map_err(classify_run_instances)?;
@@ -423,6 +367,105 @@ fn instance_info(instance: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
                 )
             })
             .collect(),
+    }
+}
+
+/// The `RunInstances` call for `request`: the function's launches, and `s3spot doctor`'s dry
+/// runs of them, are the same request.
+fn run_instances(
+    client: &aws_sdk_ec2::Client,
+    request: &LaunchRequest,
+) -> aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder {
+    let template = match &request.template {
+        LaunchTemplate::Id(id) => LaunchTemplateSpecification::builder().launch_template_id(id),
+        LaunchTemplate::Name(name) => {
+            LaunchTemplateSpecification::builder().launch_template_name(name)
+        }
+    }
+    .version(&request.template_version)
+    .build();
+    let tags: Vec<Tag> = request
+        .tags
+        .iter()
+        .map(|(key, value)| Tag::builder().key(key).value(value).build())
+        .collect();
+    let tag = |resource: ResourceType| {
+        TagSpecification::builder()
+            .resource_type(resource)
+            .set_tags(Some(tags.clone()))
+            .build()
+    };
+    let spot = (request.option.market == MarketType::Spot).then(|| {
+        InstanceMarketOptionsRequest::builder()
+            .market_type(Ec2MarketType::Spot)
+            .spot_options(
+                SpotMarketOptions::builder()
+                    .spot_instance_type(SpotInstanceType::OneTime)
+                    .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                    .build(),
+            )
+            .build()
+    });
+    client
+        .run_instances()
+        .launch_template(template)
+        .min_count(1)
+        .max_count(1)
+        .client_token(&request.client_token)
+        .user_data(&request.user_data)
+        // The template is trusted for image, network and profile, but these two are what
+        // keep a finished job from billing and its credentials from leaking: state them.
+        .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+        .metadata_options(
+            InstanceMetadataOptionsRequest::builder()
+                .http_tokens(HttpTokensState::Required)
+                .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                .build(),
+        )
+        .set_instance_market_options(spot)
+        .set_instance_type(
+            request
+                .option
+                .instance_type
+                .as_deref()
+                .map(InstanceType::from),
+        )
+        .tag_specifications(tag(ResourceType::Instance))
+        .tag_specifications(tag(ResourceType::Volume))
+}
+
+/// What EC2 answered a `DryRun` of a launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DryRun {
+    /// `DryRunOperation`: the request would have succeeded, IAM included.
+    WouldSucceed,
+    /// `UnauthorizedOperation`, with EC2's message (and its encoded authorization message).
+    Unauthorized(String),
+    /// Any other answer, as `Code: message`.
+    Failed(String),
+}
+
+impl Ec2Launcher {
+    /// Makes `request` exactly as a launch would, with `DryRun=true`: EC2 checks IAM and the
+    /// parameters, and launches nothing.
+    pub async fn dry_run(&self, request: &LaunchRequest) -> DryRun {
+        match run_instances(&self.client, request)
+            .dry_run(true)
+            .send()
+            .await
+        {
+            Ok(_) => DryRun::Failed("EC2 launched instead of a dry run".into()),
+            Err(error) => match error.code() {
+                Some("DryRunOperation") => DryRun::WouldSucceed,
+                Some("UnauthorizedOperation") => {
+                    DryRun::Unauthorized(error.message().unwrap_or_default().to_owned())
+                }
+                _ => DryRun::Failed(match api_error("RunInstances", &error) {
+                    LaunchError::Api { message, .. } => message,
+                    other => other.to_string(),
+                }),
+            },
+        }
     }
 }
 

@@ -17,10 +17,12 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    Claim, Expect, StatusError, StatusStore, error_chain, read_claim, read_status, write_claim,
+    Claim, Expect, JobSpec, StatusError, StatusStore, error_chain, read_claim, read_status,
+    write_claim,
 };
 
-use crate::config::LaunchOption;
+use crate::config::{Config, LaunchConfig, LaunchOption};
+use crate::event::ObjectCreated;
 use crate::handler::Handler;
 use crate::launcher::{LaunchError, LaunchRequest, Launcher, PriceQuery, job_tags};
 use crate::plan::PlannedJob;
@@ -286,14 +288,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let mut no_capacity = Vec::new();
         let mut capacity_may_return = false;
         for option in options {
-            let request = LaunchRequest {
-                template: launch.template.clone(),
-                template_version: launch.template_version.clone(),
-                client_token: client_token(&spec.job_id, spec.attempt, &option),
-                user_data: user_data.clone(),
-                tags: tags.clone(),
-                option,
-            };
+            let request = launch_request(launch, spec, &user_data, &tags, option);
             match self.launcher.launch(&request).await {
                 Ok(launched) => {
                     state.guard.launched();
@@ -466,6 +461,50 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let mut ordered = launch.clone();
         ordered.instance_types = state.price_order.clone().unwrap_or_default();
         ordered.options()
+    }
+}
+
+/// The `RunInstances` request for one launch option of a planned job.
+fn launch_request(
+    launch: &LaunchConfig,
+    spec: &JobSpec,
+    user_data: &str,
+    tags: &[(String, String)],
+    option: LaunchOption,
+) -> LaunchRequest {
+    LaunchRequest {
+        template: launch.template.clone(),
+        template_version: launch.template_version.clone(),
+        client_token: client_token(&spec.job_id, spec.attempt, &option),
+        user_data: user_data.to_owned(),
+        tags: tags.to_vec(),
+        option,
+    }
+}
+
+/// The requests the function would make, option by option, for the first attempt of `object`:
+/// for `s3spot doctor` to try with `DryRun`. `None` when the function would skip the object.
+pub fn launch_requests(
+    config: &Config,
+    object: ObjectCreated,
+) -> Result<Option<Vec<LaunchRequest>>, String> {
+    match crate::plan::decide(&config.job, crate::event::Record::Created(object), 1) {
+        crate::plan::Decision::Launch { job, .. } => {
+            let tags = job_tags(&config.job.pipeline, &job.spec);
+            let user_data = job.user_data.to_base64();
+            Ok(Some(
+                config
+                    .launch
+                    .options()
+                    .into_iter()
+                    .map(|option| {
+                        launch_request(&config.launch, &job.spec, &user_data, &tags, option)
+                    })
+                    .collect(),
+            ))
+        }
+        crate::plan::Decision::Skip { .. } => Ok(None),
+        crate::plan::Decision::Fail { error, .. } => Err(error),
     }
 }
 

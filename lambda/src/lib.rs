@@ -27,7 +27,7 @@ pub use config::{Config, ConfigError, JobConfig, JobsConfig};
 pub use ec2::Ec2Launcher;
 pub use handler::{Handler, error_chain};
 pub use jobs::{Clock, Jobs, JobsError, Target};
-pub use launch::CLAIM_LEASE;
+pub use launch::{CLAIM_LEASE, launch_requests};
 pub use launcher::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
     StateReason,

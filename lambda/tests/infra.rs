@@ -3,43 +3,37 @@
 //! real configuration, and the handler built from it launches from the launch template on moto.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use s3spot_bootstrap::job_from_user_data;
 use s3spot_lambda::{Config, Ec2Launcher, Handler, Response, S3Statuses};
-use s3spot_tests::{Moto, REGION, create_launch_template, event, show, workspace_root};
+use s3spot_tests::{Moto, REGION, create_launch_template, event};
 
 const SHA256: &str = "5a3c1f0e9b8d7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
 const WORKER_KEY: &str = "workers/5a3c1f0e/s3spot-worker";
 
 /// The function's environment from the template, with `params` on top of the defaults.
 fn template_environment(template_id: &str, params: &[&str]) -> HashMap<String, String> {
-    let python = workspace_root().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} not found. Run the test command from the README (scripts/test), which creates .venv \
-         with cfn-lint and aws-sam-translator.",
-        python.display()
+    let mut all: Vec<(&str, &str)> = vec![
+        ("WorkerKey", WORKER_KEY),
+        ("WorkerSha256", SHA256),
+        ("VpcId", "vpc-0123456789abcdef0"),
+        ("SubnetId", "subnet-0123456789abcdef0"),
+    ];
+    all.extend(
+        params
+            .iter()
+            .map(|p| p.split_once('=').expect("NAME=VALUE")),
     );
-    let mut command = Command::new(&python);
-    command
-        .current_dir(workspace_root())
-        .args(["-m", "infra.tests.resolve"])
-        .args(["--param", &format!("WorkerKey={WORKER_KEY}")])
-        .args(["--param", &format!("WorkerSha256={SHA256}")])
-        .args(["--param", "VpcId=vpc-0123456789abcdef0"])
-        .args(["--param", "SubnetId=subnet-0123456789abcdef0"])
-        .args(["--physical", &format!("WorkerLaunchTemplate={template_id}")])
-        .args(["--physical", "WorkerLaunchTemplate.LatestVersionNumber=1"])
-        .args(["--physical", "ArtifactsBucket=s3spot-artifacts-x"]);
-    for param in params {
-        command.args(["--param", param]);
-    }
-    let output = command.output().expect("run infra.tests.resolve");
-    assert!(output.status.success(), "{}", show(&output));
-    let resolved: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("resolve prints JSON");
-    serde_json::from_value(resolved["environment"].clone()).expect("a map of strings")
+    s3spot_tests::template::resolve(
+        &all,
+        &[
+            ("WorkerLaunchTemplate", template_id),
+            ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
+            ("ArtifactsBucket", "s3spot-artifacts-x"),
+        ],
+        &[],
+    )
+    .environment
 }
 
 struct Launch {

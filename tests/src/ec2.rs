@@ -98,6 +98,7 @@ struct State {
     latency: Duration,
     /// Access key -> what that principal may do. Keys with none may do anything.
     policies: HashMap<String, Policy>,
+    launch_templates: Vec<LaunchTemplateVersion>,
 }
 
 impl State {
@@ -128,6 +129,21 @@ impl State {
                 .is_none_or(|at| now - at < keep)
         });
     }
+}
+
+/// A launch template version, as far as `DescribeLaunchTemplateVersions` tells it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchTemplateVersion {
+    pub id: String,
+    pub version: u32,
+    pub image_id: String,
+    /// `terminate` or `stop`; empty: not set.
+    pub shutdown_behavior: String,
+    /// `required` or `optional`; empty: not set.
+    pub http_tokens: String,
+    /// Empty: no network interface is named.
+    pub subnet_id: String,
+    pub security_group_id: String,
 }
 
 pub struct Ec2Double {
@@ -277,6 +293,11 @@ impl Ec2Double {
         self.state().latency = latency;
     }
 
+    /// A launch template version for `DescribeLaunchTemplateVersions`.
+    pub fn add_launch_template(&self, version: LaunchTemplateVersion) {
+        self.state().launch_templates.push(version);
+    }
+
     /// Requests signed with `access_key` are allowed only what `policy` allows.
     pub fn set_policy(&self, access_key: &str, policy: Policy) {
         self.state().policies.insert(access_key.to_owned(), policy);
@@ -304,7 +325,14 @@ fn list(params: &[(String, String)], name: &str) -> Vec<String> {
 fn answer(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
     let action = param(params, "Action").unwrap_or_default();
     match action {
+        // After IAM, as EC2 does: the request would have succeeded.
+        "RunInstances" if param(params, "DryRun") == Some("true") => error(
+            StatusCode::PRECONDITION_FAILED,
+            "DryRunOperation",
+            "Request would have succeeded, but DryRun flag is set.",
+        ),
         "RunInstances" => run_instances(state, params),
+        "DescribeLaunchTemplateVersions" => describe_launch_template_versions(state, params),
         "DescribeInstances" => describe_instances(state, params),
         "DescribeInstanceAttribute" => describe_instance_attribute(state, params),
         "TerminateInstances" => terminate_instances(state, params),
@@ -732,7 +760,7 @@ fn time(secs: i64) -> String {
 }
 
 /// Text as XML character data.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -747,6 +775,87 @@ fn escape(text: &str) -> String {
         }
     }
     escaped
+}
+
+fn describe_launch_template_versions(
+    state: &State,
+    params: &[(String, String)],
+) -> Response<Full<Bytes>> {
+    let id = param(params, "LaunchTemplateId").unwrap_or_default();
+    let wanted = list(params, "LaunchTemplateVersion");
+    let known: Vec<&LaunchTemplateVersion> = state
+        .launch_templates
+        .iter()
+        .filter(|t| t.id == id)
+        .collect();
+    if known.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidLaunchTemplateId.NotFound",
+            &format!("The specified launch template, with template ID {id}, does not exist."),
+        );
+    }
+    let mut items = String::new();
+    for template in known {
+        if !wanted.is_empty()
+            && !wanted.iter().any(|v| {
+                *v == template.version.to_string()
+                    || ((v == "$Latest" || v == "$Default") && template.version == 1)
+            })
+        {
+            continue;
+        }
+        let optional = |tag: &str, value: &str| {
+            if value.is_empty() {
+                String::new()
+            } else {
+                format!("<{tag}>{}</{tag}>", escape(value))
+            }
+        };
+        let network = if template.subnet_id.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<networkInterfaceSet><item><deviceIndex>0</deviceIndex><subnetId>{}</subnetId>\
+                 <groupSet><item>{}</item></groupSet></item></networkInterfaceSet>",
+                escape(&template.subnet_id),
+                escape(&template.security_group_id)
+            )
+        };
+        let metadata = if template.http_tokens.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<metadataOptions><httpTokens>{}</httpTokens></metadataOptions>",
+                escape(&template.http_tokens)
+            )
+        };
+        let _ = write!(
+            items,
+            "<item><launchTemplateId>{}</launchTemplateId><versionNumber>{}</versionNumber>\
+             <launchTemplateData>{}{}{}{}</launchTemplateData></item>",
+            escape(&template.id),
+            template.version,
+            optional("imageId", &template.image_id),
+            optional(
+                "instanceInitiatedShutdownBehavior",
+                &template.shutdown_behavior
+            ),
+            metadata,
+            network,
+        );
+    }
+    if items.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidLaunchTemplateId.VersionNotFound",
+            &format!("Could not find launch template version {wanted:?} of {id}."),
+        );
+    }
+    ok(
+        "DescribeLaunchTemplateVersionsResponse",
+        &format!("<launchTemplateVersionSet>{items}</launchTemplateVersionSet>"),
+    )
 }
 
 fn ok(root: &str, inner: &str) -> Response<Full<Bytes>> {

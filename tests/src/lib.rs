@@ -7,9 +7,11 @@
 pub mod ec2;
 mod http;
 pub mod iam;
+pub mod iam_double;
 pub mod imds;
 mod runtime_api;
 mod s3;
+pub mod template;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -18,6 +20,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use ec2::Ec2Double;
+pub use iam_double::IamDouble;
 pub use imds::FakeImds;
 pub use runtime_api::{Outcome, RuntimeApi};
 pub use s3::S3Server;

@@ -1,6 +1,7 @@
 //! The `s3spot` command line. It lives in the library so that more than one binary can be this
 //! program: the `s3spot` binary, and the copy the end-to-end tests build and run.
 
+mod doctor;
 mod invoke;
 mod jobs;
 mod local;
@@ -62,6 +63,13 @@ enum Command {
     /// Current spot prices per instance type and availability zone, cheapest first, with the
     /// on-demand price beside them where s3spot knows it.
     Prices(prices::PricesArgs),
+    /// Check a deployed stack in your own account, one line per check: the spot
+    /// service-linked role, the launch template, the worker artifact, the intake wiring, and
+    /// whether the launcher's role may make the function's launch requests (a DryRun, or IAM's
+    /// policy simulator).
+    ///
+    /// Exits 0 only when every check passed, 1 when one failed.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// The run produced an answer, but not a clean one.
@@ -96,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => local::demo(args),
         Command::Jobs(args) => jobs::run(args),
         Command::Prices(args) => prices::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -132,6 +132,13 @@ impl FileSystem {
         self.resolve_abs_path(file_path)
     }
 
+    /// S3SPOT-PATCH: where a bucket's notification configuration is kept, beside the objects'
+    /// metadata files.
+    pub(crate) fn get_notification_path(&self, bucket: &str) -> Result<PathBuf> {
+        let encoded = base64_simd::URL_SAFE_NO_PAD.encode_to_string(bucket);
+        self.resolve_abs_path(format!(".bucket-{encoded}.notification.json"))
+    }
+
     pub(crate) fn get_internal_info_path(&self, bucket: &str, key: &str) -> Result<PathBuf> {
         let file_path = format!("{}.internal.json", object_file_stem(bucket, key));
         self.resolve_abs_path(file_path)

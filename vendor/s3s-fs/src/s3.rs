@@ -409,6 +409,55 @@ impl S3 for FileSystem {
         Ok(S3Response::new(output))
     }
 
+    // S3SPOT-PATCH: a bucket's notification configuration, as far as s3spot uses it: whether
+    // the bucket sends its events to EventBridge. Queue, topic and Lambda configurations are
+    // refused rather than dropped.
+    #[tracing::instrument]
+    async fn put_bucket_notification_configuration(
+        &self,
+        req: S3Request<PutBucketNotificationConfigurationInput>,
+    ) -> S3Result<S3Response<PutBucketNotificationConfigurationOutput>> {
+        let input = req.input;
+        if self.get_bucket_path(&input.bucket)?.exists().not() {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        let config = input.notification_configuration;
+        let others = [
+            config.queue_configurations.as_ref().map(Vec::len),
+            config.topic_configurations.as_ref().map(Vec::len),
+            config.lambda_function_configurations.as_ref().map(Vec::len),
+        ];
+        if others.iter().any(|n| n.unwrap_or(0) > 0) {
+            return Err(s3_error!(NotImplemented, "only EventBridgeConfiguration is kept"));
+        }
+        let path = self.get_notification_path(&input.bucket)?;
+        if config.event_bridge_configuration.is_some() {
+            try_!(fs::write(&path, b"{\"EventBridgeConfiguration\":{}}").await);
+        } else if let Err(error) = fs::remove_file(&path).await
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            return Err(s3_error!(error, InternalError));
+        }
+        Ok(S3Response::new(PutBucketNotificationConfigurationOutput::default()))
+    }
+
+    // S3SPOT-PATCH: see put_bucket_notification_configuration.
+    #[tracing::instrument]
+    async fn get_bucket_notification_configuration(
+        &self,
+        req: S3Request<GetBucketNotificationConfigurationInput>,
+    ) -> S3Result<S3Response<GetBucketNotificationConfigurationOutput>> {
+        let input = req.input;
+        if self.get_bucket_path(&input.bucket)?.exists().not() {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        let enabled = self.get_notification_path(&input.bucket)?.exists();
+        Ok(S3Response::new(GetBucketNotificationConfigurationOutput {
+            event_bridge_configuration: enabled.then(EventBridgeConfiguration::default),
+            ..Default::default()
+        }))
+    }
+
     #[tracing::instrument]
     async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
         let input = req.input;

@@ -1,0 +1,484 @@
+//! [`Account`] over the AWS SDK, with the person's own credentials.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_iam::types::{ContextEntry, ContextKeyTypeEnum, PolicyEvaluationDecisionType};
+use s3spot_lambda::config::{LaunchTemplate, MarketType};
+use s3spot_lambda::ec2::DryRun;
+use s3spot_lambda::{Ec2Launcher, LaunchRequest};
+use sha2::{Digest as _, Sha256};
+
+use super::{Account, AccountError, EventSource, Permission, RuleFacts, Stack, TemplateFacts};
+
+pub struct AwsAccount {
+    sdk: aws_config::SdkConfig,
+    cloudformation: aws_sdk_cloudformation::Client,
+    ec2: aws_sdk_ec2::Client,
+    events: aws_sdk_eventbridge::Client,
+    iam: aws_sdk_iam::Client,
+    lambda: aws_sdk_lambda::Client,
+    s3: aws_sdk_s3::Client,
+    sqs: aws_sdk_sqs::Client,
+    sts: aws_sdk_sts::Client,
+}
+
+impl AwsAccount {
+    pub fn new(sdk: &aws_config::SdkConfig) -> AwsAccount {
+        // A custom endpoint (an S3-compatible server, an emulator) seldom has per-bucket DNS.
+        let s3 = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(sdk.endpoint_url().is_some())
+            .build();
+        AwsAccount {
+            sdk: sdk.clone(),
+            cloudformation: aws_sdk_cloudformation::Client::new(sdk),
+            ec2: aws_sdk_ec2::Client::new(sdk),
+            events: aws_sdk_eventbridge::Client::new(sdk),
+            iam: aws_sdk_iam::Client::new(sdk),
+            lambda: aws_sdk_lambda::Client::new(sdk),
+            s3: aws_sdk_s3::Client::from_conf(s3),
+            sqs: aws_sdk_sqs::Client::new(sdk),
+            sts: aws_sdk_sts::Client::new(sdk),
+        }
+    }
+
+    fn region(&self) -> String {
+        self.sdk
+            .region()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
+    /// The launch as the launcher's own role, with DryRun; `None` when that role cannot be
+    /// assumed by this caller (the usual case: only Lambda is trusted to assume it).
+    async fn dry_run_as(
+        &self,
+        role_arn: &str,
+        requests: &[LaunchRequest],
+    ) -> Result<Option<Permission>, AccountError> {
+        let assumed = match self
+            .sts
+            .assume_role()
+            .role_arn(role_arn)
+            .role_session_name("s3spot-doctor")
+            .duration_seconds(900)
+            .send()
+            .await
+        {
+            Ok(assumed) => assumed,
+            Err(error) if error.code() == Some("AccessDenied") => return Ok(None),
+            Err(error) => return Err(sdk_error("sts:AssumeRole", &error)),
+        };
+        let credentials = assumed.credentials().ok_or_else(|| AccountError {
+            operation: "sts:AssumeRole",
+            message: "the answer holds no credentials".into(),
+        })?;
+        let credentials = aws_credential_types::Credentials::new(
+            credentials.access_key_id(),
+            credentials.secret_access_key(),
+            Some(credentials.session_token().to_owned()),
+            std::time::SystemTime::try_from(*credentials.expiration()).ok(),
+            "s3spot-doctor",
+        );
+        let as_launcher = self
+            .sdk
+            .to_builder()
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
+            )
+            .build();
+        let launcher = Ec2Launcher::new(&as_launcher);
+        let mut denied = Vec::new();
+        for request in requests {
+            match launcher.dry_run(request).await {
+                DryRun::WouldSucceed => {}
+                DryRun::Unauthorized(message) => denied.push(format!(
+                    "{}: UnauthorizedOperation: {message}",
+                    request.option
+                )),
+                DryRun::Failed(message) => denied.push(format!("{}: {message}", request.option)),
+            }
+        }
+        Ok(Some(Permission {
+            how: "a DryRun of each request under the launcher's role".into(),
+            denied,
+        }))
+    }
+
+    /// IAM's policy simulator, for the role's own policies, with the context keys the launch
+    /// template's conditions read.
+    async fn simulate(
+        &self,
+        role_arn: &str,
+        instance_role_arn: &str,
+        template: &TemplateFacts,
+        requests: &[LaunchRequest],
+    ) -> Result<Permission, AccountError> {
+        // arn:<partition>:iam::<account>:role/<name>
+        let parts: Vec<&str> = role_arn.split(':').collect();
+        let (partition, account) = match parts.as_slice() {
+            ["arn", partition, "iam", "", account, ..] => (*partition, *account),
+            _ => {
+                return Err(AccountError {
+                    operation: "iam:SimulatePrincipalPolicy",
+                    message: format!("{role_arn:?} is not an IAM role ARN"),
+                });
+            }
+        };
+        let region = self.region();
+        let ec2 = |resource: &str| format!("arn:{partition}:ec2:{region}:{account}:{resource}");
+        let mut denied = Vec::new();
+        for request in requests {
+            let template_arn = match &request.template {
+                LaunchTemplate::Id(id) => ec2(&format!("launch-template/{id}")),
+                LaunchTemplate::Name(name) => ec2(&format!("launch-template/{name}")),
+            };
+            let mut context = vec![
+                entry(
+                    "ec2:LaunchTemplate",
+                    &template_arn,
+                    ContextKeyTypeEnum::String,
+                ),
+                entry(
+                    "ec2:MetadataHttpTokens",
+                    "required",
+                    ContextKeyTypeEnum::String,
+                ),
+                entry(
+                    "ec2:IsLaunchTemplateResource",
+                    "true",
+                    ContextKeyTypeEnum::Boolean,
+                ),
+                entry(
+                    "ec2:CreateAction",
+                    "RunInstances",
+                    ContextKeyTypeEnum::String,
+                ),
+                entry(
+                    "iam:PassedToService",
+                    "ec2.amazonaws.com",
+                    ContextKeyTypeEnum::String,
+                ),
+            ];
+            if let Some(instance_type) = &request.option.instance_type {
+                context.push(entry(
+                    "ec2:InstanceType",
+                    instance_type,
+                    ContextKeyTypeEnum::String,
+                ));
+            }
+            let mut launch = vec![
+                ec2("instance/*"),
+                template_arn.clone(),
+                ec2("volume/*"),
+                ec2("network-interface/*"),
+            ];
+            launch.extend(
+                template
+                    .subnet_id
+                    .iter()
+                    .map(|s| ec2(&format!("subnet/{s}"))),
+            );
+            launch.extend(
+                template
+                    .security_group_ids
+                    .iter()
+                    .map(|g| ec2(&format!("security-group/{g}"))),
+            );
+            launch.extend(
+                template
+                    .image_id
+                    .iter()
+                    .map(|i| format!("arn:{partition}:ec2:{region}::image/{i}")),
+            );
+            if request.option.market == MarketType::Spot {
+                launch.push(ec2("spot-instances-request/*"));
+            }
+            for (action, resources) in [
+                ("ec2:RunInstances", launch),
+                ("ec2:CreateTags", vec![ec2("instance/*"), ec2("volume/*")]),
+                ("iam:PassRole", vec![instance_role_arn.to_owned()]),
+            ] {
+                let answer = self
+                    .iam
+                    .simulate_principal_policy()
+                    .policy_source_arn(role_arn)
+                    .action_names(action)
+                    .set_resource_arns(Some(resources))
+                    .set_context_entries(Some(context.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("iam:SimulatePrincipalPolicy", &e))?;
+                for result in answer.evaluation_results() {
+                    if result.eval_decision() != &PolicyEvaluationDecisionType::Allowed {
+                        denied.push(format!(
+                            "{}: {} on {} is {}",
+                            request.option,
+                            result.eval_action_name(),
+                            result.eval_resource_name().unwrap_or("*"),
+                            result.eval_decision().as_str()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Permission {
+            how: "IAM's policy simulator, as the launcher's role cannot be assumed here".into(),
+            denied,
+        })
+    }
+}
+
+fn entry(name: &str, value: &str, kind: ContextKeyTypeEnum) -> ContextEntry {
+    ContextEntry::builder()
+        .context_key_name(name)
+        .context_key_values(value)
+        .context_key_type(kind)
+        .build()
+}
+
+fn sdk_error<E>(operation: &'static str, error: &aws_sdk_s3::error::SdkError<E>) -> AccountError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    AccountError {
+        operation,
+        message: match (error.code(), error.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => aws_sdk_s3::error::DisplayErrorContext(error).to_string(),
+        },
+    }
+}
+
+use aws_sdk_s3::error::ProvideErrorMetadata as _;
+
+#[async_trait::async_trait]
+impl Account for AwsAccount {
+    async fn stack(&self, name: &str) -> Result<Option<Stack>, AccountError> {
+        let answer = match self
+            .cloudformation
+            .describe_stacks()
+            .stack_name(name)
+            .send()
+            .await
+        {
+            Ok(answer) => answer,
+            // "Stack with id NAME does not exist"
+            Err(error)
+                if error.code() == Some("ValidationError")
+                    && error
+                        .message()
+                        .is_some_and(|m| m.contains("does not exist")) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(sdk_error("cloudformation:DescribeStacks", &error)),
+        };
+        Ok(answer.stacks().first().map(|stack| Stack {
+            outputs: stack
+                .outputs()
+                .iter()
+                .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+                .collect(),
+            parameters: stack
+                .parameters()
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p.parameter_key()?.to_owned(),
+                        p.parameter_value()?.to_owned(),
+                    ))
+                })
+                .collect(),
+        }))
+    }
+
+    async fn role_exists(&self, name: &str) -> Result<bool, AccountError> {
+        match self.iam.get_role().role_name(name).send().await {
+            Ok(_) => Ok(true),
+            Err(error) if error.code() == Some("NoSuchEntity") => Ok(false),
+            Err(error) => Err(sdk_error("iam:GetRole", &error)),
+        }
+    }
+
+    async fn launch_template(
+        &self,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<TemplateFacts>, AccountError> {
+        let answer = match self
+            .ec2
+            .describe_launch_template_versions()
+            .launch_template_id(id)
+            .versions(version)
+            .send()
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error)
+                if error
+                    .code()
+                    .is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(sdk_error("ec2:DescribeLaunchTemplateVersions", &error)),
+        };
+        Ok(answer.launch_template_versions().first().map(|found| {
+            let data = found.launch_template_data();
+            let interface = data.and_then(|d| d.network_interfaces().first());
+            TemplateFacts {
+                version: found
+                    .version_number()
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| version.to_owned()),
+                http_tokens: data
+                    .and_then(|d| d.metadata_options())
+                    .and_then(|m| m.http_tokens())
+                    .map(|t| t.as_str().to_owned()),
+                shutdown_behavior: data
+                    .and_then(|d| d.instance_initiated_shutdown_behavior())
+                    .map(|b| b.as_str().to_owned()),
+                subnet_id: interface.and_then(|i| i.subnet_id()).map(str::to_owned),
+                security_group_ids: interface
+                    .map(|i| i.groups().to_vec())
+                    .filter(|g| !g.is_empty())
+                    .or_else(|| data.map(|d| d.security_group_ids().to_vec()))
+                    .unwrap_or_default(),
+                image_id: data.and_then(|d| d.image_id()).map(str::to_owned),
+            }
+        }))
+    }
+
+    async fn function_environment(
+        &self,
+        function: &str,
+    ) -> Result<BTreeMap<String, String>, AccountError> {
+        let answer = self
+            .lambda
+            .get_function_configuration()
+            .function_name(function)
+            .send()
+            .await
+            .map_err(|e| sdk_error("lambda:GetFunctionConfiguration", &e))?;
+        Ok(answer
+            .environment()
+            .and_then(|e| e.variables())
+            .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    async fn object_sha256(&self, bucket: &str, key: &str) -> Result<Option<String>, AccountError> {
+        let answer = match self.s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(answer) => answer,
+            Err(error) if error.code() == Some("NoSuchKey") => return Ok(None),
+            Err(error) => return Err(sdk_error("s3:GetObject", &error)),
+        };
+        let mut body = answer.body;
+        let mut hash = Sha256::new();
+        while let Some(chunk) = body.try_next().await.map_err(|e| AccountError {
+            operation: "s3:GetObject",
+            message: e.to_string(),
+        })? {
+            hash.update(&chunk);
+        }
+        Ok(Some(hex::encode(hash.finalize())))
+    }
+
+    async fn bucket_sends_to_eventbridge(&self, bucket: &str) -> Result<bool, AccountError> {
+        let answer = self
+            .s3
+            .get_bucket_notification_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| sdk_error("s3:GetBucketNotificationConfiguration", &e))?;
+        Ok(answer.event_bridge_configuration().is_some())
+    }
+
+    async fn rule(&self, name: &str) -> Result<Option<RuleFacts>, AccountError> {
+        let rule = match self.events.describe_rule().name(name).send().await {
+            Ok(rule) => rule,
+            Err(error) if error.code() == Some("ResourceNotFoundException") => return Ok(None),
+            Err(error) => return Err(sdk_error("events:DescribeRule", &error)),
+        };
+        let targets = self
+            .events
+            .list_targets_by_rule()
+            .rule(name)
+            .send()
+            .await
+            .map_err(|e| sdk_error("events:ListTargetsByRule", &e))?;
+        Ok(Some(RuleFacts {
+            enabled: rule
+                .state()
+                .is_some_and(|s| s.as_str().eq_ignore_ascii_case("ENABLED")),
+            pattern: rule.event_pattern().unwrap_or_default().to_owned(),
+            targets: targets
+                .targets()
+                .iter()
+                .map(|t| {
+                    (
+                        t.arn().to_owned(),
+                        t.dead_letter_config()
+                            .and_then(|d| d.arn())
+                            .map(str::to_owned),
+                    )
+                })
+                .collect(),
+        }))
+    }
+
+    async fn dead_letter_target(&self, queue_url: &str) -> Result<Option<String>, AccountError> {
+        let answer = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| sdk_error("sqs:GetQueueAttributes", &e))?;
+        let policy = answer
+            .attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy));
+        Ok(policy
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|p| p["deadLetterTargetArn"].as_str().map(str::to_owned)))
+    }
+
+    async fn event_sources(&self, function: &str) -> Result<Vec<EventSource>, AccountError> {
+        let answer = self
+            .lambda
+            .list_event_source_mappings()
+            .function_name(function)
+            .send()
+            .await
+            .map_err(|e| sdk_error("lambda:ListEventSourceMappings", &e))?;
+        Ok(answer
+            .event_source_mappings()
+            .iter()
+            .map(|m| {
+                (
+                    m.event_source_arn().unwrap_or_default().to_owned(),
+                    m.state().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    }
+
+    async fn may_launch(
+        &self,
+        role_arn: &str,
+        instance_role_arn: &str,
+        template: &TemplateFacts,
+        requests: &[LaunchRequest],
+    ) -> Result<Permission, AccountError> {
+        match self.dry_run_as(role_arn, requests).await? {
+            Some(permission) => Ok(permission),
+            None => {
+                self.simulate(role_arn, instance_role_arn, template, requests)
+                    .await
+            }
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! `s3spot doctor`: what we cannot test for a person, checked in their own account. Each check
+//! reads a deployed stack through [`Account`], a narrow seam over the AWS APIs ([`aws`] in AWS,
+//! doubles and moto in the tests), and says pass or fail, and for a failure, what to do.
+
+pub mod aws;
+
+use std::collections::BTreeMap;
+
+use s3spot_lambda::event::ObjectCreated;
+use s3spot_lambda::{Config, LaunchRequest, launch_requests};
+
+/// The service-linked role EC2 needs before spot is requested through its API.
+pub const SPOT_ROLE: &str = "AWSServiceRoleForEC2Spot";
+
+/// What a call to AWS could not tell.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct AccountError {
+    pub operation: &'static str,
+    pub message: String,
+}
+
+/// A deployed stack, as `DescribeStacks` tells it.
+#[derive(Debug, Clone, Default)]
+pub struct Stack {
+    pub outputs: BTreeMap<String, String>,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// What a launch template version says of the instances it makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TemplateFacts {
+    pub version: String,
+    pub http_tokens: Option<String>,
+    pub shutdown_behavior: Option<String>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub image_id: Option<String>,
+}
+
+/// An EventBridge rule and its targets: (target ARN, its dead-letter queue ARN).
+#[derive(Debug, Clone, Default)]
+pub struct RuleFacts {
+    pub enabled: bool,
+    pub pattern: String,
+    pub targets: Vec<(String, Option<String>)>,
+}
+
+/// An event source mapping of the function: (source ARN, state).
+pub type EventSource = (String, String);
+
+/// Whether the launcher may launch, and how that was found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permission {
+    /// "a DryRun under the launcher's role", or "IAM's policy simulator".
+    pub how: String,
+    /// What was refused, one entry per action and resource; empty when all is allowed.
+    pub denied: Vec<String>,
+}
+
+/// The calls `s3spot doctor` makes. Every answer is the account's; none is inferred.
+#[async_trait::async_trait]
+pub trait Account: Send + Sync {
+    async fn stack(&self, name: &str) -> Result<Option<Stack>, AccountError>;
+    async fn role_exists(&self, name: &str) -> Result<bool, AccountError>;
+    async fn launch_template(
+        &self,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<TemplateFacts>, AccountError>;
+    async fn function_environment(
+        &self,
+        function: &str,
+    ) -> Result<BTreeMap<String, String>, AccountError>;
+    /// The sha256 of the object's bytes, hex; `None` when there is no such object.
+    async fn object_sha256(&self, bucket: &str, key: &str) -> Result<Option<String>, AccountError>;
+    async fn bucket_sends_to_eventbridge(&self, bucket: &str) -> Result<bool, AccountError>;
+    async fn rule(&self, name: &str) -> Result<Option<RuleFacts>, AccountError>;
+    /// The queue's redrive target, from its `RedrivePolicy`.
+    async fn dead_letter_target(&self, queue_url: &str) -> Result<Option<String>, AccountError>;
+    async fn event_sources(&self, function: &str) -> Result<Vec<EventSource>, AccountError>;
+    /// Whether the role may make each of `requests`, as the function makes them.
+    async fn may_launch(
+        &self,
+        role_arn: &str,
+        instance_role_arn: &str,
+        template: &TemplateFacts,
+        requests: &[LaunchRequest],
+    ) -> Result<Permission, AccountError>;
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub check: &'static str,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Pass(String),
+    Fail { problem: String, fix: String },
+}
+
+impl Line {
+    fn pass(check: &'static str, detail: impl Into<String>) -> Line {
+        Line {
+            check,
+            outcome: Outcome::Pass(detail.into()),
+        }
+    }
+
+    fn fail(check: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Line {
+        Line {
+            check,
+            outcome: Outcome::Fail {
+                problem: problem.into(),
+                fix: fix.into(),
+            },
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        matches!(self.outcome, Outcome::Pass(_))
+    }
+}
+
+const REDEPLOY: &str = "deploy the stack again with scripts/deploy";
+
+/// The stack outputs the checks read; a stack without one predates them.
+const OUTPUTS: &[&str] = &[
+    "LauncherFunctionName",
+    "LauncherRoleArn",
+    "InstanceRoleArn",
+    "DataBucketName",
+    "UploadsRuleName",
+    "IntakeQueueUrl",
+    "IntakeQueueArn",
+    "DeadLetterQueueArn",
+];
+
+/// Every check, in order. A check that cannot run because an earlier one failed is left out:
+/// the earlier failure says what to fix first.
+pub async fn check(account: &impl Account, stack_name: &str) -> Vec<Line> {
+    let mut lines = Vec::new();
+    let stack = match account.stack(stack_name).await {
+        Ok(Some(stack)) => stack,
+        Ok(None) => {
+            lines.push(Line::fail(
+                "stack",
+                format!("there is no stack {stack_name:?} in this account and region"),
+                "pass --stack NAME, set AWS_REGION to the stack's region, or deploy it with \
+                 scripts/deploy",
+            ));
+            return lines;
+        }
+        Err(error) => {
+            lines.push(Line::fail(
+                "stack",
+                error.to_string(),
+                "check the credentials and region (aws sts get-caller-identity)",
+            ));
+            return lines;
+        }
+    };
+    let missing: Vec<&str> = OUTPUTS
+        .iter()
+        .copied()
+        .filter(|name| !stack.outputs.contains_key(*name))
+        .collect();
+    if !missing.is_empty() {
+        lines.push(Line::fail(
+            "stack",
+            format!(
+                "stack {stack_name:?} has no output {}: an older s3spot deployed it",
+                missing.join(", ")
+            ),
+            REDEPLOY,
+        ));
+        return lines;
+    }
+    lines.push(Line::pass("stack", format!("{stack_name:?} found")));
+    let output = |name: &str| stack.outputs[name].as_str();
+
+    let function = output("LauncherFunctionName");
+    let environment = match account.function_environment(function).await {
+        Ok(environment) => environment,
+        Err(error) => {
+            lines.push(Line::fail(
+                "launcher function",
+                error.to_string(),
+                format!("check that the function {function} exists; {REDEPLOY}"),
+            ));
+            return lines;
+        }
+    };
+    let setting = |name: &str| {
+        environment
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default()
+    };
+
+    lines.push(spot_role(account, setting("S3SPOT_MARKET")).await);
+    let template = launch_template(
+        account,
+        setting("S3SPOT_LAUNCH_TEMPLATE"),
+        setting("S3SPOT_LAUNCH_TEMPLATE_VERSION"),
+    )
+    .await;
+    lines.push(template.0);
+    lines.push(
+        worker_artifact(
+            account,
+            setting("S3SPOT_WORKER_URI"),
+            setting("S3SPOT_WORKER_SHA256"),
+        )
+        .await,
+    );
+    lines.extend(intake(account, &stack, function).await);
+    if let Some(facts) = template.1 {
+        lines.push(permissions(account, &stack, &environment, &facts).await);
+    }
+    lines
+}
+
+async fn spot_role(account: &impl Account, market: &str) -> Line {
+    const CHECK: &str = "spot service-linked role";
+    if market == "on-demand" {
+        return Line::pass(CHECK, "not needed: the market is on-demand");
+    }
+    match account.role_exists(SPOT_ROLE).await {
+        Ok(true) => Line::pass(CHECK, format!("{SPOT_ROLE} exists")),
+        Ok(false) => Line::fail(
+            CHECK,
+            format!(
+                "{SPOT_ROLE} does not exist, and EC2 refuses spot requests without it \
+                 (AuthFailure.ServiceLinkedRoleCreationNotPermitted)"
+            ),
+            "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com",
+        ),
+        Err(error) => Line::fail(
+            CHECK,
+            error.to_string(),
+            format!("allow iam:GetRole on {SPOT_ROLE} to whoever runs s3spot doctor"),
+        ),
+    }
+}
+
+async fn launch_template(
+    account: &impl Account,
+    id: &str,
+    version: &str,
+) -> (Line, Option<TemplateFacts>) {
+    const CHECK: &str = "launch template";
+    let facts = match account.launch_template(id, version).await {
+        Ok(Some(facts)) => facts,
+        Ok(None) => {
+            return (
+                Line::fail(
+                    CHECK,
+                    format!(
+                        "the function's S3SPOT_LAUNCH_TEMPLATE {id:?} version {version:?} does not \
+                         exist"
+                    ),
+                    REDEPLOY,
+                ),
+                None,
+            );
+        }
+        Err(error) => return (Line::fail(CHECK, error.to_string(), REDEPLOY), None),
+    };
+    let mut problems = Vec::new();
+    if facts.http_tokens.as_deref() != Some("required") {
+        problems.push(format!(
+            "IMDSv2 is not required (HttpTokens {:?})",
+            facts.http_tokens
+        ));
+    }
+    if facts.shutdown_behavior.as_deref() != Some("terminate") {
+        problems.push(format!(
+            "shutdown does not terminate ({:?}): a finished instance would stay, stopped, with \
+             its volume billed",
+            facts.shutdown_behavior
+        ));
+    }
+    if facts.subnet_id.is_none() {
+        problems.push("it names no subnet, so EC2 would choose one itself".into());
+    }
+    let line = if problems.is_empty() {
+        Line::pass(
+            CHECK,
+            format!(
+                "{id} version {}: IMDSv2 required, terminates on shutdown, subnet {}",
+                facts.version,
+                facts.subnet_id.as_deref().unwrap_or_default()
+            ),
+        )
+    } else {
+        Line::fail(
+            CHECK,
+            format!("{id} version {}: {}", facts.version, problems.join("; ")),
+            REDEPLOY,
+        )
+    };
+    (line, Some(facts))
+}
+
+async fn worker_artifact(account: &impl Account, uri: &str, sha256: &str) -> Line {
+    const CHECK: &str = "worker artifact";
+    let fix = "run scripts/deploy again: it uploads the worker and sets its sha256 together";
+    let Some((bucket, key)) = uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+    else {
+        return Line::fail(
+            CHECK,
+            format!("the function's S3SPOT_WORKER_URI {uri:?} is not s3://bucket/key"),
+            fix,
+        );
+    };
+    match account.object_sha256(bucket, key).await {
+        Ok(Some(actual)) if actual.eq_ignore_ascii_case(sha256) => {
+            Line::pass(CHECK, format!("{uri} has the sha256 the function expects"))
+        }
+        Ok(Some(actual)) => Line::fail(
+            CHECK,
+            format!(
+                "{uri} has sha256 {actual}, the function expects {sha256}: every instance would \
+                 refuse to run it"
+            ),
+            fix,
+        ),
+        Ok(None) => Line::fail(CHECK, format!("{uri} does not exist"), fix),
+        Err(error) => Line::fail(CHECK, error.to_string(), fix),
+    }
+}
+
+async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Line> {
+    let output = |name: &str| stack.outputs[name].as_str();
+    let (bucket, rule_name) = (output("DataBucketName"), output("UploadsRuleName"));
+    let (queue_url, queue_arn, dead_letter) = (
+        output("IntakeQueueUrl"),
+        output("IntakeQueueArn"),
+        output("DeadLetterQueueArn"),
+    );
+    let mut lines = Vec::new();
+    lines.push(match account.bucket_sends_to_eventbridge(bucket).await {
+        Ok(true) => Line::pass(
+            "intake: bucket",
+            format!("{bucket} sends its events to EventBridge"),
+        ),
+        Ok(false) => Line::fail(
+            "intake: bucket",
+            format!("{bucket} does not send its events to EventBridge: no upload starts a job"),
+            REDEPLOY,
+        ),
+        Err(error) => Line::fail("intake: bucket", error.to_string(), REDEPLOY),
+    });
+    lines.push(match account.rule(rule_name).await {
+        Ok(Some(rule)) => {
+            let target = rule.targets.iter().find(|(arn, _)| arn == queue_arn);
+            let filtered = rule.pattern.contains(bucket) && rule.pattern.contains("anything-but");
+            match target {
+                Some((_, Some(dlq))) if rule.enabled && filtered && dlq == dead_letter => {
+                    Line::pass(
+                        "intake: filter",
+                        format!(
+                            "rule {rule_name} sends uploads to the intake queue, results left out, \
+                             undeliverable ones to the dead-letter queue"
+                        ),
+                    )
+                }
+                _ => Line::fail(
+                    "intake: filter",
+                    format!(
+                        "rule {rule_name} is {}, {}, targets {:?}",
+                        if rule.enabled { "enabled" } else { "DISABLED" },
+                        if filtered {
+                            "filters the results out"
+                        } else {
+                            "does not filter the results out"
+                        },
+                        rule.targets
+                    ),
+                    REDEPLOY,
+                ),
+            }
+        }
+        Ok(None) => Line::fail(
+            "intake: filter",
+            format!("there is no rule {rule_name}"),
+            REDEPLOY,
+        ),
+        Err(error) => Line::fail("intake: filter", error.to_string(), REDEPLOY),
+    });
+    lines.push(match account.dead_letter_target(queue_url).await {
+        Ok(Some(target)) if target == dead_letter => Line::pass(
+            "intake: dead-letter queue",
+            "messages that keep failing move to the dead-letter queue",
+        ),
+        Ok(other) => Line::fail(
+            "intake: dead-letter queue",
+            format!("the intake queue's redrive target is {other:?}, not {dead_letter}"),
+            REDEPLOY,
+        ),
+        Err(error) => Line::fail("intake: dead-letter queue", error.to_string(), REDEPLOY),
+    });
+    lines.push(match account.event_sources(function).await {
+        Ok(sources) => match sources.iter().find(|(arn, _)| arn == queue_arn) {
+            Some((_, state)) if state.eq_ignore_ascii_case("enabled") => Line::pass(
+                "intake: function",
+                format!("{function} polls the intake queue"),
+            ),
+            Some((_, state)) => Line::fail(
+                "intake: function",
+                format!("{function}'s mapping from the intake queue is {state}"),
+                format!(
+                    "aws lambda update-event-source-mapping --enabled --uuid <its id> (aws lambda \
+                     list-event-source-mappings --function-name {function})"
+                ),
+            ),
+            None => Line::fail(
+                "intake: function",
+                format!("{function} does not poll the intake queue"),
+                REDEPLOY,
+            ),
+        },
+        Err(error) => Line::fail("intake: function", error.to_string(), REDEPLOY),
+    });
+    lines
+}
+
+/// The object a dry run launches for: under no prefix a job would skip.
+const DRY_RUN_KEY: &str = "s3spot-doctor/dry-run.csv";
+
+async fn permissions(
+    account: &impl Account,
+    stack: &Stack,
+    environment: &BTreeMap<String, String>,
+    template: &TemplateFacts,
+) -> Line {
+    const CHECK: &str = "launcher permissions";
+    let config = match Config::from_lookup(|name| environment.get(name).cloned()) {
+        Ok(config) => config,
+        Err(error) => {
+            return Line::fail(
+                CHECK,
+                format!(
+                    "the function's configuration is refused: {}",
+                    s3spot_lambda::error_chain(&error)
+                ),
+                REDEPLOY,
+            );
+        }
+    };
+    let object = ObjectCreated {
+        bucket: stack.outputs["DataBucketName"].clone(),
+        key: DRY_RUN_KEY.into(),
+        version_id: None,
+        etag: None,
+        size: Some(0),
+        sequencer: Some("0".into()),
+        event_time: None,
+    };
+    let requests = match launch_requests(&config, object) {
+        Ok(Some(requests)) => requests,
+        Ok(None) => {
+            return Line::fail(
+                CHECK,
+                format!("the function would skip {DRY_RUN_KEY}, so nothing could be tried"),
+                "report this to s3spot's maintainers",
+            );
+        }
+        Err(error) => return Line::fail(CHECK, error, REDEPLOY),
+    };
+    let role = &stack.outputs["LauncherRoleArn"];
+    match account
+        .may_launch(role, &stack.outputs["InstanceRoleArn"], template, &requests)
+        .await
+    {
+        Ok(permission) if permission.denied.is_empty() => Line::pass(
+            CHECK,
+            format!(
+                "{role} may make each of the function's {} launch request(s) ({})",
+                requests.len(),
+                permission.how
+            ),
+        ),
+        Ok(permission) => Line::fail(
+            CHECK,
+            format!(
+                "{role} may not launch ({}): {}",
+                permission.how,
+                permission.denied.join("; ")
+            ),
+            format!(
+                "{REDEPLOY}; if it still fails, compare the role's policy with the template's \
+                 LauncherRole (aws sts decode-authorization-message decodes EC2's message)"
+            ),
+        ),
+        Err(error) => Line::fail(
+            CHECK,
+            error.to_string(),
+            "allow sts:AssumeRole on the launcher role or iam:SimulatePrincipalPolicy on it to \
+             whoever runs s3spot doctor",
+        ),
+    }
+}
+
+/// The report as a person reads it: one line per check, and for a failure, what to do.
+pub fn render(lines: &[Line]) -> String {
+    let mut text = String::new();
+    for line in lines {
+        match &line.outcome {
+            Outcome::Pass(detail) => text.push_str(&format!("ok    {}: {detail}\n", line.check)),
+            Outcome::Fail { problem, fix } => text.push_str(&format!(
+                "FAIL  {}: {problem}\n      to fix: {fix}\n",
+                line.check
+            )),
+        }
+    }
+    let failed = lines.iter().filter(|l| !l.passed()).count();
+    if failed == 0 {
+        text.push_str("all checks passed\n");
+    } else {
+        text.push_str(&format!("{failed} of {} checks failed\n", lines.len()));
+    }
+    text
+}
