@@ -331,9 +331,9 @@ fn a_deployed_stack_passes_every_check_with_the_launch_simulated_or_dry_run() {
         "{report}"
     );
     assert_eq!(
-        account.iam.simulations(),
-        simulations,
-        "no simulation needed"
+        account.iam.simulations() - simulations,
+        4,
+        "the launch is not simulated; only what no DryRun can try"
     );
     assert_eq!(
         account.ec2.run_instances_calls(),
@@ -348,10 +348,9 @@ fn each_fault_fails_its_check_and_says_what_to_do() {
     let account = Account::deployed();
     // A launcher policy without its instance statement: the simulator and the DryRun refuse.
     let mut weakened = account.launcher_policy.clone();
-    weakened["Statement"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|s| s["Sid"] != "OnlyTemplateInstances");
+    weakened["Statement"].as_array_mut().unwrap().retain(|s| {
+        s["Sid"] != "OnlyTemplateInstances" && s["Sid"] != "DescribeInstancesRequiresWildcard"
+    });
     account
         .iam
         .set_role_policy(LAUNCHER_ROLE, Policy::from_document(&weakened));
@@ -394,6 +393,11 @@ fn each_fault_fails_its_check_and_says_what_to_do() {
             && permissions
                 .contains("ec2:RunInstances on arn:aws:ec2:us-east-1:123456789012:instance/*"),
         "{report}"
+    );
+
+    assert!(
+        permissions.contains("ec2:DescribeInstances on * is implicitDeny"),
+        "the runaway guard's count, which no DryRun tries: {report}"
     );
 
     // The same policy, found by a DryRun under the role where the person may assume it.
@@ -485,5 +489,78 @@ fn each_fault_fails_its_check_and_says_what_to_do() {
         stdout(&output).contains("there is no stack \"nothing-here\""),
         "{}",
         show(&output)
+    );
+}
+
+#[test]
+fn a_broken_intake_fails_the_check_of_its_link() {
+    let account = Account::deployed();
+    let sdk = account.sdk();
+    account.runtime.block_on(async {
+        // The bucket no longer sends to EventBridge.
+        account
+            .s3
+            .client()
+            .await
+            .put_bucket_notification_configuration()
+            .bucket(DATA)
+            .notification_configuration(
+                aws_sdk_s3::types::NotificationConfiguration::builder().build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        // The uploads rule is disabled, and lets results through.
+        let events = aws_sdk_eventbridge::Client::new(&sdk);
+        events
+            .put_rule()
+            .name("s3spot-UploadsRule-7G8H9I")
+            .event_pattern(
+                json!({"source": ["aws.s3"], "detail-type": ["Object Created"],
+                       "detail": {"bucket": {"name": [DATA]}}})
+                .to_string(),
+            )
+            .state(aws_sdk_eventbridge::types::RuleState::Disabled)
+            .send()
+            .await
+            .unwrap();
+        // The function's mapping from the queue is off.
+        let lambda = aws_sdk_lambda::Client::new(&sdk);
+        let mappings = lambda
+            .list_event_source_mappings()
+            .function_name(FUNCTION)
+            .send()
+            .await
+            .unwrap();
+        lambda
+            .update_event_source_mapping()
+            .uuid(mappings.event_source_mappings()[0].uuid().unwrap())
+            .enabled(false)
+            .send()
+            .await
+            .unwrap();
+    });
+    let output = account.doctor(&[]);
+    let report = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        line(&report, "intake: bucket").starts_with("FAIL"),
+        "{report}"
+    );
+    let filter = line(&report, "intake: filter");
+    assert!(
+        filter.starts_with("FAIL")
+            && filter.contains("DISABLED")
+            && filter.contains("not the data bucket's uploads without analysis/"),
+        "{report}"
+    );
+    let function = line(&report, "intake: function");
+    assert!(
+        function.starts_with("FAIL") && function.contains("update-event-source-mapping"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "intake: dead-letter queue").starts_with("ok "),
+        "{report}"
     );
 }

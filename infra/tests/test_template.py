@@ -121,8 +121,8 @@ def check_operator_policy(template):
             "Effect": "Allow",
             "Action": "s3:GetObject",
             "Resource": [
-                {"Fn::Sub": "${DataBucket.Arn}/analysis/*stdout.log"},
-                {"Fn::Sub": "${DataBucket.Arn}/analysis/*stderr.log"},
+                {"Fn::Sub": "${DataBucket.Arn}/analysis/*/stdout.log"},
+                {"Fn::Sub": "${DataBucket.Arn}/analysis/*/stderr.log"},
             ],
         }
     ], extra
@@ -200,7 +200,7 @@ def check_launcher_role_exact(template):
         if any(a in ("s3:GetObject", "s3:PutObject") for a in as_list(s["Action"])):
             assert sorted(sub_text(r) for r in as_list(s["Resource"])) == [
                 "${DataBucket.Arn}/analysis/*/.s3spot/attempt-*.json",
-                "${DataBucket.Arn}/analysis/*status.json",
+                "${DataBucket.Arn}/analysis/*/status.json",
             ], "the launcher reads and writes status.json files and attempts' claims only"
         if "s3:ListBucket" in as_list(s["Action"]):
             assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
@@ -480,7 +480,7 @@ def check_alarms(template):
     dlq = [
         a["Properties"]
         for a in alarms.values()
-        if a["Properties"]["Namespace"] == "AWS/SQS"
+        if a["Properties"].get("Namespace") == "AWS/SQS"
         and a["Properties"]["Dimensions"]
         == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}]
     ]
@@ -490,30 +490,41 @@ def check_alarms(template):
     errors = [
         a["Properties"]
         for a in alarms.values()
-        if a["Properties"]["Namespace"] == "AWS/Lambda" and a["Properties"]["MetricName"] == "Errors"
+        if a["Properties"].get("Namespace") == "AWS/Lambda"
+        and a["Properties"].get("MetricName") == "Errors"
     ]
     assert len(errors) == 1, "no alarm on function errors"
     assert errors[0]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "LauncherFunction"}}]
-    # The failed-records alarm watches exactly the metric the function writes.
+    # The failed-records alarms watch exactly the metrics the function writes.
     report = (ROOT / "lambda" / "src" / "report.rs").read_text()
     (namespace,) = re.findall(r'pub const METRICS_NAMESPACE: &str = "([^"]+)";', report)
-    records = [
-        a["Properties"]
-        for a in alarms.values()
-        if a["Properties"]["Namespace"] == namespace
-        and a["Properties"]["MetricName"] == "FailedRecords"
-    ]
-    assert len(records) == 1, "no alarm on the function's failed records"
-    assert '"FailedRecords"' in report, "the function no longer writes FailedRecords"
+    for name in ("FailedRecords", "RetryableRecords"):
+        assert f'"{name}"' in report, f"the function no longer writes {name}"
     assert '"Dimensions": [["Pipeline"]]' in report
     variables = template["Resources"]["LauncherFunction"]["Properties"]["Environment"]["Variables"]
-    assert records[0]["Dimensions"] == [{"Name": "Pipeline", "Value": variables["S3SPOT_PIPELINE"]}]
-    assert (records[0]["Statistic"], records[0]["ComparisonOperator"], records[0]["Threshold"]) == (
-        "Sum",
-        "GreaterThanThreshold",
-        0,
-    )
-    assert records[0]["Period"] * records[0]["EvaluationPeriods"] <= 600, "alarms within minutes"
+    dimensions = [{"Name": "Pipeline", "Value": variables["S3SPOT_PIPELINE"]}]
+    assert "FailedRecordsAlarm" in alarms, "no alarm on the function's failed records"
+    failed = alarms["FailedRecordsAlarm"]["Properties"]
+    stats = {
+        query["Id"]: query["MetricStat"]
+        for query in failed["Metrics"]
+        if "MetricStat" in query
+    }
+    for query_id, name in (("failed", "FailedRecords"), ("retryable", "RetryableRecords")):
+        metric = stats[query_id]["Metric"]
+        assert (metric["Namespace"], metric["MetricName"]) == (namespace, name), metric
+        assert metric["Dimensions"] == dimensions, metric
+        assert stats[query_id]["Stat"] == "Sum"
+    (returned,) = [q for q in failed["Metrics"] if q.get("ReturnData", True)]
+    assert returned["Expression"].replace(" ", "") == "FILL(failed,0)-FILL(retryable,0)", returned
+    assert (failed["ComparisonOperator"], failed["Threshold"]) == ("GreaterThanThreshold", 0)
+    periods = {s["Period"] for s in stats.values()}
+    assert max(periods) * failed["EvaluationPeriods"] <= 600, "alarms within minutes"
+    assert "WaitingRecordsAlarm" in alarms, "no alarm on records waiting for long"
+    waiting = alarms["WaitingRecordsAlarm"]["Properties"]
+    assert (waiting["Namespace"], waiting["MetricName"]) == (namespace, "RetryableRecords")
+    assert waiting["Dimensions"] == dimensions
+    assert waiting["DatapointsToAlarm"] == waiting["EvaluationPeriods"], "only when it lasts"
     (budget,) = resources_of_type(template, "AWS::Budgets::Budget").values()
     assert budget["Condition"] == "HasBudget"
     assert budget["Properties"]["Budget"]["BudgetLimit"]["Amount"] == {"Ref": "MonthlyBudget"}
@@ -959,7 +970,15 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
     def test_failed_records_alarm_on_another_namespace(self):
         def edit(t):
-            t["Resources"]["FailedRecordsAlarm"]["Properties"]["Namespace"] = "S3Spot"
+            metrics = t["Resources"]["FailedRecordsAlarm"]["Properties"]["Metrics"]
+            metrics[0]["MetricStat"]["Metric"]["Namespace"] = "S3Spot"
+
+        self.expect_failure(check_alarms, edit)
+
+    def test_failed_records_alarm_counts_backpressure(self):
+        def edit(t):
+            metrics = t["Resources"]["FailedRecordsAlarm"]["Properties"]["Metrics"]
+            metrics[2]["Expression"] = "FILL(failed, 0)"
 
         self.expect_failure(check_alarms, edit)
 

@@ -443,6 +443,8 @@ pub enum DryRun {
     Unauthorized(String),
     /// Any other answer, as `Code: message`.
     Failed(String),
+    /// No answer: a timeout, a connection that failed.
+    Unreachable(String),
 }
 
 impl Ec2Launcher {
@@ -455,6 +457,11 @@ impl Ec2Launcher {
             .await
         {
             Ok(_) => DryRun::Failed("EC2 launched instead of a dry run".into()),
+            Err(
+                error @ (SdkError::TimeoutError(_)
+                | SdkError::DispatchFailure(_)
+                | SdkError::ResponseError(_)),
+            ) => DryRun::Unreachable(aws_sdk_ec2::error::DisplayErrorContext(&error).to_string()),
             Err(error) => match error.code() {
                 Some("DryRunOperation") => DryRun::WouldSucceed,
                 Some("UnauthorizedOperation") => {

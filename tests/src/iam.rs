@@ -151,9 +151,9 @@ impl Condition {
             return present.is_none() == wants_absent;
         }
         let Some(values) = present else {
-            // A missing key fails every operator but the IfExists ones (and ForAllValues, which
-            // holds for an empty set).
-            return if_exists || set == Some("ForAllValues");
+            // A missing key fails every operator but the negated ones, the IfExists ones, and
+            // ForAllValues, which holds for an empty set.
+            return if_exists || set == Some("ForAllValues") || operator.contains("Not");
         };
         let one = |value: &str| -> bool {
             let any = |matches: &dyn Fn(&str) -> bool| self.values.iter().any(|v| matches(v));
@@ -256,5 +256,16 @@ mod tests {
         assert!(policy.allows(&run.clone().with("ec2:IsLaunchTemplateResource", "true")));
         assert!(!policy.allows(&run.clone().with("ec2:IsLaunchTemplateResource", "false")));
         assert!(!policy.allows(&run), "a missing key fails the condition");
+        let deny_others = Policy::from_document(&json!({"Statement": [
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:GetObject", "Resource": "*",
+             "Condition": {"StringNotEquals": {"aws:PrincipalAccount": "123456789012"}}}]}));
+        let get = Authorization::new("s3:GetObject", "arn:aws:s3:::b/k");
+        assert!(!policy.allows(&get.clone()), "nothing allows it");
+        assert!(
+            !deny_others.allows(&get),
+            "a negated operator holds when its key is missing, so the deny applies"
+        );
+        assert!(deny_others.allows(&get.with("aws:PrincipalAccount", "123456789012")));
     }
 }

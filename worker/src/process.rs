@@ -108,28 +108,36 @@ pub async fn run_command(
         out.and(err)
     });
 
-    let (status, stopped) = tokio::select! {
-        status = child.wait() => (status?, None),
-        reason = stop => {
-            tracing::warn!(?reason, "stopping the command");
-            signal(group, Signal::SIGTERM);
-            let status = match tokio::time::timeout(kill_grace, child.wait()).await {
-                Ok(status) => status?,
-                Err(_) => {
-                    tracing::warn!(grace = ?kill_grace, "the command ignored SIGTERM; killing it");
-                    signal(group, Signal::SIGKILL);
-                    child.wait().await?
-                }
-            };
-            (status, Some(reason))
-        }
-    };
-    // Whatever the shell left behind in its group would hold the log pipes open and outlive the
-    // job: it goes too.
-    signal(group, Signal::SIGKILL);
-    if let Some(user) = run_as {
-        end_processes_of(user).await;
+    let waited: std::io::Result<(ExitStatus, Option<Stop>)> = async {
+        Ok(tokio::select! {
+            status = child.wait() => (status?, None),
+            reason = stop => {
+                tracing::warn!(?reason, "stopping the command");
+                signal(group, Signal::SIGTERM);
+                let status = match tokio::time::timeout(kill_grace, child.wait()).await {
+                    Ok(status) => status?,
+                    Err(_) => {
+                        tracing::warn!(grace = ?kill_grace, "the command ignored SIGTERM; killing it");
+                        signal(group, Signal::SIGKILL);
+                        child.wait().await?
+                    }
+                };
+                (status, Some(reason))
+            }
+        })
     }
+    .await;
+    // Whatever the shell left behind in its group would hold the log pipes open and outlive the
+    // job: it goes too, however the wait ended.
+    signal(group, Signal::SIGKILL);
+    if let Some(user) = run_as
+        && let Err(survived) = end_processes_of(user).await
+    {
+        // A live process of the user could still swap an output for a link to a root file
+        // while the worker reads it.
+        return Err(survived);
+    }
+    let (status, stopped) = waited?;
     // A process that left the group (setsid) could keep the pipes open forever; the logs then
     // end here.
     match tokio::time::timeout(LOG_DRAIN, copies).await {
@@ -156,16 +164,20 @@ async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
 const KILL_ROUNDS: usize = 50;
 
 /// Kills every process of `user`, including those that left the command's process group
-/// (`setsid`, a double fork), by sending SIGKILL to -1 as that user, until none is left.
-pub async fn end_processes_of(user: &RunAs) {
+/// (`setsid`, a double fork), by sending SIGKILL to -1 as that user, until none is left. An
+/// error when some may be left.
+pub async fn end_processes_of(user: &RunAs) -> std::io::Result<()> {
+    let survive = |why: String| {
+        std::io::Error::other(format!(
+            "processes of {} may survive ({why}); the command's outputs are not read",
+            user.name
+        ))
+    };
     for _ in 0..KILL_ROUNDS {
         match live_processes_of(user.uid) {
-            Ok(0) => return,
+            Ok(0) => return Ok(()),
             Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot list the processes of the command's user");
-                return;
-            }
+            Err(error) => return Err(survive(format!("cannot list them: {error}"))),
         }
         // kill(-1) reaches every process the sender may signal, except itself: run as the user,
         // that is exactly the user's processes.
@@ -181,15 +193,13 @@ pub async fn end_processes_of(user: &RunAs) {
             .status()
             .await;
         if let Err(error) = killed {
-            tracing::warn!(%error, user = user.name, "cannot kill the processes of the command's user");
-            return;
+            return Err(survive(format!("cannot kill them: {error}")));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::warn!(
-        user = user.name,
-        "processes of the command's user survive SIGKILL; its outputs may still change"
-    );
+    Err(survive(format!(
+        "{KILL_ROUNDS} rounds of SIGKILL left some"
+    )))
 }
 
 /// The processes of `uid` that are not zombies, from `/proc`.

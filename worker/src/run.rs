@@ -236,6 +236,7 @@ impl Worker {
 
         let clock = Instant::now();
         let logs = (work.join(STDOUT_FILE), work.join(STDERR_FILE));
+        let mut outputs_trusted = true;
         let processed = match &job.command {
             Some(command) => {
                 // The command may rework its input in place (gunzip, say).
@@ -287,6 +288,8 @@ impl Worker {
                     }
                     Err(error) => {
                         status.error = Some(format!("cannot run the command: {error}"));
+                        // Whatever its user left could change them while they are read.
+                        outputs_trusted = self.settings.run_as.is_none();
                         false
                     }
                 }
@@ -338,12 +341,21 @@ impl Worker {
         } else {
             self.uploader(job)
         };
-        let owner = self.settings.run_as.as_ref().map(|user| user.uid);
-        let mut files = match files_under(&output_dir, owner) {
-            Ok(files) => files,
-            Err(error) => {
-                fail(status, crate::error_chain(&error));
-                Vec::new()
+        // What the command wrote must be its user's own; the built-in analysis writes as the
+        // worker.
+        let owner = match (&job.command, &self.settings.run_as) {
+            (Some(_), Some(user)) => Some(user.uid),
+            _ => None,
+        };
+        let mut files = if !outputs_trusted {
+            Vec::new()
+        } else {
+            match files_under(&output_dir, owner) {
+                Ok(files) => files,
+                Err(error) => {
+                    fail(status, crate::error_chain(&error));
+                    Vec::new()
+                }
             }
         };
         files.retain(|(_, name)| {

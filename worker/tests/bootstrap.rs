@@ -77,37 +77,18 @@ fn the_rendered_script_runs_the_real_worker_and_shuts_down_once() {
     );
 }
 
-/// Set in the copy of this test binary that runs inside the namespaces.
-const IN_NAMESPACES: &str = "S3SPOT_TEST_IN_NAMESPACES";
-
 /// On EC2 the script makes the command's user and keeps it away from IMDS. That changes the
-/// machine (a user, a firewall rule, IMDS's address), so the test runs again in network and mount
-/// namespaces of its own: a loopback holding 169.254.169.254, and a private copy of /etc.
+/// machine (a user, a firewall rule, IMDS's address), so the test runs again in namespaces of its
+/// own: a network with a loopback that holds 169.254.169.254, a private /etc, and its own PIDs
+/// (the worker kills every process of the command's user, whose uid may be someone else's here).
 #[test]
 fn on_ec2_the_command_runs_as_its_own_user_and_cannot_reach_imds() {
-    if std::env::var_os(IN_NAMESPACES).is_none() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test makes a network namespace, a user and firewall rules; run the test command \
-             as root"
-        );
-        let name = "on_ec2_the_command_runs_as_its_own_user_and_cannot_reach_imds";
-        let output = Command::new("unshare")
-            .args(["--net", "--mount", "--fork", "--"])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(IN_NAMESPACES, "1")
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", show(&output));
-        assert!(
-            String::from_utf8_lossy(&output.stdout).contains("1 passed"),
-            "the test ran inside the namespaces: {}",
-            show(&output)
-        );
-        return;
+    if common::in_namespaces(
+        "on_ec2_the_command_runs_as_its_own_user_and_cannot_reach_imds",
+        true,
+    ) {
+        inside_namespaces();
     }
-    inside_namespaces();
 }
 
 fn sh(script: &str) {
@@ -117,11 +98,10 @@ fn sh(script: &str) {
 
 fn inside_namespaces() {
     sh("ip link set lo up && ip addr add 169.254.169.254/32 dev lo");
-    let etc = tempfile::tempdir().unwrap();
-    sh(&format!(
-        "cp -a /etc/. '{0}' && mount --bind '{0}' /etc",
-        etc.path().display()
-    ));
+    // On EC2 the metadata address is not the instance's own: routing rules, not the local
+    // table, decide its packets. Here it is on loopback, so the local table moves after the
+    // place the bootstrap's rule takes.
+    sh("ip rule del pref 0 table local && ip rule add pref 200 table local");
     let _imds = s3spot_tests::FakeImds::start_on("169.254.169.254:80".parse().unwrap());
 
     let fixture = Fixture::new();
@@ -134,18 +114,7 @@ fn inside_namespaces() {
         format!("#!/bin/sh\ncp '{worker}' \"$5\"\n"),
     )
     .unwrap();
-    // Debian has no dnf; this one records that it was asked, and installs nothing.
-    std::fs::write(
-        bin.join("dnf"),
-        format!(
-            "#!/bin/sh\necho \"$@\" >> '{}'\nexit 1\n",
-            fixture.dir.path().join("dnf-calls").display()
-        ),
-    )
-    .unwrap();
-    for tool in ["aws", "dnf"] {
-        std::fs::set_permissions(bin.join(tool), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    std::fs::set_permissions(bin.join("aws"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let home = fixture.dir.path().join("home");
     let log = fixture.dir.path().join("s3spot.log");
     let command = format!(
@@ -174,18 +143,19 @@ fn inside_namespaces() {
         job.worker.sha256 = hex::encode(Sha256::digest(std::fs::read(worker).unwrap()));
         let script = render_user_data(&job, Some("us-east-1")).unwrap();
         let prefix = format!("analysis/{key}/{}/", common::UPLOAD);
-        sh("nft flush ruleset");
-        // The system's tools, less the hidden ones: /usr/sbin is left out of PATH, and a folder
-        // of links stands for it.
-        let sbin = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir("/usr/sbin").unwrap() {
-            let name = entry.unwrap().file_name();
-            if !hidden.iter().any(|tool| name == *tool) {
-                std::os::unix::fs::symlink(
-                    Path::new("/usr/sbin").join(&name),
-                    sbin.path().join(&name),
-                )
-                .unwrap();
+        sh(
+            "nft flush ruleset; ip rule del pref 100 2> /dev/null || true; ip route flush table 7100 || true",
+        );
+        // The system's tools, less the hidden ones: PATH holds a folder of links to them, and
+        // not the system's own folders.
+        let tools = tempfile::tempdir().unwrap();
+        for dir in ["/usr/sbin", "/usr/bin"] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let name = entry.unwrap().file_name();
+                let link = tools.path().join(&name);
+                if !hidden.iter().any(|tool| name == *tool) && link.symlink_metadata().is_err() {
+                    std::os::unix::fs::symlink(Path::new(dir).join(&name), link).unwrap();
+                }
             }
         }
         let _ = std::fs::remove_file(&log);
@@ -195,11 +165,7 @@ fn inside_namespaces() {
             .env_clear()
             .env(
                 "PATH",
-                format!(
-                    "{}:{}:/usr/local/bin:/usr/bin",
-                    bin.display(),
-                    sbin.path().display()
-                ),
+                format!("{}:{}", bin.display(), tools.path().display()),
             )
             .env("S3SPOT_HOME", &home)
             .env("S3SPOT_LOG", &log)
@@ -251,14 +217,23 @@ fn inside_namespaces() {
     );
     assert!(log_text.contains("iptables rejects uid"), "{log_text}");
 
-    // Without either tool, the script asks dnf for nftables; when that fails, it says plainly
-    // what the command can reach. The command's own view proves the check above can fail.
-    let (imds_seen, log_text) = run("in/neither.csv", &["nft", "iptables", "ip6tables"]);
-    assert_eq!(imds_seen.trim(), "reachable", "{log_text}");
+    let (imds_seen, log_text) = run("in/ip.csv", &["nft", "iptables", "ip6tables"]);
+    assert_eq!(
+        imds_seen.trim(),
+        "blocked",
+        "with iproute alone: {log_text}"
+    );
     assert!(
-        log_text.contains("WARNING: this image has neither nft nor iptables"),
+        log_text.contains("a routing rule forbids uid"),
         "{log_text}"
     );
-    let dnf = std::fs::read_to_string(fixture.dir.path().join("dnf-calls")).unwrap();
-    assert_eq!(dnf.trim(), "install --assumeyes --quiet nftables");
+
+    // With none of them, the script says plainly what the command can reach. The command's own
+    // view proves that the checks above can fail.
+    let (imds_seen, log_text) = run("in/none.csv", &["nft", "iptables", "ip6tables", "ip"]);
+    assert_eq!(imds_seen.trim(), "reachable", "{log_text}");
+    assert!(
+        log_text.contains("WARNING: this image has none of nft, iptables and ip"),
+        "{log_text}"
+    );
 }

@@ -1,6 +1,7 @@
 //! `--run-as`: the worker (root) does the S3 I/O; the command runs as an unprivileged user that
 //! sees its own directory and nothing else of the worker's. These tests start the worker as root
-//! (the test command runs as root, as the bootstrap does on EC2), with Debian's `nobody`.
+//! (the test command runs as root, as the bootstrap does on EC2), in mount and PID namespaces of
+//! their own, with a user they add there: the worker kills every process of that user.
 
 mod common;
 
@@ -9,18 +10,20 @@ use std::os::unix::fs::PermissionsExt as _;
 use common::{Fixture, UPLOAD, show};
 use s3spot_bootstrap::State;
 
-const USER: &str = "nobody";
+const USER: &str = "s3spot-test-job";
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests start the worker as root, as the bootstrap does; run the test command as root"
-    );
+/// The test's user, added in the test's own /etc.
+fn add_user() {
+    let output = std::process::Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home", USER])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
 }
 
 /// A fixture whose directories the command's user may pass through, as it may /var/tmp.
 fn fixture() -> Fixture {
-    require_root();
+    add_user();
     let fixture = Fixture::new();
     std::fs::set_permissions(fixture.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     std::fs::set_permissions(
@@ -54,6 +57,12 @@ fn processes_running(words: &[&str]) -> usize {
 
 #[test]
 fn the_command_runs_as_the_user_and_reaches_only_its_own_directory() {
+    if !common::in_namespaces(
+        "the_command_runs_as_the_user_and_reaches_only_its_own_directory",
+        false,
+    ) {
+        return;
+    }
     let fixture = fixture();
     fixture.put("data", "in/data.csv", b"a,b\n1,2\n");
     let root = fixture.dir.path();
@@ -135,7 +144,10 @@ fn the_command_runs_as_the_user_and_reaches_only_its_own_directory() {
 
 #[test]
 fn a_file_the_user_does_not_own_is_not_published() {
-    require_root();
+    if !common::in_namespaces("a_file_the_user_does_not_own_is_not_published", false) {
+        return;
+    }
+    add_user();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mine"), "x").unwrap();
     std::fs::write(dir.path().join("roots"), "x").unwrap();
@@ -153,6 +165,12 @@ fn a_file_the_user_does_not_own_is_not_published() {
 
 #[test]
 fn a_bad_run_as_is_refused_before_any_work_with_what_to_do() {
+    if !common::in_namespaces(
+        "a_bad_run_as_is_refused_before_any_work_with_what_to_do",
+        false,
+    ) {
+        return;
+    }
     let fixture = fixture();
     fixture.put("data", "in/data.csv", b"a,b\n");
     let job = fixture.job("in/data.csv", Some("true"));
@@ -191,4 +209,24 @@ fn a_bad_run_as_is_refused_before_any_work_with_what_to_do() {
         stderr.contains("only root can start the command as another user"),
         "{stderr}"
     );
+}
+
+#[test]
+fn without_a_command_the_workers_own_report_is_published() {
+    if !common::in_namespaces(
+        "without_a_command_the_workers_own_report_is_published",
+        false,
+    ) {
+        return;
+    }
+    let fixture = fixture();
+    fixture.put("data", "in/data.csv", b"a,b\n1,2\n");
+    let job = fixture.job("in/data.csv", None);
+    let output = fixture.run_job(&job, &[("S3SPOT_RUN_AS", USER.to_owned())]);
+    assert!(output.status.success(), "{}", show(&output));
+    let prefix = format!("analysis/in/data.csv/{UPLOAD}/");
+    assert_eq!(fixture.status("data", &prefix).state, State::Succeeded);
+    let report: serde_json::Value =
+        serde_json::from_str(&fixture.text("data", &format!("{prefix}report.json"))).unwrap();
+    assert_eq!(report["table"]["rows"], 1, "{report}");
 }

@@ -70,6 +70,7 @@ impl AwsAccount {
         };
         let credentials = assumed.credentials().ok_or_else(|| AccountError {
             operation: "sts:AssumeRole",
+            denied: false,
             message: "the answer holds no credentials".into(),
         })?;
         let credentials = aws_credential_types::Credentials::new(
@@ -96,6 +97,13 @@ impl AwsAccount {
                     request.option
                 )),
                 DryRun::Failed(message) => denied.push(format!("{}: {message}", request.option)),
+                DryRun::Unreachable(message) => {
+                    return Err(AccountError {
+                        operation: "ec2:RunInstances (DryRun)",
+                        denied: false,
+                        message,
+                    });
+                }
             }
         }
         Ok(Some(Permission {
@@ -120,6 +128,7 @@ impl AwsAccount {
             _ => {
                 return Err(AccountError {
                     operation: "iam:SimulatePrincipalPolicy",
+                    denied: false,
                     message: format!("{role_arn:?} is not an IAM role ARN"),
                 });
             }
@@ -228,6 +237,86 @@ impl AwsAccount {
     }
 }
 
+impl AwsAccount {
+    async fn simulate_rest(
+        &self,
+        role_arn: &str,
+        requests: &[LaunchRequest],
+    ) -> Result<Vec<String>, AccountError> {
+        let Some(request) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let job = s3spot_bootstrap::job_from_base64_user_data(&request.user_data).map_err(|e| {
+            AccountError {
+                operation: "iam:SimulatePrincipalPolicy",
+                denied: false,
+                message: format!("the dry run's job cannot be read back: {e}"),
+            }
+        })?;
+        let pipeline = request
+            .tags
+            .iter()
+            .find(|(k, _)| k == s3spot_lambda::launcher::TAG_PIPELINE)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let partition = role_arn.split(':').nth(1).unwrap_or("aws");
+        let account = role_arn.split(':').nth(4).unwrap_or_default();
+        let region = self.region();
+        let instances = format!("arn:{partition}:ec2:{region}:{account}:instance/*");
+        let bucket = format!("arn:{partition}:s3:::{}", job.results_bucket);
+        let objects = vec![
+            format!("{bucket}/{}", job.status_key()),
+            format!("{bucket}/{}", job.claim_key()),
+        ];
+        let tagged = vec![entry(
+            &format!("ec2:ResourceTag/{}", s3spot_lambda::launcher::TAG_PIPELINE),
+            &pipeline,
+            ContextKeyTypeEnum::String,
+        )];
+        let mut denied = Vec::new();
+        for (actions, resources, context) in [
+            (
+                vec!["ec2:DescribeInstances"],
+                vec!["*".to_owned()],
+                Vec::new(),
+            ),
+            (
+                vec![
+                    "ec2:TerminateInstances",
+                    "ec2:DescribeInstanceAttribute",
+                    "ec2:GetConsoleOutput",
+                ],
+                vec![instances],
+                tagged,
+            ),
+            (vec!["s3:GetObject", "s3:PutObject"], objects, Vec::new()),
+            (vec!["s3:ListBucket"], vec![bucket], Vec::new()),
+        ] {
+            let answer = self
+                .iam
+                .simulate_principal_policy()
+                .policy_source_arn(role_arn)
+                .set_action_names(Some(actions.iter().map(|a| (*a).to_owned()).collect()))
+                .set_resource_arns(Some(resources))
+                .set_context_entries((!context.is_empty()).then_some(context))
+                .send()
+                .await
+                .map_err(|e| sdk_error("iam:SimulatePrincipalPolicy", &e))?;
+            for result in answer.evaluation_results() {
+                if result.eval_decision() != &PolicyEvaluationDecisionType::Allowed {
+                    denied.push(format!(
+                        "{} on {} is {}",
+                        result.eval_action_name(),
+                        result.eval_resource_name().unwrap_or("*"),
+                        result.eval_decision().as_str()
+                    ));
+                }
+            }
+        }
+        Ok(denied)
+    }
+}
+
 fn entry(name: &str, value: &str, kind: ContextKeyTypeEnum) -> ContextEntry {
     ContextEntry::builder()
         .context_key_name(name)
@@ -240,8 +329,16 @@ fn sdk_error<E>(operation: &'static str, error: &aws_sdk_s3::error::SdkError<E>)
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
+    let denied = error.code().is_some_and(|code| {
+        code.starts_with("AccessDenied")
+            || code.starts_with("Unauthorized")
+            || code == "AuthorizationError"
+    }) || error
+        .raw_response()
+        .is_some_and(|r| r.status().as_u16() == 403);
     AccountError {
         operation,
+        denied,
         message: match (error.code(), error.message()) {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => code.to_owned(),
@@ -378,6 +475,7 @@ impl Account for AwsAccount {
         let mut hash = Sha256::new();
         while let Some(chunk) = body.try_next().await.map_err(|e| AccountError {
             operation: "s3:GetObject",
+            denied: false,
             message: e.to_string(),
         })? {
             hash.update(&chunk);
@@ -473,12 +571,18 @@ impl Account for AwsAccount {
         template: &TemplateFacts,
         requests: &[LaunchRequest],
     ) -> Result<Permission, AccountError> {
-        match self.dry_run_as(role_arn, requests).await? {
-            Some(permission) => Ok(permission),
+        let mut permission = match self.dry_run_as(role_arn, requests).await? {
+            Some(permission) => permission,
             None => {
                 self.simulate(role_arn, instance_role_arn, template, requests)
-                    .await
+                    .await?
             }
-        }
+        };
+        // What else a launch needs, which no DryRun can try: the runaway guard's count, the
+        // claim and the status, and the reaper's actions on the pipeline's instances.
+        let rest = self.simulate_rest(role_arn, requests).await?;
+        permission.how = format!("{}; the rest by IAM's policy simulator", permission.how);
+        permission.denied.extend(rest);
+        Ok(permission)
     }
 }

@@ -17,6 +17,9 @@ pub const SPOT_ROLE: &str = "AWSServiceRoleForEC2Spot";
 #[error("{operation}: {message}")]
 pub struct AccountError {
     pub operation: &'static str,
+    /// AWS refused the caller (AccessDenied, UnauthorizedOperation, a 403): the person's
+    /// credentials are what to fix, not the stack.
+    pub denied: bool,
     pub message: String,
 }
 
@@ -127,6 +130,24 @@ impl Line {
 
 const REDEPLOY: &str = "deploy the stack again with scripts/deploy";
 
+/// A check that AWS could not answer: the person's credentials when AWS refused them,
+/// `otherwise` when something else went wrong.
+fn trouble(check: &'static str, error: &AccountError, otherwise: impl Into<String>) -> Line {
+    if error.denied {
+        Line::fail(
+            check,
+            error.to_string(),
+            format!(
+                "your credentials may not call {}: allow it to whoever runs s3spot doctor (the \
+                 README lists what it reads)",
+                error.operation
+            ),
+        )
+    } else {
+        Line::fail(check, error.to_string(), otherwise)
+    }
+}
+
 /// The stack outputs the checks read; a stack without one predates them.
 const OUTPUTS: &[&str] = &[
     "LauncherFunctionName",
@@ -155,9 +176,9 @@ pub async fn check(account: &impl Account, stack_name: &str) -> Vec<Line> {
             return lines;
         }
         Err(error) => {
-            lines.push(Line::fail(
+            lines.push(trouble(
                 "stack",
-                error.to_string(),
+                &error,
                 "check the credentials and region (aws sts get-caller-identity)",
             ));
             return lines;
@@ -186,9 +207,9 @@ pub async fn check(account: &impl Account, stack_name: &str) -> Vec<Line> {
     let environment = match account.function_environment(function).await {
         Ok(environment) => environment,
         Err(error) => {
-            lines.push(Line::fail(
+            lines.push(trouble(
                 "launcher function",
-                error.to_string(),
+                &error,
                 format!("check that the function {function} exists; {REDEPLOY}"),
             ));
             return lines;
@@ -217,7 +238,11 @@ pub async fn check(account: &impl Account, stack_name: &str) -> Vec<Line> {
         )
         .await,
     );
-    lines.extend(intake(account, &stack, function).await);
+    let results_prefix = match setting("S3SPOT_RESULTS_PREFIX") {
+        "" => s3spot_bootstrap::DEFAULT_RESULTS_PREFIX,
+        prefix => prefix,
+    };
+    lines.extend(intake(account, &stack, function, results_prefix).await);
     if let Some(facts) = template.1 {
         lines.push(permissions(account, &stack, &environment, &facts).await);
     }
@@ -239,10 +264,11 @@ async fn spot_role(account: &impl Account, market: &str) -> Line {
             ),
             "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com",
         ),
-        Err(error) => Line::fail(
+        Err(error) => trouble(
             CHECK,
-            error.to_string(),
-            format!("allow iam:GetRole on {SPOT_ROLE} to whoever runs s3spot doctor"),
+            &error,
+            "retry; if it persists, create it: aws iam create-service-linked-role \
+             --aws-service-name spot.amazonaws.com",
         ),
     }
 }
@@ -268,7 +294,7 @@ async fn launch_template(
                 None,
             );
         }
-        Err(error) => return (Line::fail(CHECK, error.to_string(), REDEPLOY), None),
+        Err(error) => return (trouble(CHECK, &error, REDEPLOY), None),
     };
     let mut problems = Vec::new();
     if facts.http_tokens.as_deref() != Some("required") {
@@ -332,11 +358,16 @@ async fn worker_artifact(account: &impl Account, uri: &str, sha256: &str) -> Lin
             fix,
         ),
         Ok(None) => Line::fail(CHECK, format!("{uri} does not exist"), fix),
-        Err(error) => Line::fail(CHECK, error.to_string(), fix),
+        Err(error) => trouble(CHECK, &error, fix),
     }
 }
 
-async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Line> {
+async fn intake(
+    account: &impl Account,
+    stack: &Stack,
+    function: &str,
+    results_prefix: &str,
+) -> Vec<Line> {
     let output = |name: &str| stack.outputs[name].as_str();
     let (bucket, rule_name) = (output("DataBucketName"), output("UploadsRuleName"));
     let (queue_url, queue_arn, dead_letter) = (
@@ -355,12 +386,22 @@ async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Li
             format!("{bucket} does not send its events to EventBridge: no upload starts a job"),
             REDEPLOY,
         ),
-        Err(error) => Line::fail("intake: bucket", error.to_string(), REDEPLOY),
+        Err(error) => trouble("intake: bucket", &error, REDEPLOY),
     });
     lines.push(match account.rule(rule_name).await {
         Ok(Some(rule)) => {
             let target = rule.targets.iter().find(|(arn, _)| arn == queue_arn);
-            let filtered = rule.pattern.contains(bucket) && rule.pattern.contains("anything-but");
+            // The template's pattern exactly: the data bucket's uploads, but not the results.
+            let expected = serde_json::json!({
+                "source": ["aws.s3"],
+                "detail-type": ["Object Created"],
+                "detail": {
+                    "bucket": {"name": [bucket]},
+                    "object": {"key": [{"anything-but": {"prefix": results_prefix}}]},
+                },
+            });
+            let filtered = serde_json::from_str::<serde_json::Value>(&rule.pattern)
+                .is_ok_and(|pattern| pattern == expected);
             match target {
                 Some((_, Some(dlq))) if rule.enabled && filtered && dlq == dead_letter => {
                     Line::pass(
@@ -377,9 +418,13 @@ async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Li
                         "rule {rule_name} is {}, {}, targets {:?}",
                         if rule.enabled { "enabled" } else { "DISABLED" },
                         if filtered {
-                            "filters the results out"
+                            "matches the data bucket's uploads but not the results".to_owned()
                         } else {
-                            "does not filter the results out"
+                            format!(
+                                "has the pattern {}, not the data bucket's uploads without \
+                                 {results_prefix}",
+                                rule.pattern
+                            )
                         },
                         rule.targets
                     ),
@@ -392,7 +437,7 @@ async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Li
             format!("there is no rule {rule_name}"),
             REDEPLOY,
         ),
-        Err(error) => Line::fail("intake: filter", error.to_string(), REDEPLOY),
+        Err(error) => trouble("intake: filter", &error, REDEPLOY),
     });
     lines.push(match account.dead_letter_target(queue_url).await {
         Ok(Some(target)) if target == dead_letter => Line::pass(
@@ -404,7 +449,7 @@ async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Li
             format!("the intake queue's redrive target is {other:?}, not {dead_letter}"),
             REDEPLOY,
         ),
-        Err(error) => Line::fail("intake: dead-letter queue", error.to_string(), REDEPLOY),
+        Err(error) => trouble("intake: dead-letter queue", &error, REDEPLOY),
     });
     lines.push(match account.event_sources(function).await {
         Ok(sources) => match sources.iter().find(|(arn, _)| arn == queue_arn) {
@@ -426,7 +471,7 @@ async fn intake(account: &impl Account, stack: &Stack, function: &str) -> Vec<Li
                 REDEPLOY,
             ),
         },
-        Err(error) => Line::fail("intake: function", error.to_string(), REDEPLOY),
+        Err(error) => trouble("intake: function", &error, REDEPLOY),
     });
     lines
 }
@@ -499,12 +544,7 @@ async fn permissions(
                  LauncherRole (aws sts decode-authorization-message decodes EC2's message)"
             ),
         ),
-        Err(error) => Line::fail(
-            CHECK,
-            error.to_string(),
-            "allow sts:AssumeRole on the launcher role or iam:SimulatePrincipalPolicy on it to \
-             whoever runs s3spot doctor",
-        ),
+        Err(error) => trouble(CHECK, &error, "retry; the error says what failed"),
     }
 }
 

@@ -206,3 +206,49 @@ pub fn assert_children_peak_rss_bounded() {
         RSS_LIMIT_KIB / 1024
     );
 }
+
+/// Set in the copy of a test binary that runs inside namespaces of its own.
+const IN_NAMESPACES: &str = "S3SPOT_TEST_IN_NAMESPACES";
+
+/// Runs the test `name` again, in mount and PID namespaces of its own (and a network one when
+/// `network`), with a private copy of /etc: users it adds and processes it kills are its own.
+/// Returns true in that copy, where the test goes on; false in the original, once the copy has
+/// passed.
+pub fn in_namespaces(name: &str, network: bool) -> bool {
+    if std::env::var_os(IN_NAMESPACES).is_some() {
+        // In a tmpfs of this mount namespace: nothing of it is left on the machine.
+        let output = Command::new("sh")
+            .args([
+                "-ec",
+                "mount -t tmpfs s3spot-test /mnt && mkdir /mnt/etc && cp -a /etc/. /mnt/etc \
+                 && mount --bind /mnt/etc /etc",
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "a private /etc: {}", show(&output));
+        return true;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{name} makes namespaces, users and firewall rules: run the test command as root (CI does)"
+    );
+    let mut namespaces = vec!["--mount", "--pid", "--mount-proc", "--fork"];
+    if network {
+        namespaces.push("--net");
+    }
+    let output = Command::new("unshare")
+        .args(namespaces)
+        .arg("--")
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACES, "1")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the test ran inside the namespaces: {}",
+        show(&output)
+    );
+    false
+}
