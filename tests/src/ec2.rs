@@ -34,10 +34,10 @@ use aws_sdk_ec2::primitives::{DateTime, DateTimeFormat};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
-use crate::http::ServerThread;
+use crate::http::{ServerThread, param, query_params};
 use crate::iam::{Authorization, Policy};
 
 /// How long EC2 keeps listing a terminated instance.
@@ -173,15 +173,7 @@ impl Ec2Double {
                 .and_then(|c| c.split('/').next())
                 .map(str::to_owned);
             async move {
-                let body = request
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let params: Vec<(String, String)> = form_urlencoded::parse(&body)
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
+                let params = query_params(request).await;
                 let latency = state.lock().expect("no panic holding the state").latency;
                 tokio::time::sleep(latency).await;
                 let mut state = state.lock().expect("no panic holding the state");
@@ -306,13 +298,6 @@ impl Ec2Double {
     pub fn run_instances_calls(&self) -> usize {
         self.state().run_instances_calls
     }
-}
-
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 /// The values of a list parameter: `Name.1`, `Name.2`, ...

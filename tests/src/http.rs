@@ -106,3 +106,25 @@ impl Drop for ServerThread {
         }
     }
 }
+
+/// The parameters of an AWS Query-protocol request (EC2, IAM, STS): its form-encoded body.
+pub(crate) async fn query_params(request: Request<Incoming>) -> Vec<(String, String)> {
+    use http_body_util::BodyExt as _;
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The value of the Query parameter `name`.
+pub(crate) fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}

@@ -12,11 +12,11 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
 use crate::ec2::escape;
-use crate::http::ServerThread;
+use crate::http::{ServerThread, param, query_params};
 use crate::iam::{Authorization, Policy};
 
 #[derive(Default)]
@@ -42,15 +42,7 @@ impl IamDouble {
         let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let state = Arc::clone(&shared);
             async move {
-                let body = request
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let params: Vec<(String, String)> = form_urlencoded::parse(&body)
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
+                let params = query_params(request).await;
                 let mut state = state.lock().expect("no panic holding the state");
                 Ok::<_, Infallible>(answer(&mut state, &params))
             }
@@ -89,13 +81,6 @@ impl IamDouble {
     pub fn simulations(&self) -> usize {
         self.state().simulations
     }
-}
-
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 /// `Name.member.1`, `Name.member.2`, ...
