@@ -525,6 +525,10 @@ def check_alarms(template):
     assert (waiting["Namespace"], waiting["MetricName"]) == (namespace, "RetryableRecords")
     assert waiting["Dimensions"] == dimensions
     assert waiting["DatapointsToAlarm"] == waiting["EvaluationPeriods"], "only when it lasts"
+    # A waiting record comes back once per visibility timeout: a longer one would leave periods
+    # without a datapoint, and the alarm could never see six in a row.
+    visibility = template["Resources"]["IntakeQueue"]["Properties"]["VisibilityTimeout"]
+    assert visibility <= waiting["Period"], (visibility, waiting["Period"])
     (budget,) = resources_of_type(template, "AWS::Budgets::Budget").values()
     assert budget["Condition"] == "HasBudget"
     assert budget["Properties"]["Budget"]["BudgetLimit"]["Amount"] == {"Ref": "MonthlyBudget"}

@@ -153,7 +153,9 @@ impl Condition {
         let Some(values) = present else {
             // A missing key fails every operator but the negated ones, the IfExists ones, and
             // ForAllValues, which holds for an empty set.
-            return if_exists || set == Some("ForAllValues") || operator.contains("Not");
+            return if_exists
+                || set == Some("ForAllValues")
+                || (set.is_none() && operator.contains("Not"));
         };
         let one = |value: &str| -> bool {
             let any = |matches: &dyn Fn(&str) -> bool| self.values.iter().any(|v| matches(v));

@@ -117,6 +117,14 @@ struct RunArgs {
     /// Empty: the command runs as the worker's user.
     #[arg(long, env = "S3SPOT_RUN_AS", value_name = "USER")]
     run_as: Option<String>,
+    /// The --run-as user's way to the instance metadata service is blocked (the bootstrap sets
+    /// it once its rule is in place): the command does not run if that user reaches it anyway.
+    #[arg(
+        long,
+        env = "S3SPOT_IMDS_BLOCKED",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    imds_blocked: bool,
 }
 
 /// Parses the process's arguments, runs the job and shuts down: the whole `s3spot-worker`.
@@ -243,6 +251,7 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
                 upload_grace: Duration::from_secs(args.upload_grace),
                 hard_limit: args.hard_limit.map(Duration::from_secs),
                 run_as,
+                imds_blocked: args.imds_blocked,
                 ..Settings::default()
             },
         });

@@ -26,6 +26,9 @@ pub struct CommandRun {
     pub status: ExitStatus,
     /// Set when the command was stopped rather than left to finish.
     pub stopped: Option<Stop>,
+    /// Set when processes of the command's user may have survived it: they could change its
+    /// outputs while the worker reads them, so none may be read.
+    pub survivors: Option<String>,
 }
 
 /// The job's values, as the command sees them: environment variables only. The command text is
@@ -130,13 +133,10 @@ pub async fn run_command(
     // Whatever the shell left behind in its group would hold the log pipes open and outlive the
     // job: it goes too, however the wait ended.
     signal(group, Signal::SIGKILL);
-    if let Some(user) = run_as
-        && let Err(survived) = end_processes_of(user).await
-    {
-        // A live process of the user could still swap an output for a link to a root file
-        // while the worker reads it.
-        return Err(survived);
-    }
+    let survivors = match run_as {
+        Some(user) => end_processes_of(user).await.err().map(|e| e.to_string()),
+        None => None,
+    };
     let (status, stopped) = waited?;
     // A process that left the group (setsid) could keep the pipes open forever; the logs then
     // end here.
@@ -146,7 +146,11 @@ pub async fn run_command(
             tracing::warn!("a process outside the command's group holds its output open; logs cut")
         }
     }
-    Ok(CommandRun { status, stopped })
+    Ok(CommandRun {
+        status,
+        stopped,
+        survivors,
+    })
 }
 
 /// Log files only the worker can read: they sit beside the command's directory, not in it.
@@ -160,8 +164,34 @@ async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
         .await
 }
 
-/// How many rounds of SIGKILL a user's processes get before the worker says they survive.
-const KILL_ROUNDS: usize = 50;
+/// The instance metadata service's addresses.
+pub const IMDS_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
+
+/// Whether `user` can open a connection to the instance metadata service: the check that the
+/// bootstrap's block still holds (a network manager may remove rules it did not make).
+pub async fn reaches_imds(user: &RunAs) -> bool {
+    for address in IMDS_ADDRESSES {
+        let probe = tokio::process::Command::new("timeout")
+            .args(["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{address}/80")])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .uid(user.uid)
+            .gid(user.gid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if probe.is_ok_and(|status| status.success()) {
+            return true;
+        }
+    }
+    false
+}
+
+/// How long a user's killed processes get to go (a large memory footprint takes time to free)
+/// before the worker says they survive.
+const KILL_BUDGET: Duration = Duration::from_secs(30);
 
 /// Kills every process of `user`, including those that left the command's process group
 /// (`setsid`, a double fork), by sending SIGKILL to -1 as that user, until none is left. An
@@ -173,12 +203,9 @@ pub async fn end_processes_of(user: &RunAs) -> std::io::Result<()> {
             user.name
         ))
     };
-    for _ in 0..KILL_ROUNDS {
-        match live_processes_of(user.uid) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(error) => return Err(survive(format!("cannot list them: {error}"))),
-        }
+    let started = std::time::Instant::now();
+    loop {
+        // Always at least once: what /proc shows can lag behind what runs.
         // kill(-1) reaches every process the sender may signal, except itself: run as the user,
         // that is exactly the user's processes.
         let killed = tokio::process::Command::new("sh")
@@ -195,47 +222,68 @@ pub async fn end_processes_of(user: &RunAs) -> std::io::Result<()> {
         if let Err(error) = killed {
             return Err(survive(format!("cannot kill them: {error}")));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        match live_processes_of(user.uid) {
+            Ok(0) => return Ok(()),
+            Ok(live) if started.elapsed() > KILL_BUDGET => {
+                return Err(survive(format!(
+                    "{live} still run {}s after SIGKILL",
+                    KILL_BUDGET.as_secs()
+                )));
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => return Err(survive(format!("cannot list them: {error}"))),
+        }
     }
-    Err(survive(format!(
-        "{KILL_ROUNDS} rounds of SIGKILL left some"
-    )))
 }
 
-/// The processes of `uid` that are not zombies, from `/proc`.
+/// The processes of `uid` with a thread that is not a zombie, from `/proc`: a process whose
+/// main thread has exited shows as a zombie while its other threads go on.
 fn live_processes_of(uid: u32) -> std::io::Result<usize> {
-    let mut live = 0;
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        if !entry
+    let numeric = |entry: &std::fs::DirEntry| {
+        entry
             .file_name()
             .to_string_lossy()
             .bytes()
             .all(|b| b.is_ascii_digit())
-        {
+    };
+    let mut live = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !numeric(&entry) {
             continue;
         }
         // A process that ended while this looks is not live.
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
             continue;
         };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(str::trim)
-        };
         // "Uid:\treal\teffective\tsaved\tfs": any of them makes it the user's to signal.
-        let owned = field("Uid:").is_some_and(|ids| {
+        let owned = field(&status, "Uid:").is_some_and(|ids| {
             ids.split_whitespace()
                 .any(|id| id.parse::<u32>().ok() == Some(uid))
         });
-        let zombie = field("State:").is_some_and(|state| state.starts_with('Z'));
-        if owned && !zombie {
+        if !owned {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) else {
+            continue;
+        };
+        let running = tasks.filter_map(Result::ok).filter(numeric).any(|task| {
+            std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+                field(&status, "State:").is_some_and(|state| !state.starts_with('Z'))
+            })
+        });
+        if running {
             live += 1;
         }
     }
     Ok(live)
+}
+
+fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(str::trim)
 }
 
 fn signal(group: Option<Pid>, signal: Signal) {

@@ -238,6 +238,19 @@ impl Worker {
         let logs = (work.join(STDOUT_FILE), work.join(STDERR_FILE));
         let mut outputs_trusted = true;
         let processed = match &job.command {
+            Some(_)
+                if self.settings.imds_blocked
+                    && let Some(user) = &self.settings.run_as
+                    && crate::process::reaches_imds(user).await =>
+            {
+                status.error = Some(format!(
+                    "{} can reach the instance metadata service, which the bootstrap had blocked \
+                     (did something remove its rule?); not running the command next to the \
+                     instance role's credentials",
+                    user.name
+                ));
+                false
+            }
             Some(command) => {
                 // The command may rework its input in place (gunzip, say).
                 if let Some(user) = &self.settings.run_as
@@ -284,12 +297,16 @@ impl Worker {
                                 });
                             }
                         }
+                        if let Some(survivors) = run.survivors {
+                            // A live process of the user could swap an output for a link to a
+                            // root file while the worker reads it. The logs are the worker's own.
+                            outputs_trusted = false;
+                            fail(status, survivors);
+                        }
                         true
                     }
                     Err(error) => {
                         status.error = Some(format!("cannot run the command: {error}"));
-                        // Whatever its user left could change them while they are read.
-                        outputs_trusted = self.settings.run_as.is_none();
                         false
                     }
                 }

@@ -23,6 +23,9 @@ pub struct Settings {
     /// The unprivileged user the command runs as, when the worker runs as root. `None`: the
     /// command runs as the worker's own user (local mode, a person's shell).
     pub run_as: Option<RunAs>,
+    /// The bootstrap blocked the `run_as` user's way to the instance metadata service: the
+    /// command does not run if that user can reach it all the same.
+    pub imds_blocked: bool,
     pub download: DownloadSettings,
     pub upload: UploadSettings,
 }
@@ -54,6 +57,7 @@ impl Default for Settings {
             upload_grace: Duration::from_secs(15),
             hard_limit: None,
             run_as: None,
+            imds_blocked: false,
             download: DownloadSettings {
                 ranged_above: 64 * MIB,
                 // S3 serves one connection at around 100 MB/s; throughput grows with more.

@@ -91,6 +91,11 @@ fn on_ec2_the_command_runs_as_its_own_user_and_cannot_reach_imds() {
     }
 }
 
+/// Removes whatever a run of the bootstrap blocked IMDS with, whichever way it did.
+const UNBLOCK: &str = "nft flush ruleset; iptables -F OUTPUT || true; ip6tables -F OUTPUT || true; \
+    ip rule del pref 100 2> /dev/null || true; ip route flush table 7100 || true; \
+    ip -6 rule del pref 100 2> /dev/null || true; ip -6 route flush table 7100 2> /dev/null || true";
+
 fn sh(script: &str) {
     let output = Command::new("sh").args(["-ec", script]).output().unwrap();
     assert!(output.status.success(), "{script}: {}", show(&output));
@@ -143,9 +148,7 @@ fn inside_namespaces() {
         job.worker.sha256 = hex::encode(Sha256::digest(std::fs::read(worker).unwrap()));
         let script = render_user_data(&job, Some("us-east-1")).unwrap();
         let prefix = format!("analysis/{key}/{}/", common::UPLOAD);
-        sh(
-            "nft flush ruleset; ip rule del pref 100 2> /dev/null || true; ip route flush table 7100 || true",
-        );
+        sh(UNBLOCK);
         // The system's tools, less the hidden ones: PATH holds a folder of links to them, and
         // not the system's own folders.
         let tools = tempfile::tempdir().unwrap();
@@ -231,9 +234,44 @@ fn inside_namespaces() {
     // With none of them, the script says plainly what the command can reach. The command's own
     // view proves that the checks above can fail.
     let (imds_seen, log_text) = run("in/none.csv", &["nft", "iptables", "ip6tables", "ip"]);
+    assert!(
+        !log_text.contains("S3SPOT_IMDS_BLOCKED"),
+        "nothing blocked, nothing for the worker to check"
+    );
     assert_eq!(imds_seen.trim(), "reachable", "{log_text}");
     assert!(
         log_text.contains("WARNING: this image has none of nft, iptables and ip"),
         "{log_text}"
+    );
+
+    // A block that the bootstrap made and something then removed (a network manager that
+    // deletes rules it did not make): the worker checks before the command runs, and refuses.
+    sh(UNBLOCK);
+    fixture.put("data", "in/unblocked.csv", b"a\n");
+    let job = fixture.job(
+        "in/unblocked.csv",
+        Some("echo ran > \"$S3SPOT_OUTPUT_DIR/ran\""),
+    );
+    let output = fixture.run_job(
+        &job,
+        &[
+            ("S3SPOT_RUN_AS", "s3spot-job".to_owned()),
+            ("S3SPOT_IMDS_BLOCKED", "1".to_owned()),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let prefix = format!("analysis/in/unblocked.csv/{}/", common::UPLOAD);
+    let status = fixture.status("data", &prefix);
+    assert_eq!(status.state, State::Failed);
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("can reach the instance metadata service")),
+        "{status:#?}"
+    );
+    assert!(
+        fixture.get("data", &format!("{prefix}ran")).is_none(),
+        "the command never ran"
     );
 }

@@ -217,17 +217,11 @@ impl AwsAccount {
                     .send()
                     .await
                     .map_err(|e| sdk_error("iam:SimulatePrincipalPolicy", &e))?;
-                for result in answer.evaluation_results() {
-                    if result.eval_decision() != &PolicyEvaluationDecisionType::Allowed {
-                        denied.push(format!(
-                            "{}: {} on {} is {}",
-                            request.option,
-                            result.eval_action_name(),
-                            result.eval_resource_name().unwrap_or("*"),
-                            result.eval_decision().as_str()
-                        ));
-                    }
-                }
+                denied.extend(
+                    refusals(answer.evaluation_results())
+                        .into_iter()
+                        .map(|refusal| format!("{}: {refusal}", request.option)),
+                );
             }
         }
         Ok(Permission {
@@ -302,19 +296,40 @@ impl AwsAccount {
                 .send()
                 .await
                 .map_err(|e| sdk_error("iam:SimulatePrincipalPolicy", &e))?;
-            for result in answer.evaluation_results() {
-                if result.eval_decision() != &PolicyEvaluationDecisionType::Allowed {
-                    denied.push(format!(
-                        "{} on {} is {}",
-                        result.eval_action_name(),
-                        result.eval_resource_name().unwrap_or("*"),
-                        result.eval_decision().as_str()
+            denied.extend(refusals(answer.evaluation_results()));
+        }
+        Ok(denied)
+    }
+}
+
+/// What the simulator refused, one line per action and resource. IAM may answer one result per
+/// action, with the resources inside it; each of those is named.
+fn refusals(results: &[aws_sdk_iam::types::EvaluationResult]) -> Vec<String> {
+    let mut refused = Vec::new();
+    for result in results {
+        let action = result.eval_action_name();
+        let per_resource = result.resource_specific_results();
+        if per_resource.is_empty() {
+            if result.eval_decision() != &PolicyEvaluationDecisionType::Allowed {
+                refused.push(format!(
+                    "{action} on {} is {}",
+                    result.eval_resource_name().unwrap_or("*"),
+                    result.eval_decision().as_str()
+                ));
+            }
+        } else {
+            for resource in per_resource {
+                if resource.eval_resource_decision() != &PolicyEvaluationDecisionType::Allowed {
+                    refused.push(format!(
+                        "{action} on {} is {}",
+                        resource.eval_resource_name(),
+                        resource.eval_resource_decision().as_str()
                     ));
                 }
             }
         }
-        Ok(denied)
     }
+    refused
 }
 
 fn entry(name: &str, value: &str, kind: ContextKeyTypeEnum) -> ContextEntry {

@@ -568,3 +568,96 @@ pub fn render(lines: &[Line]) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An account whose every answer is the same error.
+    struct Refusing(bool);
+
+    fn refused(denied: bool) -> AccountError {
+        AccountError {
+            operation: "cloudformation:DescribeStacks",
+            denied,
+            message: "AccessDenied: no".into(),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Account for Refusing {
+        async fn stack(&self, _: &str) -> Result<Option<Stack>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn role_exists(&self, _: &str) -> Result<bool, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn launch_template(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<TemplateFacts>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn function_environment(
+            &self,
+            _: &str,
+        ) -> Result<BTreeMap<String, String>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn object_sha256(&self, _: &str, _: &str) -> Result<Option<String>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn bucket_sends_to_eventbridge(&self, _: &str) -> Result<bool, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn rule(&self, _: &str) -> Result<Option<RuleFacts>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn dead_letter_target(&self, _: &str) -> Result<Option<String>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn event_sources(&self, _: &str) -> Result<Vec<EventSource>, AccountError> {
+            Err(refused(self.0))
+        }
+        async fn may_launch(
+            &self,
+            _: &str,
+            _: &str,
+            _: &TemplateFacts,
+            _: &[LaunchRequest],
+        ) -> Result<Permission, AccountError> {
+            Err(refused(self.0))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_of_the_callers_credentials_names_the_call_to_allow() {
+        let lines = check(&Refusing(true), "s3spot").await;
+        let [
+            Line {
+                outcome: Outcome::Fail { fix, .. },
+                ..
+            },
+        ] = lines.as_slice()
+        else {
+            panic!("{lines:?}")
+        };
+        assert!(
+            fix.contains("your credentials may not call cloudformation:DescribeStacks"),
+            "{fix}"
+        );
+        let lines = check(&Refusing(false), "s3spot").await;
+        let [
+            Line {
+                outcome: Outcome::Fail { fix, .. },
+                ..
+            },
+        ] = lines.as_slice()
+        else {
+            panic!("{lines:?}")
+        };
+        assert!(fix.contains("check the credentials and region"), "{fix}");
+        assert!(render(&lines).ends_with("1 of 1 checks failed\n"));
+    }
+}
