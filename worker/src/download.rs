@@ -53,12 +53,61 @@ pub enum DownloadError {
     },
     #[error("download incomplete: {got} of {expected} bytes")]
     Short { got: u64, expected: u64 },
+    #[error(
+        "the object is {} but {} has {} free: give the instances a bigger volume (the launch \
+         template's), or point --work-dir at one",
+        gib(*size),
+        dir.display(),
+        gib(*available)
+    )]
+    NoSpace {
+        size: u64,
+        dir: PathBuf,
+        available: u64,
+    },
     #[error("cannot write the object to {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Bytes as people read them: "7.3 GiB", "512 KiB".
+fn gib(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Fails before any byte is fetched when the object cannot fit where it goes: otherwise the
+/// download would fill the disk, and the job fail late with a write error.
+fn check_space(dest: &Path, size: u64) -> Result<(), DownloadError> {
+    let dir = dest.parent().unwrap_or(dest);
+    let stats = nix::sys::statvfs::statvfs(dir).map_err(|errno| DownloadError::Write {
+        path: dir.to_path_buf(),
+        source: std::io::Error::from(errno),
+    })?;
+    let available = stats
+        .blocks_available()
+        .saturating_mul(stats.fragment_size());
+    if size > available {
+        return Err(DownloadError::NoSpace {
+            size,
+            dir: dir.to_path_buf(),
+            available,
+        });
+    }
+    Ok(())
 }
 
 fn version_suffix(version_id: &Option<String>) -> String {
@@ -120,6 +169,7 @@ pub async fn download(
         version_id: version_id.clone(),
     };
 
+    check_space(dest, size)?;
     let (pieces, writer) = spawn_writer(dest.to_path_buf());
     let fetched = fetch(&source, size, settings, &pieces).await;
     drop(pieces);
