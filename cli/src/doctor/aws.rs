@@ -107,7 +107,7 @@ impl AwsAccount {
             }
         }
         Ok(Some(Permission {
-            how: "a DryRun of each request under the launcher's role".into(),
+            how: "launches by a DryRun of each request under the launcher's role".into(),
             denied,
         }))
     }
@@ -225,7 +225,7 @@ impl AwsAccount {
             }
         }
         Ok(Permission {
-            how: "IAM's policy simulator, as the launcher's role cannot be assumed here".into(),
+            how: "by IAM's policy simulator, as the launcher's role cannot be assumed here".into(),
             denied,
         })
     }
@@ -587,7 +587,10 @@ impl Account for AwsAccount {
         requests: &[LaunchRequest],
     ) -> Result<Permission, AccountError> {
         let mut permission = match self.dry_run_as(role_arn, requests).await? {
-            Some(permission) => permission,
+            Some(mut permission) => {
+                permission.how = format!("{}, the rest by IAM's policy simulator", permission.how);
+                permission
+            }
             None => {
                 self.simulate(role_arn, instance_role_arn, template, requests)
                     .await?
@@ -595,9 +598,9 @@ impl Account for AwsAccount {
         };
         // What else a launch needs, which no DryRun can try: the runaway guard's count, the
         // claim and the status, and the reaper's actions on the pipeline's instances.
-        let rest = self.simulate_rest(role_arn, requests).await?;
-        permission.how = format!("{}; the rest by IAM's policy simulator", permission.how);
-        permission.denied.extend(rest);
+        permission
+            .denied
+            .extend(self.simulate_rest(role_arn, requests).await?);
         Ok(permission)
     }
 }
