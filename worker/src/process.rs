@@ -164,6 +164,22 @@ async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
         .await
 }
 
+/// Runs `program` as `user`, with nothing of the worker's environment and no input or output:
+/// the worker's own checks and kills on that user's behalf.
+async fn run_as_user(user: &RunAs, program: &str, args: &[&str]) -> std::io::Result<ExitStatus> {
+    tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .uid(user.uid)
+        .gid(user.gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+}
+
 /// The instance metadata service's addresses.
 pub const IMDS_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
 
@@ -171,17 +187,12 @@ pub const IMDS_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
 /// bootstrap's block still holds (a network manager may remove rules it did not make).
 pub async fn reaches_imds(user: &RunAs) -> bool {
     for address in IMDS_ADDRESSES {
-        let probe = tokio::process::Command::new("timeout")
-            .args(["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{address}/80")])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .uid(user.uid)
-            .gid(user.gid)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+        let probe = run_as_user(
+            user,
+            "timeout",
+            &["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{address}/80")],
+        )
+        .await;
         if probe.is_ok_and(|status| status.success()) {
             return true;
         }
@@ -208,17 +219,7 @@ pub async fn end_processes_of(user: &RunAs) -> std::io::Result<()> {
         // Always at least once: what /proc shows can lag behind what runs.
         // kill(-1) reaches every process the sender may signal, except itself: run as the user,
         // that is exactly the user's processes.
-        let killed = tokio::process::Command::new("sh")
-            .args(["-c", "kill -9 -1 2>/dev/null; exit 0"])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .uid(user.uid)
-            .gid(user.gid)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+        let killed = run_as_user(user, "sh", &["-c", "kill -9 -1 2>/dev/null; exit 0"]).await;
         if let Err(error) = killed {
             return Err(survive(format!("cannot kill them: {error}")));
         }
