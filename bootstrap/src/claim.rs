@@ -16,7 +16,25 @@ use crate::store::{Expect, StatusError, StatusStore};
 /// The folder, in a job's, of its attempts' claims. No output is ever written there.
 pub const RECORDS_FOLDER: &str = ".s3spot/";
 
+/// The folder, under the results prefix, that lists the jobs waiting for an instance: one
+/// folder per job, holding a copy of its `waiting` status. It is there only while the job waits.
+pub const WAITING_FOLDER: &str = ".s3spot/waiting/";
+
+/// Where the waiting jobs are listed, in a results bucket.
+pub fn waiting_prefix(results_prefix: &str) -> String {
+    format!("{results_prefix}{WAITING_FOLDER}")
+}
+
 impl JobSpec {
+    /// This job's entry in the list of waiting jobs, in `results_bucket`.
+    pub fn waiting_key(&self) -> String {
+        format!(
+            "{}{}/status.json",
+            waiting_prefix(&self.results_prefix),
+            self.job_id
+        )
+    }
+
     /// Where this attempt's claim lives, in `results_bucket`.
     pub fn claim_key(&self) -> String {
         format!(
@@ -48,6 +66,15 @@ pub struct Claim {
     /// Why the launch gave up, when nothing was launched: whoever comes next takes it over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<String>,
+    /// How many launches of the attempt EC2 answered with no instance before this one. A fleet
+    /// request repeated with its `ClientToken` gets the first answer again, so each try after a
+    /// refusal needs a token of its own; a try whose outcome is unknown keeps its token.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Claim {
@@ -60,10 +87,12 @@ impl Claim {
             instance_id: None,
             done: None,
             released: None,
+            refused: 0,
         }
     }
 
-    /// A new claim on the same attempt, taking this one over: it keeps [`Claim::since`].
+    /// A new claim on the same attempt, taking this one over: it keeps [`Claim::since`], and
+    /// counts this one's launch as refused if it was released.
     pub fn take_over(&self, job: JobSpec) -> Claim {
         Claim {
             since: Some(
@@ -71,6 +100,7 @@ impl Claim {
                     .clone()
                     .unwrap_or_else(|| self.claimed_at.clone()),
             ),
+            refused: self.refused + u32::from(self.released.is_some()),
             ..Claim::new(job)
         }
     }
@@ -188,7 +218,14 @@ mod tests {
         assert!(taken.is_pending());
         assert!(taken.age(SystemTime::now()).unwrap() < Duration::from_secs(60));
         assert!(taken.waited(SystemTime::now()).unwrap() > Duration::from_secs(3600));
-        let again = taken.take_over(job);
+        let again = taken.take_over(job.clone());
         assert_eq!(again.since.as_deref(), Some("2020-01-01T00:00:00Z"));
+        // A launch of unknown outcome keeps its token; one EC2 refused gets a new one.
+        assert_eq!(again.refused, 0);
+        let refused = Claim {
+            released: Some("no capacity".into()),
+            ..again
+        };
+        assert_eq!(refused.take_over(job).refused, 1);
     }
 }

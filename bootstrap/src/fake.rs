@@ -104,6 +104,14 @@ impl MemoryStatuses {
 }
 
 impl StatusStore for MemoryStatuses {
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StatusError> {
+        self.documents
+            .lock()
+            .unwrap()
+            .remove(&(bucket.to_owned(), key.to_owned()));
+        Ok(())
+    }
+
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
         let read_error = |message: &str, denied| StatusError::Read {
             bucket: bucket.to_owned(),

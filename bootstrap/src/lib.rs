@@ -18,7 +18,9 @@ mod stage;
 mod status;
 mod store;
 
-pub use claim::{Claim, RECORDS_FOLDER, StoredClaim, read_claim, write_claim};
+pub use claim::{
+    Claim, RECORDS_FOLDER, StoredClaim, WAITING_FOLDER, read_claim, waiting_prefix, write_claim,
+};
 pub use job::{
     DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, UploadIdentity, WorkerArtifact,
     job_id, key_results_prefix, stopped_folder, upload_folder, upload_order,
@@ -30,7 +32,8 @@ pub use render::{
 pub use stage::Stage;
 pub use status::{
     Attempt, Input, Instance, OtherJob, REPORT_FILE, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
-    Settled, State, Status, Timings, Writer, settle, timestamp,
+    Settled, State, Status, Timings, Waiting, WaitingPool, Writer, parse_timestamp, settle,
+    timestamp,
 };
 pub use store::{
     Document, Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored, read_status,

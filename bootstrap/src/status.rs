@@ -27,6 +27,9 @@ pub enum State {
     Interrupted,
     /// Stopped on purpose, by `s3spot jobs cancel`.
     Cancelled,
+    /// No instance yet: the launcher tried and will try again (see [`Status::waiting`]). Not an
+    /// outcome; whatever the attempt comes to replaces it.
+    Waiting,
 }
 
 impl State {
@@ -37,6 +40,7 @@ impl State {
             State::TimedOut => "timed_out",
             State::Interrupted => "interrupted",
             State::Cancelled => "cancelled",
+            State::Waiting => "waiting",
         }
     }
 }
@@ -98,6 +102,34 @@ pub struct Status {
     /// and its job has a next attempt coming, however its instance then ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spot_interruption: bool,
+    /// Why the attempt has no instance yet, while it is `waiting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+}
+
+/// Why an attempt waits for an instance, and until when it may.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// In words, e.g. "no spot capacity in any of 12 pools".
+    pub reason: String,
+    /// Each pool the last launch tried, with EC2's answer; empty when none was tried (the
+    /// instance cap, throttling).
+    #[serde(default)]
+    pub pools: Vec<WaitingPool>,
+    /// When the attempt began to wait (RFC 3339, UTC).
+    pub since: String,
+    /// When the launcher tries again, as far as it knows (RFC 3339, UTC).
+    pub next_try: Option<String>,
+    /// Past this, the attempt fails with its last reason (RFC 3339, UTC).
+    pub gives_up_at: Option<String>,
+}
+
+/// One pool a launch tried: `spot m5.large in subnet-0abc`, and EC2's error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingPool {
+    pub pool: String,
+    pub code: String,
+    pub message: String,
 }
 
 /// The launcher's word on an attempt: why it stopped it, or what it found.
@@ -146,6 +178,12 @@ pub struct Instance {
     pub lifecycle: Option<String>,
 }
 
+/// A time as status.json and claims write it; `None` if it is not one.
+pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
+    let time = DateTime::from_str(text, DateTimeFormat::DateTime).ok()?;
+    SystemTime::try_from(time).ok()
+}
+
 /// RFC 3339 in UTC, as status.json writes times.
 pub fn timestamp(time: SystemTime) -> String {
     DateTime::from(time)
@@ -181,7 +219,22 @@ impl Status {
             history: Vec::new(),
             verdict: None,
             spot_interruption: false,
+            waiting: None,
         }
+    }
+
+    /// The launcher's account of an attempt that has no instance yet, and why.
+    pub fn waiting(job: &JobSpec, waiting: Waiting) -> Status {
+        let mut status = Status::initial(job, Writer::Launcher, SystemTime::now());
+        status.state = State::Waiting;
+        status.error = Some(waiting.reason.clone());
+        status.started_at = String::new();
+        status.waiting = Some(waiting);
+        status
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.state == State::Waiting
     }
 
     /// The launcher's verdict on an attempt of `job`: it stopped it (cancel, reaper, a spot
@@ -218,7 +271,7 @@ impl Status {
     /// history.
     pub fn outcome_of(&self, attempt: u32) -> Option<State> {
         if self.attempt == attempt {
-            return Some(self.state);
+            return (!self.is_waiting()).then_some(self.state);
         }
         self.history
             .iter()
@@ -245,7 +298,7 @@ impl Status {
             .filter(|a| a.attempt < self.attempt)
             .cloned()
             .collect();
-        if earlier.attempt < self.attempt {
+        if earlier.attempt < self.attempt && !earlier.is_waiting() {
             history.push(earlier.as_attempt());
         }
         history.extend(std::mem::take(&mut self.history));
@@ -256,6 +309,9 @@ impl Status {
 
     /// The verdict this status is, or holds; `None` for a worker's own account.
     fn verdict_on(&self) -> Option<Verdict> {
+        if self.is_waiting() {
+            return None;
+        }
         match self.written_by {
             Writer::Launcher => Some(Verdict {
                 state: self.state,
@@ -331,7 +387,9 @@ pub struct OtherJob {
 ///   stopped worker, which it completes the same way;
 /// - the first final verdict stands; an `interrupted` one (a re-launch, done or still to do)
 ///   gives way to a later verdict;
-/// - the same account written again (a retried write) changes nothing.
+/// - the same account written again (a retried write) changes nothing;
+/// - `waiting` is no outcome: it replaces only the same attempt's wait (or an earlier attempt,
+///   which it carries into its history), and anything the attempt comes to replaces it.
 pub fn settle(current: Option<Status>, new: Status) -> Result<Settled, OtherJob> {
     let Some(mut current) = current else {
         return Ok(Settled::Write(Box::new(new)));
@@ -343,6 +401,19 @@ pub fn settle(current: Option<Status>, new: Status) -> Result<Settled, OtherJob>
         });
     }
     let keep = |reason: String| Ok(Settled::Keep { reason });
+    // Waiting is no outcome: it replaces only itself, and anything the attempt comes to
+    // replaces it.
+    if new.is_waiting() && !(new.attempt == current.attempt && current.is_waiting()) {
+        if new.attempt > current.attempt {
+            let mut new = new;
+            new.carry_history(current);
+            return Ok(Settled::Write(Box::new(new)));
+        }
+        return keep(format!(
+            "attempt {} is past waiting ({} on record for attempt {})",
+            new.attempt, current.state, current.attempt
+        ));
+    }
     if new.attempt > current.attempt {
         let mut new = new;
         new.carry_history(current);
@@ -463,6 +534,7 @@ mod tests {
             State::TimedOut,
             State::Interrupted,
             State::Cancelled,
+            State::Waiting,
         ] {
             assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
@@ -474,6 +546,62 @@ mod tests {
     fn a_first_account_is_written_as_it_is() {
         let new = status(1, State::Succeeded, Writer::Worker, "i-1");
         assert_eq!(written(settle(None, new.clone())), new);
+    }
+
+    fn waiting(attempt: u32, reason: &str) -> Status {
+        let mut job = job();
+        job.attempt = attempt;
+        Status::waiting(
+            &job,
+            Waiting {
+                reason: reason.into(),
+                pools: Vec::new(),
+                since: "2026-11-30T10:00:00Z".into(),
+                next_try: None,
+                gives_up_at: None,
+            },
+        )
+    }
+
+    #[test]
+    fn waiting_is_no_outcome_and_gives_way_to_any() {
+        // It replaces itself, and nothing else of its attempt or a later one.
+        let first = waiting(1, "no capacity");
+        let again = waiting(1, "a quota");
+        assert_eq!(written(settle(Some(first.clone()), again.clone())), again);
+        let worker = status(1, State::Succeeded, Writer::Worker, "i-1");
+        kept(settle(Some(worker.clone()), waiting(1, "late")));
+        kept(settle(Some(worker), waiting(0, "earlier")));
+        let verdict = status(1, State::Cancelled, Writer::Launcher, "i-1");
+        kept(settle(Some(verdict), waiting(1, "late")));
+        // Whatever the attempt comes to replaces it: the worker's account, even one stopped
+        // from outside (no verdict is taken from a wait), and the launcher's verdict.
+        let stopped = status(1, State::Interrupted, Writer::Worker, "i-1");
+        let settled = written(settle(Some(first.clone()), stopped.clone()));
+        assert_eq!((settled.state, settled.verdict), (State::Interrupted, None));
+        assert_eq!(settled.error, stopped.error);
+        let failed = status(1, State::Failed, Writer::Launcher, "i-1");
+        assert_eq!(
+            written(settle(Some(first.clone()), failed.clone())).state,
+            State::Failed
+        );
+        assert_eq!(first.outcome_of(1), None);
+        // A later attempt's wait carries the earlier attempt; a wait is never history.
+        let interrupted = status(1, State::Interrupted, Writer::Worker, "i-1");
+        let next = written(settle(Some(interrupted), waiting(2, "no capacity")));
+        assert_eq!(next.state, State::Waiting);
+        assert_eq!(next.history.len(), 1);
+        assert_eq!(next.outcome_of(1), Some(State::Interrupted));
+        let ran = written(settle(
+            Some(next),
+            status(2, State::Succeeded, Writer::Worker, "i-2"),
+        ));
+        assert_eq!(ran.history.len(), 1, "{:?}", ran.history);
+        let after_wait = written(settle(
+            Some(waiting(1, "no capacity")),
+            status(2, State::Succeeded, Writer::Worker, "i-2"),
+        ));
+        assert!(after_wait.history.is_empty(), "{:?}", after_wait.history);
     }
 
     #[test]

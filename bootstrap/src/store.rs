@@ -133,6 +133,13 @@ pub trait StatusStore: Send + Sync {
         bucket: &str,
         prefix: &str,
     ) -> impl Future<Output = Result<Vec<String>, StatusError>> + Send;
+
+    /// Removes the document at `key`; one that is not there is fine.
+    fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), StatusError>> + Send;
 }
 
 macro_rules! delegate_status_store {
@@ -171,6 +178,14 @@ macro_rules! delegate_status_store {
                 prefix: &str,
             ) -> impl Future<Output = Result<Vec<String>, StatusError>> + Send {
                 (**self).folders(bucket, prefix)
+            }
+
+            fn delete(
+                &self,
+                bucket: &str,
+                key: &str,
+            ) -> impl Future<Output = Result<(), StatusError>> + Send {
+                (**self).delete(bucket, key)
             }
         }
     )*};
@@ -382,6 +397,21 @@ where
 }
 
 impl StatusStore for S3Statuses {
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StatusError> {
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|error| StatusError::Write {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                message: DisplayErrorContext(&error).to_string(),
+            })
+    }
+
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Document>, StatusError> {
         Ok(self
             .get_from(bucket, key, None)
