@@ -1,11 +1,17 @@
 //! An EC2 double: the part of the EC2 Query API that s3spot calls, with the behaviour EC2
 //! documents and moto leaves out.
 //!
-//! - `RunInstances` `ClientToken` idempotency (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html>):
-//!   the same token with the same parameters returns the same instance; with other parameters,
-//!   `IdempotentParameterMismatch`; once that instance has terminated,
-//!   `IdempotentInstanceTerminated`. A token is kept for 24 hours after its instance terminates,
+//! - `CreateFleet` of type `instant` (<https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instant-fleet.html>):
+//!   its pools (overrides) are tried in turn; each without capacity, over a quota or refused by
+//!   IAM is an entry of the answer's `errorSet`, and the first that has capacity launches the
+//!   instance, with the request's user-data, tags, subnet and volume size. Its `ClientToken`
+//!   (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html>): the same token
+//!   with the same parameters answers as the first request did; with other parameters,
+//!   `IdempotentParameterMismatch`. A token is kept for 24 hours after its instance terminates,
 //!   the least EC2 promises, and then forgotten.
+//! - EC2's launch throttling (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html>):
+//!   a token bucket of instances launched, refilled at a steady rate; a request it cannot pay
+//!   for is `RequestLimitExceeded` (HTTP 503), and launches nothing.
 //! - EC2 lists a terminated instance for about an hour, then no more: `DescribeInstances`
 //!   leaves it out, and naming it is `InvalidInstanceID.NotFound`.
 //! - Capacity comes and goes (`InsufficientInstanceCapacity`), per market.
@@ -14,12 +20,16 @@
 //!
 //! - IAM, for a principal given a policy ([`Ec2Double::set_policy`]): each action is authorized
 //!   as EC2 documents it (<https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonec2.html>).
-//!   `RunInstances` authorizes every resource it touches (the instance with `ec2:InstanceType`,
-//!   `ec2:MetadataHttpTokens`, `ec2:LaunchTemplate` and the request's tags; the launch template;
-//!   a spot request; the volume, network interface, subnet, security group and image from the
-//!   template, with `ec2:IsLaunchTemplateResource`), and `ec2:CreateTags` with
-//!   `ec2:CreateAction` for each tagged resource type; actions on an instance carry its tags as
-//!   `ec2:ResourceTag/...`. A denial is `UnauthorizedOperation`. The instance profile's
+//!   `CreateFleet` needs `ec2:CreateFleet` on the fleet, and each pool is launched as a
+//!   `RunInstances` (and a `CreateFleet` on the instance, volume, subnet, image and launch
+//!   template) that authorizes every resource it touches (the instance with
+//!   `ec2:InstanceType`, `ec2:MetadataHttpTokens`, `ec2:LaunchTemplate` and the request's tags;
+//!   the launch template; a spot request; the volume with `ec2:VolumeSize`, and the network
+//!   interface and subnet with `ec2:Vpc`, from the template unless the request overrides them;
+//!   the security group and image from the template, with `ec2:IsLaunchTemplateResource`), and
+//!   `ec2:CreateTags` with `ec2:CreateAction`; a pool IAM refuses is an `UnauthorizedOperation`
+//!   entry of the answer. Actions on an instance carry its tags as `ec2:ResourceTag/...`. A
+//!   denial of the request itself is `UnauthorizedOperation`. The instance profile's
 //!   `iam:PassRole` is not checked: the double does not know the template's profile.
 //!
 //! Its clock starts at the real time and moves only when a test moves it ([`Ec2Double::advance`]).
@@ -64,6 +74,10 @@ pub struct DoubleInstance {
     /// (code, message).
     pub state_reason: Option<(String, String)>,
     pub console: Option<String>,
+    /// The subnet the request's pool named, if it named one.
+    pub subnet_id: Option<String>,
+    /// The root volume the request asked for, in GiB, if it asked.
+    pub volume_gib: Option<u64>,
 }
 
 impl DoubleInstance {
@@ -75,6 +89,10 @@ impl DoubleInstance {
     }
 }
 
+/// What EC2 keeps of a request by its token: its parameters, its answer's XML, and its
+/// instance if it launched one.
+type Remembered = (Vec<(String, String)>, String, Option<String>);
+
 #[derive(Default)]
 struct State {
     /// Seconds added to the real time of the double's start.
@@ -82,15 +100,20 @@ struct State {
     started: i64,
     next_id: u64,
     instances: BTreeMap<String, DoubleInstance>,
-    /// Token → (the request's parameters, the instance).
-    tokens: HashMap<String, (Vec<(String, String)>, String)>,
-    /// Markets ("spot", "on-demand") without capacity.
+    tokens: HashMap<String, Remembered>,
+    /// Markets ("spot", "on-demand") or pools ("spot:m5.large", "spot:m5.large:subnet-0a")
+    /// without capacity.
     no_capacity: Vec<String>,
+    /// Market -> how many of its instances may run at once (a vCPU quota, counted in instances).
+    quotas: HashMap<String, usize>,
+    /// EC2's bucket of instance launches: (tokens now, capacity, refill per second, last refill).
+    launch_bucket: Option<(f64, f64, f64, std::time::Instant)>,
+    throttled_requests: usize,
     /// Markets whose next requests (this many) find no capacity.
     capacity_failures: HashMap<String, usize>,
     /// (instance type, zone, USD per hour).
     spot_prices: Vec<(String, String, f64)>,
-    run_instances_calls: usize,
+    create_fleet_calls: usize,
     /// Seconds after its launch for which a filtered DescribeInstances does not list an
     /// instance yet.
     listing_lag: i64,
@@ -123,10 +146,12 @@ impl State {
         let now = self.now();
         let keep = i64::try_from(TOKEN_AFTER_TERMINATION.as_secs()).unwrap();
         let instances = &self.instances;
-        self.tokens.retain(|_, (_, id)| {
-            instances[id.as_str()]
-                .terminated_at
-                .is_none_or(|at| now - at < keep)
+        self.tokens.retain(|_, (_, _, id)| {
+            id.as_ref().is_none_or(|id| {
+                instances[id.as_str()]
+                    .terminated_at
+                    .is_none_or(|at| now - at < keep)
+            })
         });
     }
 }
@@ -177,12 +202,13 @@ impl Ec2Double {
                 let latency = state.lock().expect("no panic holding the state").latency;
                 tokio::time::sleep(latency).await;
                 let mut state = state.lock().expect("no panic holding the state");
-                if let Some(policy) = principal.and_then(|key| state.policies.get(&key).cloned())
-                    && let Some(denied) = denial(&state, &policy, &params)
+                let policy = principal.and_then(|key| state.policies.get(&key).cloned());
+                if let Some(policy) = &policy
+                    && let Some(denied) = denial(&state, policy, &params)
                 {
                     return Ok::<_, Infallible>(denied);
                 }
-                Ok::<_, Infallible>(answer(&mut state, &params))
+                Ok::<_, Infallible>(answer(&mut state, &params, policy.as_ref()))
             }
         });
         Ec2Double {
@@ -217,6 +243,52 @@ impl Ec2Double {
         if !available {
             state.no_capacity.push(market.to_owned());
         }
+    }
+
+    /// Whether one pool has capacity: `instance_type` in `subnet` (any subnet if `None`).
+    pub fn set_pool_capacity(
+        &self,
+        market: &str,
+        instance_type: &str,
+        subnet: Option<&str>,
+        available: bool,
+    ) {
+        let pool = match subnet {
+            Some(subnet) => format!("{market}:{instance_type}:{subnet}"),
+            None => format!("{market}:{instance_type}"),
+        };
+        let mut state = self.state();
+        state.no_capacity.retain(|p| *p != pool);
+        if !available {
+            state.no_capacity.push(pool);
+        }
+    }
+
+    /// At most `instances` of `market` run at once; beyond, each pool answers
+    /// `VcpuLimitExceeded`. `None`: no limit.
+    pub fn set_quota(&self, market: &str, instances: Option<usize>) {
+        let mut state = self.state();
+        match instances {
+            Some(n) => state.quotas.insert(market.to_owned(), n),
+            None => state.quotas.remove(market),
+        };
+    }
+
+    /// Throttles launches as EC2 does: a bucket of `capacity` instances holding `tokens` now
+    /// (an account that launched recently has used some), refilled at `per_second` in real time.
+    /// EC2's own: 1000 instances, 2 a second.
+    pub fn set_launch_bucket(&self, capacity: f64, tokens: f64, per_second: f64) {
+        self.state().launch_bucket = Some((
+            tokens.min(capacity),
+            capacity,
+            per_second,
+            std::time::Instant::now(),
+        ));
+    }
+
+    /// How many fleet requests the bucket refused.
+    pub fn throttled_requests(&self) -> usize {
+        self.state().throttled_requests
     }
 
     /// The next `requests` launches in `market` find no capacity, whatever comes after: capacity
@@ -295,8 +367,8 @@ impl Ec2Double {
         self.state().policies.insert(access_key.to_owned(), policy);
     }
 
-    pub fn run_instances_calls(&self) -> usize {
-        self.state().run_instances_calls
+    pub fn create_fleet_calls(&self) -> usize {
+        self.state().create_fleet_calls
     }
 }
 
@@ -307,16 +379,20 @@ fn list(params: &[(String, String)], name: &str) -> Vec<String> {
         .collect()
 }
 
-fn answer(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
+fn answer(
+    state: &mut State,
+    params: &[(String, String)],
+    policy: Option<&Policy>,
+) -> Response<Full<Bytes>> {
     let action = param(params, "Action").unwrap_or_default();
     match action {
         // After IAM, as EC2 does: the request would have succeeded.
-        "RunInstances" if param(params, "DryRun") == Some("true") => error(
+        "CreateFleet" if param(params, "DryRun") == Some("true") => error(
             StatusCode::PRECONDITION_FAILED,
             "DryRunOperation",
             "Request would have succeeded, but DryRun flag is set.",
         ),
-        "RunInstances" => run_instances(state, params),
+        "CreateFleet" => create_fleet(state, params, policy),
         "DescribeLaunchTemplateVersions" => describe_launch_template_versions(state, params),
         "DescribeInstances" => describe_instances(state, params),
         "DescribeInstanceAttribute" => describe_instance_attribute(state, params),
@@ -360,7 +436,19 @@ fn denial(
                 .map(|id| with_resource_tags(Authorization::new(&ec2, &instance_arn(id)), id))
                 .collect()
         }
-        "RunInstances" => run_instances_authorizations(params),
+        "CreateFleet" => {
+            let mut requests = vec![Authorization::new(
+                "ec2:CreateFleet",
+                &format!("{ARN_PREFIX}:fleet/*"),
+            )];
+            // A dry run answers for every pool; a real request, pool by pool in its answer.
+            if param(params, "DryRun") == Some("true") {
+                for pool in 1..=overrides(params).len() {
+                    requests.extend(pool_authorizations(params, pool));
+                }
+            }
+            requests
+        }
         _ => Vec::new(),
     };
     requests
@@ -379,51 +467,65 @@ fn denial(
         })
 }
 
-fn run_instances_authorizations(params: &[(String, String)]) -> Vec<Authorization> {
-    let template_id = param(params, "LaunchTemplate.LaunchTemplateId")
-        .or_else(|| param(params, "LaunchTemplate.LaunchTemplateName"))
-        .unwrap_or_default();
-    let template_arn = format!("{ARN_PREFIX}:launch-template/{template_id}");
-    let run = |resource: String| Authorization::new("ec2:RunInstances", &resource);
-    let from_template = |resource: String| {
-        run(resource)
-            .with("ec2:LaunchTemplate", &template_arn)
-            .with("ec2:IsLaunchTemplateResource", "true")
-    };
-    // (resource type, tags) of each tag specification.
-    let mut tagged: Vec<(String, Vec<(String, String)>)> = Vec::new();
+/// The overrides of the request's one launch template config: `(prefix of its parameters)`.
+fn overrides(params: &[(String, String)]) -> Vec<String> {
+    (1..)
+        .map(|n| format!("LaunchTemplateConfigs.1.Overrides.{n}."))
+        .take_while(|prefix| params.iter().any(|(k, _)| k.starts_with(prefix.as_str())))
+        .collect()
+}
+
+/// The tags of the request's tag specification for `kind`.
+fn request_tags(params: &[(String, String)], kind: &str) -> Vec<(String, String)> {
+    let mut tags = Vec::new();
     for spec in 1.. {
-        let Some(kind) = param(params, &format!("TagSpecification.{spec}.ResourceType")) else {
+        let Some(resource) = param(params, &format!("TagSpecification.{spec}.ResourceType")) else {
             break;
         };
-        let tags = (1..)
-            .map_while(|n| {
-                let prefix = format!("TagSpecification.{spec}.Tag.{n}");
-                let key = param(params, &format!("{prefix}.Key"))?;
-                Some((
-                    key.to_owned(),
-                    param(params, &format!("{prefix}.Value"))
-                        .unwrap_or_default()
-                        .to_owned(),
-                ))
-            })
-            .collect();
-        tagged.push((kind.to_owned(), tags));
+        if resource != kind {
+            continue;
+        }
+        for n in 1.. {
+            let prefix = format!("TagSpecification.{spec}.Tag.{n}");
+            let Some(key) = param(params, &format!("{prefix}.Key")) else {
+                break;
+            };
+            let value = param(params, &format!("{prefix}.Value")).unwrap_or_default();
+            tags.push((key.to_owned(), value.to_owned()));
+        }
     }
-    let instance_tags = tagged
-        .iter()
-        .find(|(kind, _)| kind == "instance")
-        .map(|(_, tags)| tags.clone())
+    tags
+}
+
+/// What launching pool `pool` (1-based) asks of IAM: a `RunInstances` on the caller's behalf.
+fn pool_authorizations(params: &[(String, String)], pool: usize) -> Vec<Authorization> {
+    let spec = "LaunchTemplateConfigs.1.LaunchTemplateSpecification";
+    let template_id = param(params, &format!("{spec}.LaunchTemplateId"))
+        .or_else(|| param(params, &format!("{spec}.LaunchTemplateName")))
         .unwrap_or_default();
+    let template_arn = format!("{ARN_PREFIX}:launch-template/{template_id}");
+    let prefix = format!("LaunchTemplateConfigs.1.Overrides.{pool}.");
+    let over = |name: &str| param(params, &format!("{prefix}{name}"));
+    let run = |resource: String| {
+        Authorization::new("ec2:RunInstances", &resource).with("ec2:LaunchTemplate", &template_arn)
+    };
+    let from_template =
+        |resource: String| run(resource).with("ec2:IsLaunchTemplateResource", "true");
+    let instance_tags = request_tags(params, "instance");
     let mut instance = run(format!("{ARN_PREFIX}:instance/*"))
-        .with("ec2:LaunchTemplate", &template_arn)
         .with(
             "ec2:InstanceType",
-            param(params, "InstanceType").unwrap_or("t3.micro"),
+            over("InstanceType").unwrap_or(
+                if over("InstanceRequirements.VCpuCount.Min").is_some() {
+                    "m7i.large"
+                } else {
+                    "t3.micro"
+                },
+            ),
         )
         .with(
             "ec2:MetadataHttpTokens",
-            param(params, "MetadataOptions.HttpTokens").unwrap_or("optional"),
+            over("MetadataOptions.HttpTokens").unwrap_or("optional"),
         )
         .with_all(
             "aws:TagKeys",
@@ -432,34 +534,127 @@ fn run_instances_authorizations(params: &[(String, String)]) -> Vec<Authorizatio
     for (key, value) in &instance_tags {
         instance = instance.with(&format!("aws:RequestTag/{key}"), value);
     }
-    let mut requests = vec![instance, run(template_arn.clone())];
-    if param(params, "InstanceMarketOptions.MarketType") == Some("spot") {
-        requests.push(run(format!("{ARN_PREFIX}:spot-instances-request/*")));
+    let mut requests = vec![
+        instance,
+        Authorization::new("ec2:RunInstances", &template_arn),
+    ];
+    if param(
+        params,
+        "TargetCapacitySpecification.DefaultTargetCapacityType",
+    ) == Some("spot")
+    {
+        requests.push(Authorization::new(
+            "ec2:RunInstances",
+            &format!("{ARN_PREFIX}:spot-instances-request/*"),
+        ));
     }
-    for resource in [
-        "volume/*",
-        "network-interface/*",
-        "subnet/subnet-of-the-template",
-        "security-group/sg-of-the-template",
-    ] {
-        requests.push(from_template(format!("{ARN_PREFIX}:{resource}")));
-    }
+    // The template's root volume is 8 GiB; a block device override replaces it.
+    let volume = match over("BlockDeviceMapping.1.Ebs.VolumeSize") {
+        Some(size) => run(format!("{ARN_PREFIX}:volume/*"))
+            .with("ec2:IsLaunchTemplateResource", "false")
+            .with("ec2:VolumeSize", size),
+        None => from_template(format!("{ARN_PREFIX}:volume/*")).with("ec2:VolumeSize", "8"),
+    };
+    requests.push(volume);
+    // The VPC the tests deploy their resolved templates with.
+    let vpc = format!("{ARN_PREFIX}:vpc/vpc-0123456789abcdef0");
+    let in_vpc = |resource: String| match over("SubnetId") {
+        Some(_) => run(resource)
+            .with("ec2:IsLaunchTemplateResource", "false")
+            .with("ec2:Vpc", &vpc),
+        None => from_template(resource).with("ec2:Vpc", &vpc),
+    };
+    let subnet = over("SubnetId").unwrap_or("subnet-of-the-template");
+    requests.push(in_vpc(format!("{ARN_PREFIX}:subnet/{subnet}")));
+    requests.push(in_vpc(format!("{ARN_PREFIX}:network-interface/*")));
+    requests.push(from_template(format!(
+        "{ARN_PREFIX}:security-group/sg-of-the-template"
+    )));
     requests.push(from_template(
         "arn:aws:ec2:us-east-1::image/ami-of-the-template".into(),
     ));
-    for (kind, _) in &tagged {
+    // CreateFleet itself is authorized on what the request names or launches, with the same
+    // context as the launch.
+    let fleet: Vec<Authorization> = requests
+        .iter()
+        .filter(|r| {
+            [
+                "instance/",
+                "volume/",
+                "subnet/",
+                "image/",
+                "launch-template/",
+            ]
+            .iter()
+            .any(|kind| r.resource.contains(kind))
+        })
+        .map(|r| Authorization {
+            action: "ec2:CreateFleet".into(),
+            ..r.clone()
+        })
+        .collect();
+    requests.extend(fleet);
+    if !instance_tags.is_empty() {
         requests.push(
-            Authorization::new("ec2:CreateTags", &format!("{ARN_PREFIX}:{kind}/*"))
+            Authorization::new("ec2:CreateTags", &format!("{ARN_PREFIX}:instance/*"))
                 .with("ec2:CreateAction", "RunInstances"),
         );
     }
     requests
 }
 
-fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {
-    state.run_instances_calls += 1;
+/// Whether `market`'s pool of `instance_type` in `subnet` has capacity now.
+fn has_capacity(state: &mut State, market: &str, instance_type: &str, subnet: &str) -> bool {
+    let failing = state
+        .capacity_failures
+        .get_mut(market)
+        .filter(|left| **left > 0)
+        .map(|left| *left -= 1)
+        .is_some();
+    let out = [
+        market.to_owned(),
+        format!("{market}:{instance_type}"),
+        format!("{market}:{instance_type}:{subnet}"),
+    ];
+    !failing && !state.no_capacity.iter().any(|p| out.contains(p))
+}
+
+/// Takes one launch from EC2's bucket, if it has one to give.
+fn take_launch_token(state: &mut State) -> bool {
+    let Some((tokens, capacity, per_second, last)) = state.launch_bucket.as_mut() else {
+        return true;
+    };
+    let now = std::time::Instant::now();
+    *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * *per_second).min(*capacity);
+    *last = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
+fn create_fleet(
+    state: &mut State,
+    params: &[(String, String)],
+    policy: Option<&Policy>,
+) -> Response<Full<Bytes>> {
+    state.create_fleet_calls += 1;
     state.forget_expired_tokens();
-    let market = match param(params, "InstanceMarketOptions.MarketType") {
+    if param(params, "Type") != Some("instant")
+        || param(params, "TargetCapacitySpecification.TotalTargetCapacity") != Some("1")
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValue",
+            "the EC2 double answers instant fleets of one instance only",
+        );
+    }
+    let market = match param(
+        params,
+        "TargetCapacitySpecification.DefaultTargetCapacityType",
+    ) {
         Some("spot") => "spot",
         _ => "on-demand",
     };
@@ -472,7 +667,7 @@ fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Ful
         .collect();
     request.sort();
     if !token.is_empty()
-        && let Some((seen, id)) = state.tokens.get(&token)
+        && let Some((seen, xml, _)) = state.tokens.get(&token)
     {
         if *seen != request {
             return error(
@@ -482,71 +677,135 @@ fn run_instances(state: &mut State, params: &[(String, String)]) -> Response<Ful
                  previous request(s).",
             );
         }
-        let instance = &state.instances[id];
-        if instance.state == "terminated" {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "IdempotentInstanceTerminated",
-                "The request to launch an instance uses the same client token as a previous \
-                 request for which the instance has been terminated.",
-            );
-        }
-        let xml = format!("<instancesSet>{}</instancesSet>", instance_xml(instance));
-        return ok("RunInstancesResponse", &xml);
+        return ok("CreateFleetResponse", xml);
     }
-    let failing = state
-        .capacity_failures
-        .get_mut(market)
-        .filter(|left| **left > 0)
-        .map(|left| *left -= 1)
-        .is_some();
-    if failing || state.no_capacity.iter().any(|m| m == market) {
+    if !take_launch_token(state) {
+        state.throttled_requests += 1;
         return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InsufficientInstanceCapacity",
-            &format!("We currently do not have sufficient {market} capacity."),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
         );
     }
-    let mut tags = Vec::new();
-    for spec in 1.. {
-        let Some(resource) = param(params, &format!("TagSpecification.{spec}.ResourceType")) else {
-            break;
+    let spec = "LaunchTemplateConfigs.1.LaunchTemplateSpecification";
+    let user_data = param(
+        params,
+        &format!("{spec}.LaunchTemplateSpecificationUserData"),
+    )
+    .unwrap_or_default()
+    .to_owned();
+    let running = state
+        .instances
+        .values()
+        .filter(|i| i.market == market && i.state == "running")
+        .count();
+    let over_quota = state.quotas.get(market).is_some_and(|max| running >= *max);
+    let fleet_id = format!("fleet-{:08x}", state.create_fleet_calls);
+    let mut errors = String::new();
+    let mut launched = None;
+    for (index, prefix) in overrides(params).iter().enumerate() {
+        let over = |name: &str| param(params, &format!("{prefix}{name}")).map(str::to_owned);
+        let instance_type = over("InstanceType").unwrap_or_else(|| {
+            if over("InstanceRequirements.VCpuCount.Min").is_some() {
+                "m7i.large".into()
+            } else {
+                "t3.micro".into()
+            }
+        });
+        let subnet = over("SubnetId");
+        let pool_xml = format!(
+            "<launchTemplateAndOverrides><overrides>{}{}</overrides></launchTemplateAndOverrides>",
+            over("InstanceType")
+                .map(|t| format!("<instanceType>{t}</instanceType>"))
+                .unwrap_or_default(),
+            subnet
+                .as_ref()
+                .map(|s| format!("<subnetId>{s}</subnetId>"))
+                .unwrap_or_default(),
+        );
+        let refused = if let Some(denied) = policy.and_then(|policy| {
+            pool_authorizations(params, index + 1)
+                .into_iter()
+                .find(|request| !policy.allows(request))
+        }) {
+            Some((
+                "UnauthorizedOperation",
+                format!(
+                    "You are not authorized to perform this operation. User is not authorized \
+                     to perform: {} on resource: {}",
+                    denied.action, denied.resource
+                ),
+            ))
+        } else if over_quota {
+            Some((
+                "VcpuLimitExceeded",
+                "You have requested more vCPU capacity than your current vCPU limit allows."
+                    .to_owned(),
+            ))
+        } else if !has_capacity(
+            state,
+            market,
+            &instance_type,
+            subnet.as_deref().unwrap_or_default(),
+        ) {
+            Some((
+                "InsufficientInstanceCapacity",
+                format!(
+                    "We currently do not have sufficient {instance_type} capacity in the pool you requested."
+                ),
+            ))
+        } else {
+            None
         };
-        if resource != "instance" {
+        if let Some((code, message)) = refused {
+            let _ = write!(
+                errors,
+                "<item>{pool_xml}<lifecycle>{market}</lifecycle><errorCode>{code}</errorCode>\
+                 <errorMessage>{}</errorMessage></item>",
+                escape(&message)
+            );
             continue;
         }
-        for tag in 1.. {
-            let prefix = format!("TagSpecification.{spec}.Tag.{tag}");
-            let Some(key) = param(params, &format!("{prefix}.Key")) else {
-                break;
-            };
-            let value = param(params, &format!("{prefix}.Value")).unwrap_or_default();
-            tags.push((key.to_owned(), value.to_owned()));
-        }
+        state.next_id += 1;
+        let id = format!("i-0d{:015x}", state.next_id);
+        let instance = DoubleInstance {
+            id: id.clone(),
+            state: "running".into(),
+            instance_type: instance_type.clone(),
+            market: market.into(),
+            client_token: token.clone(),
+            tags: request_tags(params, "instance"),
+            user_data: user_data.clone(),
+            launched_at: state.now(),
+            terminated_at: None,
+            state_reason: None,
+            console: None,
+            subnet_id: subnet.clone(),
+            volume_gib: over("BlockDeviceMapping.1.Ebs.VolumeSize").and_then(|v| v.parse().ok()),
+        };
+        state.instances.insert(id.clone(), instance);
+        launched = Some((id, instance_type, pool_xml));
+        break;
     }
-    state.next_id += 1;
-    let id = format!("i-0d{:015x}", state.next_id);
-    let instance = DoubleInstance {
-        id: id.clone(),
-        state: "running".into(),
-        instance_type: param(params, "InstanceType")
-            .unwrap_or("t3.micro")
-            .to_owned(),
-        market: market.into(),
-        client_token: token.clone(),
-        tags,
-        user_data: param(params, "UserData").unwrap_or_default().to_owned(),
-        launched_at: state.now(),
-        terminated_at: None,
-        state_reason: None,
-        console: None,
-    };
-    let xml = format!("<instancesSet>{}</instancesSet>", instance_xml(&instance));
+    let instances = launched
+        .as_ref()
+        .map(|(id, instance_type, pool_xml)| {
+            format!(
+                "<item>{pool_xml}<lifecycle>{market}</lifecycle><instanceIds><item>{id}</item>\
+                 </instanceIds><instanceType>{instance_type}</instanceType></item>"
+            )
+        })
+        .unwrap_or_default();
+    let xml = format!(
+        "<fleetId>{fleet_id}</fleetId><errorSet>{errors}</errorSet>\
+         <fleetInstanceSet>{instances}</fleetInstanceSet>"
+    );
     if !token.is_empty() {
-        state.tokens.insert(token, (request, id.clone()));
+        state
+            .tokens
+            .insert(token, (request, xml.clone(), launched.map(|(id, _, _)| id)));
     }
-    state.instances.insert(id, instance);
-    ok("RunInstancesResponse", &xml)
+    ok("CreateFleetResponse", &xml)
 }
 
 fn describe_instances(state: &mut State, params: &[(String, String)]) -> Response<Full<Bytes>> {

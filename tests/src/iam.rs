@@ -166,6 +166,24 @@ impl Condition {
                 "StringLike" | "ArnLike" => any(&|v| glob(v, value)),
                 "StringNotLike" | "ArnNotLike" => !any(&|v| glob(v, value)),
                 "Bool" => any(&|v| v.eq_ignore_ascii_case(value)),
+                "NumericLessThanEquals"
+                | "NumericLessThan"
+                | "NumericEquals"
+                | "NumericGreaterThanEquals"
+                | "NumericGreaterThan" => {
+                    let (Ok(got), true) = (value.parse::<f64>(), true) else {
+                        return false;
+                    };
+                    any(&|v| {
+                        v.parse::<f64>().is_ok_and(|limit| match operator {
+                            "NumericLessThanEquals" => got <= limit,
+                            "NumericLessThan" => got < limit,
+                            "NumericEquals" => got == limit,
+                            "NumericGreaterThanEquals" => got >= limit,
+                            _ => got > limit,
+                        })
+                    })
+                }
                 other => panic!("the condition operator {other} is not evaluated here"),
             }
         };

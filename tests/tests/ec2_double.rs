@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::ProvideErrorMetadata as _;
-use aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder;
+use aws_sdk_ec2::operation::create_fleet::CreateFleetOutput;
+use aws_sdk_ec2::operation::create_fleet::builders::CreateFleetFluentBuilder;
 use aws_sdk_ec2::types::{
-    Filter, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
-    LaunchTemplateSpecification, MarketType, ResourceType, Tag, TagSpecification,
+    DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
+    FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, FleetType,
+    InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
+    TargetCapacitySpecificationRequest,
 };
 use s3spot_tests::Ec2Double;
 use s3spot_tests::ec2::{LISTED_AFTER_TERMINATION, TOKEN_AFTER_TERMINATION};
@@ -17,18 +20,44 @@ async fn client(double: &Ec2Double) -> Client {
     Client::new(&double.sdk_config().await)
 }
 
-fn run(client: &Client, token: &str, instance_type: &str) -> RunInstancesFluentBuilder {
+/// An instant fleet of one instance over `pools` (type, subnet), in `market`.
+fn fleet(
+    client: &Client,
+    token: &str,
+    market: DefaultTargetCapacityType,
+    pools: &[(&str, &str)],
+) -> CreateFleetFluentBuilder {
+    let overrides = pools
+        .iter()
+        .map(|(instance_type, subnet)| {
+            FleetLaunchTemplateOverridesRequest::builder()
+                .instance_type(InstanceType::from(*instance_type))
+                .subnet_id(*subnet)
+                .build()
+        })
+        .collect();
     client
-        .run_instances()
-        .launch_template(
-            LaunchTemplateSpecification::builder()
-                .launch_template_name("s3spot-worker")
+        .create_fleet()
+        .r#type(FleetType::Instant)
+        .client_token(token)
+        .launch_template_configs(
+            FleetLaunchTemplateConfigRequest::builder()
+                .launch_template_specification(
+                    FleetLaunchTemplateSpecificationRequest::builder()
+                        .launch_template_name("s3spot-worker")
+                        .version("1")
+                        .launch_template_specification_user_data("IyEvYmluL2Jhc2gK")
+                        .build(),
+                )
+                .set_overrides(Some(overrides))
                 .build(),
         )
-        .min_count(1)
-        .max_count(1)
-        .client_token(token)
-        .instance_type(InstanceType::from(instance_type))
+        .target_capacity_specification(
+            TargetCapacitySpecificationRequest::builder()
+                .total_target_capacity(1)
+                .default_target_capacity_type(market)
+                .build(),
+        )
         .tag_specifications(
             TagSpecification::builder()
                 .resource_type(ResourceType::Instance)
@@ -37,12 +66,32 @@ fn run(client: &Client, token: &str, instance_type: &str) -> RunInstancesFluentB
         )
 }
 
+fn instance_of(output: &CreateFleetOutput) -> Option<String> {
+    output
+        .instances()
+        .first()
+        .map(|i| i.instance_ids()[0].clone())
+}
+
+fn error_codes(output: &CreateFleetOutput) -> Vec<String> {
+    output
+        .errors()
+        .iter()
+        .map(|e| e.error_code().unwrap_or_default().to_owned())
+        .collect()
+}
+
 async fn launch(client: &Client, token: &str, instance_type: &str) -> Result<String, String> {
-    run(client, token, instance_type)
-        .send()
-        .await
-        .map(|output| output.instances()[0].instance_id().unwrap().to_owned())
-        .map_err(|error| error.code().unwrap_or("no code").to_owned())
+    fleet(
+        client,
+        token,
+        DefaultTargetCapacityType::OnDemand,
+        &[(instance_type, "subnet-0a")],
+    )
+    .send()
+    .await
+    .map(|output| instance_of(&output).expect("an instance"))
+    .map_err(|error| error.code().unwrap_or("no code").to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,7 +102,7 @@ async fn client_tokens_are_idempotent_as_ec2_documents() {
     assert_eq!(
         launch(&ec2, "token-1", "m7i.large").await,
         Ok(first.clone()),
-        "the same request again: the same instance"
+        "the same request again: the same answer"
     );
     assert_eq!(
         launch(&ec2, "token-1", "m6i.large").await,
@@ -67,14 +116,10 @@ async fn client_tokens_are_idempotent_as_ec2_documents() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        launch(&ec2, "token-1", "m7i.large").await,
-        Err("IdempotentInstanceTerminated".into())
-    );
     double.advance(TOKEN_AFTER_TERMINATION - Duration::from_secs(60));
     assert_eq!(
         launch(&ec2, "token-1", "m7i.large").await,
-        Err("IdempotentInstanceTerminated".into()),
+        Ok(first.clone()),
         "kept for at least 24 hours"
     );
     double.advance(Duration::from_secs(120));
@@ -153,31 +198,80 @@ async fn terminated_instances_are_listed_for_an_hour_then_forgotten() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn capacity_comes_and_goes_per_market() {
+async fn each_pool_answers_for_itself_and_a_refused_token_answers_the_same_again() {
     let double = Ec2Double::start();
     let ec2 = client(&double).await;
-    double.set_capacity("spot", false);
-    let spot = |token: &'static str| {
-        run(&ec2, token, "m7i.large").instance_market_options(
-            InstanceMarketOptionsRequest::builder()
-                .market_type(MarketType::Spot)
-                .build(),
-        )
-    };
-    let error = spot("a").send().await.unwrap_err();
-    assert_eq!(error.code(), Some("InsufficientInstanceCapacity"));
-    assert!(
-        launch(&ec2, "b", "m7i.large").await.is_ok(),
-        "on demand has some"
-    );
-    double.set_capacity("spot", true);
-    let launched = spot("a").send().await.unwrap();
+    let spot = DefaultTargetCapacityType::Spot;
+    let pools = [("m7i.large", "subnet-0a"), ("m6i.large", "subnet-0b")];
+    double.set_pool_capacity("spot", "m7i.large", None, false);
+    let output = fleet(&ec2, "a", spot.clone(), &pools).send().await.unwrap();
+    assert_eq!(error_codes(&output), ["InsufficientInstanceCapacity"]);
+    let launched = &output.instances()[0];
+    assert_eq!(launched.instance_type(), Some(&InstanceType::M6iLarge));
+    let overrides = launched
+        .launch_template_and_overrides()
+        .and_then(|l| l.overrides())
+        .unwrap();
+    assert_eq!(overrides.subnet_id(), Some("subnet-0b"));
+    let id = instance_of(&output).unwrap();
+    let instance = double.instances().into_iter().find(|i| i.id == id).unwrap();
     assert_eq!(
-        launched.instances()[0]
-            .instance_lifecycle()
-            .map(|l| l.as_str()),
-        Some("spot"),
-        "a token whose request failed for capacity launches once there is some"
+        (instance.market.as_str(), instance.subnet_id.as_deref()),
+        ("spot", Some("subnet-0b"))
     );
-    assert_eq!(double.running().len(), 2);
+    assert_eq!(instance.user_data, "IyEvYmluL2Jhc2gK");
+
+    // No pool has capacity: every pool's error, and no instance.
+    double.set_capacity("spot", false);
+    let refused = fleet(&ec2, "b", spot.clone(), &pools).send().await.unwrap();
+    assert_eq!(instance_of(&refused), None);
+    assert_eq!(error_codes(&refused).len(), 2);
+    // Capacity returns, but the same token gets its first answer again.
+    double.set_capacity("spot", true);
+    double.set_pool_capacity("spot", "m7i.large", None, true);
+    let again = fleet(&ec2, "b", spot.clone(), &pools).send().await.unwrap();
+    assert_eq!(instance_of(&again), None, "the same answer as the first");
+    let new_token = fleet(&ec2, "c", spot, &pools).send().await.unwrap();
+    assert!(instance_of(&new_token).is_some());
+
+    // A full quota answers every pool with it.
+    double.set_quota("on-demand", Some(0));
+    let output = fleet(
+        &ec2,
+        "e",
+        DefaultTargetCapacityType::OnDemand,
+        &[("m5.large", "subnet-0a")],
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(error_codes(&output), ["VcpuLimitExceeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn launches_past_the_bucket_are_throttled_until_it_refills() {
+    let double = Ec2Double::start();
+    let ec2 = client(&double).await;
+    // No SDK retries here: each refusal is seen.
+    let ec2 = Client::from_conf(
+        ec2.config()
+            .to_builder()
+            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    double.set_launch_bucket(1000.0, 2.0, 20.0);
+    assert!(launch(&ec2, "1", "m5.large").await.is_ok());
+    assert!(launch(&ec2, "2", "m5.large").await.is_ok());
+    assert_eq!(
+        launch(&ec2, "3", "m5.large").await,
+        Err("RequestLimitExceeded".into())
+    );
+    assert_eq!(double.throttled_requests(), 1);
+    assert_eq!(
+        double.instances().len(),
+        2,
+        "a refused request launches nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(launch(&ec2, "3", "m5.large").await.is_ok(), "refilled");
 }
