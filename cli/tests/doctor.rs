@@ -57,6 +57,7 @@ impl Account {
                 ("WorkerLaunchTemplate", TEMPLATE_ID),
                 ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
                 ("ArtifactsBucket", ARTIFACTS),
+                ("DataBucket", DATA),
                 ("DataBucket.Arn", &format!("arn:aws:s3:::{DATA}")),
                 ("InstanceRole.Arn", INSTANCE_ROLE),
                 (
@@ -202,6 +203,7 @@ impl Account {
                 ("IntakeQueueArn", intake_arn),
                 ("DeadLetterQueueArn", dead_letter_arn),
                 ("LaunchTemplateId", TEMPLATE_ID.to_owned()),
+                ("VpcId", "vpc-0123456789abcdef0".to_owned()),
             ];
             let template = json!({
                 "Resources": {"Marker": {"Type": "AWS::SQS::Queue",
@@ -336,7 +338,7 @@ fn a_deployed_stack_passes_every_check_with_the_launch_simulated_or_dry_run() {
         "the launch is not simulated; only what no DryRun can try"
     );
     assert_eq!(
-        account.ec2.run_instances_calls(),
+        account.ec2.create_fleet_calls(),
         0,
         "a dry run launches nothing"
     );
@@ -417,7 +419,7 @@ fn each_fault_fails_its_check_and_says_what_to_do() {
         "{dry}"
     );
     assert_eq!(
-        account.ec2.run_instances_calls(),
+        account.ec2.create_fleet_calls(),
         0,
         "a dry run launches nothing"
     );
@@ -459,6 +461,8 @@ fn each_fault_fails_its_check_and_says_what_to_do() {
             .unwrap();
         let mut variables = current.environment().unwrap().variables().unwrap().clone();
         variables.insert("S3SPOT_LAUNCH_TEMPLATE_VERSION".into(), "2".into());
+        // Nor does the function name the subnets.
+        variables.remove("S3SPOT_SUBNETS");
         lambda
             .update_function_configuration()
             .function_name(FUNCTION)

@@ -32,6 +32,7 @@ fn resolve(policies: &[&str]) -> (HashMap<String, String>, HashMap<String, Value
             ("WorkerLaunchTemplate", TEMPLATE_ID),
             ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
             ("ArtifactsBucket", "artifacts"),
+            ("DataBucket", BUCKET),
             ("DataBucket.Arn", &format!("arn:aws:s3:::{BUCKET}")),
             ("InstanceRole.Arn", INSTANCE_ROLE),
             (

@@ -198,7 +198,7 @@ class ServiceAuthorization(unittest.TestCase):
 
     def test_a_key_one_resource_of_the_statement_lacks_is_found(self):
         template = transformed()
-        s = self.statement(template, "LauncherRole", "OnlyTemplateResources")
+        s = self.statement(template, "LauncherRole", "OnlyThePipelinesVpc")
         s["Condition"]["StringEquals"] = {"ec2:VolumeType": "gp3"}
         problems = problems_of(template)
         self.assertTrue(any("ec2:VolumeType for arn:aws:ec2:eu-west-1:123456789012:subnet/*" in p

@@ -132,10 +132,22 @@ def check_operator_policy(template):
     assert template["Outputs"]["OperatorPolicyArn"]["Value"] == {"Ref": "OperatorPolicy"}
 
 
+# What IAM authorizes CreateFleet on, besides the fleet (the service authorization reference).
+CREATE_FLEET_RESOURCE_TYPES = {"instance", "volume", "subnet", "image"}
+
+
 def check_run_instances_conditioned(template):
     covered = set()
+    fleet_covered = set()
     for s in run_instances_statements(template):
-        assert as_list(s["Action"]) == ["ec2:RunInstances"], s["Action"]
+        actions = as_list(s["Action"])
+        assert actions in (["ec2:RunInstances"], ["ec2:RunInstances", "ec2:CreateFleet"]), actions
+        if "ec2:CreateFleet" in actions:
+            fleet_covered |= {
+                resource_type(sub_text(r))
+                for r in as_list(s["Resource"])
+                if sub_text(r) != LAUNCH_TEMPLATE_ARN
+            }
         condition = s.get("Condition", {})
         for resource in as_list(s["Resource"]):
             arn = sub_text(resource)
@@ -149,10 +161,18 @@ def check_run_instances_conditioned(template):
                 "Fn::Sub": LAUNCH_TEMPLATE_ARN
             }, f"RunInstances on {arn} is not tied to the launch template"
             if kind == "instance":
-                assert condition.get("StringEquals", {}).get("ec2:InstanceType") == {
-                    "Ref": "InstanceTypes"
+                assert condition.get("StringLike", {}).get("ec2:InstanceType") == {
+                    "Fn::If": ["ChoosesByAttributes", ["*"], {"Ref": "InstanceTypes"}]
                 }, "instances may only be of the configured types"
                 assert condition["StringEquals"].get("ec2:MetadataHttpTokens") == "required"
+            elif kind == "volume":
+                assert condition.get("NumericLessThanEquals", {}).get("ec2:VolumeSize") == {
+                    "Ref": "MaxDiskGiB"
+                }, "volumes are bounded by MaxDiskGiB"
+            elif kind in ("subnet", "network-interface"):
+                assert condition.get("ArnEquals", {}).get("ec2:Vpc") == {
+                    "Fn::Sub": "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:vpc/${VpcId}"
+                }, f"RunInstances on {arn} may leave the pipeline's VPC"
             else:
                 assert condition.get("Bool", {}).get("ec2:IsLaunchTemplateResource") == "true", (
                     f"RunInstances on {arn} may override the launch template"
@@ -160,12 +180,16 @@ def check_run_instances_conditioned(template):
             covered.add(kind)
     missing = (TEMPLATE_RESOURCE_TYPES | {"instance"}) - covered
     assert not missing, f"RunInstances statements do not cover {sorted(missing)}"
+    missing = CREATE_FLEET_RESOURCE_TYPES - fleet_covered
+    assert not missing, f"CreateFleet is not allowed, conditioned, on {sorted(missing)}"
 
 
 def check_create_tags_only_at_launch(template):
     for s in role_statements(template, "LauncherRole"):
         if "ec2:CreateTags" in as_list(s["Action"]):
-            assert s["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
+            assert s["Condition"] == {
+                "StringEquals": {"ec2:CreateAction": ["RunInstances", "CreateFleet"]}
+            }
 
 
 def check_launcher_role_exact(template):
@@ -173,6 +197,7 @@ def check_launcher_role_exact(template):
         a for s in role_statements(template, "LauncherRole") for a in as_list(s["Action"])
     }
     assert actions == {
+        "ec2:CreateFleet",
         "ec2:RunInstances",
         "ec2:CreateTags",
         "ec2:DescribeInstances",
@@ -183,6 +208,7 @@ def check_launcher_role_exact(template):
         "s3:GetObject",
         "s3:PutObject",
         "s3:ListBucket",
+        "s3:DeleteObject",
         "iam:PassRole",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
@@ -204,6 +230,12 @@ def check_launcher_role_exact(template):
             ], "the launcher reads and writes status.json files and attempts' claims only"
         if "s3:ListBucket" in as_list(s["Action"]):
             assert s["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}, s["Resource"]
+        if "s3:DeleteObject" in as_list(s["Action"]):
+            assert sub_text(s["Resource"]) == "${DataBucket.Arn}/analysis/.s3spot/waiting/*", (
+                "the launcher deletes only its entries in the list of waiting jobs"
+            )
+        if as_list(s["Action"]) == ["ec2:CreateFleet"]:
+            assert resource_type(sub_text(s["Resource"])) == "fleet", s["Resource"]
         if {"ec2:DescribeInstanceAttribute", "ec2:GetConsoleOutput", "ec2:TerminateInstances"} & set(
             as_list(s["Action"])
         ):
@@ -295,17 +327,14 @@ def check_launch_template(template):
     assert root["Ebs"]["DeleteOnTermination"] is True
     assert "AssociatePublicIpAddress" not in str(data), "no public IP is forced on"
     assert data["ImageId"] == {"Ref": "ImageId"}
-    # The template names the subnet, the security group and the network interface, so that
-    # EC2 creates nothing it does not name (ec2:IsLaunchTemplateResource holds for each).
-    assert data.get("NetworkInterfaces") == [
-        {
-            "DeviceIndex": 0,
-            "SubnetId": {"Ref": "SubnetId"},
-            "Groups": [{"Fn::GetAtt": ["WorkerSecurityGroup", "GroupId"]}],
-            "DeleteOnTermination": True,
-        }
-    ], data.get("NetworkInterfaces")
-    assert "SecurityGroupIds" not in data and "SubnetId" not in data
+    # The template names the security group; the fleet request names the subnets, which the
+    # launch policy keeps in the pipeline's VPC.
+    assert data.get("SecurityGroupIds") == [{"Fn::GetAtt": ["WorkerSecurityGroup", "GroupId"]}]
+    assert "NetworkInterfaces" not in data and "SubnetId" not in data
+    env = template["Resources"]["LauncherFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["S3SPOT_SUBNETS"] == {
+        "Fn::If": ["HasSubnetIds", {"Fn::Join": [",", {"Ref": "SubnetIds"}]}, {"Ref": "SubnetId"}]
+    }
     assert data["InstanceType"] == {"Fn::Select": [0, {"Ref": "InstanceTypes"}]}
     tagged = {spec["ResourceType"] for spec in data["TagSpecifications"]}
     assert tagged == {"instance", "volume"}
@@ -699,8 +728,24 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
         self.expect_failure(
             check_run_instances_conditioned,
             lambda t: self.statement(t, "LauncherRole", "OnlyTemplateInstances")["Condition"][
-                "StringEquals"
+                "StringLike"
             ].pop("ec2:InstanceType"),
+        )
+
+    def test_volumes_of_any_size(self):
+        self.expect_failure(
+            check_run_instances_conditioned,
+            lambda t: self.statement(t, "LauncherRole", "BoundedVolumes")["Condition"].pop(
+                "NumericLessThanEquals"
+            ),
+        )
+
+    def test_subnets_of_any_vpc(self):
+        self.expect_failure(
+            check_run_instances_conditioned,
+            lambda t: self.statement(t, "LauncherRole", "OnlyThePipelinesVpc")["Condition"].pop(
+                "ArnEquals"
+            ),
         )
 
     def test_extra_launcher_permission(self):
@@ -852,11 +897,11 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
         self.expect_failure(check_instance_role_exact, edit)
 
-    def test_launch_template_without_a_subnet(self):
+    def test_launch_template_without_a_security_group(self):
         self.expect_failure(
             check_launch_template,
             lambda t: t["Resources"]["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"].pop(
-                "NetworkInterfaces"
+                "SecurityGroupIds"
             ),
         )
 

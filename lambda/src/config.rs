@@ -2,8 +2,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use s3spot_bootstrap::{DEFAULT_RESULTS_PREFIX, WorkerArtifact};
+
+use crate::fleet::{DiskRule, EBS_MAX_GIB, InstanceRequirements, Pool};
 
 /// Every variable this crate reads, so that the process environment is read in one place.
 pub const VARIABLES: &[&str] = &[
@@ -22,6 +25,14 @@ pub const VARIABLES: &[&str] = &[
     "S3SPOT_MAX_ATTEMPTS",
     "S3SPOT_PIPELINE",
     "S3SPOT_ORDER_BY_PRICE",
+    "S3SPOT_INSTANCE_REQUIREMENTS",
+    "S3SPOT_SUBNETS",
+    "S3SPOT_DISK",
+    "S3SPOT_MAX_DISK",
+    "S3SPOT_ROOT_DEVICE",
+    "S3SPOT_MAX_WAIT",
+    "S3SPOT_RETRY_AFTER",
+    "S3SPOT_LAUNCH_RATE",
 ];
 
 const DEFAULT_MAX_RUNTIME_SECS: u64 = 3600;
@@ -32,6 +43,18 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_SKIP_SUBSTRING: &str = "analysis";
 const DEFAULT_PIPELINE: &str = "s3spot";
 const DEFAULT_TEMPLATE_VERSION: &str = "$Default";
+const DEFAULT_MAX_DISK_GIB: u64 = 2048;
+/// The root device of Amazon Linux (and of the template s3spot deploys).
+const DEFAULT_ROOT_DEVICE: &str = "/dev/xvda";
+/// How long a job may wait for an instance before it fails: AWS Batch users' most common
+/// complaint is a job stuck in RUNNABLE for days with nothing saying why.
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(6 * 3600);
+/// The queue's visibility timeout in the template: when a record that is waiting comes back.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// EC2 refills its launch bucket at 2 instances a second.
+const DEFAULT_LAUNCH_RATE: f64 = 2.0;
+/// How many pools (instance types × subnets) one fleet request may name.
+pub const MAX_POOLS: usize = 300;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -88,14 +111,28 @@ pub struct LaunchConfig {
     /// `$Default`, `$Latest` or a version number.
     pub template_version: String,
     pub market: Market,
-    /// Override types, tried in order; empty: the template's type.
+    /// Override types, every one a pool of the fleet request; empty: the template's type, or
+    /// the types that match `requirements`.
     pub instance_types: Vec<String>,
+    /// EC2 chooses the types by these attributes instead.
+    pub requirements: Option<InstanceRequirements>,
+    /// Subnets (one per zone) to spread launches across; empty: the template's.
+    pub subnets: Vec<String>,
     pub max_instances: u32,
     /// Launches of one job, the first included, before a spot interruption fails it.
     pub max_attempts: u32,
-    /// Try the spot types cheapest first, by the current spot price, instead of in the order
-    /// given.
-    pub order_by_price: bool,
+    /// The job's root volume, sized from the object; `None`: the template's volume.
+    pub disk: Option<DiskRule>,
+    /// The largest volume the rule may ask for; the IAM policy bounds `ec2:VolumeSize` alike.
+    pub max_disk_gib: u64,
+    /// The device the volume override applies to: the image's root device.
+    pub root_device: String,
+    /// How long a job may wait for an instance (no capacity, a quota, the cap) before it fails.
+    pub max_wait: Duration,
+    /// When a waiting record is tried again: the queue's visibility timeout.
+    pub retry_after: Duration,
+    /// The least time between two launches of one invocation: 1 / `S3SPOT_LAUNCH_RATE`.
+    pub launch_interval: Duration,
 }
 
 /// What the job commands (`s3spot jobs`, the scheduled reaper) need: which instances are the
@@ -144,44 +181,37 @@ impl fmt::Display for MarketType {
     }
 }
 
-/// One way to launch: a market and, if configured, an instance type overriding the template's.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LaunchOption {
-    pub market: MarketType,
-    pub instance_type: Option<String>,
-}
-
-impl fmt::Display for LaunchOption {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.instance_type {
-            Some(instance_type) => write!(f, "{} {instance_type}", self.market),
-            None => write!(f, "{} (template's instance type)", self.market),
-        }
-    }
-}
-
 impl LaunchConfig {
-    /// The options to try, in order: every type on spot, then every type on demand.
-    pub fn options(&self) -> Vec<LaunchOption> {
-        let markets: &[MarketType] = match self.market {
+    /// The markets to request, in order: on-demand after spot only when spot launched nothing.
+    pub fn markets(&self) -> &'static [MarketType] {
+        match self.market {
             Market::Spot => &[MarketType::Spot],
             Market::OnDemand => &[MarketType::OnDemand],
             Market::SpotThenOnDemand => &[MarketType::Spot, MarketType::OnDemand],
+        }
+    }
+
+    /// The fleet request's pools: every instance type in every subnet.
+    pub fn pools(&self) -> Vec<Pool> {
+        crate::fleet::pools(&self.instance_types, &self.subnets)
+    }
+
+    /// The root volume for an object of `size` bytes; `Err` says why it cannot be had.
+    pub fn volume_gib(&self, size: Option<u64>) -> Result<Option<u64>, String> {
+        let Some(rule) = self.disk else {
+            return Ok(None);
         };
-        let types: Vec<Option<String>> = if self.instance_types.is_empty() {
-            vec![None]
-        } else {
-            self.instance_types.iter().cloned().map(Some).collect()
-        };
-        markets
-            .iter()
-            .flat_map(|&market| {
-                types.iter().map(move |instance_type| LaunchOption {
-                    market,
-                    instance_type: instance_type.clone(),
-                })
-            })
-            .collect()
+        let gib = rule.size_gib(size);
+        if gib > self.max_disk_gib {
+            return Err(format!(
+                "the object is {} and S3SPOT_DISK={rule} asks for a {gib} GiB volume, above \
+                 S3SPOT_MAX_DISK={} GiB; raise S3SPOT_MAX_DISK (the template's MaxDiskGiB, up \
+                 to {EBS_MAX_GIB}) or lower S3SPOT_DISK",
+                size.map_or_else(|| "of unknown size".into(), crate::fleet::human_bytes),
+                self.max_disk_gib
+            ));
+        }
+        Ok(Some(gib))
     }
 }
 
@@ -346,16 +376,112 @@ impl LaunchConfig {
                 })?,
         };
 
-        let order_by_price = match lookup("S3SPOT_ORDER_BY_PRICE").as_deref() {
-            None | Some("" | "false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "S3SPOT_ORDER_BY_PRICE",
-                    other,
-                    "expected true or false",
-                ));
+        if lookup("S3SPOT_ORDER_BY_PRICE").is_some_and(|v| !v.is_empty() && v != "false") {
+            return Err(invalid(
+                "S3SPOT_ORDER_BY_PRICE",
+                &lookup("S3SPOT_ORDER_BY_PRICE").unwrap_or_default(),
+                "it is no longer read: launches are one fleet request whose price-capacity-optimized \
+                 strategy picks the cheapest pools that have capacity; remove it",
+            ));
+        }
+
+        let requirements = match non_empty(lookup("S3SPOT_INSTANCE_REQUIREMENTS")) {
+            None => None,
+            Some(text) => Some(
+                InstanceRequirements::parse(&text)
+                    .map_err(|reason| invalid("S3SPOT_INSTANCE_REQUIREMENTS", &text, reason))?,
+            ),
+        };
+        if requirements.is_some() && !instance_types.is_empty() {
+            return Err(invalid(
+                "S3SPOT_INSTANCE_REQUIREMENTS",
+                &lookup("S3SPOT_INSTANCE_REQUIREMENTS").unwrap_or_default(),
+                "S3SPOT_INSTANCE_TYPES is set too; choose types by name or by attributes, not both",
+            ));
+        }
+
+        let subnets = match non_empty(lookup("S3SPOT_SUBNETS")) {
+            None => Vec::new(),
+            Some(list) => {
+                parse_subnets(&list).map_err(|reason| invalid("S3SPOT_SUBNETS", &list, reason))?
             }
+        };
+        let pool_count = instance_types.len().max(1) * subnets.len().max(1);
+        if pool_count > MAX_POOLS {
+            let (var, value) = if subnets.len() > 1 {
+                ("S3SPOT_SUBNETS", subnets.join(","))
+            } else {
+                ("S3SPOT_INSTANCE_TYPES", instance_types.join(","))
+            };
+            return Err(invalid(
+                var,
+                &value,
+                format!(
+                    "{} instance types in {} subnets make {pool_count} pools; one fleet request \
+                     takes at most {MAX_POOLS}",
+                    instance_types.len(),
+                    subnets.len()
+                ),
+            ));
+        }
+
+        let max_disk_gib = match non_empty(lookup("S3SPOT_MAX_DISK")) {
+            None => DEFAULT_MAX_DISK_GIB,
+            Some(value) => value
+                .parse::<u64>()
+                .ok()
+                .filter(|gib| (1..=EBS_MAX_GIB).contains(gib))
+                .ok_or_else(|| {
+                    invalid(
+                        "S3SPOT_MAX_DISK",
+                        &value,
+                        format!("expected whole GiB from 1 to {EBS_MAX_GIB}, e.g. 2048"),
+                    )
+                })?,
+        };
+        // Off unless set: only the deployer knows the image's root device and the template's
+        // own volume, which a rule must not shrink.
+        let disk = match non_empty(lookup("S3SPOT_DISK")) {
+            None => None,
+            Some(value) => Some(
+                DiskRule::parse(&value).map_err(|reason| invalid("S3SPOT_DISK", &value, reason))?,
+            ),
+        };
+        if let Some(rule) = disk
+            && rule.base_gib > max_disk_gib
+        {
+            return Err(invalid(
+                "S3SPOT_DISK",
+                &rule.to_string(),
+                format!("its base alone is above S3SPOT_MAX_DISK={max_disk_gib} GiB"),
+            ));
+        }
+        let root_device = non_empty(lookup("S3SPOT_ROOT_DEVICE"))
+            .unwrap_or_else(|| DEFAULT_ROOT_DEVICE.to_owned());
+        if !root_device.starts_with("/dev/") || root_device.len() > 32 {
+            return Err(invalid(
+                "S3SPOT_ROOT_DEVICE",
+                &root_device,
+                "expected the image's root device name, e.g. /dev/xvda",
+            ));
+        }
+
+        let max_wait = parse_duration(&lookup, "S3SPOT_MAX_WAIT", DEFAULT_MAX_WAIT, "6h")?;
+        let retry_after = parse_duration(&lookup, "S3SPOT_RETRY_AFTER", DEFAULT_RETRY_AFTER, "5m")?;
+
+        let launch_rate: f64 = match non_empty(lookup("S3SPOT_LAUNCH_RATE")) {
+            None => DEFAULT_LAUNCH_RATE,
+            Some(value) => value
+                .parse::<f64>()
+                .ok()
+                .filter(|rate| rate.is_finite() && (0.05..=1000.0).contains(rate))
+                .ok_or_else(|| {
+                    invalid(
+                        "S3SPOT_LAUNCH_RATE",
+                        &value,
+                        "expected launches per second, from 0.05 (one in 20 s) to 1000, e.g. 2",
+                    )
+                })?,
         };
 
         Ok(LaunchConfig {
@@ -363,9 +489,16 @@ impl LaunchConfig {
             template_version,
             market,
             instance_types,
+            requirements,
+            subnets,
             max_instances,
             max_attempts,
-            order_by_price,
+            disk,
+            max_disk_gib,
+            root_device,
+            max_wait,
+            retry_after,
+            launch_interval: Duration::from_secs_f64(1.0 / launch_rate),
         })
     }
 }
@@ -512,6 +645,52 @@ fn parse_launch_template(value: &str) -> Result<LaunchTemplate, String> {
     }
 }
 
+/// `6h`, `90m`, `3600s` or whole seconds.
+fn parse_duration(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+    example: &str,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = non_empty(lookup(var)) else {
+        return Ok(default);
+    };
+    let parsed = match value.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(&value).map_err(|e| e.to_string()),
+    };
+    parsed
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(30 * 24 * 3600))
+        .ok_or_else(|| {
+            invalid(
+                var,
+                &value,
+                format!("expected a duration from 1s to 30 days, e.g. {example} or 3600"),
+            )
+        })
+}
+
+fn parse_subnets(list: &str) -> Result<Vec<String>, String> {
+    let mut subnets: Vec<String> = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let ok = item
+            .strip_prefix("subnet-")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err(format!(
+                "{item:?} is not a subnet id; expected a comma-separated list such as \
+                 subnet-0abc1234,subnet-0def5678"
+            ));
+        }
+        if subnets.iter().any(|s| s == item) {
+            return Err(format!("{item} is listed twice"));
+        }
+        subnets.push(item.to_owned());
+    }
+    Ok(subnets)
+}
+
 fn parse_instance_types(list: &str) -> Result<Vec<String>, String> {
     let mut types = Vec::new();
     for item in list.split(',').map(str::trim) {
@@ -600,7 +779,13 @@ mod tests {
             ("S3SPOT_MAX_INSTANCES", "3"),
             ("S3SPOT_MAX_ATTEMPTS", "5"),
             ("S3SPOT_PIPELINE", "genomics"),
-            ("S3SPOT_ORDER_BY_PRICE", "true"),
+            ("S3SPOT_SUBNETS", "subnet-0a1, subnet-0b2"),
+            ("S3SPOT_DISK", "2x+10GiB"),
+            ("S3SPOT_MAX_DISK", "500"),
+            ("S3SPOT_ROOT_DEVICE", "/dev/sda1"),
+            ("S3SPOT_MAX_WAIT", "90m"),
+            ("S3SPOT_RETRY_AFTER", "120"),
+            ("S3SPOT_LAUNCH_RATE", "4"),
         ])
         .unwrap();
         assert_eq!(config.launch.template_version, "7");
@@ -617,7 +802,14 @@ mod tests {
         assert_eq!(config.launch.max_instances, 3);
         assert_eq!(config.launch.max_attempts, 5);
         assert_eq!(config.job.pipeline, "genomics");
-        assert!(config.launch.order_by_price);
+        assert_eq!(config.launch.subnets, ["subnet-0a1", "subnet-0b2"]);
+        assert_eq!(config.launch.pools().len(), 4);
+        assert_eq!(config.launch.disk.unwrap().to_string(), "2x+10GiB");
+        assert_eq!(config.launch.max_disk_gib, 500);
+        assert_eq!(config.launch.root_device, "/dev/sda1");
+        assert_eq!(config.launch.max_wait, Duration::from_secs(5400));
+        assert_eq!(config.launch.retry_after, Duration::from_secs(120));
+        assert_eq!(config.launch.launch_interval, Duration::from_millis(250));
         let jobs = config.jobs();
         assert_eq!(
             (
@@ -627,7 +819,14 @@ mod tests {
             ),
             ("genomics", "out/", 60)
         );
-        assert_eq!(VARIABLES.len(), 15);
+        assert_eq!(VARIABLES.len(), 23);
+        let by_attributes = with(&[(
+            "S3SPOT_INSTANCE_REQUIREMENTS",
+            "vcpu=2-8 memory=4GiB- arch=arm64",
+        )])
+        .unwrap();
+        let requirements = by_attributes.launch.requirements.unwrap();
+        assert_eq!(requirements.architectures, ["arm64"]);
     }
 
     #[test]
@@ -679,7 +878,21 @@ mod tests {
             ("S3SPOT_RESULTS_BUCKET", "My_Bucket", "bucket name"),
             ("S3SPOT_RESULTS_PREFIX", "analysis", "ends with '/'"),
             ("S3SPOT_RESULTS_PREFIX", "/analysis/", "does not start"),
-            ("S3SPOT_ORDER_BY_PRICE", "yes", "true or false"),
+            ("S3SPOT_ORDER_BY_PRICE", "true", "no longer read"),
+            (
+                "S3SPOT_INSTANCE_REQUIREMENTS",
+                "vcpus=2",
+                "not a requirement",
+            ),
+            ("S3SPOT_SUBNETS", "subnet-xyz", "not a subnet id"),
+            ("S3SPOT_SUBNETS", "subnet-0a,subnet-0a", "listed twice"),
+            ("S3SPOT_DISK", "3x", "no base"),
+            ("S3SPOT_MAX_DISK", "20000", "from 1 to 16384"),
+            ("S3SPOT_ROOT_DEVICE", "xvda", "root device"),
+            ("S3SPOT_MAX_WAIT", "forever", "duration"),
+            ("S3SPOT_MAX_WAIT", "0", "duration"),
+            ("S3SPOT_RETRY_AFTER", "-5", "duration"),
+            ("S3SPOT_LAUNCH_RATE", "0", "launches per second"),
             (
                 "S3SPOT_MARKET",
                 "spot-only",
@@ -742,28 +955,53 @@ mod tests {
     }
 
     #[test]
-    fn options_go_through_every_type_on_spot_before_on_demand() {
+    fn on_demand_comes_after_spot_and_only_then() {
         let mut launch = with(&[]).unwrap().launch;
-        let describe = |launch: &LaunchConfig| {
-            launch
-                .options()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(describe(&launch), ["spot (template's instance type)"]);
+        assert_eq!(launch.markets(), [MarketType::Spot]);
         launch.market = Market::OnDemand;
-        assert_eq!(describe(&launch), ["on-demand (template's instance type)"]);
+        assert_eq!(launch.markets(), [MarketType::OnDemand]);
         launch.market = Market::SpotThenOnDemand;
-        launch.instance_types = vec!["m7i.large".into(), "m6i.large".into()];
+        assert_eq!(launch.markets(), [MarketType::Spot, MarketType::OnDemand]);
+    }
+
+    #[test]
+    fn types_by_name_or_by_attributes_not_both() {
+        let error = with(&[
+            ("S3SPOT_INSTANCE_TYPES", "m5.large"),
+            ("S3SPOT_INSTANCE_REQUIREMENTS", "vcpu=2"),
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("not both"), "{error}");
+    }
+
+    #[test]
+    fn the_volume_is_bounded_by_the_max() {
+        let gb = 1000 * 1000 * 1000;
         assert_eq!(
-            describe(&launch),
-            [
-                "spot m7i.large",
-                "spot m6i.large",
-                "on-demand m7i.large",
-                "on-demand m6i.large"
-            ]
+            with(&[]).unwrap().launch.volume_gib(Some(gb)),
+            Ok(None),
+            "off by default"
         );
+        let launch = with(&[("S3SPOT_DISK", "3x+8GiB")]).unwrap().launch;
+        assert_eq!(launch.volume_gib(Some(1000)), Ok(Some(9)));
+        assert_eq!(launch.volume_gib(Some(10 * gb)), Ok(Some(36)));
+        let error = launch.volume_gib(Some(2000 * gb)).unwrap_err();
+        assert!(
+            error.contains("asks for a 5596 GiB volume, above S3SPOT_MAX_DISK=2048 GiB"),
+            "{error}"
+        );
+        assert!(error.contains("1862.6 GiB"), "{error}");
+        let bigger = with(&[("S3SPOT_DISK", "3x+8GiB"), ("S3SPOT_MAX_DISK", "16384")])
+            .unwrap()
+            .launch;
+        assert_eq!(bigger.volume_gib(Some(2000 * gb)), Ok(Some(5596)));
+        let off = with(&[("S3SPOT_DISK", "")]).unwrap().launch;
+        assert_eq!(
+            off.volume_gib(Some(2000 * gb)),
+            Ok(None),
+            "the template's volume"
+        );
+        let base_too_big = with(&[("S3SPOT_DISK", "100GiB"), ("S3SPOT_MAX_DISK", "50")]);
+        assert!(base_too_big.is_err());
     }
 }

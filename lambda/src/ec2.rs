@@ -1,39 +1,32 @@
-//! [`Launcher`] on EC2: `RunInstances` from a launch template, `DescribeInstances` for the guard
-//! and the job commands, `TerminateInstances` for cancelling and reaping, and the spot price
-//! history.
+//! [`Launcher`] on EC2: an instant `CreateFleet` from a launch template over every pool,
+//! `DescribeInstances` for the guard and the job commands, `TerminateInstances` for cancelling
+//! and reaping, and the spot price history.
 
 use aws_sdk_ec2::config::interceptors::InterceptorContext;
 use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::operation::run_instances::RunInstancesError;
+use aws_sdk_ec2::operation::create_fleet::{CreateFleetError, CreateFleetOutput};
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, InstanceAttributeName, InstanceInterruptionBehavior,
-    InstanceLifecycleType, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceType, LaunchTemplateSpecification,
-    MarketType as Ec2MarketType, ResourceType, ShutdownBehavior, SpotInstanceType,
-    SpotMarketOptions, Tag, TagSpecification,
+    BurstablePerformance, CpuManufacturer, DefaultTargetCapacityType, Filter,
+    FleetBlockDeviceMappingRequest, FleetEbsBlockDeviceRequest, FleetHttpTokensState,
+    FleetInstanceMetadataEndpointState, FleetInstanceMetadataOptionsRequest,
+    FleetLaunchTemplateConfigRequest, FleetLaunchTemplateOverridesRequest,
+    FleetLaunchTemplateSpecificationRequest, FleetOnDemandAllocationStrategy, FleetType,
+    InstanceAttributeName, InstanceGeneration, InstanceLifecycle, InstanceLifecycleType,
+    InstanceRequirementsRequest, InstanceType, MemoryMiBRequest, OnDemandOptionsRequest,
+    ResourceType, SpotAllocationStrategy, SpotInstanceInterruptionBehavior, SpotOptionsRequest,
+    Tag, TagSpecification, TargetCapacitySpecificationRequest, VCpuCountRangeRequest, VolumeType,
 };
 
 use crate::config::{LaunchTemplate, MarketType};
+use crate::fleet::{Burstable, InstanceRequirements, Pool, manufacturers};
 use crate::launcher::{
-    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
-    StateReason, TAG_JOB, TAG_PIPELINE,
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PoolError, PriceQuery, Refusal,
+    SpotPrice, StateReason, TAG_JOB, TAG_PIPELINE,
 };
 
 /// The spot prices s3spot compares: those of the Linux images that jobs run on.
 const PRODUCT_DESCRIPTION: &str = "Linux/UNIX";
-
-/// Errors that mean "no capacity for this option": move on to the next one.
-const CAPACITY_ERRORS: &[&str] = &[
-    "InsufficientInstanceCapacity",
-    "InsufficientCapacity",
-    "SpotMaxPriceTooLow",
-    "MaxSpotInstanceCountExceeded",
-    "UnfulfillableCapacity",
-];
-
-/// Account limits: another option would hit the same wall, and waiting frees them up.
-const QUOTA_ERRORS: &[&str] = &["VcpuLimitExceeded", "InstanceLimitExceeded"];
 
 /// Spot through the API needs this service-linked role, which a fresh account does not have
 /// (only the console creates it on the fly). Without it, spot can never launch, but on-demand
@@ -45,15 +38,6 @@ const SPOT_ROLE_REMEDY: &str = "spot needs the service-linked role AWSServiceRol
      which this account does not have: create it once with `aws iam create-service-linked-role \
      --aws-service-name spot.amazonaws.com` (scripts/deploy does), then redrive the dead-letter \
      queue";
-
-/// Whether EC2 refused this option for good: a type not offered in the zone (`Unsupported`),
-/// or an instance type EC2 rejects as a value (unknown here, or not the image's architecture).
-fn not_offered(code: &str, message: &str) -> bool {
-    let message = message.to_ascii_lowercase();
-    code == "Unsupported"
-        || (code == "InvalidParameterValue"
-            && (message.contains("instance type") || message.contains("instancetype")))
-}
 
 /// Codes that are worth retrying later even after the SDK's own retries ran out.
 const TRANSIENT_ERRORS: &[&str] = &[
@@ -85,9 +69,9 @@ impl Ec2Launcher {
 
 /// What s3spot changes in the SDK's EC2 configuration: capacity errors are final.
 ///
-/// `InsufficientInstanceCapacity` comes back as HTTP 500, which the SDK would retry three times
-/// with backoff. Capacity seldom returns within seconds; the next instance type or market
-/// often has it now.
+/// An instant fleet reports each pool's capacity error in its answer. Should EC2 answer the
+/// whole request with `InsufficientInstanceCapacity` (HTTP 500), the SDK would retry it three
+/// times with backoff; capacity seldom returns within seconds, and the queue tries again later.
 pub fn configure(builder: aws_sdk_ec2::config::Builder) -> aws_sdk_ec2::config::Builder {
     builder.retry_classifier(CapacityIsFinal)
 }
@@ -100,12 +84,14 @@ impl ClassifyRetry for CapacityIsFinal {
         let code = match ctx.output_or_error() {
             Some(Err(error)) => error
                 .as_operation_error()
-                .and_then(|e| e.downcast_ref::<RunInstancesError>())
+                .and_then(|e| e.downcast_ref::<CreateFleetError>())
                 .and_then(ProvideErrorMetadata::code),
             _ => None,
         };
         match code {
-            Some(code) if CAPACITY_ERRORS.contains(&code) => RetryAction::RetryForbidden,
+            Some(code) if matches!(Refusal::of(code), Refusal::Capacity | Refusal::Quota) => {
+                RetryAction::RetryForbidden
+            }
             _ => RetryAction::NoActionIndicated,
         }
     }
@@ -153,19 +139,11 @@ impl Launcher for Ec2Launcher {
     }
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Launched, LaunchError> {
-        let output = run_instances(&self.client, request)
+        let output = create_fleet(&self.client, request)
             .send()
             .await
-            .map_err(classify_run_instances)?;
-        let instance = output.instances().first().ok_or_else(|| LaunchError::Api {
-            operation: "RunInstances",
-            message: "the response lists no instance".into(),
-            retryable: true,
-        })?;
-        Ok(Launched {
-            instance_id: instance.instance_id().unwrap_or_default().to_owned(),
-            instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
-        })
+            .map_err(classify_create_fleet)?;
+        fleet_outcome(request, &output)
     }
 
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, LaunchError> {
@@ -370,68 +348,220 @@ fn instance_info(instance: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
     }
 }
 
-/// The `RunInstances` call for `request`: the function's launches, and `s3spot doctor`'s dry
-/// runs of them, are the same request.
-fn run_instances(
+/// The `CreateFleet` call for `request`: the function's launches, and `s3spot doctor`'s dry runs
+/// of them, are the same request.
+///
+/// One instance (`TotalTargetCapacity=1`) of type `instant`: EC2 answers at once with the
+/// instance, or with each pool's error, and keeps nothing running that would launch later.
+pub(crate) fn create_fleet(
     client: &aws_sdk_ec2::Client,
     request: &LaunchRequest,
-) -> aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder {
+) -> aws_sdk_ec2::operation::create_fleet::builders::CreateFleetFluentBuilder {
     let template = match &request.template {
-        LaunchTemplate::Id(id) => LaunchTemplateSpecification::builder().launch_template_id(id),
+        LaunchTemplate::Id(id) => {
+            FleetLaunchTemplateSpecificationRequest::builder().launch_template_id(id)
+        }
         LaunchTemplate::Name(name) => {
-            LaunchTemplateSpecification::builder().launch_template_name(name)
+            FleetLaunchTemplateSpecificationRequest::builder().launch_template_name(name)
         }
     }
     .version(&request.template_version)
+    .launch_template_specification_user_data(&request.user_data)
     .build();
+    let requirements = request.requirements.as_ref().map(requirements_request);
+    let volume = request.volume_gib.map(|gib| {
+        vec![
+            FleetBlockDeviceMappingRequest::builder()
+                .device_name(&request.root_device)
+                .ebs(
+                    FleetEbsBlockDeviceRequest::builder()
+                        .volume_size(i32::try_from(gib).unwrap_or(i32::MAX))
+                        .volume_type(VolumeType::Gp3)
+                        .encrypted(true)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        ]
+    });
+    let overrides: Vec<FleetLaunchTemplateOverridesRequest> = request
+        .pools
+        .iter()
+        .map(|pool| {
+            FleetLaunchTemplateOverridesRequest::builder()
+                .set_instance_type(pool.instance_type.as_deref().map(InstanceType::from))
+                .set_subnet_id(pool.subnet_id.clone())
+                .set_instance_requirements(requirements.clone())
+                .set_block_device_mappings(volume.clone())
+                // The template is trusted for image, network and profile, but IMDSv2 is what
+                // keeps the instance's credentials from leaking: state it in every request.
+                .metadata_options(
+                    FleetInstanceMetadataOptionsRequest::builder()
+                        .http_tokens(FleetHttpTokensState::Required)
+                        .http_endpoint(FleetInstanceMetadataEndpointState::Enabled)
+                        .build(),
+                )
+                .build()
+        })
+        .collect();
     let tags: Vec<Tag> = request
         .tags
         .iter()
         .map(|(key, value)| Tag::builder().key(key).value(value).build())
         .collect();
-    let tag = |resource: ResourceType| {
-        TagSpecification::builder()
-            .resource_type(resource)
-            .set_tags(Some(tags.clone()))
-            .build()
+    let capacity_type = match request.market {
+        MarketType::Spot => DefaultTargetCapacityType::Spot,
+        MarketType::OnDemand => DefaultTargetCapacityType::OnDemand,
     };
-    let spot = (request.option.market == MarketType::Spot).then(|| {
-        InstanceMarketOptionsRequest::builder()
-            .market_type(Ec2MarketType::Spot)
-            .spot_options(
-                SpotMarketOptions::builder()
-                    .spot_instance_type(SpotInstanceType::OneTime)
-                    .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
-                    .build(),
-            )
-            .build()
-    });
     client
-        .run_instances()
-        .launch_template(template)
-        .min_count(1)
-        .max_count(1)
+        .create_fleet()
+        .r#type(FleetType::Instant)
         .client_token(&request.client_token)
-        .user_data(&request.user_data)
-        // The template is trusted for image, network and profile, but these two are what
-        // keep a finished job from billing and its credentials from leaking: state them.
-        .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
-        .metadata_options(
-            InstanceMetadataOptionsRequest::builder()
-                .http_tokens(HttpTokensState::Required)
-                .http_endpoint(InstanceMetadataEndpointState::Enabled)
+        .launch_template_configs(
+            FleetLaunchTemplateConfigRequest::builder()
+                .launch_template_specification(template)
+                .set_overrides(Some(overrides))
                 .build(),
         )
-        .set_instance_market_options(spot)
-        .set_instance_type(
-            request
-                .option
-                .instance_type
-                .as_deref()
-                .map(InstanceType::from),
+        .target_capacity_specification(
+            TargetCapacitySpecificationRequest::builder()
+                .total_target_capacity(1)
+                .default_target_capacity_type(capacity_type)
+                .build(),
         )
-        .tag_specifications(tag(ResourceType::Instance))
-        .tag_specifications(tag(ResourceType::Volume))
+        .spot_options(
+            SpotOptionsRequest::builder()
+                // AWS's advice for spot: the pools least likely to be interrupted, among the
+                // cheapest.
+                .allocation_strategy(SpotAllocationStrategy::PriceCapacityOptimized)
+                .instance_interruption_behavior(SpotInstanceInterruptionBehavior::Terminate)
+                .build(),
+        )
+        .on_demand_options(
+            OnDemandOptionsRequest::builder()
+                .allocation_strategy(FleetOnDemandAllocationStrategy::LowestPrice)
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .set_tags(Some(tags))
+                .build(),
+        )
+}
+
+/// `S3SPOT_INSTANCE_REQUIREMENTS` as EC2's `InstanceRequirements`.
+fn requirements_request(requirements: &InstanceRequirements) -> InstanceRequirementsRequest {
+    let clamp = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
+    InstanceRequirementsRequest::builder()
+        .v_cpu_count(
+            VCpuCountRangeRequest::builder()
+                .min(clamp(requirements.vcpu.min))
+                .set_max(requirements.vcpu.max.map(clamp))
+                .build(),
+        )
+        .memory_mib(
+            MemoryMiBRequest::builder()
+                .min(clamp(requirements.memory_mib.min))
+                .set_max(requirements.memory_mib.max.map(clamp))
+                .build(),
+        )
+        .set_cpu_manufacturers((!requirements.architectures.is_empty()).then(|| {
+            requirements
+                .architectures
+                .iter()
+                .flat_map(|arch| manufacturers(arch))
+                .map(|m| CpuManufacturer::from(*m))
+                .collect()
+        }))
+        .set_excluded_instance_types(
+            (!requirements.excluded.is_empty()).then(|| requirements.excluded.clone()),
+        )
+        .burstable_performance(match requirements.burstable {
+            Burstable::Excluded => BurstablePerformance::Excluded,
+            Burstable::Included => BurstablePerformance::Included,
+            Burstable::Required => BurstablePerformance::Required,
+        })
+        .set_instance_generations(
+            requirements
+                .current_generation
+                .then(|| vec![InstanceGeneration::Current]),
+        )
+        .build()
+}
+
+/// The instance the fleet launched, or why each pool it tried launched none.
+fn fleet_outcome(
+    request: &LaunchRequest,
+    output: &CreateFleetOutput,
+) -> Result<Launched, LaunchError> {
+    if let Some((instance, id)) = output.instances().iter().find_map(|instance| {
+        instance
+            .instance_ids()
+            .first()
+            .map(|id| (instance, id.clone()))
+    }) {
+        let overrides = instance
+            .launch_template_and_overrides()
+            .and_then(|lt| lt.overrides());
+        return Ok(Launched {
+            instance_id: id,
+            instance_type: instance
+                .instance_type()
+                .map(|t| t.as_str().to_owned())
+                .or_else(|| {
+                    overrides
+                        .and_then(|o| o.instance_type())
+                        .map(|t| t.as_str().to_owned())
+                }),
+            placement: instance
+                .availability_zone()
+                .or_else(|| instance.subnet_id())
+                .or_else(|| overrides.and_then(|o| o.subnet_id()))
+                .map(str::to_owned),
+        });
+    }
+    let pools: Vec<PoolError> = output
+        .errors()
+        .iter()
+        .map(|error| {
+            let overrides = error
+                .launch_template_and_overrides()
+                .and_then(|lt| lt.overrides());
+            let pool = Pool {
+                instance_type: overrides
+                    .and_then(|o| o.instance_type())
+                    .map(|t| t.as_str().to_owned()),
+                subnet_id: overrides
+                    .and_then(|o| o.subnet_id().or(o.availability_zone()))
+                    .map(str::to_owned),
+            };
+            let market = match error.lifecycle() {
+                Some(InstanceLifecycle::Spot) => "spot",
+                Some(InstanceLifecycle::OnDemand) => "on-demand",
+                _ => request.market.as_str(),
+            };
+            let code = error.error_code().unwrap_or("Unknown").to_owned();
+            let mut message = error.error_message().unwrap_or_default().to_owned();
+            if code == SPOT_ROLE_MISSING {
+                message = format!("{SPOT_ROLE_REMEDY} ({message})");
+            }
+            PoolError {
+                pool: format!("{market} {pool}"),
+                code,
+                message,
+            }
+        })
+        .collect();
+    if pools.is_empty() {
+        // Neither an instance nor a reason: nothing says the pools are empty, so try again.
+        return Err(LaunchError::Api {
+            operation: "CreateFleet",
+            message: "the fleet launched no instance and gave no error".into(),
+            retryable: true,
+        });
+    }
+    Err(LaunchError::NoInstance { pools })
 }
 
 /// What EC2 answered a `DryRun` of a launch.
@@ -451,7 +581,7 @@ impl Ec2Launcher {
     /// Makes `request` exactly as a launch would, with `DryRun=true`: EC2 checks IAM and the
     /// parameters, and launches nothing.
     pub async fn dry_run(&self, request: &LaunchRequest) -> DryRun {
-        match run_instances(&self.client, request)
+        match create_fleet(&self.client, request)
             .dry_run(true)
             .send()
             .await
@@ -467,7 +597,7 @@ impl Ec2Launcher {
                 Some("UnauthorizedOperation") => {
                     DryRun::Unauthorized(error.message().unwrap_or_default().to_owned())
                 }
-                _ => DryRun::Failed(match api_error("RunInstances", &error) {
+                _ => DryRun::Failed(match api_error("CreateFleet", &error) {
                     LaunchError::Api { message, .. } => message,
                     other => other.to_string(),
                 }),
@@ -476,14 +606,19 @@ impl Ec2Launcher {
     }
 }
 
-fn classify_run_instances(error: SdkError<RunInstancesError>) -> LaunchError {
+/// A refusal of the whole request. Pools are refused in the answer (see [`fleet_outcome`]); a
+/// code here that names capacity or a quota applies to every pool at once.
+fn classify_create_fleet(error: SdkError<CreateFleetError>) -> LaunchError {
     let message = || error.message().unwrap_or_default().to_owned();
     match error.code() {
-        Some(code) if CAPACITY_ERRORS.contains(&code) => LaunchError::Capacity {
+        Some("IdempotentParameterMismatch") => {
+            LaunchError::ParameterMismatch { message: message() }
+        }
+        Some(code) if matches!(Refusal::of(code), Refusal::Capacity) => LaunchError::Capacity {
             code: code.to_owned(),
             message: message(),
         },
-        Some(code) if QUOTA_ERRORS.contains(&code) => LaunchError::Quota {
+        Some(code) if matches!(Refusal::of(code), Refusal::Quota) => LaunchError::Quota {
             code: code.to_owned(),
             message: message(),
         },
@@ -491,17 +626,7 @@ fn classify_run_instances(error: SdkError<RunInstancesError>) -> LaunchError {
             code: SPOT_ROLE_MISSING.to_owned(),
             message: format!("{SPOT_ROLE_REMEDY} ({})", message()),
         },
-        Some(code) if not_offered(code, error.message().unwrap_or_default()) => {
-            LaunchError::NotAvailable {
-                code: code.to_owned(),
-                message: message(),
-            }
-        }
-        Some("IdempotentInstanceTerminated") => LaunchError::AlreadyLaunched,
-        Some("IdempotentParameterMismatch") => {
-            LaunchError::ParameterMismatch { message: message() }
-        }
-        _ => api_error("RunInstances", &error),
+        _ => api_error("CreateFleet", &error),
     }
 }
 

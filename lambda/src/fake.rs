@@ -117,15 +117,15 @@ impl Launcher for ScriptedLauncher {
         requests.push(request.clone());
         let n = requests.len();
         self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
+            // The first pool, as EC2 would pick it were it the only one with capacity.
+            let pool = request.pools.first();
             Ok(Launched {
                 instance_id: format!("i-{n:017x}"),
                 instance_type: Some(
-                    request
-                        .option
-                        .instance_type
-                        .clone()
+                    pool.and_then(|p| p.instance_type.clone())
                         .unwrap_or_else(|| "t3.micro".into()),
                 ),
+                placement: pool.and_then(|p| p.subnet_id.clone()),
             })
         })
     }

@@ -3,12 +3,15 @@
 //! fleet). `s3spot jobs` and the scheduled reaper both run this, through the same [`Launcher`]
 //! and [`StatusStore`] seams as the handler.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
 use s3spot_bootstrap::{
     HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
     State, Status, StatusError, StatusStore, job_from_base64_user_data, key_results_prefix,
-    read_status, read_stored, record, stopped_folder, upload_order,
+    parse_timestamp, read_status, read_stored, record, stopped_folder, timestamp, upload_folder,
+    upload_order, waiting_prefix,
 };
 
 use crate::config::JobsConfig;
@@ -115,7 +118,11 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// One instance of the pipeline, as `s3spot jobs list` shows it.
+/// At most this many waiting jobs are failed per reaper run (see [`Jobs::expire_waiting`]).
+pub const EXPIRED_PER_RUN: usize = 100;
+
+/// One instance of the pipeline, as `s3spot jobs list` shows it; or a job that waits for one
+/// (`state` is `waiting`, and `instance_id` is empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInstance {
     pub instance_id: String,
@@ -151,6 +158,32 @@ pub struct JobInstance {
     /// Why EC2 last changed its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<StateReason>,
+    /// For a job with no instance yet: why it waits, in short, and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WaitingRow>,
+}
+
+/// Why a job waits, as `s3spot jobs list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingRow {
+    /// The reason's first words: `no capacity`, `runaway guard`, ...
+    pub reason: String,
+    pub pools_tried: usize,
+    /// RFC 3339.
+    pub since: String,
+    pub next_try: Option<String>,
+    pub gives_up_at: Option<String>,
+}
+
+/// The first clause of a reason: what kind of wait it is.
+fn short_reason(reason: &str) -> String {
+    let first = reason.split(": ").next().unwrap_or(reason);
+    let short: String = first.chars().take(60).collect();
+    if short.len() < first.len() {
+        format!("{short}…")
+    } else {
+        short
+    }
 }
 
 impl JobInstance {
@@ -303,10 +336,211 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         &self.config
     }
 
-    /// Every instance of the pipeline EC2 still lists, oldest first.
+    /// Every instance of the pipeline EC2 still lists, oldest first, then the jobs that wait for
+    /// one, oldest wait first. Waiting jobs are listed in the results bucket
+    /// (`S3SPOT_RESULTS_BUCKET`), or without one, in the buckets of the listed instances.
     pub async fn list(&self, clock: Clock) -> Result<Vec<JobInstance>, JobsError> {
         let instances = self.launcher.instances(&self.config.pipeline, None).await?;
-        self.rows(instances, clock).await
+        let mut buckets: Vec<String> = match &self.config.results_bucket {
+            Some(bucket) => vec![bucket.clone()],
+            None => instances
+                .iter()
+                .filter_map(|i| i.tag(TAG_BUCKET).map(str::to_owned))
+                .collect(),
+        };
+        buckets.sort();
+        buckets.dedup();
+        let mut rows = self.rows(instances, clock).await?;
+        let mut waiting = Vec::new();
+        for bucket in &buckets {
+            waiting.extend(self.waiting(bucket).await?);
+        }
+        waiting.sort_by(|a, b| {
+            let since = |row: &JobInstance| row.waiting.as_ref().map(|w| w.since.clone());
+            since(a).cmp(&since(b))
+        });
+        rows.extend(waiting);
+        Ok(rows)
+    }
+
+    /// Fails the jobs listed as waiting in the results bucket whose wait has run out
+    /// (`gives_up_at` has passed), with their last reason. A launch past it fails them too; this
+    /// is for the job whose queue message ran out of deliveries first (to the dead-letter
+    /// queue), which nothing would launch again. A job whose attempt a delivery is launching at
+    /// that moment (its claim pending) is left to it. At most [`EXPIRED_PER_RUN`] per run, so
+    /// that a long list does not keep the reaper from its other work; the rest wait for the next
+    /// run. Without `S3SPOT_RESULTS_BUCKET`, nothing is listed to look at.
+    pub async fn expire_waiting(
+        &self,
+        now: SystemTime,
+    ) -> Result<(Vec<EndedAttempt>, Vec<String>), JobsError> {
+        let Some(bucket) = self.config.results_bucket.clone() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let mut ended = Vec::new();
+        let mut errors = Vec::new();
+        for row in self.waiting(&bucket).await? {
+            if ended.len() >= EXPIRED_PER_RUN {
+                break;
+            }
+            let past = row
+                .waiting
+                .as_ref()
+                .and_then(|w| w.gives_up_at.as_deref())
+                .and_then(parse_timestamp)
+                .is_some_and(|at| at <= now);
+            if !past {
+                continue;
+            }
+            match self.expire(&bucket, &row, now).await {
+                Ok(Some(outcome)) => ended.push(EndedAttempt {
+                    instance: row,
+                    outcome,
+                }),
+                Ok(None) => {}
+                Err(error) => errors.push(format!(
+                    "waiting job s3://{}/{}: {}",
+                    row.bucket,
+                    row.key,
+                    s3spot_bootstrap::error_chain(&error)
+                )),
+            }
+        }
+        Ok((ended, errors))
+    }
+
+    /// Fails one waiting job whose wait is over; `None` if it turns out not to wait any more,
+    /// or a delivery holds its attempt.
+    async fn expire(
+        &self,
+        bucket: &str,
+        row: &JobInstance,
+        now: SystemTime,
+    ) -> Result<Option<String>, JobsError> {
+        let job_id = row.job_id.clone().unwrap_or_default();
+        let entry = format!(
+            "{}{job_id}/{STATUS_FILE}",
+            waiting_prefix(&self.config.results_prefix)
+        );
+        let Some(Ok(listed)) = read_stored(&self.statuses, bucket, &entry)
+            .await?
+            .map(|stored| stored.status)
+        else {
+            return Ok(None);
+        };
+        let folder = format!(
+            "{}{}/",
+            key_results_prefix(&self.config.results_prefix, &listed.input.key),
+            upload_folder(listed.uploaded_at.as_deref(), &job_id)
+        );
+        let status_key = format!("{folder}{STATUS_FILE}");
+        // The job's own status.json decides: it may have launched, or ended, since.
+        let current = read_status(&self.statuses, bucket, &status_key, &job_id).await?;
+        let Some(mut status) = current.filter(|s| s.is_waiting() && s.attempt == listed.attempt)
+        else {
+            self.statuses.delete(bucket, &entry).await?;
+            return Ok(None);
+        };
+        // The attempt's claim: a delivery that holds it is launching now, and a claim marked
+        // done keeps later deliveries from launching a job that has failed.
+        let claim_key = format!(
+            "{folder}{}attempt-{}.json",
+            s3spot_bootstrap::RECORDS_FOLDER,
+            status.attempt
+        );
+        if let Some(stored) =
+            s3spot_bootstrap::read_claim(&self.statuses, bucket, &claim_key).await?
+            && let Ok(mut claim) = stored.claim
+        {
+            if claim.instance_id.is_some() {
+                self.statuses.delete(bucket, &entry).await?;
+                return Ok(None);
+            }
+            let held = claim.is_pending()
+                && claim
+                    .age(now)
+                    .is_some_and(|age| age < crate::launch::CLAIM_LEASE);
+            if held {
+                return Ok(None);
+            }
+            claim.done = Some("waited past S3SPOT_MAX_WAIT".into());
+            match s3spot_bootstrap::write_claim(
+                &self.statuses,
+                bucket,
+                &claim_key,
+                &claim,
+                &stored.expect,
+            )
+            .await
+            {
+                Ok(_) => {}
+                // Taken by a delivery since: it decides.
+                Err(StatusError::Conflict { .. }) => return Ok(None),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let reason = status.waiting.take().map(|w| w.reason).unwrap_or_default();
+        let error = format!(
+            "waited for an instance past S3SPOT_MAX_WAIT (until {}), and no delivery of its event \
+             is left to try again; last: {reason}",
+            row.waiting
+                .as_ref()
+                .and_then(|w| w.gives_up_at.clone())
+                .unwrap_or_default()
+        );
+        status.state = State::Failed;
+        status.written_by = s3spot_bootstrap::Writer::Launcher;
+        status.error = Some(error.clone());
+        status.finished_at = timestamp(now);
+        record(&self.statuses, bucket, &status_key, status).await?;
+        self.statuses.delete(bucket, &entry).await?;
+        tracing::warn!(job_id, error, "a waiting job gave up");
+        Ok(Some(error))
+    }
+
+    /// The jobs listed as waiting for an instance in `bucket`, as rows.
+    pub async fn waiting(&self, bucket: &str) -> Result<Vec<JobInstance>, JobsError> {
+        let prefix = waiting_prefix(&self.config.results_prefix);
+        let mut rows = Vec::new();
+        for folder in self.statuses.folders(bucket, &prefix).await? {
+            let key = format!("{prefix}{folder}/{STATUS_FILE}");
+            let Some(stored) = read_stored(&self.statuses, bucket, &key).await? else {
+                continue;
+            };
+            // Not what the launcher writes there, or no longer waiting: not listed.
+            let Ok(status) = stored.status else { continue };
+            let Some(waiting) = status.waiting.as_ref().filter(|_| status.is_waiting()) else {
+                continue;
+            };
+            rows.push(JobInstance {
+                instance_id: String::new(),
+                state: State::Waiting.to_string(),
+                market: String::new(),
+                instance_type: None,
+                launched_at: None,
+                age_secs: None,
+                bucket: status.input.bucket.clone(),
+                key: status.input.key.clone(),
+                job_id: Some(status.job_id.clone()),
+                upload: None,
+                attempt: Some(status.attempt),
+                max_runtime_secs: None,
+                stuck: false,
+                result: None,
+                status_unreadable: false,
+                awaits_next_attempt: false,
+                spot_interruption: false,
+                state_reason: None,
+                waiting: Some(WaitingRow {
+                    reason: short_reason(&waiting.reason),
+                    pools_tried: waiting.pools.len(),
+                    since: waiting.since.clone(),
+                    next_try: waiting.next_try.clone(),
+                    gives_up_at: waiting.gives_up_at.clone(),
+                }),
+            });
+        }
+        Ok(rows)
     }
 
     /// The instances of the jobs `target` names: one job for an instance, every job of the
@@ -837,6 +1071,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 awaits_next_attempt,
                 spot_interruption,
                 state_reason: instance.state_reason.clone(),
+                waiting: None,
             });
         }
         Ok(rows)

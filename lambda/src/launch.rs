@@ -17,18 +17,18 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    Claim, Expect, JobSpec, StatusError, StatusStore, error_chain, read_claim, read_status,
+    Claim, Expect, Instance, JobSpec, State, Status, StatusError, StatusStore, Waiting,
+    WaitingPool, error_chain, parse_timestamp, read_claim, read_status, record, timestamp,
     write_claim,
 };
 
-use crate::config::{Config, LaunchConfig, LaunchOption};
+use crate::config::{Config, LaunchConfig, MarketType};
 use crate::event::ObjectCreated;
 use crate::handler::Handler;
-use crate::launcher::{LaunchError, LaunchRequest, Launcher, PriceQuery, job_tags};
+use crate::launcher::{LaunchError, LaunchRequest, Launcher, PoolError, Refusal, job_tags};
 use crate::plan::PlannedJob;
-use crate::prices;
 use crate::report::{FailedRecord, LaunchedJob, Report};
-use crate::token::client_token;
+use crate::token::{RequestShape, client_token};
 
 /// A claim with no instance and no release is taken to be abandoned after this long: longer
 /// than any launch takes (the template's function timeout is 50 s), and shorter than the
@@ -36,19 +36,37 @@ use crate::token::client_token;
 /// it abandoned.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(180);
 
-/// What one invocation reads from EC2 once and then keeps: the guard's count, and the order of
-/// the instance types by price.
+/// What one invocation learns from EC2 and keeps: the guard's count, whether EC2 is throttling
+/// launches, and when the next launch may go.
 #[derive(Default)]
 pub(crate) struct InvocationState {
     guard: RunawayGuard,
-    price_order: Option<Vec<String>>,
+    /// EC2 refused a launch for its request rate: the rest of the invocation's records wait
+    /// for the queue to bring them back, rather than add to the throttling.
+    throttled: Option<String>,
+    next_launch: Option<tokio::time::Instant>,
+}
+
+impl InvocationState {
+    /// Spaces this invocation's launches `1 / rate` seconds apart: EC2 refills its launch
+    /// bucket at about 2 instances a second, and a burst past it is refused.
+    async fn pace(&mut self, interval: Duration) {
+        let now = tokio::time::Instant::now();
+        let at = self.next_launch.map_or(now, |next| next.max(now));
+        tokio::time::sleep_until(at).await;
+        self.next_launch = Some(at + interval);
+    }
 }
 
 /// Why a launch is made, which decides whether the runaway guard applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Purpose {
-    /// A job's first attempt, or one an operator asked for: bounded by `S3SPOT_MAX_INSTANCES`.
+    /// A job's attempt from its upload's event: bounded by `S3SPOT_MAX_INSTANCES`. While it
+    /// cannot launch, its status says `waiting`, and the event's next delivery tries again.
     New,
+    /// An attempt an operator asked for (`s3spot jobs retry`): bounded by the cap too, but
+    /// answered there and then; no delivery comes back for it.
+    Retry,
     /// The next attempt of one that EC2 took back. Not bounded by the cap: it replaces an
     /// instance rather than adding one, and refusing it would leave its job without an outcome.
     Replacement,
@@ -72,6 +90,11 @@ struct Failed {
     record: FailedRecord,
     /// The outcome is not known: an instance may have been launched.
     maybe_launched: bool,
+    /// What each pool tried said, when a fleet request was made.
+    pools: Vec<PoolError>,
+    /// No launch of this attempt can ever succeed (every pool refused for good, an object too
+    /// big for any disk): its status says `failed` and no delivery tries again.
+    for_good: bool,
 }
 
 /// What [`Handler::claim`] found.
@@ -97,7 +120,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         // deeper than the compiler follows.
         let already_done: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(self.already_done(job));
-        let mut done = already_done.await?;
+        let (mut done, waiting_since) = already_done.await?;
         let mut held = None;
         if done.is_none() {
             let claimed: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(self.claim(job));
@@ -107,15 +130,46 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             }
         }
         if let Some(done) = done {
-            if let Launch::AlreadyDone { reason, .. } = &done {
+            if let Launch::AlreadyDone {
+                reason,
+                instance_id,
+            } = &done
+            {
+                // Listed as waiting, yet launched (by a delivery whose outcome was unknown, or
+                // one whose list update was lost): it waits no more.
+                if let (Some(since), Some(instance_id)) = (waiting_since, instance_id) {
+                    self.stop_waiting(spec, since, instance_id).await;
+                }
                 report.skip(&spec.bucket, &spec.key, reason.clone());
             }
             return Ok(done);
         }
         let (mut claim, expect) = held.expect("a launch that is not done holds the claim");
         let launched: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(self.launch_held(job, purpose, state, report));
-        let launched = launched.await;
+            Box::pin(self.launch_held(job, purpose, claim.refused, state, report));
+        let mut launched = launched.await;
+        match &mut launched {
+            // Only an event's delivery comes back to try again; a replacement's wait is the
+            // recovery's to account for (see `recover`), and a retry answers the operator. A
+            // launch whose outcome is unknown is looked up again before anything is said.
+            Err(failure)
+                if failure.record.retryable
+                    && !failure.maybe_launched
+                    && purpose == Purpose::New =>
+            {
+                self.wait_or_give_up(job, &mut claim, failure).await;
+            }
+            Err(failure) if failure.for_good && purpose != Purpose::Replacement => {
+                let error = failure.record.error.clone();
+                self.fail_for_good(spec, &mut claim, &error).await;
+            }
+            Ok(Launch::Started(instance_id)) => {
+                if let Some(since) = claim.since.clone().or(waiting_since) {
+                    self.stop_waiting(spec, since, instance_id).await;
+                }
+            }
+            _ => {}
+        }
         match &launched {
             Ok(Launch::Started(instance_id))
             | Ok(Launch::AlreadyDone {
@@ -123,6 +177,8 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 ..
             }) => claim.instance_id = Some(instance_id.clone()),
             Ok(Launch::AlreadyDone { reason, .. }) => claim.done = Some(reason.clone()),
+            // Failed for good, or given up after waiting: no delivery launches it any more.
+            Err(failure) if !failure.record.retryable && claim.done.is_some() => {}
             Err(failure) if !failure.maybe_launched => {
                 claim.released = Some(failure.record.error.clone());
             }
@@ -254,11 +310,13 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         })
     }
 
-    /// The launch itself, under the attempt's claim: the guard, then each option in order.
+    /// The launch itself, under the attempt's claim: the guard, then one fleet request per
+    /// market, on-demand only when spot launched nothing.
     async fn launch_held(
         &self,
         job: &PlannedJob,
         purpose: Purpose,
+        tries_refused: u32,
         state: &mut InvocationState,
         report: &mut Report,
     ) -> Result<Launch, Failed> {
@@ -271,24 +329,40 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 retryable,
             },
             maybe_launched: false,
+            pools: Vec::new(),
+            for_good: false,
         };
         let launch = &self.config.launch;
         let pipeline = &self.config.job.pipeline;
-        if purpose == Purpose::New {
+        if purpose != Purpose::Replacement {
             state
                 .guard
                 .check(&self.launcher, pipeline, launch.max_instances)
                 .await
                 .map_err(|error| failed(error_chain(&error), true))?;
         }
-        let options = self.options(state).await;
+        if let Some(reason) = &state.throttled {
+            return Err(failed(reason.clone(), true));
+        }
+        let volume_gib = launch.volume_gib(spec.size).map_err(|reason| Failed {
+            for_good: true,
+            ..failed(format!("cannot size the job's disk: {reason}"), false)
+        })?;
 
         let tags = job_tags(pipeline, spec);
         let user_data = job.user_data.to_base64();
-        let mut no_capacity = Vec::new();
-        let mut capacity_may_return = false;
-        for option in options {
-            let request = launch_request(launch, spec, &user_data, &tags, option);
+        let mut refused: Vec<PoolError> = Vec::new();
+        for &market in launch.markets() {
+            let request = launch_request(
+                launch,
+                spec,
+                &user_data,
+                &tags,
+                market,
+                volume_gib,
+                tries_refused,
+            );
+            state.pace(launch.launch_interval).await;
             match self.launcher.launch(&request).await {
                 Ok(launched) => {
                     state.guard.launched();
@@ -298,7 +372,9 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                         job_id = spec.job_id,
                         attempt = spec.attempt,
                         instance_id = launched.instance_id,
-                        option = %request.option,
+                        instance_type = launched.instance_type,
+                        placement = launched.placement,
+                        market = %market,
                         client_token = request.client_token,
                         "launched"
                     );
@@ -307,7 +383,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                         key: spec.key.clone(),
                         instance_id: launched.instance_id.clone(),
                         instance_type: launched.instance_type,
-                        market: request.option.market.to_string(),
+                        market: market.to_string(),
                         client_token: request.client_token,
                     });
                     return Ok(Launch::Started(launched.instance_id));
@@ -324,16 +400,29 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                         reason,
                     });
                 }
-                Err(error @ LaunchError::Capacity { .. }) => {
-                    tracing::warn!(option = %request.option, error = %error, "no capacity; trying the next option");
-                    capacity_may_return = true;
-                    no_capacity.push(format!("{}: {error}", request.option));
+                Err(LaunchError::NoInstance { pools }) => {
+                    tracing::warn!(market = %market, pools = ?pools, "the fleet request launched no instance");
+                    refused.extend(pools);
                 }
-                Err(error @ LaunchError::NotAvailable { .. }) => {
-                    tracing::warn!(option = %request.option, error = %error, "option cannot launch here; trying the next option");
-                    no_capacity.push(format!("{}: {error}", request.option));
+                Err(
+                    LaunchError::Capacity { code, message }
+                    | LaunchError::Quota { code, message }
+                    | LaunchError::NotAvailable { code, message },
+                ) => {
+                    tracing::warn!(market = %market, code, message, "the fleet request was refused");
+                    refused.push(PoolError {
+                        pool: format!("{market}, every pool"),
+                        code,
+                        message,
+                    });
                 }
                 Err(error) => {
+                    if error.is_throttling() {
+                        state.throttled = Some(format!(
+                            "EC2 is throttling launches ({error}); the records after it wait \
+                             for their next delivery"
+                        ));
+                    }
                     return Err(Failed {
                         maybe_launched: error.may_have_launched(),
                         ..failed(error.to_string(), error.is_retryable())
@@ -341,21 +430,159 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 }
             }
         }
-        // Capacity comes back; a type that is not offered, or a missing spot role, does not.
-        let what = if capacity_may_return {
-            "no launch option had capacity"
-        } else {
-            "no launch option can launch here"
+        let retryable = refused.iter().any(|pool| pool.refusal().is_retryable());
+        Err(Failed {
+            pools: refused.clone(),
+            for_good: !retryable,
+            ..failed(refusal_reason(&refused), retryable)
+        })
+    }
+
+    /// A launch that may succeed later: past `S3SPOT_MAX_WAIT` since the attempt was first
+    /// claimed, it fails for good with its last reason; before, its status says `waiting`, why,
+    /// and when it is tried again.
+    async fn wait_or_give_up(&self, job: &PlannedJob, claim: &mut Claim, failure: &mut Failed) {
+        let spec = &job.spec;
+        let launch = &self.config.launch;
+        let now = SystemTime::now();
+        let since = claim
+            .since
+            .clone()
+            .unwrap_or_else(|| claim.claimed_at.clone());
+        let waited = claim.waited(now).unwrap_or_default();
+        if waited >= launch.max_wait {
+            let error = format!(
+                "waited {} for an instance, past S3SPOT_MAX_WAIT={}; last: {}",
+                humantime::format_duration(Duration::from_secs(waited.as_secs())),
+                humantime::format_duration(launch.max_wait),
+                failure.record.error
+            );
+            tracing::warn!(
+                job_id = spec.job_id,
+                attempt = spec.attempt,
+                error,
+                "giving up"
+            );
+            failure.record.error.clone_from(&error);
+            failure.record.retryable = false;
+            claim.done = Some(error.clone());
+            let status = Status::verdict(spec, Instance::default(), State::Failed, error);
+            self.record_and_unlist(spec, status, "the failure").await;
+            return;
+        }
+        let at = |after: Duration| {
+            parse_timestamp(&since)
+                .map(|start| timestamp(start + after))
+                .unwrap_or_default()
         };
-        Err(failed(
-            format!("{what}: {}", no_capacity.join("; ")),
-            capacity_may_return,
-        ))
+        let status = Status::waiting(
+            spec,
+            Waiting {
+                reason: failure.record.error.clone(),
+                pools: failure
+                    .pools
+                    .iter()
+                    .map(|pool| WaitingPool {
+                        pool: pool.pool.clone(),
+                        code: pool.code.clone(),
+                        message: pool.message.clone(),
+                    })
+                    .collect(),
+                since: since.clone(),
+                next_try: Some(timestamp(now + launch.retry_after)),
+                gives_up_at: Some(at(launch.max_wait)).filter(|t| !t.is_empty()),
+            },
+        );
+        // The claim carries the wait on: a delivery that takes it over keeps its `since`.
+        if claim.since.is_none() {
+            claim.since = Some(since);
+        }
+        let bucket = &spec.results_bucket;
+        let status_key = spec.status_key();
+        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(record(&self.statuses, bucket, &status_key, status.clone()));
+        if let Err(error) = recorded.await {
+            tracing::warn!(
+                error = error_chain(&error),
+                "cannot record the wait in status.json"
+            );
+        }
+        let key = spec.waiting_key();
+        let body = serde_json::to_vec_pretty(&status).expect("a Status always serializes");
+        let listed: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(self.statuses.put(bucket, &key, body, &Expect::Anything));
+        if let Err(error) = listed.await {
+            tracing::warn!(
+                error = error_chain(&error),
+                "cannot update the list of waiting jobs"
+            );
+        }
+    }
+
+    /// No launch of this attempt can succeed: its status says `failed`, with why, its claim
+    /// that it is done, and it leaves the list of waiting jobs.
+    async fn fail_for_good(&self, spec: &JobSpec, claim: &mut Claim, error: &str) {
+        claim.done = Some(format!("failed for good: {error}"));
+        let status = Status::verdict(spec, Instance::default(), State::Failed, error.to_owned());
+        self.record_and_unlist(spec, status, "the failure").await;
+    }
+
+    /// The job launched after waiting: its status says so until its worker reports, and it
+    /// leaves the list of waiting jobs.
+    async fn stop_waiting(&self, spec: &JobSpec, since: String, instance_id: &str) {
+        let status = Status::waiting(
+            spec,
+            Waiting {
+                reason: format!(
+                    "launched on {instance_id} after waiting since {since}; its worker has not \
+                     reported yet"
+                ),
+                pools: Vec::new(),
+                since,
+                next_try: None,
+                gives_up_at: None,
+            },
+        );
+        self.record_and_unlist(spec, status, "the launch").await;
+    }
+
+    /// Records `status` (`what` it says, for the log), then takes the job off the list of
+    /// waiting jobs. If the status cannot be written, the job stays listed: the reaper looks at
+    /// it again once its wait is over, and finds what became of it.
+    async fn record_and_unlist(&self, spec: &JobSpec, status: Status, what: &str) {
+        let status_key = spec.status_key();
+        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(record(
+            &self.statuses,
+            &spec.results_bucket,
+            &status_key,
+            status,
+        ));
+        if let Err(error) = recorded.await {
+            tracing::warn!(
+                error = error_chain(&error),
+                "cannot record {what} in status.json"
+            );
+            return;
+        }
+        let key = spec.waiting_key();
+        let deleted: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(self.statuses.delete(&spec.results_bucket, &key));
+        if let Err(error) = deleted.await {
+            tracing::warn!(
+                error = error_chain(&error),
+                "cannot update the list of waiting jobs"
+            );
+        }
     }
 
     /// Whether the job's attempt already has an instance (in any state EC2 still lists), or
     /// an outcome in its status.json (which outlives EC2's memory of instances and tokens).
-    async fn already_done(&self, job: &PlannedJob) -> Result<Option<Launch>, FailedRecord> {
+    ///
+    /// Also says since when the job has waited, if its status.json says it waits.
+    async fn already_done(
+        &self,
+        job: &PlannedJob,
+    ) -> Result<(Option<Launch>, Option<String>), FailedRecord> {
         let spec = &job.spec;
         let failed = |error: String, retryable: bool| FailedRecord {
             bucket: spec.bucket.clone(),
@@ -373,21 +600,14 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     error.is_retryable(),
                 )
             })?;
+        // An instance of a later attempt means this one is behind the job too: an operator's
+        // retry, or a replacement, launched after it.
         let mut of_attempt: Vec<_> = instances
             .iter()
-            .filter(|i| i.attempt() == Some(spec.attempt))
+            .filter(|i| i.attempt().is_some_and(|a| a >= spec.attempt))
             .collect();
-        // An active one first: it is the one that counts.
-        of_attempt.sort_by_key(|i| !i.is_active());
-        if let Some(instance) = of_attempt.first() {
-            return Ok(Some(Launch::AlreadyDone {
-                instance_id: Some(instance.instance_id.clone()),
-                reason: format!(
-                    "already launched: attempt {} of job {} is on {} ({})",
-                    spec.attempt, spec.job_id, instance.instance_id, instance.state
-                ),
-            }));
-        }
+        // This attempt's own, and an active one, first: it is the one that counts.
+        of_attempt.sort_by_key(|i| (i.attempt() != Some(spec.attempt), !i.is_active()));
         let status = match read_status(
             &self.statuses,
             &spec.results_bucket,
@@ -405,6 +625,8 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 );
                 None
             }
+            // With an instance found, the status only says whether the job was listed waiting.
+            Err(_) if !of_attempt.is_empty() => None,
             Err(error @ StatusError::OtherJob { .. }) => {
                 return Err(failed(error_chain(&error), false));
             }
@@ -415,9 +637,29 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 ));
             }
         };
-        Ok(status
+        let waiting_since = status
+            .as_ref()
+            .and_then(|status| status.waiting.as_ref().filter(|_| status.is_waiting()))
+            .map(|waiting| waiting.since.clone());
+        if let Some(instance) = of_attempt.first() {
+            return Ok((
+                Some(Launch::AlreadyDone {
+                    instance_id: Some(instance.instance_id.clone()),
+                    reason: format!(
+                        "already launched: attempt {} of job {} is on {} ({})",
+                        instance.attempt().unwrap_or(spec.attempt),
+                        spec.job_id,
+                        instance.instance_id,
+                        instance.state
+                    ),
+                }),
+                waiting_since,
+            ));
+        }
+        let done = status
+            // A waiting status is no outcome: the attempt is still to launch.
             .filter(|status| {
-                status.attempt >= spec.attempt || status.outcome_of(spec.attempt).is_some()
+                status.attempt > spec.attempt || status.outcome_of(spec.attempt).is_some()
             })
             .map(|status| Launch::AlreadyDone {
                 instance_id: None,
@@ -428,61 +670,82 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     status.attempt,
                     status.state
                 ),
-            }))
-    }
-
-    /// The launch options in the order to try them: as configured, or with the spot types
-    /// cheapest first when `S3SPOT_ORDER_BY_PRICE` is on. Prices are read once per invocation;
-    /// when they cannot be read, the configured order stands.
-    async fn options(&self, state: &mut InvocationState) -> Vec<LaunchOption> {
-        let launch = &self.config.launch;
-        if !launch.order_by_price || launch.instance_types.len() < 2 {
-            return launch.options();
-        }
-        if state.price_order.is_none() {
-            let query = PriceQuery {
-                instance_types: launch.instance_types.clone(),
-                ..PriceQuery::default()
-            };
-            let order = match self.launcher.spot_prices(&query).await {
-                Ok(history) => {
-                    let quotes =
-                        prices::current(&history, self.config.job.region.as_deref().unwrap_or(""));
-                    prices::order_by_price(&launch.instance_types, &quotes)
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "cannot read spot prices; trying the instance types in the configured order");
-                    launch.instance_types.clone()
-                }
-            };
-            tracing::info!(order = ?order, "instance types by current spot price");
-            state.price_order = Some(order);
-        }
-        let mut ordered = launch.clone();
-        ordered.instance_types = state.price_order.clone().unwrap_or_default();
-        ordered.options()
+            });
+        Ok((done, waiting_since))
     }
 }
 
-/// The `RunInstances` request for one launch option of a planned job.
+/// The reason, in words, that no pool launched: what most of them said, with the count.
+fn refusal_reason(refused: &[PoolError]) -> String {
+    let mut codes: Vec<(String, usize)> = Vec::new();
+    for pool in refused {
+        match codes.iter_mut().find(|(code, _)| *code == pool.code) {
+            Some((_, n)) => *n += 1,
+            None => codes.push((pool.code.clone(), 1)),
+        }
+    }
+    let kinds: Vec<Refusal> = refused.iter().map(PoolError::refusal).collect();
+    let what = if kinds.contains(&Refusal::Capacity) {
+        "no capacity"
+    } else if kinds.contains(&Refusal::Quota) {
+        "an account quota is reached"
+    } else if kinds.contains(&Refusal::Transient) {
+        "EC2 could not launch for now"
+    } else {
+        "no pool can launch here"
+    };
+    let tally = codes
+        .iter()
+        .map(|(code, n)| format!("{code} \u{d7}{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let detail = refused
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "{what}: {} pool(s) tried, none launched ({tally}): {detail}",
+        refused.len()
+    )
+}
+
+/// The fleet request for one market of a planned job.
 fn launch_request(
     launch: &LaunchConfig,
     spec: &JobSpec,
     user_data: &str,
     tags: &[(String, String)],
-    option: LaunchOption,
+    market: MarketType,
+    volume_gib: Option<u64>,
+    refused: u32,
 ) -> LaunchRequest {
+    let pools = launch.pools();
     LaunchRequest {
         template: launch.template.clone(),
         template_version: launch.template_version.clone(),
-        client_token: client_token(&spec.job_id, spec.attempt, &option),
+        client_token: client_token(
+            &spec.job_id,
+            spec.attempt,
+            RequestShape {
+                market,
+                pools: &pools,
+                requirements: launch.requirements.as_ref(),
+                volume_gib,
+                refused,
+            },
+        ),
+        market,
+        pools,
+        requirements: launch.requirements.clone(),
+        volume_gib,
+        root_device: launch.root_device.clone(),
         user_data: user_data.to_owned(),
         tags: tags.to_vec(),
-        option,
     }
 }
 
-/// The requests the function would make, option by option, for the first attempt of `object`:
+/// The requests the function would make, market by market, for the first attempt of `object`:
 /// for `s3spot doctor` to try with `DryRun`. `None` when the function would skip the object.
 pub fn launch_requests(
     config: &Config,
@@ -492,13 +755,22 @@ pub fn launch_requests(
         crate::plan::Decision::Launch { job, .. } => {
             let tags = job_tags(&config.job.pipeline, &job.spec);
             let user_data = job.user_data.to_base64();
+            let volume_gib = config.launch.volume_gib(job.spec.size)?;
             Ok(Some(
                 config
                     .launch
-                    .options()
-                    .into_iter()
-                    .map(|option| {
-                        launch_request(&config.launch, &job.spec, &user_data, &tags, option)
+                    .markets()
+                    .iter()
+                    .map(|&market| {
+                        launch_request(
+                            &config.launch,
+                            &job.spec,
+                            &user_data,
+                            &tags,
+                            market,
+                            volume_gib,
+                            0,
+                        )
                     })
                     .collect(),
             ))

@@ -4,7 +4,8 @@ use std::future::Future;
 
 use s3spot_bootstrap::JobSpec;
 
-use crate::config::{LaunchOption, LaunchTemplate};
+use crate::config::{LaunchTemplate, MarketType};
+use crate::fleet::{InstanceRequirements, Pool};
 
 /// Tags s3spot puts on every instance and volume it launches.
 pub const TAG_NAME: &str = "Name";
@@ -37,16 +38,25 @@ pub fn job_tags(pipeline: &str, spec: &JobSpec) -> Vec<(String, String)> {
     ]
 }
 
-/// One `RunInstances` call, fully decided: a launcher adds nothing of its own.
+/// One fleet request for one instance (EC2's `CreateFleet` of type `instant`), fully decided: a
+/// launcher adds nothing of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
     pub template: LaunchTemplate,
     pub template_version: String,
-    pub option: LaunchOption,
+    pub market: MarketType,
+    /// Where the instance may come from; EC2 picks among them (price-capacity-optimized for
+    /// spot, the lowest price on demand).
+    pub pools: Vec<Pool>,
+    /// With these, EC2 chooses the types of each pool itself.
+    pub requirements: Option<InstanceRequirements>,
+    /// The root volume's size in GiB, on `root_device`; `None`: the template's volume.
+    pub volume_gib: Option<u64>,
+    pub root_device: String,
     /// Base64 of the bootstrap script.
     pub user_data: String,
     pub client_token: String,
-    /// For the instance and its volumes, in this order.
+    /// For the instance.
     pub tags: Vec<(String, String)>,
 }
 
@@ -55,6 +65,92 @@ pub struct LaunchRequest {
 pub struct Launched {
     pub instance_id: String,
     pub instance_type: Option<String>,
+    /// The zone or subnet it came from, as far as the provider says.
+    pub placement: Option<String>,
+}
+
+/// Why one pool gave no instance, as EC2 said it in the fleet's answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolError {
+    /// `spot m5.large in subnet-0abc`.
+    pub pool: String,
+    /// `InsufficientInstanceCapacity`, `VcpuLimitExceeded`, ...
+    pub code: String,
+    pub message: String,
+}
+
+/// What kind of refusal a code is, which decides whether waiting helps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No capacity in that pool now; it comes back.
+    Capacity,
+    /// An account limit; it frees up as instances end.
+    Quota,
+    /// EC2 is throttling requests (its bucket refills), failed for a moment, or said something
+    /// s3spot does not know.
+    Transient,
+    /// Never here: a type not offered, a missing role, a denied permission. Waiting does not
+    /// help.
+    Permanent,
+}
+
+impl Refusal {
+    pub fn of(code: &str) -> Refusal {
+        const CAPACITY: &[&str] = &[
+            "InsufficientInstanceCapacity",
+            "InsufficientCapacity",
+            "InsufficientHostCapacity",
+            "SpotMaxPriceTooLow",
+            "UnfulfillableCapacity",
+        ];
+        const QUOTA: &[&str] = &[
+            "VcpuLimitExceeded",
+            "InstanceLimitExceeded",
+            "MaxSpotInstanceCountExceeded",
+        ];
+        // What no wait fixes: a malformed request, a resource that is not there, a type not
+        // offered, a refused permission, an account not set up for it.
+        const PERMANENT_PREFIXES: &[&str] = &[
+            "Invalid",
+            "Unsupported",
+            "Unauthorized",
+            "AuthFailure",
+            "OptInRequired",
+            "Blocked",
+            "MissingParameter",
+        ];
+        if CAPACITY.contains(&code) {
+            Refusal::Capacity
+        } else if QUOTA.contains(&code) {
+            Refusal::Quota
+        } else if PERMANENT_PREFIXES.iter().any(|p| code.starts_with(p)) {
+            Refusal::Permanent
+        } else {
+            // Throttling, an internal error, or a code s3spot does not know: waiting is the safe
+            // side, bounded by S3SPOT_MAX_WAIT, where failing for good would lose the job.
+            Refusal::Transient
+        }
+    }
+
+    pub fn is_retryable(self) -> bool {
+        self != Refusal::Permanent
+    }
+}
+
+impl PoolError {
+    pub fn refusal(&self) -> Refusal {
+        Refusal::of(&self.code)
+    }
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.pool, self.code)?;
+        if !self.message.is_empty() && self.message != self.code {
+            write!(f, " ({})", self.message)?;
+        }
+        Ok(())
+    }
 }
 
 /// Pending or running: the states that bill, or are about to.
@@ -160,6 +256,9 @@ pub struct PriceQuery {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// The fleet request launched nothing: each pool it tried said why.
+    #[error("no instance from {} pool(s): {}", pools.len(), pools.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoInstance { pools: Vec<PoolError> },
     /// No capacity for this option; the next option may have some.
     #[error("no capacity ({code}): {message}")]
     Capacity { code: String, message: String },
@@ -193,6 +292,9 @@ impl LaunchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LaunchError::Capacity { .. } | LaunchError::Quota { .. } => true,
+            LaunchError::NoInstance { pools } => {
+                pools.iter().any(|pool| pool.refusal().is_retryable())
+            }
             LaunchError::AlreadyLaunched
             | LaunchError::ParameterMismatch { .. }
             | LaunchError::NotAvailable { .. } => false,
@@ -204,6 +306,14 @@ impl LaunchError {
     /// or a server error can come after EC2 has launched it. EC2's refusals say it has not.
     /// Throttling counts as unknown: the SDK retries it, and an earlier try may have timed out
     /// after EC2 launched the instance.
+    pub fn is_throttling(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::Api { message, .. }
+                if message.starts_with("RequestLimitExceeded") || message.starts_with("Throttling")
+        )
+    }
+
     pub fn may_have_launched(&self) -> bool {
         matches!(
             self,
@@ -227,7 +337,8 @@ pub trait Launcher: Send + Sync {
         enough: usize,
     ) -> impl Future<Output = Result<usize, LaunchError>> + Send;
 
-    /// Launches one instance, idempotently per `request.client_token`.
+    /// Launches one instance from one of the request's pools, idempotently per
+    /// `request.client_token`.
     fn launch(
         &self,
         request: &LaunchRequest,
@@ -341,3 +452,50 @@ macro_rules! delegate_launcher {
 }
 
 delegate_launcher!(&L, std::sync::Arc<L>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_pool_error_is_a_kind_of_wait_or_a_refusal_for_good() {
+        for (code, kind) in [
+            ("InsufficientInstanceCapacity", Refusal::Capacity),
+            ("UnfulfillableCapacity", Refusal::Capacity),
+            ("VcpuLimitExceeded", Refusal::Quota),
+            ("MaxSpotInstanceCountExceeded", Refusal::Quota),
+            ("RequestLimitExceeded", Refusal::Transient),
+            ("InternalError", Refusal::Transient),
+            ("SomethingNew", Refusal::Transient),
+            ("Unsupported", Refusal::Permanent),
+            ("InvalidParameterValue", Refusal::Permanent),
+            ("UnauthorizedOperation", Refusal::Permanent),
+            (
+                "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+                Refusal::Permanent,
+            ),
+        ] {
+            assert_eq!(Refusal::of(code), kind, "{code}");
+        }
+        let mixed = LaunchError::NoInstance {
+            pools: vec![
+                PoolError {
+                    pool: "spot a".into(),
+                    code: "Unsupported".into(),
+                    message: String::new(),
+                },
+                PoolError {
+                    pool: "spot b".into(),
+                    code: "InsufficientInstanceCapacity".into(),
+                    message: String::new(),
+                },
+            ],
+        };
+        assert!(mixed.is_retryable(), "one pool may have capacity later");
+        let LaunchError::NoInstance { mut pools } = mixed else {
+            unreachable!()
+        };
+        pools.pop();
+        assert!(!LaunchError::NoInstance { pools }.is_retryable());
+    }
+}

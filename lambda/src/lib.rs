@@ -12,6 +12,7 @@ pub mod ec2;
 pub mod event;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod fleet;
 pub mod handler;
 pub mod jobs;
 pub mod key;
@@ -29,8 +30,8 @@ pub use handler::{Handler, error_chain};
 pub use jobs::{Clock, Jobs, JobsError, Target};
 pub use launch::{CLAIM_LEASE, launch_requests};
 pub use launcher::{
-    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
-    StateReason,
+    InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PoolError, PriceQuery, Refusal,
+    SpotPrice, StateReason,
 };
 pub use recover::REPLACEMENT_WAIT;
 pub use report::{HandlerError, METRICS_NAMESPACE, MetricsSink, RecordCounts, Report, Response};

@@ -1,5 +1,5 @@
 //! Spot prices: the current one per type and zone, the cheapest fit, and the order to try types
-//! in. Shared by `s3spot prices` and the launcher's `S3SPOT_ORDER_BY_PRICE`.
+//! in. Used by `s3spot prices`.
 
 use std::collections::HashMap;
 
@@ -113,8 +113,7 @@ pub fn current(history: &[SpotPrice], region: &str) -> Vec<Quote> {
 }
 
 /// The cheapest current quote among `allowed` types (any type when `allowed` is empty). Among
-/// equally cheap types, the one listed first in `allowed` wins, as it does in
-/// [`order_by_price`].
+/// equally cheap types, the one listed first in `allowed` wins.
 pub fn recommend<'q>(quotes: &'q [Quote], allowed: &[String]) -> Option<&'q Quote> {
     let rank = |q: &Quote| allowed.iter().position(|t| *t == q.instance_type);
     let fitting = || {
@@ -129,27 +128,14 @@ pub fn recommend<'q>(quotes: &'q [Quote], allowed: &[String]) -> Option<&'q Quot
         .min_by_key(|q| rank(q))
 }
 
-/// `types` ordered by their cheapest current price in any zone. Types without a price keep
-/// their configured order, after the priced ones: the launcher still tries them.
-pub fn order_by_price(types: &[String], quotes: &[Quote]) -> Vec<String> {
-    let cheapest = |instance_type: &String| {
-        quotes
-            .iter()
-            .find(|q| &q.instance_type == instance_type)
-            .map(|q| q.spot_usd_per_hour)
-    };
-    let mut ordered: Vec<(usize, Option<f64>, &String)> = types
+/// The pools (type × zone) of `allowed` types (any type when empty), cheapest first: what the
+/// fleet request's price-capacity-optimized strategy chooses among, the cheapest pools that
+/// have capacity first.
+pub fn pools<'q>(quotes: &'q [Quote], allowed: &[String]) -> Vec<&'q Quote> {
+    quotes
         .iter()
-        .enumerate()
-        .map(|(i, t)| (i, cheapest(t), t))
-        .collect();
-    ordered.sort_by(|a, b| match (a.1, b.1) {
-        (Some(x), Some(y)) => x.total_cmp(&y).then(a.0.cmp(&b.0)),
-        (Some(_), None) => std::cmp::Ordering::Less,
-        (None, Some(_)) => std::cmp::Ordering::Greater,
-        (None, None) => a.0.cmp(&b.0),
-    });
-    ordered.into_iter().map(|(_, _, t)| t.clone()).collect()
+        .filter(|q| allowed.is_empty() || allowed.contains(&q.instance_type))
+        .collect()
 }
 
 #[cfg(test)]
@@ -237,22 +223,27 @@ mod tests {
             recommend(&tied, &allowed).unwrap().instance_type,
             "m5.large"
         );
-        assert_eq!(order_by_price(&allowed, &tied)[0], "m5.large");
     }
 
     #[test]
-    fn types_without_a_price_keep_their_place_after_the_priced_ones() {
+    fn pools_are_each_type_in_each_zone_cheapest_first() {
         let quotes = current(
             &[
                 price("c5.large", "a", 0.03, 1),
+                price("c5.large", "b", 0.01, 1),
                 price("m5.large", "b", 0.02, 1),
+                price("x1.large", "a", 0.001, 1),
             ],
             "us-east-1",
         );
-        let types = ["x.unknown", "c5.large", "y.unknown", "m5.large"].map(String::from);
+        let allowed = ["m5.large", "c5.large"].map(String::from);
+        let pools: Vec<(&str, &str)> = pools(&quotes, &allowed)
+            .iter()
+            .map(|q| (q.instance_type.as_str(), q.availability_zone.as_str()))
+            .collect();
         assert_eq!(
-            order_by_price(&types, &quotes),
-            ["m5.large", "c5.large", "x.unknown", "y.unknown"]
+            pools,
+            [("c5.large", "b"), ("m5.large", "b"), ("c5.large", "a")]
         );
     }
 }

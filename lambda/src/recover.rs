@@ -372,7 +372,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             Ok(Plan::Launch(job)) => {
                 let mut state = InvocationState::default();
                 if let Err(failure) = self
-                    .launch(&job, Purpose::New, &mut state, &mut report)
+                    .launch(&job, Purpose::Retry, &mut state, &mut report)
                     .await
                 {
                     report.fail(failure);
@@ -417,6 +417,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     .errors
                     .push(format!("{}: {error}", instance.instance_id)),
             }
+        }
+        // After the instances: the jobs EC2 took back come first.
+        match jobs.expire_waiting(std::time::SystemTime::now()).await {
+            Ok((expired, errors)) => {
+                stopped.ended.extend(expired);
+                stopped.errors.extend(errors);
+            }
+            Err(error) => stopped
+                .errors
+                .push(format!("the list of waiting jobs: {}", error_chain(&error))),
         }
         Ok(stopped)
     }

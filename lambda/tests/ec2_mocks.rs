@@ -1,18 +1,21 @@
 //! EC2 error sequences, played by aws-smithy-mocks to the real `Ec2Launcher` and SDK client (with
-//! s3spot's retry configuration), under the real handler.
+//! s3spot's retry configuration), under the real handler: the fleet request's shape, and what
+//! becomes of each mix of pool errors EC2 answers with.
 
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::operation::create_fleet::{CreateFleetInput, CreateFleetOutput};
 use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
 use aws_sdk_ec2::operation::describe_spot_price_history::{
     DescribeSpotPriceHistoryInput, DescribeSpotPriceHistoryOutput,
 };
-use aws_sdk_ec2::operation::run_instances::{RunInstancesInput, RunInstancesOutput};
 use aws_sdk_ec2::types::{
-    HttpTokensState, Instance, InstanceType, MarketType, Reservation, ResourceType,
-    ShutdownBehavior, SpotInstanceType, SpotPrice,
+    CreateFleetError, CreateFleetInstance, DefaultTargetCapacityType, FleetHttpTokensState,
+    FleetLaunchTemplateOverrides, FleetType, Instance, InstanceLifecycle, InstanceType,
+    LaunchTemplateAndOverridesResponse, Reservation, ResourceType, SpotAllocationStrategy,
+    SpotPrice,
 };
 use aws_smithy_mocks::{Rule, RuleMode, mock, mock_client};
 use s3spot_bootstrap::fake::MemoryStatuses;
@@ -39,61 +42,101 @@ fn ec2_error(code: &str, message: &str) -> String {
     )
 }
 
-fn launched(id: &str, instance_type: &str) -> RunInstancesOutput {
-    RunInstancesOutput::builder()
-        .instances(
-            Instance::builder()
-                .instance_id(id)
+fn overrides(instance_type: &str, subnet: &str) -> LaunchTemplateAndOverridesResponse {
+    LaunchTemplateAndOverridesResponse::builder()
+        .overrides(
+            FleetLaunchTemplateOverrides::builder()
                 .instance_type(InstanceType::from(instance_type))
+                .subnet_id(subnet)
                 .build(),
         )
         .build()
 }
 
-/// What every RunInstances call s3spot makes must look like.
-fn well_formed(request: &RunInstancesInput) -> bool {
-    let template = request.launch_template().unwrap();
-    let tagged = |resource: ResourceType| {
-        request.tag_specifications().iter().any(|spec| {
-            spec.resource_type() == Some(&resource)
-                && spec
-                    .tags()
-                    .iter()
-                    .any(|t| t.key() == Some("s3spot:pipeline"))
-                && spec.tags().iter().any(|t| t.key() == Some("s3spot:job"))
-        })
+fn launched(id: &str, instance_type: &str) -> CreateFleetOutput {
+    CreateFleetOutput::builder()
+        .fleet_id("fleet-0123")
+        .instances(
+            CreateFleetInstance::builder()
+                .instance_ids(id)
+                .instance_type(InstanceType::from(instance_type))
+                .lifecycle(InstanceLifecycle::Spot)
+                .launch_template_and_overrides(overrides(instance_type, "subnet-0a"))
+                .build(),
+        )
+        .build()
+}
+
+/// A pool's error in the fleet's answer: (lifecycle, type, subnet, code).
+fn pool_error(lifecycle: &str, instance_type: &str, subnet: &str, code: &str) -> CreateFleetError {
+    CreateFleetError::builder()
+        .lifecycle(InstanceLifecycle::from(lifecycle))
+        .launch_template_and_overrides(overrides(instance_type, subnet))
+        .error_code(code)
+        .error_message(format!("{code} for {instance_type} in {subnet}"))
+        .build()
+}
+
+/// An answer with no instance, and these errors.
+fn refused(errors: Vec<CreateFleetError>) -> CreateFleetOutput {
+    CreateFleetOutput::builder()
+        .fleet_id("fleet-0123")
+        .set_errors(Some(errors))
+        .build()
+}
+
+/// What every fleet request s3spot makes must look like.
+fn well_formed(request: &CreateFleetInput) -> bool {
+    let [config] = request.launch_template_configs() else {
+        return false;
     };
+    let Some(template) = config.launch_template_specification() else {
+        return false;
+    };
+    let tagged = request.tag_specifications().iter().any(|spec| {
+        spec.resource_type() == Some(&ResourceType::Instance)
+            && spec
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some("s3spot:pipeline"))
+            && spec.tags().iter().any(|t| t.key() == Some("s3spot:job"))
+    });
+    let target = request.target_capacity_specification();
     template.launch_template_name() == Some("s3spot-worker")
         && template.version() == Some("4")
-        && request.min_count() == Some(1)
-        && request.max_count() == Some(1)
+        && template
+            .launch_template_specification_user_data()
+            .is_some_and(|u| {
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, u)
+                    .is_ok_and(|script| script.starts_with(b"#!/bin/bash\n"))
+            })
+        && request.r#type() == Some(&FleetType::Instant)
+        && target.and_then(|t| t.total_target_capacity()) == Some(1)
         && request.client_token().is_some_and(|t| t.len() <= 64)
-        && request.image_id().is_none()
-        && request.user_data().is_some_and(|u| {
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, u)
-                .is_ok_and(|script| script.starts_with(b"#!/bin/bash\n"))
+        && request.spot_options().and_then(|o| o.allocation_strategy())
+            == Some(&SpotAllocationStrategy::PriceCapacityOptimized)
+        && !config.overrides().is_empty()
+        && config.overrides().iter().all(|o| {
+            o.metadata_options().and_then(|m| m.http_tokens())
+                == Some(&FleetHttpTokensState::Required)
+                && o.image_id().is_none()
+                && o.iam_instance_profile().is_none()
         })
-        && request.instance_initiated_shutdown_behavior() == Some(&ShutdownBehavior::Terminate)
-        && request.metadata_options().and_then(|m| m.http_tokens())
-            == Some(&HttpTokensState::Required)
-        && tagged(ResourceType::Instance)
-        && tagged(ResourceType::Volume)
+        && tagged
 }
 
-fn is_spot(request: &RunInstancesInput) -> bool {
-    request.instance_market_options().is_some_and(|m| {
-        m.market_type() == Some(&MarketType::Spot)
-            && m.spot_options().and_then(|s| s.spot_instance_type())
-                == Some(&SpotInstanceType::OneTime)
-    })
+fn is_spot(request: &CreateFleetInput) -> bool {
+    request
+        .target_capacity_specification()
+        .and_then(|t| t.default_target_capacity_type())
+        == Some(&DefaultTargetCapacityType::Spot)
 }
 
-/// RunInstances answers once with this EC2 error.
-fn run_instances_fails(status: u16, code: &str, message: &str) -> Rule {
-    mock!(Client::run_instances)
-        .sequence()
-        .http_status(status, Some(ec2_error(code, message)))
-        .build()
+fn is_on_demand(request: &CreateFleetInput) -> bool {
+    request
+        .target_capacity_specification()
+        .and_then(|t| t.default_target_capacity_type())
+        == Some(&DefaultTargetCapacityType::OnDemand)
 }
 
 fn none_running() -> Rule {
@@ -139,219 +182,273 @@ async fn report(handler: &Handler<Ec2Launcher, MemoryStatuses>) -> Report {
     }
 }
 
-#[tokio::test]
-async fn capacity_errors_fall_back_at_once_without_sdk_retries() {
-    let describe = none_running();
-    let spot = mock!(Client::run_instances)
-        .match_requests(|r| well_formed(r) && is_spot(r))
-        .sequence()
-        .http_status(
-            500,
-            Some(ec2_error(
-                "InsufficientInstanceCapacity",
-                "We currently do not have sufficient m7i.large capacity in the Availability Zone you requested.",
-            )),
-        )
-        .http_status(400, Some(ec2_error("SpotMaxPriceTooLow", "Your Spot request price is lower than the minimum required Spot request fulfillment price.")))
-        .build();
-    let on_demand = mock!(Client::run_instances)
-        .match_requests(|r| {
-            well_formed(r)
-                && r.instance_market_options().is_none()
-                && r.instance_type() == Some(&InstanceType::from("m7i.large"))
-        })
-        .then_output(|| launched("i-0123456789abcdef0", "m7i.large"));
-    let handler = handler(
-        config(&[
-            ("S3SPOT_MARKET", "spot-then-on-demand"),
-            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
-        ]),
-        &[&describe, &spot, &on_demand],
-    );
+const TYPES: (&str, &str) = ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large");
+const SUBNETS: (&str, &str) = ("S3SPOT_SUBNETS", "subnet-0a,subnet-0b");
 
+#[tokio::test]
+async fn one_request_names_every_type_in_every_subnet_with_the_job() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet)
+        .match_requests(|r| {
+            let pools: Vec<(String, String)> = r.launch_template_configs()[0]
+                .overrides()
+                .iter()
+                .map(|o| {
+                    (
+                        o.instance_type().unwrap().as_str().to_owned(),
+                        o.subnet_id().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            let volume = &r.launch_template_configs()[0].overrides()[0].block_device_mappings()[0];
+            well_formed(r)
+                && is_spot(r)
+                && pools
+                    == [
+                        ("m7i.large".into(), "subnet-0a".into()),
+                        ("m7i.large".into(), "subnet-0b".into()),
+                        ("m6i.large".into(), "subnet-0a".into()),
+                        ("m6i.large".into(), "subnet-0b".into()),
+                    ]
+                && volume.device_name() == Some("/dev/xvda")
+                // The console event's object is 1024 bytes: 3 KiB and the 8 GiB base.
+                && volume.ebs().and_then(|e| e.volume_size()) == Some(9)
+                && volume.ebs().and_then(|e| e.encrypted()) == Some(true)
+        })
+        .then_output(|| launched("i-0fleet", "m6i.large"));
+    let handler = handler(
+        config(&[TYPES, SUBNETS, ("S3SPOT_DISK", "3x+8GiB")]),
+        &[&describe, &fleet],
+    );
     let report = report(&handler).await;
     assert_eq!(report.failed, []);
-    assert_eq!(report.launched[0].instance_id, "i-0123456789abcdef0");
-    assert_eq!(report.launched[0].market, "on-demand");
+    assert_eq!(report.launched[0].instance_id, "i-0fleet");
     assert_eq!(
         report.launched[0].instance_type.as_deref(),
-        Some("m7i.large")
+        Some("m6i.large")
+    );
+    assert_eq!(fleet.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn requirements_become_the_fleets_instance_requirements() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet)
+        .match_requests(|r| {
+            let overrides = r.launch_template_configs()[0].overrides();
+            let requirements = overrides[0].instance_requirements().unwrap();
+            well_formed(r)
+                && overrides.len() == 2
+                && overrides.iter().all(|o| o.instance_type().is_none())
+                && requirements.v_cpu_count().and_then(|v| v.min()) == Some(2)
+                && requirements.v_cpu_count().and_then(|v| v.max()) == Some(8)
+                && requirements.memory_mib().and_then(|m| m.min()) == Some(4096)
+                && requirements
+                    .cpu_manufacturers()
+                    .iter()
+                    .map(|m| m.as_str())
+                    .eq(["amazon-web-services"])
+                && requirements.excluded_instance_types() == ["t4g.*"]
+        })
+        .then_output(|| launched("i-0abs", "m7g.large"));
+    let handler = handler(
+        config(&[
+            (
+                "S3SPOT_INSTANCE_REQUIREMENTS",
+                "vcpu=2-8 memory=4GiB- arch=arm64 exclude=t4g.*",
+            ),
+            SUBNETS,
+        ]),
+        &[&describe, &fleet],
+    );
+    let report = report(&handler).await;
+    assert_eq!(
+        report.launched[0].instance_type.as_deref(),
+        Some("m7g.large")
+    );
+}
+
+#[tokio::test]
+async fn some_pools_out_of_capacity_still_launch_from_the_others() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet).then_output(|| {
+        let mut output = launched("i-0some", "m6i.large");
+        output.errors = Some(vec![
+            pool_error(
+                "spot",
+                "m7i.large",
+                "subnet-0a",
+                "InsufficientInstanceCapacity",
+            ),
+            pool_error(
+                "spot",
+                "m7i.large",
+                "subnet-0b",
+                "InsufficientInstanceCapacity",
+            ),
+        ]);
+        output
+    });
+    let handler = handler(
+        config(&[TYPES, SUBNETS, ("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &[&describe, &fleet],
+    );
+    let report = report(&handler).await;
+    assert_eq!(report.launched[0].instance_id, "i-0some");
+    assert_eq!(
+        fleet.num_calls(),
+        1,
+        "no on-demand request once spot launched"
+    );
+}
+
+#[tokio::test]
+async fn all_pools_out_is_retryable_and_names_each_pool_then_on_demand_is_asked() {
+    let describe = none_running();
+    let spot = mock!(Client::create_fleet)
+        .match_requests(is_spot)
+        .then_output(|| {
+            refused(vec![
+                pool_error(
+                    "spot",
+                    "m7i.large",
+                    "subnet-0a",
+                    "InsufficientInstanceCapacity",
+                ),
+                pool_error(
+                    "spot",
+                    "m6i.large",
+                    "subnet-0a",
+                    "InsufficientInstanceCapacity",
+                ),
+            ])
+        });
+    let on_demand = mock!(Client::create_fleet)
+        .match_requests(|r| well_formed(r) && is_on_demand(r))
+        .then_output(|| {
+            let mut output = launched("i-0od", "m7i.large");
+            output.instances.as_mut().unwrap()[0].lifecycle = Some(InstanceLifecycle::OnDemand);
+            output
+        });
+    let handler = handler(
+        config(&[TYPES, ("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &[&describe, &spot, &on_demand],
+    );
+    let report = report(&handler).await;
+    assert_eq!(report.launched[0].market, "on-demand");
+    assert_eq!((spot.num_calls(), on_demand.num_calls()), (1, 1));
+
+    // Spot alone: the record waits for capacity, every pool's answer in its error.
+    let spot = mock!(Client::create_fleet).then_output(|| {
+        refused(vec![
+            pool_error(
+                "spot",
+                "m7i.large",
+                "subnet-0a",
+                "InsufficientInstanceCapacity",
+            ),
+            pool_error(
+                "spot",
+                "m6i.large",
+                "subnet-0a",
+                "MaxSpotInstanceCountExceeded",
+            ),
+        ])
+    });
+    let handler = self::handler(config(&[TYPES]), &[&describe, &spot]);
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    let error = &report.failed[0].error;
+    assert!(error.starts_with("no capacity: 2 pool(s) tried"), "{error}");
+    assert!(
+        error.contains("spot m7i.large in subnet-0a: InsufficientInstanceCapacity"),
+        "{error}"
+    );
+    assert!(
+        error.contains("spot m6i.large in subnet-0a: MaxSpotInstanceCountExceeded"),
+        "{error}"
     );
     assert_eq!(
         spot.num_calls(),
-        2,
-        "one call per spot option: the 500 was not retried"
+        1,
+        "pool errors are answers, not retried by the SDK"
     );
-    assert_eq!(on_demand.num_calls(), 1);
-    assert_eq!(describe.num_calls(), 1);
 }
 
-const SPOT_ROLE_MISSING: &str = "The provided credentials do not have permission to create the service-linked role for EC2 Spot Instances.";
+#[tokio::test]
+async fn the_vcpu_quota_waits_and_says_so() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet).then_output(|| {
+        refused(vec![pool_error(
+            "on-demand",
+            "m7i.large",
+            "subnet-0a",
+            "VcpuLimitExceeded",
+        )])
+    });
+    let handler = handler(
+        config(&[TYPES, ("S3SPOT_MARKET", "on-demand")]),
+        &[&describe, &fleet],
+    );
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(
+        report.failed[0]
+            .error
+            .starts_with("an account quota is reached: 1 pool(s) tried"),
+        "{}",
+        report.failed[0].error
+    );
+}
 
 #[tokio::test]
 async fn a_missing_spot_role_falls_back_to_on_demand_and_says_what_to_do() {
     let describe = none_running();
-    let spot = mock!(Client::run_instances)
-        .match_requests(|r| well_formed(r) && is_spot(r))
-        .sequence()
-        .http_status(
-            403,
-            Some(ec2_error(
-                "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
-                SPOT_ROLE_MISSING,
-            )),
-        )
-        .repeatedly()
-        .build();
-    let on_demand = mock!(Client::run_instances)
-        .match_requests(|r| well_formed(r) && r.instance_market_options().is_none())
-        .then_output(|| launched("i-0123456789abcdef0", "m7i.large"));
-    let under_test = handler(
-        config(&[
-            ("S3SPOT_MARKET", "spot-then-on-demand"),
-            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
-        ]),
+    let spot = mock!(Client::create_fleet)
+        .match_requests(is_spot)
+        .then_output(|| {
+            refused(vec![pool_error(
+                "spot",
+                "m7i.large",
+                "subnet-0a",
+                ec2::SPOT_ROLE_MISSING,
+            )])
+        });
+    let on_demand = mock!(Client::create_fleet)
+        .match_requests(is_on_demand)
+        .then_output(|| launched("i-0od", "m7i.large"));
+    let handler = handler(
+        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
         &[&describe, &spot, &on_demand],
     );
-    let outcome = report(&under_test).await;
-    assert_eq!(outcome.failed, []);
-    assert_eq!(outcome.launched[0].market, "on-demand");
-    assert_eq!(spot.num_calls(), 2, "each spot option was tried once");
-    assert_eq!(on_demand.num_calls(), 1);
+    let report = report(&handler).await;
+    assert_eq!(report.launched[0].instance_id, "i-0od");
 
-    // Spot alone: nothing can launch until the role exists, and the error says how to make it.
-    let describe = none_running();
-    let spot = run_instances_fails(
-        403,
-        "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
-        SPOT_ROLE_MISSING,
-    );
-    let under_test = handler(config(&[("S3SPOT_MARKET", "spot")]), &[&describe, &spot]);
-    let outcome = report(&under_test).await;
-    let failed = &outcome.failed[0];
-    assert!(!failed.retryable, "{failed:?}");
-    for needle in [
-        "no launch option can launch here",
-        "AWSServiceRoleForEC2Spot",
-        "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com",
-        "redrive",
-    ] {
-        assert!(
-            failed.error.contains(needle),
-            "{needle} not in {}",
-            failed.error
-        );
-    }
-}
-
-#[tokio::test]
-async fn a_type_not_offered_here_moves_on_to_the_next_option() {
-    let describe = none_running();
-    let offered =
-        |r: &RunInstancesInput, t: &str| r.instance_type() == Some(&InstanceType::from(t));
-    let unsupported = mock!(Client::run_instances)
-        .match_requests(move |r| well_formed(r) && offered(r, "m7i.large"))
-        .sequence()
-        .http_status(400, Some(ec2_error(
-                    "Unsupported",
-                    "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).",
-                )))
-        .repeatedly()
-        .build();
-    let wrong_arch = mock!(Client::run_instances)
-        .match_requests(move |r| well_formed(r) && offered(r, "m7g.large"))
-        .sequence()
-        .http_status(400, Some(ec2_error(
-                    "InvalidParameterValue",
-                    "The architecture 'arm64' of the specified instance type does not match the architecture 'x86_64' of the specified AMI.",
-                )))
-        .repeatedly()
-        .build();
-    let fits = mock!(Client::run_instances)
-        .match_requests(move |r| well_formed(r) && offered(r, "m6i.large"))
-        .then_output(|| launched("i-0123456789abcdef0", "m6i.large"));
-    let under_test = handler(
-        config(&[
-            ("S3SPOT_MARKET", "spot"),
-            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m7g.large,m6i.large"),
-        ]),
-        &[&describe, &unsupported, &wrong_arch, &fits],
-    );
-    let outcome = report(&under_test).await;
-    assert_eq!(outcome.failed, []);
-    assert_eq!(
-        outcome.launched[0].instance_type.as_deref(),
-        Some("m6i.large")
-    );
-    assert_eq!((unsupported.num_calls(), wrong_arch.num_calls()), (1, 1));
-}
-
-#[tokio::test]
-async fn an_event_fails_for_good_only_when_no_option_can_ever_launch() {
-    // Every type unknown or not offered: waiting does not help.
-    let describe = none_running();
-    let run = mock!(Client::run_instances)
-        .sequence()
-        .http_status(400, Some(ec2_error("Unsupported", "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).")))
-        .http_status(400, Some(ec2_error("InvalidParameterValue", "Invalid value 'm6i.huge' for InstanceType.")))
-        .build();
-    let under_test = handler(
-        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.huge")]),
-        &[&describe, &run],
-    );
-    let outcome = report(&under_test).await;
-    assert!(!outcome.failed[0].retryable, "{:?}", outcome.failed[0]);
+    // Spot alone can never launch without the role: a permanent failure that names the fix.
+    let handler = self::handler(config(&[]), &[&describe, &spot]);
+    let report = self::report(&handler).await;
+    let failed = &report.failed[0];
+    assert!(!failed.retryable);
     assert!(
-        outcome.failed[0]
-            .error
-            .starts_with("no launch option can launch here: ")
+        failed.error.starts_with("no pool can launch here"),
+        "{}",
+        failed.error
     );
     assert!(
-        outcome.failed[0]
+        failed
             .error
-            .contains("Invalid value 'm6i.huge' for InstanceType.")
+            .contains("aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"),
+        "{}",
+        failed.error
     );
-
-    // One of them out of capacity: capacity comes back, so the event is retried.
-    let describe = none_running();
-    let run = mock!(Client::run_instances)
-        .sequence()
-        .http_status(400, Some(ec2_error("Unsupported", "Your requested instance type (m7i.large) is not supported in your requested Availability Zone (us-east-1e).")))
-        .http_status(500, Some(ec2_error("InsufficientInstanceCapacity", "We currently do not have sufficient m6i.large capacity.")))
-        .build();
-    let under_test = handler(
-        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large")]),
-        &[&describe, &run],
-    );
-    let Err(HandlerError::Retryable(outcome)) = under_test.handle(console_event()).await else {
-        panic!("expected a retryable failure")
-    };
-    assert!(
-        outcome.failed[0]
-            .error
-            .starts_with("no launch option had capacity: ")
-    );
-
-    // Any other bad value is the configuration's, and stops at once.
-    let describe = none_running();
-    let run = run_instances_fails(
-        400,
-        "InvalidParameterValue",
-        "Value (x) for parameter iamInstanceProfile.name is invalid.",
-    );
-    let under_test = handler(
-        config(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large")]),
-        &[&describe, &run],
-    );
-    let outcome = report(&under_test).await;
-    assert!(!outcome.failed[0].retryable);
-    assert_eq!(run.num_calls(), 1);
 }
 
 #[tokio::test]
 async fn throttling_is_retried_by_the_sdk() {
     let describe = none_running();
-    let run = mock!(Client::run_instances)
+    let fleet = mock!(Client::create_fleet)
         .match_requests(|r| well_formed(r) && is_spot(r))
         .sequence()
         .http_status(
@@ -361,16 +458,16 @@ async fn throttling_is_retried_by_the_sdk() {
         .times(2)
         .output(|| launched("i-0fedcba9876543210", "t3.micro"))
         .build();
-    let handler = handler(config(&[]), &[&describe, &run]);
+    let handler = handler(config(&[]), &[&describe, &fleet]);
     let report = report(&handler).await;
     assert_eq!(report.launched[0].instance_id, "i-0fedcba9876543210");
-    assert_eq!(run.num_calls(), 3);
+    assert_eq!(fleet.num_calls(), 3);
 }
 
 #[tokio::test]
-async fn throttling_that_outlasts_the_sdk_retries_is_retryable() {
+async fn throttling_that_outlasts_the_sdk_retries_waits_and_spares_the_other_records() {
     let describe = none_running();
-    let run = mock!(Client::run_instances)
+    let fleet = mock!(Client::create_fleet)
         .sequence()
         .http_status(
             503,
@@ -378,74 +475,47 @@ async fn throttling_that_outlasts_the_sdk_retries_is_retryable() {
         )
         .repeatedly()
         .build();
-    let handler = handler(config(&[]), &[&describe, &run]);
-    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+    let handler = handler(config(&[]), &[&describe, &fleet]);
+    let Err(HandlerError::Retryable(report)) = handler.handle(event("multi-record.json")).await
+    else {
         panic!("expected a retryable failure")
     };
+    assert_eq!(report.failed.len(), 2, "{report:?}");
+    assert!(report.failed.iter().all(|f| f.retryable));
     assert!(
         report.failed[0].error.contains("RequestLimitExceeded"),
         "{}",
         report.failed[0].error
     );
-    assert_eq!(run.num_calls(), 3);
-}
-
-#[tokio::test]
-async fn an_instance_already_launched_and_terminated_is_not_an_error() {
-    let describe = none_running();
-    let run = run_instances_fails(
-        400,
-        "IdempotentInstanceTerminated",
-        "The client token you provided is associated with a resource that is already deleted.",
-    );
-    let handler = handler(
-        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
-        &[&describe, &run],
-    );
-    let report = report(&handler).await;
-    assert_eq!(report.failed, []);
-    assert_eq!(report.launched, []);
-    assert!(report.skipped[0].reason.starts_with("already launched"));
-    assert_eq!(
-        run.num_calls(),
-        1,
-        "no on-demand launch for a job that already ran"
-    );
-}
-
-#[tokio::test]
-async fn the_vcpu_quota_fails_the_record_as_retryable_without_falling_back() {
-    let describe = none_running();
-    let run = run_instances_fails(
-        400,
-        "VcpuLimitExceeded",
-        "You have requested more vCPU capacity than your current vCPU limit of 32 allows.",
-    );
-    let handler = handler(
-        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
-        &[&describe, &run],
-    );
-    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
-        panic!("expected a retryable failure")
-    };
-    assert!(report.failed[0].retryable);
     assert!(
-        report.failed[0]
+        report.failed[1]
             .error
-            .contains("account limit reached (VcpuLimitExceeded)")
+            .starts_with("EC2 is throttling launches"),
+        "{}",
+        report.failed[1].error
     );
-    assert_eq!(run.num_calls(), 1);
+    assert_eq!(
+        fleet.num_calls(),
+        3,
+        "the second record does not add to the throttling"
+    );
 }
 
 #[tokio::test]
 async fn a_parameter_mismatch_is_a_clear_permanent_error() {
     let describe = none_running();
-    let run = run_instances_fails(
-        400,
-        "IdempotentParameterMismatch",
-        "The arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
-    );
-    let handler = handler(config(&[]), &[&describe, &run]);
+    let fleet = mock!(Client::create_fleet)
+        .sequence()
+        .http_status(
+            400,
+            Some(ec2_error(
+                "IdempotentParameterMismatch",
+                "Arguments on this idempotent request are inconsistent with arguments used in \
+                 previous request(s).",
+            )),
+        )
+        .build();
+    let handler = handler(config(&[]), &[&describe, &fleet]);
     let report = report(&handler).await;
     assert!(!report.failed[0].retryable);
     assert!(
@@ -458,19 +528,44 @@ async fn a_parameter_mismatch_is_a_clear_permanent_error() {
 #[tokio::test]
 async fn other_client_errors_are_permanent_and_quote_ec2() {
     let describe = none_running();
-    let run = run_instances_fails(
-        400,
-        "InvalidLaunchTemplateName.NotFoundException",
-        "The specified launch template, with template name s3spot-worker, does not exist.",
-    );
-    let handler = handler(config(&[]), &[&describe, &run]);
+    let fleet = mock!(Client::create_fleet)
+        .sequence()
+        .http_status(
+            400,
+            Some(ec2_error(
+                "InvalidLaunchTemplateName.NotFoundException",
+                "The specified launch template, with template name s3spot-worker, does not exist.",
+            )),
+        )
+        .build();
+    let handler = handler(config(&[]), &[&describe, &fleet]);
     let report = report(&handler).await;
     assert!(!report.failed[0].retryable);
     assert_eq!(
         report.failed[0].error,
-        "RunInstances failed: InvalidLaunchTemplateName.NotFoundException: The specified launch \
+        "CreateFleet failed: InvalidLaunchTemplateName.NotFoundException: The specified launch \
          template, with template name s3spot-worker, does not exist."
     );
+}
+
+#[tokio::test]
+async fn an_object_too_big_for_the_largest_disk_fails_before_any_launch() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet).then_output(|| launched("i-0big", "m7i.large"));
+    // The console event's object is 1024 bytes; a 1 GiB ceiling on a 1000x rule cannot hold it.
+    let handler = handler(
+        config(&[("S3SPOT_DISK", "100x+1GiB"), ("S3SPOT_MAX_DISK", "1")]),
+        &[&describe, &fleet],
+    );
+    let report = report(&handler).await;
+    let failed = &report.failed[0];
+    assert!(!failed.retryable);
+    assert!(
+        failed.error.contains("above S3SPOT_MAX_DISK=1 GiB"),
+        "{}",
+        failed.error
+    );
+    assert_eq!(fleet.num_calls(), 0);
 }
 
 #[tokio::test]
@@ -500,7 +595,7 @@ async fn the_guard_counts_every_page_of_instances() {
     let second = mock!(Client::describe_instances)
         .match_requests(move |r| filtered(r) && r.next_token() == Some("page-2"))
         .then_output(move || page(None, 1));
-    let run = mock!(Client::run_instances).then_output(|| launched("i-1", "t3.micro"));
+    let run = mock!(Client::create_fleet).then_output(|| launched("i-1", "t3.micro"));
     let handler = handler(
         config(&[("S3SPOT_MAX_INSTANCES", "3")]),
         &[&first, &second, &run],
@@ -557,7 +652,7 @@ async fn the_runaway_guard_reads_no_more_instances_than_its_cap() {
     // Cap 3: one page of at most 5 (EC2's smallest page) settles it; the next page is never
     // asked for, and nothing is launched.
     let (first_page, next_page) = two_pages_of_five(5);
-    let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
+    let run = mock!(Client::create_fleet).then_output(|| launched("i-0new", "t3.micro"));
     let handler = handler(
         config(&[("S3SPOT_MAX_INSTANCES", "3")]),
         &[&first_page, &next_page, &run],
@@ -587,7 +682,7 @@ async fn under_the_cap_the_guard_follows_every_page() {
     // Cap 12: pages of 12 asked for; 5 + 5 instances are fewer, so both pages are read and the
     // launch goes ahead.
     let (first_page, next_page) = two_pages_of_five(12);
-    let run = mock!(Client::run_instances).then_output(|| launched("i-0new", "t3.micro"));
+    let run = mock!(Client::create_fleet).then_output(|| launched("i-0new", "t3.micro"));
     let handler = handler(
         config(&[("S3SPOT_MAX_INSTANCES", "12")]),
         &[&first_page, &next_page, &run],
@@ -656,27 +751,4 @@ async fn spot_prices_follow_every_page() {
     assert_eq!(prices[2].usd_per_hour, 0.02);
     assert_eq!(prices[2].at, 1_800_000_000);
     assert_eq!((first.num_calls(), second.num_calls()), (1, 1));
-}
-
-#[tokio::test]
-async fn order_by_price_launches_the_cheapest_type_of_any_page_first() {
-    let (first, second) = two_pages_of_prices();
-    let run = mock!(Client::run_instances)
-        .match_requests(|r: &RunInstancesInput| r.instance_type() == Some(&InstanceType::T3Large))
-        .then_output(|| launched("i-0cheap", "t3.large"));
-    let describe = none_running();
-    let handler = handler(
-        config(&[
-            ("S3SPOT_INSTANCE_TYPES", "m5.large,c5.large,t3.large"),
-            ("S3SPOT_ORDER_BY_PRICE", "true"),
-        ]),
-        &[&describe, &first, &second, &run],
-    );
-    let report = report(&handler).await;
-    assert_eq!(report.launched.len(), 1, "{report:?}");
-    assert_eq!(
-        report.launched[0].instance_type.as_deref(),
-        Some("t3.large")
-    );
-    assert_eq!(run.num_calls(), 1, "the cheapest type, first");
 }

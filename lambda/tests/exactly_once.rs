@@ -8,9 +8,11 @@ use s3spot_bootstrap::{
     Claim, JobSpec, S3Statuses, State, Status, Writer, job_from_base64_user_data, read_claim,
     record, write_claim,
 };
+use s3spot_lambda::jobs::JobInstance;
 use s3spot_lambda::plan::{Decision, preview};
 use s3spot_lambda::{
-    CLAIM_LEASE, Config, Ec2Launcher, Handler, HandlerError, REPLACEMENT_WAIT, Report, Response,
+    CLAIM_LEASE, Clock, Config, Ec2Launcher, Handler, HandlerError, Jobs, REPLACEMENT_WAIT, Report,
+    Response,
 };
 use s3spot_tests::ec2::TOKEN_AFTER_TERMINATION;
 use s3spot_tests::{Ec2Double, REGION, S3Server, s3spot_lookup};
@@ -158,30 +160,25 @@ async fn spot_back_after_an_on_demand_fallback_launches_nothing_more() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn prices_that_move_between_deliveries_launch_nothing_more() {
+async fn pools_that_change_between_deliveries_launch_nothing_more() {
     let setup = Setup::start();
     let handler = setup
-        .handler(&[
-            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
-            ("S3SPOT_ORDER_BY_PRICE", "true"),
-        ])
+        .handler(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large")])
         .await;
-    setup.ec2.set_spot_prices(&[
-        ("m7i.large", "us-east-1a", 0.05),
-        ("m6i.large", "us-east-1a", 0.04),
-    ]);
+    setup
+        .ec2
+        .set_pool_capacity("spot", "m7i.large", None, false);
     let first = deliver(&handler).await;
     assert_eq!(
         first.launched[0].instance_type.as_deref(),
         Some("m6i.large"),
-        "the cheaper type first"
+        "the pool that had capacity"
     );
 
-    // Prices move: the cheaper type is the other one now, and its token is new.
-    setup.ec2.set_spot_prices(&[
-        ("m7i.large", "us-east-1a", 0.03),
-        ("m6i.large", "us-east-1a", 0.04),
-    ]);
+    // The function is redeployed with other pools: the request, and its token, are new.
+    let handler = setup
+        .handler(&[("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large,m5.large")])
+        .await;
     let again = deliver(&handler).await;
     assert_eq!(again.launched, [], "{again:?}");
     let reason = &again.skipped[0].reason;
@@ -392,8 +389,10 @@ async fn a_launch_that_died_holding_its_claim_is_taken_over_once_its_lease_is_ou
         "{released:?}"
     );
 
-    // A launcher that died mid-way (its invocation timed out) left a pending claim.
-    let mut pending = Claim::new(job.clone());
+    // A launcher that took it over died mid-way (its invocation timed out), and left a pending
+    // claim.
+    let mut pending = released.take_over(job.clone());
+    assert_eq!(pending.refused, 1, "its try has a token of its own");
     write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
         .await
         .unwrap();
@@ -696,4 +695,289 @@ async fn concurrent_launchers_overshoot_the_cap_by_at_most_one_each_but_the_firs
         running < MAX + LAUNCHERS,
         "{running} instances: over the cap of {MAX} by more than one per other launcher"
     );
+}
+
+/// The job's entries in the list of waiting jobs, as `s3spot jobs list` shows them.
+async fn waiting_rows(
+    setup: &Setup,
+    handler: &Handler<Ec2Launcher, S3Statuses>,
+) -> Vec<JobInstance> {
+    let jobs = Jobs::new(
+        handler.config().jobs(),
+        Ec2Launcher::new(&setup.ec2.sdk_config().await),
+        S3Statuses::from_client(setup.s3.client().await),
+    );
+    jobs.list(Clock::now(&handler.config().jobs()))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|row| row.waiting.is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_with_no_capacity_in_any_pool_waits_says_why_and_launches_when_it_returns() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
+            ("S3SPOT_SUBNETS", "subnet-0a,subnet-0b"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+        ])
+        .await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    let waited = handled(&handler, upload_event()).await;
+    assert!(waited.failed[0].retryable, "{waited:?}");
+
+    let status = setup.status(&job).await;
+    assert_eq!(status.state, State::Waiting, "{status:?}");
+    let waiting = status.waiting.expect("why it waits");
+    assert!(
+        waiting.reason.starts_with("no capacity: 4 pool(s) tried"),
+        "{waiting:?}"
+    );
+    let pools: Vec<&str> = waiting.pools.iter().map(|p| p.pool.as_str()).collect();
+    assert_eq!(
+        pools,
+        [
+            "spot m7i.large in subnet-0a",
+            "spot m7i.large in subnet-0b",
+            "spot m6i.large in subnet-0a",
+            "spot m6i.large in subnet-0b"
+        ]
+    );
+    assert!(
+        waiting
+            .pools
+            .iter()
+            .all(|p| p.code == "InsufficientInstanceCapacity")
+    );
+    let since = s3spot_bootstrap::parse_timestamp(&waiting.since).unwrap();
+    let next = s3spot_bootstrap::parse_timestamp(waiting.next_try.as_deref().unwrap()).unwrap();
+    let gives_up =
+        s3spot_bootstrap::parse_timestamp(waiting.gives_up_at.as_deref().unwrap()).unwrap();
+    assert!(
+        next >= since + Duration::from_secs(299),
+        "the queue's visibility timeout"
+    );
+    assert_eq!(
+        gives_up.duration_since(since).unwrap(),
+        Duration::from_secs(6 * 3600)
+    );
+
+    let rows = waiting_rows(&setup, &handler).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = rows[0].waiting.as_ref().unwrap();
+    assert_eq!((row.reason.as_str(), row.pools_tried), ("no capacity", 4));
+    assert_eq!(rows[0].key, "in/f.csv");
+
+    // The queue brings it back, still without capacity: the same wait, the same since.
+    let again = handled(&handler, upload_event()).await;
+    assert!(again.failed[0].retryable, "{again:?}");
+    let still = setup.status(&job).await.waiting.unwrap();
+    assert_eq!(still.since, waiting.since);
+
+    // Capacity returns: it launches (with a token of its own: EC2 answers a repeated token with
+    // its first answer), leaves the list, and its status says so until its worker reports.
+    setup.ec2.set_capacity("spot", true);
+    let launched = handled(&handler, upload_event()).await;
+    assert_eq!(launched.launched.len(), 1, "{launched:?}");
+    assert_eq!(waiting_rows(&setup, &handler).await, []);
+    let status = setup.status(&job).await;
+    assert!(
+        status
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!(
+                "launched on {} after waiting since",
+                launched.launched[0].instance_id
+            )),
+        "{status:?}"
+    );
+    // The worker's account replaces it.
+    let mut account = Status::initial(&job, Writer::Worker, SystemTime::now());
+    account.state = State::Succeeded;
+    setup.worker_writes(&job, account).await;
+    assert_eq!(setup.status(&job).await.state, State::Succeeded);
+    assert_eq!(setup.ec2.instances().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_at_the_cap_or_over_a_quota_waits_and_says_which() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[
+            ("S3SPOT_MAX_INSTANCES", "1"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+        ])
+        .await;
+    let first = handled(&handler, upload_event_of("in/first.csv")).await;
+    assert_eq!(first.launched.len(), 1);
+    let capped = handled(&handler, upload_event()).await;
+    assert!(capped.failed[0].retryable, "{capped:?}");
+    let job = planned(&handler);
+    let waiting = setup.status(&job).await.waiting.unwrap();
+    assert!(
+        waiting
+            .reason
+            .starts_with("runaway guard: at least 1 instances"),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.pools, []);
+    let rows = waiting_rows(&setup, &handler).await;
+    assert_eq!(rows[0].waiting.as_ref().unwrap().reason, "runaway guard");
+
+    // Room at the cap, but a spot vCPU quota that is full.
+    setup.power_off(&first.launched[0].instance_id);
+    setup.ec2.set_quota("spot", Some(0));
+    let quota = handled(&handler, upload_event()).await;
+    assert!(quota.failed[0].retryable, "{quota:?}");
+    let waiting = setup.status(&job).await.waiting.unwrap();
+    assert!(
+        waiting.reason.starts_with("an account quota is reached"),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.pools[0].code, "VcpuLimitExceeded");
+
+    setup.ec2.set_quota("spot", None);
+    let launched = handled(&handler, upload_event()).await;
+    assert_eq!(launched.launched.len(), 1, "{launched:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_waits_past_max_wait_fails_with_its_last_reason() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
+        .await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    let waited = handled(&handler, upload_event()).await;
+    assert!(waited.failed[0].retryable, "{waited:?}");
+    assert_eq!(setup.status(&job).await.state, State::Waiting);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let gave_up = handled(&handler, upload_event()).await;
+    let failed = &gave_up.failed[0];
+    assert!(!failed.retryable, "{gave_up:?}");
+    assert!(
+        failed
+            .error
+            .contains("past S3SPOT_MAX_WAIT=1s; last: no capacity"),
+        "{}",
+        failed.error
+    );
+    let status = setup.status(&job).await;
+    assert_eq!(status.state, State::Failed);
+    assert!(
+        status
+            .error
+            .unwrap()
+            .contains("InsufficientInstanceCapacity")
+    );
+    assert_eq!(waiting_rows(&setup, &handler).await, []);
+
+    // Final: capacity coming back launches nothing for it.
+    setup.ec2.set_capacity("spot", true);
+    let later = handled(&handler, upload_event()).await;
+    assert_eq!(later.launched, [], "{later:?}");
+    assert_eq!(setup.ec2.instances().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reaper_fails_a_waiting_job_whose_deliveries_ran_out_before_its_wait() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
+        .await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    handled(&handler, upload_event()).await;
+    assert_eq!(setup.status(&job).await.state, State::Waiting);
+
+    // Its message went to the dead-letter queue: no delivery comes back. Before the wait is
+    // out, the reaper leaves the job waiting.
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.ended, [], "{reaped:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.ended.len(), 1, "{reaped:?}");
+    let status = setup.status(&job).await;
+    assert_eq!(status.state, State::Failed, "{status:?}");
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains("past S3SPOT_MAX_WAIT") && error.contains("InsufficientInstanceCapacity"),
+        "{error}"
+    );
+    assert_eq!(waiting_rows(&setup, &handler).await, []);
+    // A redrive of the message then launches nothing.
+    setup.ec2.set_capacity("spot", true);
+    let redriven = handled(&handler, upload_event()).await;
+    assert_eq!(redriven.launched, [], "{redriven:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_retry_of_a_waiting_job_is_its_one_launch() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    handled(&handler, upload_event()).await;
+    assert_eq!(setup.status(&job).await.state, State::Waiting);
+
+    // Capacity returns, and an operator retries the job before its next delivery: attempt 2.
+    setup.ec2.set_capacity("spot", true);
+    let target = s3spot_lambda::Target::parse(&format!("s3://{BUCKET}/in/f.csv"));
+    let retried = handler.retry(&target).await.unwrap();
+    assert_eq!(retried.launched.len(), 1, "{retried:?}");
+    assert_eq!(
+        waiting_rows(&setup, &handler).await,
+        [],
+        "no longer waiting"
+    );
+    let status = setup.status(&job).await;
+    assert_eq!(status.attempt, 2, "{status:?}");
+
+    // The first attempt's delivery comes back: it finds the later attempt, and launches nothing.
+    let again = handled(&handler, upload_event()).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    assert!(
+        again.skipped[0]
+            .reason
+            .starts_with("already launched: attempt 2"),
+        "{again:?}"
+    );
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_that_can_never_launch_fails_once_and_says_so() {
+    let setup = Setup::start();
+    // The event's 42-byte object asks 1x+1GiB for 2 GiB, above a 1 GiB ceiling.
+    let handler = setup
+        .handler(&[
+            ("S3SPOT_DISK", "1x+1GiB"),
+            ("S3SPOT_MAX_DISK", "1"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+        ])
+        .await;
+    let job = planned(&handler);
+    let failed = handled(&handler, upload_event()).await;
+    assert!(!failed.failed[0].retryable, "{failed:?}");
+    let status = setup.status(&job).await;
+    assert_eq!(status.state, State::Failed);
+    assert!(
+        status
+            .error
+            .unwrap_or_default()
+            .contains("above S3SPOT_MAX_DISK=1 GiB"),
+    );
+    // The queue delivers it again: nothing is tried, nothing launched.
+    let calls = setup.ec2.create_fleet_calls();
+    let again = handled(&handler, upload_event()).await;
+    assert_eq!(again.failed, [], "{again:?}");
+    assert_eq!(again.launched, []);
+    assert_eq!(setup.ec2.create_fleet_calls(), calls);
 }

@@ -11,7 +11,8 @@ use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::report::{FailedRecord, Report};
 use s3spot_lambda::token::job_id;
 use s3spot_lambda::{
-    Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, Response,
+    Config, Handler, HandlerError, InstanceInfo, LaunchError, LaunchRequest, Launched, PoolError,
+    Response,
 };
 use s3spot_tests::{event, s3spot_lookup};
 use serde_json::{Value, json};
@@ -24,6 +25,20 @@ fn capacity() -> Result<Launched, LaunchError> {
     Err(LaunchError::Capacity {
         code: "InsufficientInstanceCapacity".into(),
         message: "no t3.micro capacity".into(),
+    })
+}
+
+/// A fleet answer with no instance: each of `pools` out of capacity.
+fn no_capacity_in(market: &str, pools: &[&str]) -> Result<Launched, LaunchError> {
+    Err(LaunchError::NoInstance {
+        pools: pools
+            .iter()
+            .map(|pool| PoolError {
+                pool: format!("{market} {pool}"),
+                code: "InsufficientInstanceCapacity".into(),
+                message: format!("We currently do not have sufficient {pool} capacity."),
+            })
+            .collect(),
     })
 }
 
@@ -55,10 +70,14 @@ async fn the_console_test_event_launches_one_spot_instance() {
     assert_eq!(launched.instance_id, "i-00000000000000001");
 
     let request = &launcher.requests()[0];
-    assert_eq!(request.option.market, MarketType::Spot);
+    assert_eq!(request.market, MarketType::Spot);
     assert_eq!(
-        request.option.instance_type, None,
-        "the template's type is kept"
+        request.pools,
+        [s3spot_lambda::fleet::Pool {
+            instance_type: None,
+            subnet_id: None
+        }],
+        "the template's type and subnet are kept"
     );
     assert_eq!(request.template_version, "$Default");
     assert_eq!(request.client_token, launched.client_token);
@@ -217,8 +236,9 @@ async fn url_encoded_keys_are_decoded_and_eventbridge_keys_are_not() {
 }
 
 #[tokio::test]
-async fn capacity_errors_move_on_to_the_next_option() {
-    let launcher = ScriptedLauncher::with_script(vec![capacity(), capacity(), capacity()]);
+async fn on_demand_is_requested_only_when_spot_launched_nothing() {
+    let launcher =
+        ScriptedLauncher::with_script(vec![no_capacity_in("spot", &["m7i.large", "m6i.large"])]);
     let handler = Handler::new(
         config(&[
             ("S3SPOT_MARKET", "spot-then-on-demand"),
@@ -228,38 +248,43 @@ async fn capacity_errors_move_on_to_the_next_option() {
         MemoryStatuses::default(),
     );
     let report = report(&handler, event("s3-put.json")).await;
-    let tried: Vec<String> = launcher
+    let tried: Vec<(MarketType, usize)> = launcher
         .requests()
         .iter()
-        .map(|r| r.option.to_string())
+        .map(|r| (r.market, r.pools.len()))
         .collect();
-    assert_eq!(
-        tried,
-        [
-            "spot m7i.large",
-            "spot m6i.large",
-            "on-demand m7i.large",
-            "on-demand m6i.large"
-        ]
-    );
+    assert_eq!(tried, [(MarketType::Spot, 2), (MarketType::OnDemand, 2)]);
     let tokens: std::collections::HashSet<_> = launcher
         .requests()
         .iter()
         .map(|r| r.client_token.clone())
         .collect();
-    assert_eq!(tokens.len(), 4, "one token per option");
+    assert_eq!(tokens.len(), 2, "one token per market");
     assert_eq!(report.launched[0].market, "on-demand");
-    assert_eq!(
-        report.launched[0].instance_type.as_deref(),
-        Some("m6i.large")
+
+    // Spot that launches asks nothing of on-demand.
+    let launcher = ScriptedLauncher::default();
+    let handler = Handler::new(
+        config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
+        &launcher,
+        MemoryStatuses::default(),
     );
+    let report = self::report(&handler, event("s3-put.json")).await;
+    assert_eq!(launcher.requests().len(), 1);
+    assert_eq!(report.launched[0].market, "spot");
 }
 
 #[tokio::test]
-async fn no_capacity_anywhere_is_a_retryable_failure_that_names_every_option() {
-    let launcher = ScriptedLauncher::with_script(vec![capacity(), capacity()]);
+async fn no_capacity_anywhere_is_a_retryable_failure_that_names_every_pool() {
+    let launcher = ScriptedLauncher::with_script(vec![no_capacity_in(
+        "spot",
+        &["c7i.large in subnet-0a", "c6i.large in subnet-0a"],
+    )]);
     let handler = Handler::new(
-        config(&[("S3SPOT_INSTANCE_TYPES", "c7i.large,c6i.large")]),
+        config(&[
+            ("S3SPOT_INSTANCE_TYPES", "c7i.large,c6i.large"),
+            ("S3SPOT_SUBNETS", "subnet-0a"),
+        ]),
         &launcher,
         MemoryStatuses::default(),
     );
@@ -269,22 +294,35 @@ async fn no_capacity_anywhere_is_a_retryable_failure_that_names_every_option() {
     let failed = &report.failed[0];
     assert!(failed.retryable);
     assert!(
-        failed
-            .error
-            .contains("spot c7i.large: no capacity (InsufficientInstanceCapacity)"),
+        failed.error.starts_with(
+            "no capacity: 2 pool(s) tried, none launched (InsufficientInstanceCapacity \u{d7}2)"
+        ),
         "{}",
         failed.error
     );
-    assert!(failed.error.contains("spot c6i.large"), "{}", failed.error);
+    assert!(
+        failed
+            .error
+            .contains("spot c7i.large in subnet-0a: InsufficientInstanceCapacity"),
+        "{}",
+        failed.error
+    );
+    assert!(
+        failed.error.contains("spot c6i.large in subnet-0a"),
+        "{}",
+        failed.error
+    );
 }
 
 #[tokio::test]
 async fn a_retryable_failure_finishes_the_other_records_then_fails_the_invocation() {
-    let quota = Err(LaunchError::Quota {
-        code: "VcpuLimitExceeded".into(),
-        message: "You have requested more vCPU capacity than your current vCPU limit".into(),
-    });
-    let launcher = ScriptedLauncher::with_script(vec![quota]);
+    let quota = || {
+        Err(LaunchError::Quota {
+            code: "VcpuLimitExceeded".into(),
+            message: "You have requested more vCPU capacity than your current vCPU limit".into(),
+        })
+    };
+    let launcher = ScriptedLauncher::with_script(vec![quota(), quota()]);
     let handler = Handler::new(
         config(&[("S3SPOT_MARKET", "spot-then-on-demand")]),
         &launcher,
@@ -299,8 +337,8 @@ async fn a_retryable_failure_finishes_the_other_records_then_fails_the_invocatio
     };
     assert_eq!(
         launcher.requests().len(),
-        2,
-        "quota errors do not fall back to on-demand"
+        3,
+        "spot and on-demand have quotas of their own: a spot quota falls back to on-demand"
     );
     assert_eq!(keys(&report.failed, |f| &f.key), ["in/first.csv"]);
     assert!(report.failed[0].error.contains("VcpuLimitExceeded"));

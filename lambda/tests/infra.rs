@@ -12,12 +12,30 @@ const SHA256: &str = "5a3c1f0e9b8d7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbb
 const WORKER_KEY: &str = "workers/5a3c1f0e/s3spot-worker";
 
 /// The function's environment from the template, with `params` on top of the defaults.
-fn template_environment(template_id: &str, params: &[&str]) -> HashMap<String, String> {
+/// A subnet moto knows (of its default VPC): the fleet request names it, and EC2 checks it.
+async fn a_subnet(ec2: &aws_sdk_ec2::Client) -> (String, String) {
+    let subnets = ec2
+        .describe_subnets()
+        .send()
+        .await
+        .expect("describe subnets");
+    let subnet = &subnets.subnets()[0];
+    (
+        subnet.subnet_id().unwrap().to_owned(),
+        subnet.vpc_id().unwrap().to_owned(),
+    )
+}
+
+fn template_environment(
+    template_id: &str,
+    (subnet, vpc): &(String, String),
+    params: &[&str],
+) -> HashMap<String, String> {
     let mut all: Vec<(&str, &str)> = vec![
         ("WorkerKey", WORKER_KEY),
         ("WorkerSha256", SHA256),
-        ("VpcId", "vpc-0123456789abcdef0"),
-        ("SubnetId", "subnet-0123456789abcdef0"),
+        ("VpcId", vpc),
+        ("SubnetId", subnet),
     ];
     all.extend(
         params
@@ -30,6 +48,8 @@ fn template_environment(template_id: &str, params: &[&str]) -> HashMap<String, S
             ("WorkerLaunchTemplate", template_id),
             ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
             ("ArtifactsBucket", "s3spot-artifacts-x"),
+            // The console event's bucket: the stack's data bucket.
+            ("DataBucket", "example-bucket"),
         ],
         &[],
     )
@@ -112,7 +132,7 @@ async fn the_templates_defaults_configure_the_launcher_and_launch_spot_from_the_
     let moto = Moto::start();
     let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
     let template_id = create_launch_template(&ec2, "s3spot-worker").await;
-    let environment = template_environment(&template_id, &[]);
+    let environment = template_environment(&template_id, &a_subnet(&ec2).await, &[]);
 
     let launch = launch_with(&moto, &environment).await;
     // The first of the template's instance types, on the spot market, tagged for the pipeline.
@@ -132,6 +152,10 @@ async fn the_templates_defaults_configure_the_launcher_and_launch_spot_from_the_
     );
     assert_eq!(job.worker.sha256, SHA256);
     assert_eq!(job.results_prefix, "analysis/");
+    assert_eq!(
+        job.results_bucket, "example-bucket",
+        "results beside the input"
+    );
     assert_eq!(job.max_runtime_secs, 3600);
 }
 
@@ -142,6 +166,7 @@ async fn the_templates_parameters_reach_the_launcher() {
     let template_id = create_launch_template(&ec2, "s3spot-worker").await;
     let environment = template_environment(
         &template_id,
+        &a_subnet(&ec2).await,
         &[
             "Market=on-demand",
             "InstanceTypes=c6i.large,c5.large",
@@ -162,4 +187,54 @@ async fn the_templates_parameters_reach_the_launcher() {
     let job = job_from_user_data(&launch.user_data).expect("a JobSpec in the user data");
     assert_eq!(job.max_runtime_secs, 900);
     assert_eq!(job.command.as_deref(), Some("/opt/tools/analyse --fast"));
+}
+
+#[tokio::test]
+async fn the_templates_fleet_parameters_reach_the_launcher() {
+    let subnets = ("subnet-0aaa".to_owned(), "vpc-0bbb".to_owned());
+    let environment = template_environment(
+        "lt-0123456789abcdef0",
+        &subnets,
+        &[
+            "InstanceRequirements=vcpu=2-8 memory=4GiB- arch=x86_64 exclude=t2.*",
+            "SubnetIds=subnet-0aaa,subnet-0ccc",
+            "DiskPerObject=2x",
+            "RootVolumeSize=20",
+            "MaxDiskGiB=4096",
+            "MaxWaitMinutes=90",
+        ],
+    );
+    let config = Config::from_lookup(|name| environment.get(name).cloned())
+        .unwrap_or_else(|e| panic!("the template's environment is refused: {e}\n{environment:#?}"));
+    let launch = config.launch;
+    assert!(
+        launch.instance_types.is_empty(),
+        "types by attributes, not by name"
+    );
+    let requirements = launch.requirements.expect("requirements");
+    assert_eq!(requirements.vcpu.max, Some(8));
+    assert_eq!(requirements.excluded, ["t2.*"]);
+    assert_eq!(launch.subnets, ["subnet-0aaa", "subnet-0ccc"]);
+    assert_eq!(launch.disk.unwrap().to_string(), "2x+20GiB");
+    assert_eq!(launch.max_disk_gib, 4096);
+    assert_eq!(launch.max_wait, std::time::Duration::from_secs(90 * 60));
+    assert_eq!(launch.retry_after, std::time::Duration::from_secs(300));
+    assert_eq!(config.job.results_bucket.as_deref(), Some("example-bucket"));
+
+    // Without SubnetIds, the one SubnetId.
+    let environment = template_environment("lt-0123456789abcdef0", &subnets, &[]);
+    assert_eq!(environment["S3SPOT_SUBNETS"], "subnet-0aaa");
+    assert_eq!(
+        environment["S3SPOT_DISK"], "3x+16GiB",
+        "never below RootVolumeSize"
+    );
+    let environment = template_environment("lt-0123456789abcdef0", &subnets, &["DiskPerObject="]);
+    assert_eq!(
+        environment["S3SPOT_DISK"], "",
+        "the template's volume alone"
+    );
+    assert_eq!(
+        environment["S3SPOT_INSTANCE_TYPES"],
+        "m7i.large,m6i.large,m5.large"
+    );
 }

@@ -9,8 +9,7 @@ use s3spot_lambda::launcher::job_tags;
 use s3spot_lambda::plan::{Plan, plan};
 use s3spot_lambda::token::job_id;
 use s3spot_lambda::{
-    Clock, Config, Handler, InstanceInfo, Jobs, JobsError, Report, Response, SpotPrice,
-    StateReason, Target,
+    Clock, Config, Handler, InstanceInfo, Jobs, JobsError, Report, Response, StateReason, Target,
 };
 use s3spot_tests::{event, s3spot_lookup};
 use serde_json::json;
@@ -462,52 +461,35 @@ async fn show_has_the_instances_status_and_log_tails() {
     );
 }
 
-fn price(instance_type: &str, usd: f64) -> SpotPrice {
-    SpotPrice {
-        instance_type: instance_type.into(),
-        availability_zone: "us-east-1a".into(),
-        usd_per_hour: usd,
-        at: NOW,
-    }
-}
-
 #[tokio::test]
-async fn order_by_price_tries_the_cheapest_spot_type_first() {
-    let types = [
-        ("S3SPOT_INSTANCE_TYPES", "m5.large,c5.large,t3.micro"),
-        ("S3SPOT_ORDER_BY_PRICE", "true"),
-    ];
-    let launcher = ScriptedLauncher {
-        prices: Some(vec![
-            price("m5.large", 0.04),
-            price("c5.large", 0.03),
-            price("t3.micro", 0.05),
-        ]),
-        ..Default::default()
-    };
-    let handler = Handler::new(config(&types), &launcher, MemoryStatuses::default());
-    handler.handle(event("s3-put.json")).await.unwrap();
-    let first = &launcher.requests()[0].option;
-    assert_eq!(first.instance_type.as_deref(), Some("c5.large"));
-
-    // Without prices, the configured order stands and the job still launches.
+async fn one_fleet_request_names_every_type_in_every_subnet() {
     let launcher = ScriptedLauncher::default();
-    let handler = Handler::new(config(&types), &launcher, MemoryStatuses::default());
+    let vars = [
+        ("S3SPOT_INSTANCE_TYPES", "m5.large,c5.large,m6i.large"),
+        ("S3SPOT_SUBNETS", "subnet-0a,subnet-0b"),
+    ];
+    let handler = Handler::new(config(&vars), &launcher, MemoryStatuses::default());
     handler.handle(event("s3-put.json")).await.unwrap();
-    let first = &launcher.requests()[0].option;
-    assert_eq!(first.instance_type.as_deref(), Some("m5.large"));
-
-    // Off by default.
-    let launcher = ScriptedLauncher {
-        prices: Some(vec![price("t3.micro", 0.001)]),
-        ..Default::default()
-    };
-    let handler = Handler::new(config(&types[..1]), &launcher, MemoryStatuses::default());
-    handler.handle(event("s3-put.json")).await.unwrap();
+    let requests = launcher.requests();
     assert_eq!(
-        launcher.requests()[0].option.instance_type.as_deref(),
-        Some("m5.large")
+        requests.len(),
+        1,
+        "one request, whatever the number of pools"
     );
+    let pools: Vec<String> = requests[0].pools.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        pools,
+        [
+            "m5.large in subnet-0a",
+            "m5.large in subnet-0b",
+            "c5.large in subnet-0a",
+            "c5.large in subnet-0b",
+            "m6i.large in subnet-0a",
+            "m6i.large in subnet-0b",
+        ]
+    );
+    assert_eq!(requests[0].market, s3spot_lambda::config::MarketType::Spot);
+    assert_eq!(requests[0].requirements, None);
 }
 
 #[tokio::test]

@@ -119,11 +119,28 @@ fn age(secs: Option<u64>) -> String {
 
 fn table(rows: &[JobInstance]) -> String {
     if rows.is_empty() {
-        return "no instances\n".into();
+        return "no instances, and no job waits for one\n".into();
     }
     let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|row| {
+            if let Some(waiting) = &row.waiting {
+                // No instance yet: why, and since when, where the instance's columns would be.
+                let mut why = waiting.reason.clone();
+                if waiting.pools_tried > 0 {
+                    let _ = write!(why, " ({} pools)", waiting.pools_tried);
+                }
+                return [
+                    "-".into(),
+                    "WAITING".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("since {}", waiting.since),
+                    row.attempt.map_or_else(|| "-".into(), |a| a.to_string()),
+                    why,
+                    format!("s3://{}/{}", row.bucket, printable(&row.key)),
+                ];
+            }
             [
                 row.instance_id.clone(),
                 if row.stuck {

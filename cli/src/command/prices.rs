@@ -30,8 +30,8 @@ pub struct PricesArgs {
     /// default: only the prices in effect now.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     since: Option<Duration>,
-    /// Also name the cheapest type and zone among the types, and the order
-    /// S3SPOT_ORDER_BY_PRICE would launch them in. Exits 1 if none has a price.
+    /// Also name the cheapest pool (type and zone) and every pool the launcher's fleet request
+    /// chooses among, cheapest first. Exits 1 if none has a price.
     #[arg(long)]
     recommend: bool,
     /// One JSON document instead of the table.
@@ -76,12 +76,12 @@ pub fn run(args: PricesArgs) -> anyhow::Result<bool> {
         anyhow::Ok((prices::current(&history, &region), region))
     })?;
     let recommended = prices::recommend(&quotes, &types);
-    let order = prices::order_by_price(&types, &quotes);
+    let pools = prices::pools(&quotes, &types);
     if args.json {
         let mut document = serde_json::json!({ "region": region, "prices": quotes });
         if args.recommend {
             document["recommendation"] = serde_json::json!(recommended);
-            document["order_by_price"] = serde_json::json!(order);
+            document["pools"] = serde_json::json!(pools);
         }
         println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
@@ -89,12 +89,19 @@ pub fn run(args: PricesArgs) -> anyhow::Result<bool> {
         if args.recommend {
             match recommended {
                 Some(best) => println!(
-                    "recommended: {} in {} at ${}/h\nS3SPOT_ORDER_BY_PRICE=true tries them in \
-                     this order: {}",
+                    "recommended: {} in {} at ${}/h\npools of the fleet request, cheapest \
+                     first (price-capacity-optimized takes the cheapest with capacity): {}",
                     best.instance_type,
                     best.availability_zone,
                     best.spot_usd_per_hour,
-                    order.join(",")
+                    pools
+                        .iter()
+                        .map(|q| format!(
+                            "{} in {} ${}/h",
+                            q.instance_type, q.availability_zone, q.spot_usd_per_hour
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 None => println!("recommended: none of {} has a spot price", types.join(",")),
             }

@@ -93,13 +93,15 @@ impl AwsAccount {
             match launcher.dry_run(request).await {
                 DryRun::WouldSucceed => {}
                 DryRun::Unauthorized(message) => denied.push(format!(
-                    "{}: UnauthorizedOperation: {message}",
-                    request.option
+                    "{} request: UnauthorizedOperation: {message}",
+                    request.market
                 )),
-                DryRun::Failed(message) => denied.push(format!("{}: {message}", request.option)),
+                DryRun::Failed(message) => {
+                    denied.push(format!("{} request: {message}", request.market));
+                }
                 DryRun::Unreachable(message) => {
                     return Err(AccountError {
-                        operation: "ec2:RunInstances (DryRun)",
+                        operation: "ec2:CreateFleet (DryRun)",
                         denied: false,
                         message,
                     });
@@ -141,7 +143,7 @@ impl AwsAccount {
                 LaunchTemplate::Id(id) => ec2(&format!("launch-template/{id}")),
                 LaunchTemplate::Name(name) => ec2(&format!("launch-template/{name}")),
             };
-            let mut context = vec![
+            let common = vec![
                 entry(
                     "ec2:LaunchTemplate",
                     &template_arn,
@@ -151,11 +153,6 @@ impl AwsAccount {
                     "ec2:MetadataHttpTokens",
                     "required",
                     ContextKeyTypeEnum::String,
-                ),
-                entry(
-                    "ec2:IsLaunchTemplateResource",
-                    "true",
-                    ContextKeyTypeEnum::Boolean,
                 ),
                 entry(
                     "ec2:CreateAction",
@@ -168,59 +165,168 @@ impl AwsAccount {
                     ContextKeyTypeEnum::String,
                 ),
             ];
-            if let Some(instance_type) = &request.option.instance_type {
-                context.push(entry(
-                    "ec2:InstanceType",
-                    instance_type,
-                    ContextKeyTypeEnum::String,
-                ));
-            }
-            let mut launch = vec![
-                ec2("instance/*"),
-                template_arn.clone(),
-                ec2("volume/*"),
-                ec2("network-interface/*"),
-            ];
-            launch.extend(
-                template
-                    .subnet_id
+            let with = |mut context: Vec<ContextEntry>, extra: Vec<ContextEntry>| {
+                context.extend(extra);
+                context
+            };
+            let from_template = || {
+                vec![entry(
+                    "ec2:IsLaunchTemplateResource",
+                    "true",
+                    ContextKeyTypeEnum::Boolean,
+                )]
+            };
+            // What the request overrides is not the template's: the volume, when sized, and the
+            // network, when the request names subnets. A context that cannot be known here (the
+            // template's volume size, the VPC) leaves its resources out rather than reporting
+            // a refusal IAM would not make.
+            let volume = request
+                .volume_gib
+                .map(|gib| (gib, false))
+                .or(template.root_volume_gib.map(|gib| (gib, true)))
+                .map(|(gib, from_template)| {
+                    vec![
+                        entry(
+                            "ec2:IsLaunchTemplateResource",
+                            if from_template { "true" } else { "false" },
+                            ContextKeyTypeEnum::Boolean,
+                        ),
+                        entry(
+                            "ec2:VolumeSize",
+                            &gib.to_string(),
+                            ContextKeyTypeEnum::Numeric,
+                        ),
+                    ]
+                });
+            let subnets: Vec<String> = {
+                let named: Vec<String> = request
+                    .pools
                     .iter()
-                    .map(|s| ec2(&format!("subnet/{s}"))),
-            );
+                    .filter_map(|p| p.subnet_id.clone())
+                    .collect();
+                if named.is_empty() {
+                    template.subnet_id.iter().cloned().collect()
+                } else {
+                    named
+                }
+            };
+            let network = template.vpc_id.as_ref().map(|vpc| {
+                vec![
+                    entry(
+                        "ec2:IsLaunchTemplateResource",
+                        "false",
+                        ContextKeyTypeEnum::Boolean,
+                    ),
+                    entry(
+                        "ec2:Vpc",
+                        &ec2(&format!("vpc/{vpc}")),
+                        ContextKeyTypeEnum::String,
+                    ),
+                ]
+            });
+            let images: Vec<String> = template
+                .image_id
+                .iter()
+                .map(|i| format!("arn:{partition}:ec2:{region}::image/{i}"))
+                .collect();
+            let mut launch = vec![template_arn.clone()];
             launch.extend(
                 template
                     .security_group_ids
                     .iter()
                     .map(|g| ec2(&format!("security-group/{g}"))),
             );
-            launch.extend(
-                template
-                    .image_id
-                    .iter()
-                    .map(|i| format!("arn:{partition}:ec2:{region}::image/{i}")),
-            );
-            if request.option.market == MarketType::Spot {
+            launch.extend(images.iter().cloned());
+            if request.market == MarketType::Spot {
                 launch.push(ec2("spot-instances-request/*"));
             }
-            for (action, resources) in [
-                ("ec2:RunInstances", launch),
-                ("ec2:CreateTags", vec![ec2("instance/*"), ec2("volume/*")]),
-                ("iam:PassRole", vec![instance_role_arn.to_owned()]),
-            ] {
+            let mut fleet_from_template = vec![template_arn.clone()];
+            fleet_from_template.extend(images);
+            let types: Vec<Option<&str>> = {
+                let mut types: Vec<Option<&str>> = request
+                    .pools
+                    .iter()
+                    .map(|p| p.instance_type.as_deref())
+                    .collect();
+                types.dedup();
+                types
+            };
+            let mut calls = vec![
+                ("ec2:CreateFleet", vec![ec2("fleet/*")], common.clone()),
+                (
+                    "ec2:RunInstances",
+                    launch,
+                    with(common.clone(), from_template()),
+                ),
+                (
+                    "ec2:CreateFleet",
+                    fleet_from_template,
+                    with(common.clone(), from_template()),
+                ),
+                ("ec2:CreateTags", vec![ec2("instance/*")], common.clone()),
+                (
+                    "iam:PassRole",
+                    vec![instance_role_arn.to_owned()],
+                    common.clone(),
+                ),
+            ];
+            if let Some(context) = volume {
+                for action in ["ec2:RunInstances", "ec2:CreateFleet"] {
+                    calls.push((
+                        action,
+                        vec![ec2("volume/*")],
+                        with(common.clone(), context.clone()),
+                    ));
+                }
+            }
+            if let Some(context) = network {
+                let subnet_arns: Vec<String> = subnets
+                    .iter()
+                    .map(|s| ec2(&format!("subnet/{s}")))
+                    .collect();
+                let mut interfaces = subnet_arns.clone();
+                interfaces.push(ec2("network-interface/*"));
+                calls.push((
+                    "ec2:RunInstances",
+                    interfaces,
+                    with(common.clone(), context.clone()),
+                ));
+                if !subnet_arns.is_empty() {
+                    calls.push((
+                        "ec2:CreateFleet",
+                        subnet_arns,
+                        with(common.clone(), context),
+                    ));
+                }
+            }
+            for instance_type in types {
+                let mut context = common.clone();
+                if let Some(instance_type) = instance_type {
+                    context.push(entry(
+                        "ec2:InstanceType",
+                        instance_type,
+                        ContextKeyTypeEnum::String,
+                    ));
+                }
+                for action in ["ec2:RunInstances", "ec2:CreateFleet"] {
+                    calls.push((action, vec![ec2("instance/*")], context.clone()));
+                }
+            }
+            for (action, resources, context) in calls {
                 let answer = self
                     .iam
                     .simulate_principal_policy()
                     .policy_source_arn(role_arn)
                     .action_names(action)
                     .set_resource_arns(Some(resources))
-                    .set_context_entries(Some(context.clone()))
+                    .set_context_entries(Some(context))
                     .send()
                     .await
                     .map_err(|e| sdk_error("iam:SimulatePrincipalPolicy", &e))?;
                 denied.extend(
                     refusals(answer.evaluation_results())
                         .into_iter()
-                        .map(|refusal| format!("{}: {refusal}", request.option)),
+                        .map(|refusal| format!("{} request: {refusal}", request.market)),
                 );
             }
         }
@@ -452,6 +558,14 @@ impl Account for AwsAccount {
                     .and_then(|d| d.instance_initiated_shutdown_behavior())
                     .map(|b| b.as_str().to_owned()),
                 subnet_id: interface.and_then(|i| i.subnet_id()).map(str::to_owned),
+                vpc_id: None,
+                root_volume_gib: data
+                    .and_then(|d| {
+                        d.block_device_mappings()
+                            .iter()
+                            .find_map(|m| m.ebs().and_then(|e| e.volume_size()))
+                    })
+                    .and_then(|gib| u64::try_from(gib).ok()),
                 security_group_ids: interface
                     .map(|i| i.groups().to_vec())
                     .filter(|g| !g.is_empty())

@@ -39,6 +39,11 @@ pub struct TemplateFacts {
     pub subnet_id: Option<String>,
     pub security_group_ids: Vec<String>,
     pub image_id: Option<String>,
+    /// The VPC of the pipeline's subnets (the stack's `VpcId` output): the launch policy's
+    /// `ec2:Vpc` condition on the subnets and network interfaces the request overrides.
+    pub vpc_id: Option<String>,
+    /// The root volume's size in the template, in GiB, if it names one.
+    pub root_volume_gib: Option<u64>,
 }
 
 /// An EventBridge rule and its targets: (target ARN, its dead-letter queue ARN).
@@ -158,6 +163,7 @@ const OUTPUTS: &[&str] = &[
     "IntakeQueueUrl",
     "IntakeQueueArn",
     "DeadLetterQueueArn",
+    "VpcId",
 ];
 
 /// Every check, in order. A check that cannot run because an earlier one failed is left out:
@@ -227,6 +233,7 @@ pub async fn check(account: &impl Account, stack_name: &str) -> Vec<Line> {
         account,
         setting("S3SPOT_LAUNCH_TEMPLATE"),
         setting("S3SPOT_LAUNCH_TEMPLATE_VERSION"),
+        setting("S3SPOT_SUBNETS"),
     )
     .await;
     lines.push(template.0);
@@ -277,6 +284,7 @@ async fn launch_template(
     account: &impl Account,
     id: &str,
     version: &str,
+    subnets: &str,
 ) -> (Line, Option<TemplateFacts>) {
     const CHECK: &str = "launch template";
     let facts = match account.launch_template(id, version).await {
@@ -310,16 +318,24 @@ async fn launch_template(
             facts.shutdown_behavior
         ));
     }
-    if facts.subnet_id.is_none() {
-        problems.push("it names no subnet, so EC2 would choose one itself".into());
+    // The fleet request names the subnets (S3SPOT_SUBNETS); without them, the template must.
+    let subnets = if subnets.is_empty() {
+        facts.subnet_id.clone().unwrap_or_default()
+    } else {
+        subnets.to_owned()
+    };
+    if subnets.is_empty() {
+        problems.push(
+            "it names no subnet, and neither does S3SPOT_SUBNETS, so EC2 would choose one itself"
+                .into(),
+        );
     }
     let line = if problems.is_empty() {
         Line::pass(
             CHECK,
             format!(
-                "{id} version {}: IMDSv2 required, terminates on shutdown, subnet {}",
+                "{id} version {}: IMDSv2 required, terminates on shutdown, subnets {subnets}",
                 facts.version,
-                facts.subnet_id.as_deref().unwrap_or_default()
             ),
         )
     } else {
@@ -520,8 +536,17 @@ async fn permissions(
         Err(error) => return Line::fail(CHECK, error, REDEPLOY),
     };
     let role = &stack.outputs["LauncherRoleArn"];
+    let template = TemplateFacts {
+        vpc_id: stack.outputs.get("VpcId").cloned(),
+        ..template.clone()
+    };
     match account
-        .may_launch(role, &stack.outputs["InstanceRoleArn"], template, &requests)
+        .may_launch(
+            role,
+            &stack.outputs["InstanceRoleArn"],
+            &template,
+            &requests,
+        )
         .await
     {
         Ok(permission) if permission.denied.is_empty() => Line::pass(

@@ -365,7 +365,7 @@ impl LocalLauncher {
             tags: request.tags.clone(),
             client_token: request.client_token.clone(),
             fingerprint,
-            market: request.option.market.to_string(),
+            market: request.market.to_string(),
             launched_unix: unix_now(),
             terminated_unix: None,
             state_reason: None,
@@ -558,8 +558,10 @@ fn fingerprint(request: &LaunchRequest) -> String {
     let parts = serde_json::json!([
         format!("{:?}", request.template),
         request.template_version,
-        request.option.market,
-        request.option.instance_type,
+        request.market,
+        request.pools,
+        request.requirements.as_ref().map(ToString::to_string),
+        request.volume_gib,
         request.user_data,
         request.tags,
     ]);
@@ -587,6 +589,7 @@ impl Launcher for LocalLauncher {
             return Ok(Launched {
                 instance_id: id.clone(),
                 instance_type: Some("local".into()),
+                placement: None,
             });
         }
         table.next += 1;
@@ -606,6 +609,7 @@ impl Launcher for LocalLauncher {
         Ok(Launched {
             instance_id: id,
             instance_type: Some("local".into()),
+            placement: None,
         })
     }
 
