@@ -102,7 +102,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
         "< 2 ms".into(),
     ]);
     table.row(vec![
-        "wall per event, median (moto's RunInstances included)".into(),
+        "wall per event, median (moto's CreateFleet included)".into(),
         format!("{:.1} ms", median(&mut wall_ms)),
         String::new(),
     ]);
@@ -119,7 +119,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
     table.note(format!(
         "{} events in {:.2} s, with {IN_FLIGHT} instances of the pipeline running. Each event \
          asks EC2 for the job's instances, reads its status.json, claims the attempt, counts the \
-         pipeline's instances (the runaway guard), calls RunInstances and records the instance \
+         pipeline's instances (the runaway guard), makes the fleet request and records the instance \
          in the claim: two EC2 reads, a launch, a read and two writes to S3; unstripped binary \
          {:.1} MiB.",
         options.events,

@@ -1,6 +1,7 @@
 //! s3spot's benchmarks. They measure; they do not pass or fail. `bench/run` builds everything in
 //! release mode, installs the third-party tools compared against, and runs `s3spot-bench all`.
 
+mod burst;
 mod lambda;
 mod local;
 mod measure;
@@ -34,6 +35,8 @@ enum Command {
     Worker(Options),
     /// The local pipeline: upload to status.json.
     Local(Options),
+    /// A burst of uploads launched against an EC2 double that throttles like EC2.
+    Burst(Options),
     /// Runs a shell command and prints its wall time, CPU time and peak RSS as JSON.
     #[command(hide = true)]
     Measure { command: String },
@@ -65,6 +68,18 @@ pub struct Options {
     /// s3rver, installed with npm.
     #[arg(long, default_value = "bench/node_modules/.bin/s3rver")]
     pub s3rver: PathBuf,
+    /// Uploads in the launch burst.
+    #[arg(long, default_value_t = 1000)]
+    pub burst: usize,
+    /// Launches left in EC2's bucket (of 1000) when the burst starts.
+    #[arg(long, default_value_t = 200)]
+    pub burst_tokens: usize,
+    /// Seconds before a record that waited is delivered again.
+    #[arg(long, default_value_t = 10)]
+    pub burst_visibility_secs: u64,
+    /// Concurrent invocations taking the burst from the queue (the template's QueueConcurrency).
+    #[arg(long, default_value_t = 2)]
+    pub pollers: usize,
     /// Where the benchmark's files go (a disk, not tmpfs, so that cp is a fair limit).
     #[arg(long, default_value = "target/bench")]
     pub scratch: PathBuf,
@@ -82,10 +97,12 @@ pub fn main() -> anyhow::Result<()> {
                 lambda::run(&options).await?.print();
                 worker::run(&options).await?.print();
                 local::run(&options).await?.print();
+                burst::run(&options).await?.print();
             }
             Command::Lambda(options) => lambda::run(&options).await?.print(),
             Command::Worker(options) => worker::run(&options).await?.print(),
             Command::Local(options) => local::run(&options).await?.print(),
+            Command::Burst(options) => burst::run(&options).await?.print(),
             Command::Measure { .. } => unreachable!("handled above"),
         }
         Ok(())

@@ -1,0 +1,231 @@
+//! A burst of uploads against an EC2 double that throttles launches as EC2 does: the real
+//! handler, in this process, fed by a simulated queue (batches of 10, a few pollers, failed
+//! records back after the visibility timeout). It reports how fast the burst became instances,
+//! how many records waited, and that none failed.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, S3Statuses};
+use s3spot_tests::{Ec2Double, REGION, S3Server, s3spot_lookup};
+use serde_json::{Value, json};
+
+use crate::{Options, Table};
+
+const BUCKET: &str = "data";
+/// EC2's launch bucket: 1000 instances, refilled at 2 a second.
+const BUCKET_SIZE: f64 = 1000.0;
+const REFILL_PER_SECOND: f64 = 2.0;
+
+/// One message of the simulated queue: an upload, and when it may be received again.
+struct Message {
+    upload: usize,
+    visible_at: Instant,
+    receives: u32,
+}
+
+#[derive(Default)]
+struct Tally {
+    launched: usize,
+    /// Uploads whose record came back at least once (it waited).
+    waited: HashSet<usize>,
+    /// Records that failed for good: a burst must have none.
+    failed: Vec<String>,
+    /// Seconds from the start at which each launch was reported.
+    launch_times: Vec<f64>,
+    most_receives: u32,
+}
+
+fn event(uploads: &[usize]) -> Value {
+    let records: Vec<Value> = uploads
+        .iter()
+        .map(|n| {
+            json!({
+                "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": REGION,
+                "eventTime": "2026-11-30T10:19:37.123Z", "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": BUCKET}, "object": {
+                    "key": format!("in/burst-{n:05}.csv"), "size": 1024,
+                    "eTag": "0123456789abcdef0123456789abcdef",
+                    "sequencer": format!("{n:018X}")}}
+            })
+        })
+        .collect();
+    json!({ "Records": records })
+}
+
+pub async fn run(options: &Options) -> anyhow::Result<Table> {
+    let ec2 = Ec2Double::start();
+    ec2.set_launch_bucket(BUCKET_SIZE, options.burst_tokens as f64, REFILL_PER_SECOND);
+    let s3 = S3Server::start(&[BUCKET]);
+    let visibility = Duration::from_secs(options.burst_visibility_secs);
+    let mut config = Config::from_lookup(s3spot_lookup(
+        "s3spot-worker",
+        &[
+            ("S3SPOT_MAX_INSTANCES", "100000"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large,m5.large"),
+            ("S3SPOT_SUBNETS", "subnet-0a,subnet-0b,subnet-0c"),
+        ],
+    ))?;
+    config.job.region = Some(REGION.into());
+    let started = Instant::now();
+    let queue: Arc<Mutex<VecDeque<Message>>> = Arc::new(Mutex::new(
+        (0..options.burst)
+            .map(|upload| Message {
+                upload,
+                visible_at: started,
+                receives: 0,
+            })
+            .collect(),
+    ));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut pollers = Vec::new();
+    for _ in 0..options.pollers {
+        // Each poller is one concurrent invocation of the function, with its own clients.
+        let handler = Handler::new(
+            config.clone(),
+            Ec2Launcher::new(&ec2.sdk_config().await),
+            S3Statuses::from_client(s3.client().await),
+        );
+        let (queue, tally) = (Arc::clone(&queue), Arc::clone(&tally));
+        pollers.push(tokio::spawn(async move {
+            loop {
+                let batch: Vec<(usize, u32)> = {
+                    let mut queue = queue.lock().expect("no panic holding the queue");
+                    if queue.is_empty() {
+                        break;
+                    }
+                    let now = Instant::now();
+                    let mut batch = Vec::new();
+                    let mut rest = VecDeque::new();
+                    while let Some(mut message) = queue.pop_front() {
+                        if batch.len() < 10 && message.visible_at <= now {
+                            message.receives += 1;
+                            batch.push((message.upload, message.receives));
+                        } else {
+                            rest.push_back(message);
+                        }
+                    }
+                    *queue = rest;
+                    batch
+                };
+                if batch.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                let uploads: Vec<usize> = batch.iter().map(|(n, _)| *n).collect();
+                let report = match handler.handle(event(&uploads)).await {
+                    Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+                    other => panic!("unexpected answer: {other:?}"),
+                };
+                let at = started.elapsed().as_secs_f64();
+                let mut tally = tally.lock().expect("no panic holding the tally");
+                tally.launched += report.launched.len();
+                tally
+                    .launch_times
+                    .extend(std::iter::repeat_n(at, report.launched.len()));
+                let mut queue = queue.lock().expect("no panic holding the queue");
+                for failed in report.failed {
+                    let upload: usize = failed
+                        .key
+                        .trim_start_matches("in/burst-")
+                        .trim_end_matches(".csv")
+                        .parse()
+                        .expect("a burst key");
+                    if failed.retryable {
+                        let receives = batch
+                            .iter()
+                            .find(|(n, _)| *n == upload)
+                            .map_or(1, |(_, r)| *r);
+                        tally.waited.insert(upload);
+                        tally.most_receives = tally.most_receives.max(receives + 1);
+                        queue.push_back(Message {
+                            upload,
+                            visible_at: Instant::now() + visibility,
+                            receives,
+                        });
+                    } else {
+                        tally
+                            .failed
+                            .push(format!("{}: {}", failed.key, failed.error));
+                    }
+                }
+            }
+        }));
+    }
+    for poller in pollers {
+        poller.await?;
+    }
+    let total = started.elapsed().as_secs_f64();
+    let tally = tally.lock().expect("no panic holding the tally");
+    anyhow::ensure!(
+        tally.failed.is_empty(),
+        "records failed for good: {:?}",
+        &tally.failed[..tally.failed.len().min(5)]
+    );
+    let instances = ec2.instances().len();
+    anyhow::ensure!(
+        instances == options.burst,
+        "{} instances for {} uploads",
+        instances,
+        options.burst
+    );
+    // The rate once the bucket's tokens are spent: launches after the first `tokens`.
+    let mut times = tally.launch_times.clone();
+    times.sort_by(f64::total_cmp);
+    let spent = options.burst_tokens.min(times.len().saturating_sub(1));
+    let steady = if times.len() > spent + 1 {
+        (times.len() - spent - 1) as f64 / (times[times.len() - 1] - times[spent]).max(1e-9)
+    } else {
+        f64::NAN
+    };
+
+    let mut table = Table::new(
+        &format!(
+            "Launch burst: {} uploads, EC2 double throttling like EC2",
+            options.burst
+        ),
+        &["measure", "value"],
+    );
+    table.row(vec![
+        "launched (one instance per upload)".into(),
+        format!("{} of {}", tally.launched, options.burst),
+    ]);
+    table.row(vec![
+        "failed for good (throttling or else)".into(),
+        tally.failed.len().to_string(),
+    ]);
+    table.row(vec![
+        "uploads that waited at least once".into(),
+        tally.waited.len().to_string(),
+    ]);
+    table.row(vec![
+        "most deliveries of one record".into(),
+        tally.most_receives.max(1).to_string(),
+    ]);
+    table.row(vec![
+        "fleet requests EC2 refused for its rate (the SDK's retries of them included)".into(),
+        ec2.throttled_requests().to_string(),
+    ]);
+    table.row(vec!["all launched after".into(), format!("{total:.1} s")]);
+    table.row(vec![
+        format!(
+            "launch rate once the bucket's {} tokens were spent",
+            options.burst_tokens
+        ),
+        format!("{steady:.2} /s (EC2 refills {REFILL_PER_SECOND} /s)"),
+    ]);
+    table.note(format!(
+        "{} pollers (QueueConcurrency) take batches of 10; a record that waits comes back after \
+         {} s (the template's visibility timeout is 300 s; shortened here so the bench ends \
+         sooner). EC2's bucket holds {BUCKET_SIZE} launches and refills {REFILL_PER_SECOND} a \
+         second; it starts with {} tokens, as in an account that launched {} instances in the \
+         minutes before. Each record is one CreateFleet over 9 pools (3 types x 3 subnets).",
+        options.pollers,
+        visibility.as_secs(),
+        options.burst_tokens,
+        BUCKET_SIZE as usize - options.burst_tokens,
+    ));
+    Ok(table)
+}
