@@ -122,6 +122,10 @@ pub struct Waiting {
     pub next_try: Option<String>,
     /// Past this, the attempt fails with its last reason (RFC 3339, UTC).
     pub gives_up_at: Option<String>,
+    /// The instance the attempt was launched on at last, while its worker has yet to report:
+    /// the wait is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
 
 /// One pool a launch tried: `spot m5.large in subnet-0abc`, and EC2's error.
@@ -559,6 +563,7 @@ mod tests {
                 since: "2026-11-30T10:00:00Z".into(),
                 next_try: None,
                 gives_up_at: None,
+                instance_id: None,
             },
         )
     }

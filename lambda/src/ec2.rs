@@ -554,11 +554,14 @@ fn fleet_outcome(
         })
         .collect();
     if pools.is_empty() {
-        // Neither an instance nor a reason: nothing says the pools are empty, so try again.
-        return Err(LaunchError::Api {
-            operation: "CreateFleet",
-            message: "the fleet launched no instance and gave no error".into(),
-            retryable: true,
+        // Neither an instance nor a reason. The answer is final all the same (its token gets it
+        // again), so it counts as a refusal: the next try gets a token of its own.
+        return Err(LaunchError::NoInstance {
+            pools: vec![PoolError {
+                pool: format!("{} request", request.market),
+                code: "NoInstance".into(),
+                message: "the fleet launched no instance and gave no error".into(),
+            }],
         });
     }
     Err(LaunchError::NoInstance { pools })

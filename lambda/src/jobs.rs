@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use s3spot_bootstrap::{
     HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
-    State, Status, StatusError, StatusStore, job_from_base64_user_data, key_results_prefix,
+    State, Status, StatusError, StatusStore, Stored, job_from_base64_user_data, key_results_prefix,
     parse_timestamp, read_status, read_stored, record, stopped_folder, timestamp, upload_folder,
     upload_order, waiting_prefix,
 };
@@ -54,6 +54,11 @@ pub enum JobsError {
         key: String,
         states: String,
     },
+    #[error(
+        "s3://{bucket}/{key} is being launched at this moment (or was just launched): look again \
+         with `s3spot jobs show`, and cancel its instance once EC2 lists it"
+    )]
+    Busy { bucket: String, key: String },
     #[error(
         "s3://{bucket}/{key} is still {state} on {instance_id} (attempt {attempt}); cancel it \
          first with `s3spot jobs cancel {instance_id}`"
@@ -118,8 +123,9 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// At most this many waiting jobs are failed per reaper run (see [`Jobs::expire_waiting`]).
-pub const EXPIRED_PER_RUN: usize = 100;
+/// How long one reaper run spends on the list of waiting jobs (see [`Jobs::expire_waiting`]),
+/// well inside the function's timeout.
+pub const EXPIRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One instance of the pipeline, as `s3spot jobs list` shows it; or a job that waits for one
 /// (`state` is `waiting`, and `instance_id` is empty).
@@ -366,10 +372,10 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
     /// Fails the jobs listed as waiting in the results bucket whose wait has run out
     /// (`gives_up_at` has passed), with their last reason. A launch past it fails them too; this
     /// is for the job whose queue message ran out of deliveries first (to the dead-letter
-    /// queue), which nothing would launch again. A job whose attempt a delivery is launching at
-    /// that moment (its claim pending) is left to it. At most [`EXPIRED_PER_RUN`] per run, so
-    /// that a long list does not keep the reaper from its other work; the rest wait for the next
-    /// run. Without `S3SPOT_RESULTS_BUCKET`, nothing is listed to look at.
+    /// queue), which nothing would launch again. Entries are read and expired one by one, for
+    /// at most [`EXPIRY_BUDGET`], so that a long list neither keeps the reaper from its other
+    /// work nor from expiring any; the rest wait for the next run. Without
+    /// `S3SPOT_RESULTS_BUCKET`, nothing is listed to look at.
     pub async fn expire_waiting(
         &self,
         now: SystemTime,
@@ -377,31 +383,59 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         let Some(bucket) = self.config.results_bucket.clone() else {
             return Ok((Vec::new(), Vec::new()));
         };
+        let started = std::time::Instant::now();
+        let prefix = waiting_prefix(&self.config.results_prefix);
         let mut ended = Vec::new();
         let mut errors = Vec::new();
-        for row in self.waiting(&bucket).await? {
-            if ended.len() >= EXPIRED_PER_RUN {
+        for folder in self.statuses.folders(&bucket, &prefix).await? {
+            if started.elapsed() > EXPIRY_BUDGET {
                 break;
             }
-            let past = row
-                .waiting
-                .as_ref()
-                .and_then(|w| w.gives_up_at.as_deref())
+            let entry = format!("{prefix}{folder}/{STATUS_FILE}");
+            let listed = match read_stored(&self.statuses, &bucket, &entry).await {
+                Ok(Some(Stored {
+                    status: Ok(status), ..
+                })) => status,
+                Ok(_) => continue,
+                Err(error) => {
+                    errors.push(s3spot_bootstrap::error_chain(&error));
+                    continue;
+                }
+            };
+            let gives_up_at = listed.waiting.as_ref().and_then(|w| w.gives_up_at.clone());
+            let past = gives_up_at
+                .as_deref()
                 .and_then(parse_timestamp)
                 .is_some_and(|at| at <= now);
             if !past {
                 continue;
             }
-            match self.expire(&bucket, &row, now).await {
-                Ok(Some(outcome)) => ended.push(EndedAttempt {
-                    instance: row,
-                    outcome,
-                }),
+            let error = format!(
+                "waited for an instance past S3SPOT_MAX_WAIT (until {}), and no delivery of its \
+                 event is left to try again; last: {}",
+                gives_up_at.unwrap_or_default(),
+                listed
+                    .waiting
+                    .as_ref()
+                    .map(|w| w.reason.as_str())
+                    .unwrap_or_default()
+            );
+            match self
+                .end_waiting(&bucket, &listed, State::Failed, &error, now)
+                .await
+            {
+                Ok(Some(row)) => {
+                    tracing::warn!(job_id = listed.job_id, error, "a waiting job gave up");
+                    ended.push(EndedAttempt {
+                        instance: row,
+                        outcome: error,
+                    });
+                }
                 Ok(None) => {}
                 Err(error) => errors.push(format!(
                     "waiting job s3://{}/{}: {}",
-                    row.bucket,
-                    row.key,
+                    listed.input.bucket,
+                    listed.input.key,
                     s3spot_bootstrap::error_chain(&error)
                 )),
             }
@@ -409,40 +443,47 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         Ok((ended, errors))
     }
 
-    /// Fails one waiting job whose wait is over; `None` if it turns out not to wait any more,
-    /// or a delivery holds its attempt.
-    async fn expire(
+    /// Ends the wait of the job `listed` (its entry in the list of waiting jobs) with `state`
+    /// and `error`: its status.json, then its attempt's claim (marked done, so that no later
+    /// delivery launches it), then the list. `None`, with nothing written, when it turns out not
+    /// to wait: EC2 lists an instance of the attempt or a later one, its status.json moved on,
+    /// or a delivery holds its attempt's claim right now. The entry goes too when it is stale.
+    async fn end_waiting(
         &self,
         bucket: &str,
-        row: &JobInstance,
+        listed: &Status,
+        state: State,
+        error: &str,
         now: SystemTime,
-    ) -> Result<Option<String>, JobsError> {
-        let job_id = row.job_id.clone().unwrap_or_default();
+    ) -> Result<Option<JobInstance>, JobsError> {
+        let job_id = &listed.job_id;
         let entry = format!(
             "{}{job_id}/{STATUS_FILE}",
             waiting_prefix(&self.config.results_prefix)
         );
-        let Some(Ok(listed)) = read_stored(&self.statuses, bucket, &entry)
-            .await?
-            .map(|stored| stored.status)
-        else {
-            return Ok(None);
-        };
         let folder = format!(
             "{}{}/",
             key_results_prefix(&self.config.results_prefix, &listed.input.key),
-            upload_folder(listed.uploaded_at.as_deref(), &job_id)
+            upload_folder(listed.uploaded_at.as_deref(), job_id)
         );
         let status_key = format!("{folder}{STATUS_FILE}");
-        // The job's own status.json decides: it may have launched, or ended, since.
-        let current = read_status(&self.statuses, bucket, &status_key, &job_id).await?;
-        let Some(mut status) = current.filter(|s| s.is_waiting() && s.attempt == listed.attempt)
-        else {
+        let launched = self
+            .launcher
+            .instances(&self.config.pipeline, Some(job_id))
+            .await?
+            .iter()
+            .any(|i| i.attempt().is_some_and(|a| a >= listed.attempt));
+        // The job's own status.json decides too: it may have launched, or ended, since.
+        let current = read_status(&self.statuses, bucket, &status_key, job_id).await?;
+        let waiting = current.filter(|s| {
+            s.is_waiting()
+                && s.attempt == listed.attempt
+                && s.waiting.as_ref().is_some_and(|w| w.instance_id.is_none())
+        });
+        let Some(mut status) = waiting.filter(|_| !launched) else {
             self.statuses.delete(bucket, &entry).await?;
             return Ok(None);
         };
-        // The attempt's claim: a delivery that holds it is launching now, and a claim marked
-        // done keeps later deliveries from launching a job that has failed.
         let claim_key = format!(
             "{folder}{}attempt-{}.json",
             s3spot_bootstrap::RECORDS_FOLDER,
@@ -463,7 +504,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             if held {
                 return Ok(None);
             }
-            claim.done = Some("waited past S3SPOT_MAX_WAIT".into());
+            claim.done = Some(error.to_owned());
             match s3spot_bootstrap::write_claim(
                 &self.statuses,
                 bucket,
@@ -479,23 +520,53 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 Err(error) => return Err(error.into()),
             }
         }
-        let reason = status.waiting.take().map(|w| w.reason).unwrap_or_default();
-        let error = format!(
-            "waited for an instance past S3SPOT_MAX_WAIT (until {}), and no delivery of its event \
-             is left to try again; last: {reason}",
-            row.waiting
-                .as_ref()
-                .and_then(|w| w.gives_up_at.clone())
-                .unwrap_or_default()
-        );
-        status.state = State::Failed;
+        let row = self
+            .waiting_row(&status)
+            .unwrap_or_else(|| self.waiting_row(listed).expect("a listed job waits"));
+        status.waiting = None;
+        status.state = state;
         status.written_by = s3spot_bootstrap::Writer::Launcher;
-        status.error = Some(error.clone());
+        status.error = Some(error.to_owned());
         status.finished_at = timestamp(now);
         record(&self.statuses, bucket, &status_key, status).await?;
         self.statuses.delete(bucket, &entry).await?;
-        tracing::warn!(job_id, error, "a waiting job gave up");
-        Ok(Some(error))
+        Ok(Some(row))
+    }
+
+    /// `status` as a row of `s3spot jobs list`, if it says its job waits (and is not launched
+    /// already, its worker yet to report).
+    fn waiting_row(&self, status: &Status) -> Option<JobInstance> {
+        let waiting = status
+            .waiting
+            .as_ref()
+            .filter(|w| status.is_waiting() && w.instance_id.is_none())?;
+        Some(JobInstance {
+            instance_id: String::new(),
+            state: State::Waiting.to_string(),
+            market: String::new(),
+            instance_type: None,
+            launched_at: None,
+            age_secs: None,
+            bucket: status.input.bucket.clone(),
+            key: status.input.key.clone(),
+            job_id: Some(status.job_id.clone()),
+            upload: None,
+            attempt: Some(status.attempt),
+            max_runtime_secs: None,
+            stuck: false,
+            result: None,
+            status_unreadable: false,
+            awaits_next_attempt: false,
+            spot_interruption: false,
+            state_reason: None,
+            waiting: Some(WaitingRow {
+                reason: short_reason(&waiting.reason),
+                pools_tried: waiting.pools.len(),
+                since: waiting.since.clone(),
+                next_try: waiting.next_try.clone(),
+                gives_up_at: waiting.gives_up_at.clone(),
+            }),
+        })
     }
 
     /// The jobs listed as waiting for an instance in `bucket`, as rows.
@@ -509,36 +580,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             };
             // Not what the launcher writes there, or no longer waiting: not listed.
             let Ok(status) = stored.status else { continue };
-            let Some(waiting) = status.waiting.as_ref().filter(|_| status.is_waiting()) else {
-                continue;
-            };
-            rows.push(JobInstance {
-                instance_id: String::new(),
-                state: State::Waiting.to_string(),
-                market: String::new(),
-                instance_type: None,
-                launched_at: None,
-                age_secs: None,
-                bucket: status.input.bucket.clone(),
-                key: status.input.key.clone(),
-                job_id: Some(status.job_id.clone()),
-                upload: None,
-                attempt: Some(status.attempt),
-                max_runtime_secs: None,
-                stuck: false,
-                result: None,
-                status_unreadable: false,
-                awaits_next_attempt: false,
-                spot_interruption: false,
-                state_reason: None,
-                waiting: Some(WaitingRow {
-                    reason: short_reason(&waiting.reason),
-                    pools_tried: waiting.pools.len(),
-                    since: waiting.since.clone(),
-                    next_try: waiting.next_try.clone(),
-                    gives_up_at: waiting.gives_up_at.clone(),
-                }),
-            });
+            rows.extend(self.waiting_row(&status));
         }
         Ok(rows)
     }
@@ -675,6 +717,10 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             .cloned()
             .collect();
         if active.is_empty() {
+            // No instance yet: a job that waits for one is cancelled before it launches.
+            if let Some(stopped) = self.cancel_waiting(target, &instances).await? {
+                return Ok(stopped);
+            }
             let (bucket, key) = self.object_of(target, &instances)?;
             let states = instances
                 .iter()
@@ -695,6 +741,57 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             "cancelled with `s3spot jobs cancel`".to_owned()
         })
         .await
+    }
+
+    /// Cancels the newest job of `target` if it waits for an instance; `None` if it does not.
+    async fn cancel_waiting(
+        &self,
+        target: &Target,
+        found: &[JobInstance],
+    ) -> Result<Option<Stopped>, JobsError> {
+        let Ok(job) = self.newest_job(target, found).await else {
+            return Ok(None);
+        };
+        let Some(job_id) = &job.job_id else {
+            return Ok(None);
+        };
+        let Some(status) = read_status(
+            &self.statuses,
+            &job.results_bucket,
+            &job.status_key(),
+            job_id,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        if self.waiting_row(&status).is_none() {
+            return Ok(None);
+        }
+        let error = "cancelled with `s3spot jobs cancel` while it waited for an instance";
+        match self
+            .end_waiting(
+                &job.results_bucket,
+                &status,
+                State::Cancelled,
+                error,
+                SystemTime::now(),
+            )
+            .await?
+        {
+            Some(row) => Ok(Some(Stopped {
+                instances: Vec::new(),
+                ended: vec![EndedAttempt {
+                    instance: row,
+                    outcome: error.to_owned(),
+                }],
+                errors: Vec::new(),
+            })),
+            None => Err(JobsError::Busy {
+                bucket: job.bucket,
+                key: job.key,
+            }),
+        }
     }
 
     /// What the reaper has to do: the pipeline's stuck instances (active past their job's own

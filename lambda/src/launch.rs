@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    Claim, Expect, Instance, JobSpec, State, Status, StatusError, StatusStore, Waiting,
+    Claim, Expect, Instance, JobSpec, Recorded, State, Status, StatusError, StatusStore, Waiting,
     WaitingPool, error_chain, parse_timestamp, read_claim, read_status, record, timestamp,
     write_claim,
 };
@@ -95,6 +95,9 @@ struct Failed {
     /// No launch of this attempt can ever succeed (every pool refused for good, an object too
     /// big for any disk): its status says `failed` and no delivery tries again.
     for_good: bool,
+    /// EC2 refused the request for its rate: a wait, though an earlier try of the SDK's may have
+    /// launched (the claim stays pending, and its token unused if none did).
+    throttled: bool,
 }
 
 /// What [`Handler::claim`] found.
@@ -154,7 +157,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             // launch whose outcome is unknown is looked up again before anything is said.
             Err(failure)
                 if failure.record.retryable
-                    && !failure.maybe_launched
+                    && (!failure.maybe_launched || failure.throttled)
                     && purpose == Purpose::New =>
             {
                 self.wait_or_give_up(job, &mut claim, failure).await;
@@ -331,6 +334,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             maybe_launched: false,
             pools: Vec::new(),
             for_good: false,
+            throttled: false,
         };
         let launch = &self.config.launch;
         let pipeline = &self.config.job.pipeline;
@@ -425,6 +429,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     }
                     return Err(Failed {
                         maybe_launched: error.may_have_launched(),
+                        throttled: error.is_throttling(),
                         ..failed(error.to_string(), error.is_retryable())
                     });
                 }
@@ -450,7 +455,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             .clone()
             .unwrap_or_else(|| claim.claimed_at.clone());
         let waited = claim.waited(now).unwrap_or_default();
-        if waited >= launch.max_wait {
+        if waited >= launch.max_wait && !failure.maybe_launched {
             let error = format!(
                 "waited {} for an instance, past S3SPOT_MAX_WAIT={}; last: {}",
                 humantime::format_duration(Duration::from_secs(waited.as_secs())),
@@ -491,6 +496,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 since: since.clone(),
                 next_try: Some(timestamp(now + launch.retry_after)),
                 gives_up_at: Some(at(launch.max_wait)).filter(|t| !t.is_empty()),
+                instance_id: None,
             },
         );
         // The claim carries the wait on: a delivery that takes it over keeps its `since`.
@@ -501,11 +507,16 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let status_key = spec.status_key();
         let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(record(&self.statuses, bucket, &status_key, status.clone()));
-        if let Err(error) = recorded.await {
-            tracing::warn!(
-                error = error_chain(&error),
-                "cannot record the wait in status.json"
-            );
+        match recorded.await {
+            Ok(Recorded::Written(_)) => {}
+            // The status moved on (a later attempt, an outcome): nothing to list.
+            Ok(Recorded::Kept { .. }) => return,
+            Err(error) => {
+                tracing::warn!(
+                    error = error_chain(&error),
+                    "cannot record the wait in status.json"
+                );
+            }
         }
         let key = spec.waiting_key();
         let body = serde_json::to_vec_pretty(&status).expect("a Status always serializes");
@@ -541,6 +552,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 since,
                 next_try: None,
                 gives_up_at: None,
+                instance_id: Some(instance_id.to_owned()),
             },
         );
         self.record_and_unlist(spec, status, "the launch").await;
@@ -637,9 +649,12 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 ));
             }
         };
+        // The wait of this attempt, or of one this launch supersedes (an operator's retry).
         let waiting_since = status
             .as_ref()
-            .and_then(|status| status.waiting.as_ref().filter(|_| status.is_waiting()))
+            .filter(|status| status.is_waiting() && status.attempt <= spec.attempt)
+            .and_then(|status| status.waiting.as_ref())
+            .filter(|waiting| waiting.instance_id.is_none())
             .map(|waiting| waiting.since.clone());
         if let Some(instance) = of_attempt.first() {
             return Ok((

@@ -370,6 +370,19 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let mut report = Report::default();
         match plan(&self.config.job, &object, last_attempt + 1, &job_id) {
             Ok(Plan::Launch(job)) => {
+                // A job that waits for an instance: its attempt's deliveries must launch nothing
+                // once this retry supersedes it, so its claim says so first.
+                if let Some(waiting) = status.as_ref().filter(|s| {
+                    s.is_waiting()
+                        && s.attempt == last_attempt
+                        && s.waiting.as_ref().is_some_and(|w| w.instance_id.is_none())
+                }) {
+                    let waited = JobSpec {
+                        attempt: waiting.attempt,
+                        ..job.spec.clone()
+                    };
+                    self.supersede_wait(&waited, last_attempt + 1).await?;
+                }
                 let mut state = InvocationState::default();
                 if let Err(failure) = self
                     .launch(&job, Purpose::Retry, &mut state, &mut report)
@@ -388,6 +401,45 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
         report.log();
         Ok(report)
+    }
+
+    /// Marks the claim of `waited`'s attempt done, superseded by attempt `next`: the event's
+    /// later deliveries then launch nothing for it. Refused while a delivery holds the claim,
+    /// or once it has launched: that delivery decides.
+    async fn supersede_wait(&self, waited: &JobSpec, next: u32) -> Result<(), JobsError> {
+        let bucket = &waited.results_bucket;
+        let key = waited.claim_key();
+        let busy = || JobsError::Busy {
+            bucket: waited.bucket.clone(),
+            key: waited.key.clone(),
+        };
+        let stored = s3spot_bootstrap::read_claim(&self.statuses, bucket, &key).await?;
+        let (mut claim, expect) = match stored {
+            Some(stored) => match stored.claim {
+                Ok(claim) => (claim, stored.expect),
+                Err(_) => (s3spot_bootstrap::Claim::new(waited.clone()), stored.expect),
+            },
+            None => (
+                s3spot_bootstrap::Claim::new(waited.clone()),
+                s3spot_bootstrap::Expect::Nothing,
+            ),
+        };
+        let held = claim.is_pending()
+            && claim
+                .age(std::time::SystemTime::now())
+                .is_some_and(|age| age < crate::launch::CLAIM_LEASE)
+            && expect != s3spot_bootstrap::Expect::Nothing;
+        if claim.instance_id.is_some() || held {
+            return Err(busy());
+        }
+        claim.done = Some(format!(
+            "superseded by `s3spot jobs retry`, as attempt {next}"
+        ));
+        match s3spot_bootstrap::write_claim(&self.statuses, bucket, &key, &claim, &expect).await {
+            Ok(_) => Ok(()),
+            Err(StatusError::Conflict { .. }) => Err(busy()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The reaper: terminates the pipeline's stuck instances and marks their attempts failed;

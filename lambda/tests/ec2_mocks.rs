@@ -752,3 +752,19 @@ async fn spot_prices_follow_every_page() {
     assert_eq!(prices[2].at, 1_800_000_000);
     assert_eq!((first.num_calls(), second.num_calls()), (1, 1));
 }
+
+#[tokio::test]
+async fn an_answer_with_neither_instance_nor_error_is_a_refusal_to_try_again() {
+    let describe = none_running();
+    let fleet = mock!(Client::create_fleet)
+        .then_output(|| CreateFleetOutput::builder().fleet_id("fleet-0").build());
+    let handler = handler(config(&[]), &[&describe, &fleet]);
+    let Err(HandlerError::Retryable(report)) = handler.handle(console_event()).await else {
+        panic!("expected a retryable failure")
+    };
+    assert!(
+        report.failed[0].error.contains("spot request: NoInstance"),
+        "{}",
+        report.failed[0].error
+    );
+}

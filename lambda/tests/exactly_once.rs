@@ -981,3 +981,91 @@ async fn a_record_that_can_never_launch_fails_once_and_says_so() {
     assert_eq!(again.launched, []);
     assert_eq!(setup.ec2.create_fleet_calls(), calls);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_job_can_be_cancelled_before_it_launches() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    handled(&handler, upload_event()).await;
+    let jobs = Jobs::new(
+        handler.config().jobs(),
+        Ec2Launcher::new(&setup.ec2.sdk_config().await),
+        S3Statuses::from_client(setup.s3.client().await),
+    );
+    let target = s3spot_lambda::Target::parse(&format!("s3://{BUCKET}/in/f.csv"));
+    let stopped = jobs
+        .cancel(&target, Clock::now(&handler.config().jobs()))
+        .await
+        .unwrap();
+    assert_eq!(stopped.ended.len(), 1, "{stopped:?}");
+    assert_eq!(setup.status(&job).await.state, State::Cancelled);
+    assert_eq!(waiting_rows(&setup, &handler).await, []);
+    // Capacity returns, and the queue delivers the event again: nothing is launched.
+    setup.ec2.set_capacity("spot", true);
+    let again = handled(&handler, upload_event()).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    assert_eq!(setup.ec2.instances().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_that_outlasts_the_sdk_makes_the_job_wait_and_says_so() {
+    let setup = Setup::start();
+    let handler = setup.handler(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
+    let job = planned(&handler);
+    // An account whose launch bucket is empty, and refills too slowly to matter here.
+    setup.ec2.set_launch_bucket(1000.0, 0.0, 0.001);
+    let waited = handled(&handler, upload_event()).await;
+    assert!(waited.failed[0].retryable, "{waited:?}");
+    let waiting = setup.status(&job).await.waiting.expect("waiting");
+    assert!(
+        waiting.reason.contains("RequestLimitExceeded"),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting_rows(&setup, &handler).await.len(), 1);
+    assert_eq!(setup.ec2.instances().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reaper_leaves_a_waiting_job_that_ec2_lists_an_instance_of() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
+        .await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    handled(&handler, upload_event()).await;
+    let waiting = setup.status(&job).await;
+    assert_eq!(waiting.state, State::Waiting);
+    // A delivery launches it and dies before it says so: its status and the list still say it
+    // waits.
+    setup.ec2.set_capacity("spot", true);
+    let launched = handled(&handler, upload_event()).await;
+    assert_eq!(launched.launched.len(), 1);
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    record(&statuses, BUCKET, &job.status_key(), waiting.clone())
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&waiting).unwrap();
+    s3spot_bootstrap::StatusStore::put(
+        &statuses,
+        BUCKET,
+        &job.waiting_key(),
+        body,
+        &s3spot_bootstrap::Expect::Anything,
+    )
+    .await
+    .unwrap();
+    assert_eq!(waiting_rows(&setup, &handler).await.len(), 1);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reaped = handled(&handler, reaper_event()).await;
+    assert_eq!(reaped.ended, [], "{reaped:?}");
+    assert_ne!(setup.status(&job).await.state, State::Failed);
+    assert_eq!(
+        waiting_rows(&setup, &handler).await,
+        [],
+        "the stale entry is gone"
+    );
+}

@@ -906,7 +906,7 @@ async fn a_claim_is_released_only_when_ec2_said_no() {
     );
 
     // Throttled after the SDK's own retries: an earlier try may have timed out after EC2
-    // launched, so the claim stays pending too.
+    // launched, so the claim stays pending too, with its token (unused, if nothing launched).
     let (claim, again) = claim_after(Err(LaunchError::Api {
         operation: "RunInstances",
         message: "RequestLimitExceeded: Request limit exceeded.".into(),
