@@ -560,3 +560,77 @@ async fn a_spot_interruption_relaunches_the_job_once_until_its_last_attempt() {
         Some(first.as_str())
     );
 }
+
+#[tokio::test]
+async fn the_fleet_request_moto_keeps_is_instant_price_capacity_optimized_over_every_pool() {
+    let setup = setup().await;
+    let subnets: Vec<String> = setup
+        .ec2
+        .describe_subnets()
+        .send()
+        .await
+        .unwrap()
+        .subnets()
+        .iter()
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_owned())
+        .collect();
+    assert_eq!(subnets.len(), 2, "moto's default VPC has a subnet per zone");
+    let subnet_list = subnets.join(",");
+    let handler = setup.handler(&[
+        ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large"),
+        ("S3SPOT_SUBNETS", &subnet_list),
+    ]);
+    let report = report(&handler, "s3-put.json").await;
+    let launched = &report.launched[0];
+    let instance = setup.instance(&launched.instance_id).await;
+    assert!(
+        subnets
+            .iter()
+            .any(|s| Some(s.as_str()) == instance.subnet_id()),
+        "launched in one of the pools: {:?}",
+        instance.subnet_id()
+    );
+    setup
+        .check_launched(&launched.instance_id, &launched.bucket, &launched.key)
+        .await;
+
+    let fleets = setup.ec2.describe_fleets().send().await.unwrap();
+    let [fleet] = fleets.fleets() else {
+        panic!("one fleet request: {fleets:?}")
+    };
+    assert_eq!(fleet.r#type().map(|t| t.as_str()), Some("instant"));
+    assert_eq!(
+        fleet
+            .spot_options()
+            .and_then(|o| o.allocation_strategy())
+            .map(|a| a.as_str()),
+        Some("price-capacity-optimized")
+    );
+    let [config] = fleet.launch_template_configs() else {
+        panic!("one launch template config: {fleet:?}")
+    };
+    let template = config.launch_template_specification().unwrap();
+    assert!(
+        template.launch_template_name() == Some(TEMPLATE)
+            || template.launch_template_id() == Some(setup.template_id.as_str()),
+        "the function's launch template: {template:?}"
+    );
+    let pools: BTreeSet<(String, String)> = config
+        .overrides()
+        .iter()
+        .map(|o| {
+            (
+                o.instance_type().unwrap().as_str().to_owned(),
+                o.subnet_id().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(pools.len(), 4, "every type in every subnet: {pools:?}");
+    assert_eq!(
+        fleet
+            .target_capacity_specification()
+            .and_then(|t| t.total_target_capacity()),
+        Some(1)
+    );
+}
