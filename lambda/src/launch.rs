@@ -436,9 +436,17 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             }
         }
         let retryable = refused.iter().any(|pool| pool.refusal().is_retryable());
+        // A refusal of the account's setup (a permission, the spot role, an opt-in) is fixed by
+        // its owner, who then redrives the dead-letter queue: that must launch, so it is not
+        // recorded as final.
+        let setup = refused.iter().any(|pool| {
+            ["Unauthorized", "AuthFailure", "OptInRequired", "Blocked"]
+                .iter()
+                .any(|code| pool.code.starts_with(code))
+        });
         Err(Failed {
             pools: refused.clone(),
-            for_good: !retryable,
+            for_good: !retryable && !setup,
             ..failed(refusal_reason(&refused), retryable)
         })
     }

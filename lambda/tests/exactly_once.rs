@@ -1069,3 +1069,41 @@ async fn the_reaper_leaves_a_waiting_job_that_ec2_lists_an_instance_of() {
         "the stale entry is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_of_the_accounts_setup_launches_once_it_is_fixed_and_redriven() {
+    let setup = Setup::start();
+    let handler = setup
+        .handler(&[
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+        ])
+        .await;
+    // A launcher policy that allows the fleet but no instance of this type.
+    let policy = s3spot_tests::iam::Policy::from_document(&json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "ec2:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": ["ec2:RunInstances", "ec2:CreateFleet"],
+             "Resource": "arn:aws:ec2:*:*:instance/*",
+             "Condition": {"StringEquals": {"ec2:InstanceType": "m7i.large"}}}
+        ]
+    }));
+    setup.ec2.set_policy(s3spot_tests::ACCESS_KEY, policy);
+    let refused = handled(&handler, upload_event()).await;
+    assert!(!refused.failed[0].retryable, "{refused:?}");
+    assert!(
+        refused.failed[0].error.contains("UnauthorizedOperation"),
+        "{refused:?}"
+    );
+    // The owner fixes the policy and redrives the dead-letter queue: it launches.
+    setup.ec2.set_policy(
+        s3spot_tests::ACCESS_KEY,
+        s3spot_tests::iam::Policy::from_document(&json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]
+        })),
+    );
+    let redriven = handled(&handler, upload_event()).await;
+    assert_eq!(redriven.launched.len(), 1, "{redriven:?}");
+}
