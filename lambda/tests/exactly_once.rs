@@ -96,6 +96,18 @@ impl Setup {
             .collect()
     }
 
+    /// The job commands, on the double and the S3 server, with `handler`'s configuration.
+    async fn jobs(
+        &self,
+        handler: &Handler<Ec2Launcher, S3Statuses>,
+    ) -> Jobs<Ec2Launcher, S3Statuses> {
+        Jobs::new(
+            handler.config().jobs(),
+            Ec2Launcher::new(&self.ec2.sdk_config().await),
+            S3Statuses::from_client(self.s3.client().await),
+        )
+    }
+
     /// The job an instance of the double was launched with.
     fn job_of(&self, instance_id: &str) -> JobSpec {
         let instance = self
@@ -702,17 +714,32 @@ async fn waiting_rows(
     setup: &Setup,
     handler: &Handler<Ec2Launcher, S3Statuses>,
 ) -> Vec<JobInstance> {
-    let jobs = Jobs::new(
-        handler.config().jobs(),
-        Ec2Launcher::new(&setup.ec2.sdk_config().await),
-        S3Statuses::from_client(setup.s3.client().await),
-    );
-    jobs.list(Clock::now(&handler.config().jobs()))
+    setup
+        .jobs(handler)
+        .await
+        .list(Clock::now(&handler.config().jobs()))
         .await
         .unwrap()
         .into_iter()
         .filter(|row| row.waiting.is_some())
         .collect()
+}
+
+/// A handler whose upload finds no spot capacity on its first delivery, and so waits: the
+/// handler, and the job, whose status.json says `waiting`.
+async fn waiting_job(
+    setup: &Setup,
+    overrides: &[(&str, &str)],
+) -> (Handler<Ec2Launcher, S3Statuses>, JobSpec) {
+    let mut overrides = overrides.to_vec();
+    overrides.push(("S3SPOT_RESULTS_BUCKET", BUCKET));
+    let handler = setup.handler(&overrides).await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    let waited = handled(&handler, upload_event()).await;
+    assert!(waited.failed[0].retryable, "{waited:?}");
+    assert_eq!(setup.status(&job).await.state, State::Waiting);
+    (handler, job)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -849,14 +876,7 @@ async fn a_job_at_the_cap_or_over_a_quota_waits_and_says_which() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_waits_past_max_wait_fails_with_its_last_reason() {
     let setup = Setup::start();
-    let handler = setup
-        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
-        .await;
-    let job = planned(&handler);
-    setup.ec2.set_capacity("spot", false);
-    let waited = handled(&handler, upload_event()).await;
-    assert!(waited.failed[0].retryable, "{waited:?}");
-    assert_eq!(setup.status(&job).await.state, State::Waiting);
+    let (handler, job) = waiting_job(&setup, &[("S3SPOT_MAX_WAIT", "1s")]).await;
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let gave_up = handled(&handler, upload_event()).await;
@@ -889,13 +909,7 @@ async fn a_job_that_waits_past_max_wait_fails_with_its_last_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_reaper_fails_a_waiting_job_whose_deliveries_ran_out_before_its_wait() {
     let setup = Setup::start();
-    let handler = setup
-        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
-        .await;
-    let job = planned(&handler);
-    setup.ec2.set_capacity("spot", false);
-    handled(&handler, upload_event()).await;
-    assert_eq!(setup.status(&job).await.state, State::Waiting);
+    let (handler, job) = waiting_job(&setup, &[("S3SPOT_MAX_WAIT", "1s")]).await;
 
     // Its message went to the dead-letter queue: no delivery comes back. Before the wait is
     // out, the reaper leaves the job waiting.
@@ -921,11 +935,7 @@ async fn the_reaper_fails_a_waiting_job_whose_deliveries_ran_out_before_its_wait
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operators_retry_of_a_waiting_job_is_its_one_launch() {
     let setup = Setup::start();
-    let handler = setup.handler(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
-    let job = planned(&handler);
-    setup.ec2.set_capacity("spot", false);
-    handled(&handler, upload_event()).await;
-    assert_eq!(setup.status(&job).await.state, State::Waiting);
+    let (handler, job) = waiting_job(&setup, &[]).await;
 
     // Capacity returns, and an operator retries the job before its next delivery: attempt 2.
     setup.ec2.set_capacity("spot", true);
@@ -985,15 +995,8 @@ async fn a_record_that_can_never_launch_fails_once_and_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waiting_job_can_be_cancelled_before_it_launches() {
     let setup = Setup::start();
-    let handler = setup.handler(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
-    let job = planned(&handler);
-    setup.ec2.set_capacity("spot", false);
-    handled(&handler, upload_event()).await;
-    let jobs = Jobs::new(
-        handler.config().jobs(),
-        Ec2Launcher::new(&setup.ec2.sdk_config().await),
-        S3Statuses::from_client(setup.s3.client().await),
-    );
+    let (handler, job) = waiting_job(&setup, &[]).await;
+    let jobs = setup.jobs(&handler).await;
     let target = s3spot_lambda::Target::parse(&format!("s3://{BUCKET}/in/f.csv"));
     let stopped = jobs
         .cancel(&target, Clock::now(&handler.config().jobs()))
@@ -1030,12 +1033,7 @@ async fn throttling_that_outlasts_the_sdk_makes_the_job_wait_and_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_reaper_leaves_a_waiting_job_that_ec2_lists_an_instance_of() {
     let setup = Setup::start();
-    let handler = setup
-        .handler(&[("S3SPOT_MAX_WAIT", "1s"), ("S3SPOT_RESULTS_BUCKET", BUCKET)])
-        .await;
-    let job = planned(&handler);
-    setup.ec2.set_capacity("spot", false);
-    handled(&handler, upload_event()).await;
+    let (handler, job) = waiting_job(&setup, &[("S3SPOT_MAX_WAIT", "1s")]).await;
     let waiting = setup.status(&job).await;
     assert_eq!(waiting.state, State::Waiting);
     // A delivery launches it and dies before it says so: its status and the list still say it
