@@ -61,6 +61,14 @@ def policy_documents(template):
             yield name, props["PolicyDocument"]
 
 
+def key_policies(template):
+    """(where, document) for every KMS key policy. Apart from policy_documents: in a key policy,
+    Resource "*" is the key itself, and its administrators' actions are wildcards by design."""
+    for name, resource in template["Resources"].items():
+        if resource["Type"] == "AWS::KMS::Key":
+            yield f"{name} key policy", resource["Properties"]["KeyPolicy"]
+
+
 def statements(document):
     return as_list(document["Statement"])
 

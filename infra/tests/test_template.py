@@ -6,6 +6,7 @@ mutation tests at the end run some of them on a weakened copy and expect them to
 no check passes by accident."""
 
 import copy
+import fnmatch
 import json
 import re
 import unittest
@@ -13,6 +14,7 @@ import unittest
 from infra.tests.template import (
     ROOT,
     as_list,
+    key_policies,
     policy_documents,
     resources_of_type,
     role_statements,
@@ -35,6 +37,72 @@ SESSION_CHANNELS = [
     "ssmmessages:OpenDataChannel",
 ]
 TEMPLATE_RESOURCE_TYPES = {"volume", "network-interface", "subnet", "security-group", "image", "key-pair"}
+
+# Job state-change events: what the launcher, the worker and the operators may put on the
+# account's default bus, and what the notification rule takes from it.
+EVENT_SOURCE = "s3spot"
+EVENT_DETAIL_TYPE = "s3spot Job State Change"
+DEFAULT_BUS = "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/default"
+PUT_JOB_EVENTS = {
+    "Sid": "PutJobEventsOnTheDefaultBus",
+    "Effect": "Allow",
+    "Action": "events:PutEvents",
+    "Resource": {"Fn::Sub": DEFAULT_BUS},
+    "Condition": {
+        # The reference types both keys ArrayOfString: every value given must be these...
+        "ForAllValues:StringEquals": {
+            "events:source": EVENT_SOURCE,
+            "events:detail-type": EVENT_DETAIL_TYPE,
+        },
+        # ...and ForAllValues holds for a key that is absent, so they must be given.
+        "Null": {"events:source": "false", "events:detail-type": "false"},
+    },
+}
+EVENTS_RS = ROOT / "bootstrap" / "src" / "events.rs"
+# KMS operations that encrypt or decrypt: the key's administrators get none of them.
+KMS_CRYPTO = [
+    "kms:Decrypt",
+    "kms:Encrypt",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:GenerateDataKeyPair",
+    "kms:GenerateDataKeyPairWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+]
+# The resources that exist only when NotifyEmail is set.
+NOTIFICATION_RESOURCES = {
+    "NotifyKey": "AWS::KMS::Key",
+    "NotifyTopic": "AWS::SNS::Topic",
+    "NotifySubscription": "AWS::SNS::Subscription",
+    "NotifyTopicPolicy": "AWS::SNS::TopicPolicy",
+    "NotifyRule": "AWS::Events::Rule",
+}
+
+
+def rust_struct_fields(source, name):
+    """The field names of `pub struct <name>` in Rust source."""
+    body = re.search(rf"pub struct {name} \{{(.*?)\n\}}", source, re.S)
+    assert body, f"no struct {name}"
+    return re.findall(r"^\s*pub (\w+):", body.group(1), re.M)
+
+
+def job_states():
+    """The states a job's events name, as bootstrap/src/events.rs spells them."""
+    source = EVENTS_RS.read_text()
+    body = re.search(r"pub fn as_str\(self\) -> &'static str \{(.*?)\n    \}", source, re.S)
+    assert body, "cannot read JobState::as_str from bootstrap/src/events.rs"
+    states = re.findall(r'JobState::\w+ => "([a-z_]+)"', body.group(1))
+    assert states, "cannot read the job states from bootstrap/src/events.rs"
+    return states
+
+
+def refers_to(value, names):
+    """Whether a template value refers (Ref, GetAtt, Sub) to any of the logical ids `names`."""
+    text = json.dumps(value)
+    return any(
+        re.search(rf'"Ref": "{n}"|"Fn::GetAtt": \["{n}"|\$\{{{n}[}}.]', text) for n in names
+    )
 
 
 def run_instances_statements(template):
@@ -215,6 +283,7 @@ def check_launcher_role_exact(template):
         "sqs:GetQueueAttributes",
         "logs:CreateLogStream",
         "logs:PutLogEvents",
+        "events:PutEvents",
     }, sorted(actions)
     props = template["Resources"]["LauncherRole"]["Properties"]
     assert not props.get("ManagedPolicyArns"), "the launcher role takes no managed policy"
@@ -236,6 +305,8 @@ def check_launcher_role_exact(template):
             )
         if as_list(s["Action"]) == ["ec2:CreateFleet"]:
             assert resource_type(sub_text(s["Resource"])) == "fleet", s["Resource"]
+        if any(a.startswith("events:") for a in as_list(s["Action"])):
+            assert s == PUT_JOB_EVENTS, s
         if {"ec2:DescribeInstanceAttribute", "ec2:GetConsoleOutput", "ec2:TerminateInstances"} & set(
             as_list(s["Action"])
         ):
@@ -293,6 +364,8 @@ def check_instance_role_exact(template):
         "s3:GetObjectVersion": {"${DataBucket.Arn}/*"},
         "s3:PutObject": {"${DataBucket.Arn}/analysis/*"},
         "s3:AbortMultipartUpload": {"${DataBucket.Arn}/analysis/*"},
+        # Its job's state changes, as s3spot's own events (check_job_events).
+        "events:PutEvents": {DEFAULT_BUS},
         # Session Manager and nothing else of SSM: no parameters, no documents.
         "ssm:UpdateInstanceInformation": {
             "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/*"
@@ -584,6 +657,8 @@ def check_parameters(template):
         "KeyPairName",
         "MonthlyBudget",
         "NotificationEmail",
+        "NotifyEmail",
+        "NotifyStates",
         "WorkerKey",
         "WorkerSha256",
         "Architecture",
@@ -594,6 +669,176 @@ def check_parameters(template):
     # The launch template always names a subnet: it is required, and must be one.
     assert params["SubnetId"]["Type"] == "AWS::EC2::Subnet::Id" and "Default" not in params["SubnetId"]
     assert params["MonthlyBudget"]["Default"] == 0
+
+
+def check_job_events(template):
+    """The launcher (and reaper), the worker and the operators put job state changes on the
+    default bus as s3spot's own events, and nothing else of EventBridge; the names are the ones
+    the events are sent with."""
+    found = {}
+    for where, document in policy_documents(template):
+        for s in statements(document):
+            if any(a.startswith("events:") for a in as_list(s["Action"])):
+                found.setdefault(where.split("/")[0], []).append(s)
+    assert sorted(found) == ["InstanceRole", "LauncherRole", "OperatorPolicy"], sorted(found)
+    for where, found_statements in found.items():
+        assert found_statements == [PUT_JOB_EVENTS], (
+            f"{where}: events:PutEvents on the default bus, for source {EVENT_SOURCE!r} and "
+            f"detail type {EVENT_DETAIL_TYPE!r} only: {found_statements}"
+        )
+    source = EVENTS_RS.read_text()
+    assert f'pub const EVENT_SOURCE: &str = "{EVENT_SOURCE}";' in source, "the events' source"
+    assert f'pub const EVENT_DETAIL_TYPE: &str = "{EVENT_DETAIL_TYPE}";' in source, (
+        "the events' detail type"
+    )
+    assert "event_bus_name" not in source, "the events go to the default bus"
+
+
+def check_notifications(template):
+    """With NotifyEmail, and only with it: this pipeline's job state changes of NotifyStates go
+    by e-mail, through a topic encrypted with a key of its own that EventBridge may use for that
+    topic only, and that only EventBridge may publish to, from the one rule."""
+    params = template["Parameters"]
+    email, wanted = params["NotifyEmail"], params["NotifyStates"]
+    assert (email["Type"], email["Default"]) == ("String", "")
+    pattern = re.compile(email["AllowedPattern"])
+    for good in ("", "me@example.com", "ops+s3spot@mail.example.co.uk"):
+        assert pattern.fullmatch(good), good
+    for bad in ("me", "me@example", "me@example.com,you@example.com", "me @example.com",
+                " me@example.com", "<me@example.com>", "me@example.com\n"):
+        assert not pattern.fullmatch(bad), bad
+    states = job_states()
+    assert (wanted["Type"], wanted["Default"]) == ("CommaDelimitedList", "failed,timed_out")
+    # CloudFormation matches a CommaDelimitedList's pattern against each of its values.
+    pattern = re.compile(wanted["AllowedPattern"])
+    assert [s for s in states if pattern.fullmatch(s)] == states, "every state may be chosen"
+    for bad in ("", "failed,timed_out", " failed", "FAILED", "timed-out", "done"):
+        assert not pattern.fullmatch(bad), bad
+    assert all(s in states for s in wanted["Default"].split(","))
+    assert all(s in wanted["Description"] for s in states), "NotifyStates lists the states"
+    assert template["Conditions"]["NotifiesByEmail"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "NotifyEmail"}, ""]}]
+    }
+
+    resources = template["Resources"]
+    for name, kind in NOTIFICATION_RESOURCES.items():
+        assert resources[name]["Type"] == kind, name
+        assert resources[name].get("Condition") == "NotifiesByEmail", (
+            f"{name} must exist only when NotifyEmail is set"
+        )
+    # What refers to them exists only with them too, or a stack without NotifyEmail would not
+    # deploy.
+    for name, resource in resources.items():
+        if name not in NOTIFICATION_RESOURCES and refers_to(resource, NOTIFICATION_RESOURCES):
+            assert resource.get("Condition") == "NotifiesByEmail", name
+    for name, output in template["Outputs"].items():
+        if refers_to(output, NOTIFICATION_RESOURCES):
+            assert output.get("Condition") == "NotifiesByEmail", name
+    assert template["Outputs"]["NotifyTopicArn"]["Value"] == {"Ref": "NotifyTopic"}
+
+    topic = resources["NotifyTopic"]["Properties"]
+    # EventBridge cannot publish to a topic encrypted with the AWS-managed key (alias/aws/sns).
+    assert topic.get("KmsMasterKeyId") == {"Fn::GetAtt": ["NotifyKey", "Arn"]}, topic
+    topic_arn = "arn:${AWS::Partition}:sns:${AWS::Region}:${AWS::AccountId}:" + sub_text(
+        topic["TopicName"]
+    )
+    key = resources["NotifyKey"]["Properties"]
+    assert key.get("EnableKeyRotation") is True, "the key rotates"
+    (document,) = [d for where, d in key_policies(template) if where.startswith("NotifyKey ")]
+    admins = [s for s in statements(document) if "AWS" in s["Principal"]]
+    users = [s for s in statements(document) if "Service" in s["Principal"]]
+    assert len(admins) + len(users) == len(statements(document)) == 2, document
+    (admin,) = admins
+    assert admin["Principal"] == {
+        "AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}
+    }, admin["Principal"]
+    for needed in ("kms:PutKeyPolicy", "kms:DescribeKey", "kms:EnableKeyRotation",
+                   "kms:TagResource", "kms:ScheduleKeyDeletion"):
+        assert any(fnmatch.fnmatchcase(needed, a) for a in as_list(admin["Action"])), (
+            f"the account administers the key: {needed}"
+        )
+    for crypto in KMS_CRYPTO:
+        assert not any(fnmatch.fnmatchcase(crypto, a) for a in as_list(admin["Action"])), (
+            f"the administrators may not {crypto}"
+        )
+    (user,) = users
+    assert user["Principal"] == {"Service": "events.amazonaws.com"}, user["Principal"]
+    assert sorted(as_list(user["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey"], user
+    # The SNS Developer Guide: aws:SourceArn, aws:SourceAccount and aws:SourceOrgID in a key
+    # policy are not supported for EventBridge-to-encrypted topics; with them, nothing arrives.
+    assert not re.search(r"aws:Source", json.dumps(document), re.I), (
+        "no aws:Source* key in the key policy: EventBridge's deliveries would be refused"
+    )
+    assert user.get("Condition") == {
+        "StringEquals": {"kms:EncryptionContext:aws:sns:topicArn": {"Fn::Sub": topic_arn}}
+    }, f"EventBridge may use the key for the notification topic only: {user.get('Condition')}"
+
+    subscription = resources["NotifySubscription"]["Properties"]
+    assert subscription == {
+        "TopicArn": {"Ref": "NotifyTopic"},
+        "Protocol": "email",
+        "Endpoint": {"Ref": "NotifyEmail"},
+    }, subscription
+
+    policy = resources["NotifyTopicPolicy"]["Properties"]
+    assert policy["Topics"] == [{"Ref": "NotifyTopic"}]
+    # EventBridge and nothing else; no Condition, which EventBridge does not support in an SNS
+    # topic policy. The rule below is what ties it: the only target of the topic.
+    assert statements(policy["PolicyDocument"]) == [
+        {
+            "Sid": "JobStateChangesFromEventBridge",
+            "Effect": "Allow",
+            "Principal": {"Service": "events.amazonaws.com"},
+            "Action": "sns:Publish",
+            "Resource": {"Ref": "NotifyTopic"},
+        }
+    ], policy["PolicyDocument"]
+    targeting = [
+        name
+        for name, r in resources_of_type(template, "AWS::Events::Rule").items()
+        if any(refers_to(target["Arn"], ["NotifyTopic"]) for target in r["Properties"]["Targets"])
+    ]
+    assert targeting == ["NotifyRule"], f"only NotifyRule publishes to the topic: {targeting}"
+
+    rule = resources["NotifyRule"]["Properties"]
+    assert rule.get("EventBusName", "default") == "default", "the bus the events are put on"
+    assert rule["State"] == "ENABLED"
+    assert rule["EventPattern"] == {
+        "source": [EVENT_SOURCE],
+        "detail-type": [EVENT_DETAIL_TYPE],
+        "detail": {"pipeline": [{"Ref": "PipelineName"}], "state": {"Ref": "NotifyStates"}},
+    }, rule["EventPattern"]
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Ref": "NotifyTopic"}
+    # The topic policy grants EventBridge itself; a role here would publish as the role.
+    assert "RoleArn" not in target
+    transformer = target["InputTransformer"]
+    paths, message = transformer["InputPathsMap"], transformer["InputTemplate"]
+    assert message.startswith('"') and message.endswith('"'), "a string input is quoted"
+    used = set(re.findall(r"<([^<>]+)>", message))
+    assert used == set(paths), f"variables used {sorted(used)}, defined {sorted(paths)}"
+    # Every path names a field the events have.
+    source = EVENTS_RS.read_text()
+    fields = {f"$.detail.{f}" for f in rust_struct_fields(source, "JobEvent")}
+    fields |= {f"$.detail.results.{f}" for f in rust_struct_fields(source, "EventResults")}
+    fields |= {"$.time"}
+    unknown = set(paths.values()) - fields
+    assert not unknown, f"the events have no {sorted(unknown)}"
+    for field in ("pipeline", "state", "attempt", "error", "results.status"):
+        assert any(v == f"$.detail.{field}" for v in paths.values()), f"the e-mail names {field}"
+    bucket = next(k for k, v in paths.items() if v == "$.detail.bucket")
+    key_var = next(k for k, v in paths.items() if v == "$.detail.key")
+    assert f"s3://<{bucket}>/<{key_var}>" in message, "the e-mail names the upload"
+
+
+def check_parameter_groups(template):
+    """The console shows every parameter, in one group each."""
+    groups = template["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    listed = [p for group in groups for p in group["Parameters"]]
+    assert sorted(listed) == sorted(template["Parameters"]), (
+        sorted(set(template["Parameters"]) ^ set(listed)),
+        sorted({p for p in listed if listed.count(p) > 1}),
+    )
 
 
 CHECKS = [
@@ -615,6 +860,9 @@ CHECKS = [
     check_reaper_scheduled,
     check_checkov_skips_explained,
     check_parameters,
+    check_job_events,
+    check_notifications,
+    check_parameter_groups,
 ]
 
 
@@ -655,7 +903,8 @@ class EveryStatementSaysWhy(unittest.TestCase):
         ]
 
     def test_every_statement_is_named_and_explained(self):
-        for where, document in policy_documents(source()):
+        template = source()
+        for where, document in [*policy_documents(template), *key_policies(template)]:
             if "trust policy" in where:
                 continue
             for s in statements(document):
@@ -1033,6 +1282,185 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
 
     def test_no_dead_letter_alarm(self):
         self.expect_failure(check_alarms, lambda t: t["Resources"].pop("DeadLetterAlarm"))
+
+    def operator_statement(self, template, sid):
+        document = template["Resources"]["OperatorPolicy"]["Properties"]["PolicyDocument"]
+        (s,) = [s for s in statements(document) if s.get("Sid") == sid]
+        return s
+
+    def key_statement(self, template, sid):
+        document = template["Resources"]["NotifyKey"]["Properties"]["KeyPolicy"]
+        (s,) = [s for s in statements(document) if s.get("Sid") == sid]
+        return s
+
+    def test_job_events_on_any_bus(self):
+        self.expect_failure(
+            check_job_events,
+            lambda t: self.statement(t, "LauncherRole", "PutJobEventsOnTheDefaultBus").update(
+                Resource="*"
+            ),
+        )
+
+    def test_job_events_of_any_source(self):
+        self.expect_failure(
+            check_job_events,
+            lambda t: self.statement(t, "InstanceRole", "PutJobEventsOnTheDefaultBus").pop(
+                "Condition"
+            ),
+        )
+
+    def test_job_events_of_any_detail_type(self):
+        self.expect_failure(
+            check_job_events,
+            lambda t: self.statement(t, "InstanceRole", "PutJobEventsOnTheDefaultBus")[
+                "Condition"
+            ]["ForAllValues:StringEquals"].pop("events:detail-type"),
+        )
+
+    def test_job_events_without_their_source(self):
+        # ForAllValues holds for a key that is absent: without Null, it allows no source at all.
+        self.expect_failure(
+            check_job_events,
+            lambda t: self.statement(t, "LauncherRole", "PutJobEventsOnTheDefaultBus")[
+                "Condition"
+            ].pop("Null"),
+        )
+
+    def test_job_events_with_another_action(self):
+        self.expect_failure(
+            check_job_events,
+            lambda t: self.operator_statement(t, "PutJobEventsOnTheDefaultBus").update(
+                Action=["events:PutEvents", "events:PutRule"]
+            ),
+        )
+
+    def test_job_events_from_another_role(self):
+        def edit(t):
+            s = copy.deepcopy(self.statement(t, "LauncherRole", "PutJobEventsOnTheDefaultBus"))
+            t["Resources"]["InstanceRole"]["Properties"]["Policies"].append(
+                {"PolicyName": "more", "PolicyDocument": {"Version": "2012-10-17", "Statement": [s]}}
+            )
+            t["Resources"]["ArtifactsBucketPolicy"]["Properties"]["PolicyDocument"][
+                "Statement"
+            ].append(dict(s, Principal="*"))
+
+        self.expect_failure(check_job_events, edit)
+
+    def test_operator_job_events_drift_from_the_launcher(self):
+        self.expect_failure(
+            check_operator_policy,
+            lambda t: self.operator_statement(t, "PutJobEventsOnTheDefaultBus").update(
+                Resource="*"
+            ),
+        )
+
+    def test_notifications_without_an_email(self):
+        self.expect_failure(
+            check_notifications, lambda t: t["Resources"]["NotifyRule"].pop("Condition")
+        )
+
+    def test_notification_output_without_an_email(self):
+        self.expect_failure(
+            check_notifications, lambda t: t["Outputs"]["NotifyTopicArn"].pop("Condition")
+        )
+
+    def test_topic_on_the_aws_managed_key(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: t["Resources"]["NotifyTopic"]["Properties"].update(
+                KmsMasterKeyId="alias/aws/sns"
+            ),
+        )
+
+    def test_key_without_rotation(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: t["Resources"]["NotifyKey"]["Properties"].update(EnableKeyRotation=False),
+        )
+
+    def test_key_for_any_topic(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: self.key_statement(t, "EventBridgeEncryptsForTheTopic").pop("Condition"),
+        )
+
+    def test_key_policy_names_the_rule(self):
+        # Documented to refuse every delivery of EventBridge to the topic.
+        self.expect_failure(
+            check_notifications,
+            lambda t: self.key_statement(t, "EventBridgeEncryptsForTheTopic")["Condition"].update(
+                ArnEquals={"aws:SourceArn": {"Fn::GetAtt": ["NotifyRule", "Arn"]}}
+            ),
+        )
+
+    def test_administrators_decrypt(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: self.key_statement(t, "AccountAdministersTheKey").update(Action="kms:*"),
+        )
+
+    def test_topic_published_by_anyone(self):
+        def edit(t):
+            document = t["Resources"]["NotifyTopicPolicy"]["Properties"]["PolicyDocument"]
+            document["Statement"][0]["Principal"] = "*"
+
+        self.expect_failure(check_notifications, edit)
+
+    def test_topic_published_by_another_rule(self):
+        def edit(t):
+            t["Resources"]["SpotInterruptionRule"]["Properties"]["Targets"].append(
+                {"Id": "email", "Arn": {"Ref": "NotifyTopic"}}
+            )
+
+        self.expect_failure(check_notifications, edit)
+
+    def test_rule_takes_every_pipelines_events(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: t["Resources"]["NotifyRule"]["Properties"]["EventPattern"]["detail"].pop(
+                "pipeline"
+            ),
+        )
+
+    def test_rule_ignores_notify_states(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: t["Resources"]["NotifyRule"]["Properties"]["EventPattern"]["detail"].update(
+                state=["failed"]
+            ),
+        )
+
+    def test_message_names_what_it_does_not_read(self):
+        def edit(t):
+            transformer = t["Resources"]["NotifyRule"]["Properties"]["Targets"][0][
+                "InputTransformer"
+            ]
+            transformer["InputTemplate"] = transformer["InputTemplate"][:-1] + ' on <instance>"'
+
+        self.expect_failure(check_notifications, edit)
+
+    def test_message_reads_what_events_lack(self):
+        def edit(t):
+            transformer = t["Resources"]["NotifyRule"]["Properties"]["Targets"][0][
+                "InputTransformer"
+            ]
+            transformer["InputPathsMap"]["error"] = "$.detail.message"
+
+        self.expect_failure(check_notifications, edit)
+
+    def test_any_notify_state(self):
+        self.expect_failure(
+            check_notifications,
+            lambda t: t["Parameters"]["NotifyStates"].update(AllowedPattern=".*"),
+        )
+
+    def test_parameter_outside_the_groups(self):
+        def edit(t):
+            groups = t["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+            for group in groups:
+                group["Parameters"] = [p for p in group["Parameters"] if p != "NotifyStates"]
+
+        self.expect_failure(check_parameter_groups, edit)
 
     def test_skip_without_reason(self):
         self.expect_failure(
