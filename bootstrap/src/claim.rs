@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::cost::LaunchPrice;
 use crate::job::JobSpec;
 use crate::store::{Expect, StatusError, StatusStore};
 
@@ -71,6 +72,9 @@ pub struct Claim {
     /// refusal needs a token of its own; a try whose outcome is unknown keeps its token.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused: u32,
+    /// What the instance was launched at, for the attempt's cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<LaunchPrice>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -88,6 +92,7 @@ impl Claim {
             done: None,
             released: None,
             refused: 0,
+            price: None,
         }
     }
 

@@ -201,4 +201,71 @@ impl StatusStore for MemoryStatuses {
         folders.dedup();
         Ok(folders)
     }
+
+    /// Every document counts as just written.
+    async fn named(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        name: &str,
+        _since: std::time::SystemTime,
+    ) -> Result<Vec<String>, StatusError> {
+        let documents = self.documents.lock().unwrap();
+        Ok(documents
+            .keys()
+            .filter(|(b, key)| {
+                b == bucket && key.starts_with(prefix) && key.rsplit('/').next() == Some(name)
+            })
+            .map(|(_, key)| key.clone())
+            .collect())
+    }
+}
+
+/// Every event emitted, in memory, in order; or, if told to, none: each `put` fails as
+/// EventBridge can.
+#[derive(Default, Clone)]
+pub struct RecordedEvents {
+    events: std::sync::Arc<Mutex<Vec<crate::events::JobEvent>>>,
+    failing: std::sync::Arc<AtomicBool>,
+}
+
+impl RecordedEvents {
+    pub fn new() -> RecordedEvents {
+        RecordedEvents::default()
+    }
+
+    /// A handle for the emitters that records into this.
+    pub fn events(&self) -> crate::events::Events {
+        crate::events::Events::to(self.clone())
+    }
+
+    pub fn all(&self) -> Vec<crate::events::JobEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// `(attempt, state)` of each event, in order.
+    pub fn states(&self) -> Vec<(u32, String)> {
+        self.all()
+            .iter()
+            .map(|e| (e.attempt, e.state.to_string()))
+            .collect()
+    }
+
+    pub fn fail(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::events::EventSink for RecordedEvents {
+    async fn put(&self, event: &crate::events::JobEvent) -> Result<(), crate::events::EventError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(crate::events::EventError::Refused {
+                code: "InternalException".into(),
+                message: "the test said so".into(),
+            });
+        }
+        self.events.lock().unwrap().push(event.clone());
+        Ok(())
+    }
 }

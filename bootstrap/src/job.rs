@@ -178,6 +178,9 @@ pub struct JobSpec {
     pub worker: WorkerArtifact,
     /// 1 for the first launch of a job; re-launches count up.
     pub attempt: u32,
+    /// The pipeline that launched it, for its events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
 }
 
 /// The worker binary the instance downloads and verifies before running it.
@@ -277,6 +280,7 @@ pub(crate) mod tests {
                 sha256: "ab".repeat(32),
             },
             attempt: 1,
+            pipeline: None,
         }
     }
 

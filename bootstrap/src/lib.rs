@@ -7,9 +7,12 @@
 //!   launcher's verdicts, and the one rule for which status replaces which ([`settle`]), applied
 //!   through the [`StatusStore`] seam by [`record`];
 //! - each attempt's [`Claim`], which makes one attempt one launch;
-//! - the worker's [`Stage`] events.
+//! - the worker's [`Stage`] events;
+//! - the jobs' state-change [`JobEvent`]s, and what each attempt cost ([`Cost`]).
 
 mod claim;
+mod cost;
+mod events;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod job;
@@ -20,6 +23,11 @@ mod store;
 
 pub use claim::{
     Claim, RECORDS_FOLDER, StoredClaim, WAITING_FOLDER, read_claim, waiting_prefix, write_claim,
+};
+pub use cost::{Cost, EBS_GP3_USD_PER_GIB_MONTH, LaunchPrice, MIN_BILLED_SECS, Usd};
+pub use events::{
+    EVENT_DETAIL_TYPE, EVENT_SOURCE, EventBridge, EventError, EventInstance, EventResults,
+    EventSink, Events, JobEvent, JobState, JsonLines,
 };
 pub use job::{
     DEFAULT_RESULTS_PREFIX, JobDecodeError, JobSpec, MAX_KEY_BYTES, UploadIdentity, WorkerArtifact,
@@ -36,8 +44,8 @@ pub use status::{
     timestamp,
 };
 pub use store::{
-    Document, Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored, read_status,
-    read_stored, record, write_status,
+    Before, Document, Expect, Recorded, S3Statuses, StatusError, StatusStore, Stored,
+    changed_state, read_status, read_stored, record, record_change, write_status,
 };
 
 /// An error and its sources, joined with ": ". Every s3spot crate reports errors this way, so that

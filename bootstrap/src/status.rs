@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::cost::Cost;
 use crate::job::JobSpec;
 
 /// The name of the status document under a job's results prefix.
@@ -105,6 +106,10 @@ pub struct Status {
     /// Why the attempt has no instance yet, while it is `waiting`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+    /// What the attempt cost, estimated when it ended (see [`Cost::estimate`]); absent when
+    /// its price is not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
 }
 
 /// Why an attempt waits for an instance, and until when it may.
@@ -153,6 +158,9 @@ pub struct Attempt {
     pub instance_id: Option<String>,
     pub error: Option<String>,
     pub finished_at: String,
+    /// What the attempt cost, if its status said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
 }
 
 /// The object as it was downloaded (or as the job described it, if it never was).
@@ -224,6 +232,7 @@ impl Status {
             verdict: None,
             spot_interruption: false,
             waiting: None,
+            cost: None,
         }
     }
 
@@ -283,6 +292,17 @@ impl Status {
             .map(|a| a.state)
     }
 
+    /// What `attempt` cost, as far as this status knows.
+    pub fn cost_of(&self, attempt: u32) -> Option<&Cost> {
+        if self.attempt == attempt {
+            return self.cost.as_ref();
+        }
+        self.history
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .and_then(|a| a.cost.as_ref())
+    }
+
     fn as_attempt(&self) -> Attempt {
         Attempt {
             attempt: self.attempt,
@@ -290,6 +310,7 @@ impl Status {
             instance_id: self.instance.as_ref().and_then(|i| i.id.clone()),
             error: self.error.clone(),
             finished_at: self.finished_at.clone(),
+            cost: self.cost.clone(),
         }
     }
 

@@ -8,10 +8,12 @@
 //! again and [`settle`]s against what won.
 
 use std::future::Future;
+use std::time::SystemTime;
 
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
 
+use crate::events::JobState;
 use crate::status::{OtherJob, Settled, Status, settle};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +142,16 @@ pub trait StatusStore: Send + Sync {
         bucket: &str,
         key: &str,
     ) -> impl Future<Output = Result<(), StatusError>> + Send;
+
+    /// Every key under `prefix` whose name is `name` (the last segment), modified at `since`
+    /// or later, across every page of the listing, in key order.
+    fn named(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        name: &str,
+        since: SystemTime,
+    ) -> impl Future<Output = Result<Vec<String>, StatusError>> + Send;
 }
 
 macro_rules! delegate_status_store {
@@ -186,6 +198,16 @@ macro_rules! delegate_status_store {
                 key: &str,
             ) -> impl Future<Output = Result<(), StatusError>> + Send {
                 (**self).delete(bucket, key)
+            }
+
+            fn named(
+                &self,
+                bucket: &str,
+                prefix: &str,
+                name: &str,
+                since: SystemTime,
+            ) -> impl Future<Output = Result<Vec<String>, StatusError>> + Send {
+                (**self).named(bucket, prefix, name, since)
             }
         }
     )*};
@@ -267,6 +289,23 @@ pub async fn record<S: StatusStore + ?Sized>(
     key: &str,
     status: Status,
 ) -> Result<Recorded, StatusError> {
+    record_change(store, bucket, key, status)
+        .await
+        .map(|(recorded, _)| recorded)
+}
+
+/// The state (as events name it) and attempt of a stored status, before a write over it.
+pub type Before = Option<(JobState, u32)>;
+
+/// [`record`], and what the job's status was before: a write changed the job's state when
+/// it is [`Recorded::Written`] with another state or attempt than that (see
+/// [`changed_state`]).
+pub async fn record_change<S: StatusStore + ?Sized>(
+    store: &S,
+    bucket: &str,
+    key: &str,
+    status: Status,
+) -> Result<(Recorded, Before), StatusError> {
     for _ in 0..RECORD_TRIES {
         let (current, expect) = match read_stored(store, bucket, key).await {
             Ok(None) => (None, Expect::Nothing),
@@ -285,9 +324,10 @@ pub async fn record<S: StatusStore + ?Sized>(
             Err(StatusError::Read { denied: true, .. }) => (None, Expect::Nothing),
             Err(error) => return Err(error),
         };
+        let before = current.as_ref().map(|c| (JobState::of(c), c.attempt));
         let document = match settle(current, status.clone()) {
             Ok(Settled::Write(document)) => document,
-            Ok(Settled::Keep { reason }) => return Ok(Recorded::Kept { reason }),
+            Ok(Settled::Keep { reason }) => return Ok((Recorded::Kept { reason }, before)),
             Err(source) => {
                 return Err(StatusError::OtherJob {
                     bucket: bucket.to_owned(),
@@ -297,7 +337,7 @@ pub async fn record<S: StatusStore + ?Sized>(
             }
         };
         match write_status(store, bucket, key, &document, &expect).await {
-            Ok(()) => return Ok(Recorded::Written(document)),
+            Ok(()) => return Ok((Recorded::Written(document), before)),
             Err(StatusError::Conflict { .. }) => {}
             Err(error) => return Err(error),
         }
@@ -309,10 +349,23 @@ pub async fn record<S: StatusStore + ?Sized>(
     })
 }
 
+/// The status that `recorded` wrote, if it changed the job's state from `before`: another
+/// state, or another attempt.
+pub fn changed_state(recorded: &Recorded, before: Before) -> Option<&Status> {
+    match recorded {
+        Recorded::Written(status) if before != Some((JobState::of(status), status.attempt)) => {
+            Some(status)
+        }
+        _ => None,
+    }
+}
+
 /// `status.json` in S3 (or any S3 API: the local mode's server, moto).
 #[derive(Debug, Clone)]
 pub struct S3Statuses {
     client: aws_sdk_s3::Client,
+    /// Keys per page of a listing; S3's own (1,000) unless a test asks for less.
+    page_size: Option<i32>,
 }
 
 impl S3Statuses {
@@ -326,7 +379,16 @@ impl S3Statuses {
     }
 
     pub fn from_client(client: aws_sdk_s3::Client) -> Self {
-        S3Statuses { client }
+        S3Statuses {
+            client,
+            page_size: None,
+        }
+    }
+
+    /// Lists `keys` keys a page: for tests of what spans pages.
+    pub fn with_page_size(mut self, keys: i32) -> Self {
+        self.page_size = Some(keys);
+        self
     }
 
     /// An object's bytes (from byte `from` on) and ETag; `None` if there is no such object.
@@ -514,6 +576,38 @@ impl StatusStore for S3Statuses {
         }
         folders.sort();
         Ok(folders)
+    }
+
+    async fn named(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        name: &str,
+        since: SystemTime,
+    ) -> Result<Vec<String>, StatusError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_max_keys(self.page_size)
+            .into_paginator()
+            .send();
+        let since = DateTime::from(since);
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|error| read_error(bucket, prefix, &error))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter(|o| o.last_modified().is_none_or(|at| *at >= since))
+                    .filter_map(|o| o.key())
+                    .filter(|key| key.rsplit('/').next() == Some(name))
+                    .map(str::to_owned),
+            );
+        }
+        keys.sort();
+        Ok(keys)
     }
 }
 

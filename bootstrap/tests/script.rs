@@ -57,6 +57,7 @@ fn job(key: &str, worker_sha256: &str) -> JobSpec {
             sha256: worker_sha256.into(),
         },
         attempt: 1,
+        pipeline: None,
     }
 }
 

@@ -33,6 +33,16 @@ pub enum Request {
         /// An object key, s3://bucket/key, or the id of one of the job's instances.
         job: String,
     },
+    /// What the jobs cost: the estimates in their status.json, summed by day, results prefix,
+    /// state or instance type, beside what on-demand would have cost.
+    Cost {
+        /// Jobs whose status.json was written this recently, e.g. 7d, 12h.
+        #[arg(long, value_name = "DURATION", value_parser = seconds, default_value = "7d")]
+        since: u64,
+        /// What to sum by: day, prefix, state or type.
+        #[arg(long, value_name = "KEY", default_value = "day")]
+        by: s3spot_lambda::cost::CostBy,
+    },
     /// Terminate the stuck instances (pending or running past the max runtime and its grace)
     /// and mark them failed.
     Reap {
@@ -96,6 +106,12 @@ pub async fn execute<L: Launcher, S: StatusStore>(
             .sweep(clock(config, *stuck_after_secs))
             .await
             .map(|sweep| serde_json::to_value(sweep.planned())),
+        Request::Cost { since, by } => {
+            let since = std::time::SystemTime::now()
+                .checked_sub(std::time::Duration::from_secs(*since))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            jobs.cost(since, *by).await.map(serde_json::to_value)
+        }
         Request::Retry { .. } => {
             return Err("retry launches: it runs on the function's handler".into());
         }

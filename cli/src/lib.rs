@@ -2,6 +2,7 @@
 //! whole pipeline on one machine ([`local`]).
 
 pub mod command;
+pub mod dashboard;
 pub mod doctor;
 pub mod jobs;
 pub mod local;

@@ -109,6 +109,44 @@ async fn until_ended(
 
 const CSV: &[u8] = b"id,value\n1,10\n2,20\n";
 
+/// The events in the pipeline's `events.jsonl` about `key`, each checked against the schema,
+/// as (attempt, state, previous state) in the order of a job's life (the launcher and the
+/// worker append them from two processes, so the file's own order may differ by a hair).
+fn events_of(local: &Local, key: &str) -> Vec<(u64, String, String)> {
+    let path = local.pipeline.options().data_dir.join("events.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let rank = |state: &str| {
+        ["waiting", "launched", "running"]
+            .iter()
+            .position(|s| *s == state)
+            .unwrap_or(3)
+    };
+    let mut events: Vec<(u64, String, String)> = text
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .inspect(s3spot_tests::events::assert_valid)
+        .filter(|event| event["detail"]["key"] == key)
+        .map(|event| {
+            let detail = &event["detail"];
+            (
+                detail["attempt"].as_u64().unwrap(),
+                detail["state"].as_str().unwrap().to_owned(),
+                detail["previous_state"]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    events.sort_by_key(|(attempt, state, _)| (*attempt, rank(state)));
+    events
+}
+
+fn event(attempt: u64, state: &str, previous: &str) -> (u64, String, String) {
+    (attempt, state.to_owned(), previous.to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_runs_through_the_whole_pipeline() {
     let local = start(4, None).await;
@@ -156,6 +194,16 @@ async fn an_upload_runs_through_the_whole_pipeline() {
         serde_json::from_slice(&std::fs::read(finished.local_dir.join("report.json")).unwrap())
             .unwrap();
     assert_eq!(report["table"]["rows"], 2);
+    assert_eq!(
+        events_of(&local, "in/f.csv"),
+        [
+            event(1, "launched", "none"),
+            event(1, "running", "launched"),
+            event(1, "succeeded", "running"),
+        ]
+    );
+    let cost = status.cost.expect("a local instance costs $0, and says so");
+    assert_eq!((cost.usd.0, cost.instance_type.as_str()), (0.0, "local"));
 
     let instances = local.pipeline.instances();
     assert_eq!(instances.len(), 1);
@@ -712,14 +760,27 @@ fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_s
 
     serve.upload("in/served.csv", CSV);
     let mut stages = Vec::new();
+    let mut jobs = Vec::new();
     let last = serve.until(|line| {
         stages.push(line["stage"].as_str().unwrap().to_owned());
-        line["stage"] == "shutdown"
+        if line["stage"] == "job" {
+            jobs.push(line["state"].as_str().unwrap().to_owned());
+        }
+        // The events file is read a few times a second: its last line may follow the shutdown.
+        jobs.last().is_some_and(|state| state == "succeeded")
     });
-    assert_eq!(last["state"], "succeeded", "{last}");
-    for stage in [
-        "event", "launched", "download", "process", "upload", "shutdown",
-    ] {
+    assert_eq!(last["key"], "in/served.csv", "{last}");
+    // The launcher and the worker write from two processes: `launched` and `running` may
+    // land in either order.
+    jobs.sort();
+    assert_eq!(jobs, ["launched", "running", "succeeded"]);
+    assert!(
+        serve.ready("dashboard").starts_with("http://127.0.0.1:"),
+        "{}",
+        serve.ready
+    );
+    assert!(serve.ready("events").ends_with("events.jsonl"));
+    for stage in ["event", "launched", "download", "process", "upload", "job"] {
         assert!(
             stages.iter().any(|s| s == stage),
             "no {stage} in {stages:?}"
@@ -728,6 +789,56 @@ fn local_serve_prints_where_it_listens_reports_progress_as_json_and_stops_on_a_s
     serve.signal(nix::sys::signal::Signal::SIGINT);
     let status = serve.child.wait().unwrap();
     assert!(status.success(), "Ctrl-C is a normal end: {status:?}");
+}
+
+/// The dashboard of `local serve`, in Debian's chromium (tests/browser/dashboard.mjs): it
+/// lists the jobs just run, shows one's status, refuses requests without the run's token, and
+/// cancels only after the confirmation. Its screenshot is the README's.
+#[test]
+fn the_dashboard_shows_the_jobs_in_a_real_browser_and_cancels_only_when_confirmed() {
+    let browser_tests = workspace_root().join("tests/browser");
+    assert!(
+        browser_tests.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed in {}; run scripts/test, which installs it and \
+         chromium",
+        browser_tests.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let command = r#"case "$S3SPOT_KEY" in *slow*) sleep 876.25;; esac; echo done > "$S3SPOT_OUTPUT_DIR/out.txt""#;
+    let mut serve = Served::start(&dir.path().join("local"), &["--command", command]);
+    let url = serve.ready("dashboard");
+    let token = url.rsplit_once("token=").unwrap().1.to_owned();
+    assert_eq!(token.len(), 64, "{url}");
+
+    let job_state = |line: &serde_json::Value, key: &str, state: &str| {
+        line["stage"] == "job" && line["key"] == key && line["state"] == state
+    };
+    serve.upload("in/done.csv", CSV);
+    serve.until(|line| job_state(line, "in/done.csv", "succeeded"));
+    serve.upload("in/slow.csv", CSV);
+    serve.until(|line| job_state(line, "in/slow.csv", "running"));
+
+    let screenshot = dir.path().join("dashboard.png");
+    let browser = Command::new("node")
+        .arg(browser_tests.join("dashboard.mjs"))
+        .current_dir(&browser_tests)
+        .env("DASHBOARD_URL", &url)
+        .env("DONE_KEY", "in/done.csv")
+        .env("RUNNING_KEY", "in/slow.csv")
+        .env("SCREENSHOT", &screenshot)
+        .output()
+        .expect("node, to drive the browser (scripts/test installs it)");
+    assert!(browser.status.success(), "{}", show(&browser));
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);
+    serve.until(|line| job_state(line, "in/slow.csv", "cancelled"));
+    assert_eq!(serve.status("in/slow.csv").unwrap()["state"], "cancelled");
+    assert_eq!(serve.status("in/done.csv").unwrap()["state"], "succeeded");
+    // Where the README's picture comes from.
+    if let Some(keep) = std::env::var_os("S3SPOT_KEEP_SCREENSHOT") {
+        std::fs::copy(&screenshot, keep).unwrap();
+    }
+    serve.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(serve.child.wait().unwrap().success());
 }
 
 #[test]
@@ -869,6 +980,17 @@ fn instances_running_when_serve_died_are_ended_and_failed_on_restart() {
 }
 
 /// `s3spot jobs --local <the pipeline's data dir> ARGS`, as a person runs it next to `serve`.
+/// Waits until a command line on this machine starts with `prefix`.
+async fn until_sleeping(prefix: &str) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !command_lines().iter().any(|line| line.starts_with(prefix)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no command {prefix:?} started"));
+}
+
 async fn jobs(local: &Local, args: &[&str]) -> std::process::Output {
     let data_dir = local.pipeline.options().data_dir.clone();
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -925,16 +1047,7 @@ async fn jobs_lists_cancels_retries_and_reaps_the_jobs_of_a_running_pipeline() {
     let mut progress = local.pipeline.subscribe();
     local.upload("in/hangs.csv", CSV).await;
     // Until the command hangs in its sleep.
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while !command_lines()
-            .iter()
-            .any(|line| line.starts_with("sleep 876.5 "))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the command started");
+    until_sleeping("sleep 876.5 ").await;
 
     let rows = jobs_json(&local, &["list"]).await;
     assert_eq!(rows.as_array().unwrap().len(), 1, "{rows:#}");
@@ -1014,6 +1127,8 @@ async fn jobs_lists_cancels_retries_and_reaps_the_jobs_of_a_running_pipeline() {
         .collect();
     assert_eq!(attempts, [(id.clone(), 1), (second.clone(), 2)]);
 
+    // Reaped once its command runs (the first attempt's has ended): its worker has begun.
+    until_sleeping("sleep 876.5 ").await;
     let reaped = jobs_json(&local, &["reap", "--stuck-after", "0s"]).await;
     assert_eq!(reaped["instances"][0]["instance_id"], second.as_str());
     let status = ended(&local, &mut progress, &second, "in/hangs.csv").await;
@@ -1026,6 +1141,36 @@ async fn jobs_lists_cancels_retries_and_reaps_the_jobs_of_a_running_pipeline() {
         "{status:#}"
     );
     assert_eq!(status["history"][0]["state"], "cancelled", "{status:#}");
+    assert_eq!(
+        events_of(&local, "in/hangs.csv"),
+        [
+            event(1, "launched", "none"),
+            event(1, "running", "launched"),
+            event(1, "cancelled", "launched"),
+            event(2, "launched", "none"),
+            event(2, "running", "launched"),
+            event(2, "failed", "cancelled"),
+        ]
+    );
+    let cost = jobs_json(&local, &["cost", "--by", "state"]).await;
+    let groups: Vec<(&str, u64, u64)> = cost["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["group"].as_str().unwrap(),
+                g["attempts"].as_u64().unwrap(),
+                g["priced"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(groups, [("cancelled", 1, 1), ("failed", 1, 1)], "{cost:#}");
+    assert_eq!(cost["total"]["usd"], 0.0);
+    let text = jobs(&local, &["cost"]).await;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.starts_with("1 jobs whose status.json"), "{text}");
+    assert!(text.contains("DAY"), "{text}");
     let data_dir = local.pipeline.options().data_dir.display().to_string();
     local.pipeline.shutdown().await;
 

@@ -15,14 +15,15 @@ use crate::launch::{InvocationState, Purpose};
 use crate::launcher::Launcher;
 use crate::plan::{Decision, decide};
 use crate::report::{FailedRecord, HandlerError, MetricsSink, RecordCounts, Report, Response};
-use s3spot_bootstrap::StatusStore;
 pub use s3spot_bootstrap::error_chain;
+use s3spot_bootstrap::{Events, StatusStore};
 
 pub struct Handler<L, S> {
     pub(crate) config: Config,
     pub(crate) launcher: L,
     pub(crate) statuses: S,
     metrics: Option<MetricsSink>,
+    pub(crate) events: Events,
 }
 
 impl<L: Launcher, S: StatusStore> Handler<L, S> {
@@ -32,7 +33,14 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             launcher,
             statuses,
             metrics: None,
+            events: Events::off(),
         }
+    }
+
+    /// Puts the state changes of the jobs it launches on `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Writes each invocation's [`RecordCounts`] to `sink`, as CloudWatch Embedded Metric Format.
@@ -53,6 +61,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// The job commands, on this handler's launcher and status store.
     pub fn jobs(&self) -> Jobs<&L, &S> {
         Jobs::new(self.config.jobs(), &self.launcher, &self.statuses)
+            .with_events(self.events.clone())
     }
 
     /// Handles one invocation. Every record is seen through, whatever happens to the others.

@@ -8,10 +8,10 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use s3spot_bootstrap::{
-    HARD_LIMIT_GRACE_SECS, Instance, JobSpec, Recorded, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
-    State, Status, StatusError, StatusStore, Stored, job_from_base64_user_data, key_results_prefix,
-    parse_timestamp, read_status, read_stored, record, stopped_folder, timestamp, upload_folder,
-    upload_order, waiting_prefix,
+    Events, HARD_LIMIT_GRACE_SECS, Instance, JobEvent, JobSpec, JobState, Recorded, STATUS_FILE,
+    STDERR_FILE, STDOUT_FILE, State, Status, StatusError, StatusStore, Stored, Usd, changed_state,
+    job_from_base64_user_data, key_results_prefix, parse_timestamp, read_status, read_stored,
+    record_change, stopped_folder, timestamp, upload_folder, upload_order, waiting_prefix,
 };
 
 use crate::config::JobsConfig;
@@ -70,6 +70,11 @@ pub enum JobsError {
         state: String,
         attempt: u32,
     },
+    #[error(
+        "the job costs are summed from the results bucket, and none is configured: set \
+         S3SPOT_RESULTS_BUCKET (the stack's DataBucket output)"
+    )]
+    NoResultsBucket,
 }
 
 /// What names a job on the command line.
@@ -167,6 +172,12 @@ pub struct JobInstance {
     /// For a job with no instance yet: why it waits, in short, and since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<WaitingRow>,
+    /// The attempt's estimated cost and its seconds from launch to end, once status.json has
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<Usd>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_secs: Option<u64>,
 }
 
 /// Why a job waits, as `s3spot jobs list` shows it.
@@ -327,6 +338,7 @@ pub struct Jobs<L, S> {
     config: JobsConfig,
     launcher: L,
     statuses: S,
+    events: Events,
 }
 
 impl<L: Launcher, S: StatusStore> Jobs<L, S> {
@@ -335,11 +347,39 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             config,
             launcher,
             statuses,
+            events: Events::off(),
         }
+    }
+
+    /// Announces the state changes it records (a cancel, the reaper's findings) to `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Records `status` for `spec`'s job by the one rule, and announces the change if it is
+    /// one.
+    pub(crate) async fn record_announced(
+        &self,
+        spec: &JobSpec,
+        status: Status,
+    ) -> Result<Recorded, StatusError> {
+        record_announced(
+            &self.statuses,
+            &self.events,
+            &self.config.pipeline,
+            spec,
+            status,
+        )
+        .await
     }
 
     pub fn config(&self) -> &JobsConfig {
         &self.config
+    }
+
+    pub(crate) fn statuses(&self) -> &S {
+        &self.statuses
     }
 
     /// Every instance of the pipeline EC2 still lists, oldest first, then the jobs that wait for
@@ -528,7 +568,9 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         status.written_by = s3spot_bootstrap::Writer::Launcher;
         status.error = Some(error.to_owned());
         status.finished_at = timestamp(now);
-        record(&self.statuses, bucket, &status_key, status).await?;
+        let spec = spec_of_status(&status, bucket, &self.config);
+        debug_assert_eq!(spec.status_key(), status_key);
+        self.record_announced(&spec, status).await?;
         self.statuses.delete(bucket, &entry).await?;
         Ok(Some(row))
     }
@@ -559,6 +601,8 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             awaits_next_attempt: false,
             spot_interruption: false,
             state_reason: None,
+            cost_usd: None,
+            duration_secs: None,
             waiting: Some(WaitingRow {
                 reason: short_reason(&waiting.reason),
                 pools_tried: waiting.pools.len(),
@@ -903,7 +947,9 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         for instance in &instances {
             let recorded = async {
                 let spec = self.spec_of(&instance.instance_id).await?;
-                let verdict = Status::verdict(&spec, instance.info(), state, why(instance));
+                let mut verdict = Status::verdict(&spec, instance.info(), state, why(instance));
+                // Terminated now: the attempt's cost runs until now.
+                verdict.cost = self.cost_until_now(&spec).await;
                 self.record_verdict(&spec, verdict).await
             };
             if let Err(error) = recorded.await {
@@ -923,6 +969,17 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         })
     }
 
+    /// The cost of `spec`'s attempt if its instance ends now, from the price in its claim;
+    /// `None` if there is none (a claim that cannot be read costs the estimate, not the stop).
+    async fn cost_until_now(&self, spec: &JobSpec) -> Option<s3spot_bootstrap::Cost> {
+        let claim =
+            s3spot_bootstrap::read_claim(&self.statuses, &spec.results_bucket, &spec.claim_key())
+                .await
+                .ok()??;
+        let price = claim.claim.ok()?.price?;
+        s3spot_bootstrap::Cost::estimate(&price, SystemTime::now())
+    }
+
     /// Records the launcher's verdict on `spec`'s attempt by the one rule: it never overrides
     /// the worker's own account. Returns what stands, as a sentence.
     pub(crate) async fn record_verdict(
@@ -931,13 +988,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         verdict: Status,
     ) -> Result<String, JobsError> {
         let state = verdict.state;
-        let recorded = record(
-            &self.statuses,
-            &spec.results_bucket,
-            &spec.status_key(),
-            verdict,
-        )
-        .await?;
+        let recorded = self.record_announced(spec, verdict).await?;
         Ok(match recorded {
             Recorded::Written(status) if status.attempt == spec.attempt => {
                 format!("{} recorded", status.state)
@@ -1102,6 +1153,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             let mut status_unreadable = false;
             let mut awaits_next_attempt = false;
             let mut spot_interruption = false;
+            let mut cost = None;
             let result = match (&job_id, &upload) {
                 (Some(job_id), Some(upload)) if wanted(&instance) => {
                     let results_bucket = self.config.results_bucket.as_deref().unwrap_or(&bucket);
@@ -1139,6 +1191,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                             spot_interruption = awaits_next_attempt
                                 && status.attempt == attempt
                                 && status.taken_back();
+                            cost = status.cost_of(attempt).cloned();
                             outcome
                         }),
                         Err(()) => {
@@ -1169,6 +1222,8 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                 spot_interruption,
                 state_reason: instance.state_reason.clone(),
                 waiting: None,
+                cost_usd: cost.as_ref().map(|c| c.usd),
+                duration_secs: cost.as_ref().map(|c| c.seconds),
             });
         }
         Ok(rows)
@@ -1200,6 +1255,64 @@ impl JobLocation {
 fn tail_chars(text: &str, chars: usize) -> String {
     let skip = text.chars().count().saturating_sub(chars);
     text.chars().skip(skip).collect()
+}
+
+/// Records `status` at `spec`'s status.json by the one rule, and puts a state-change event on
+/// `events` if the write changed the job's state: every writer of the launcher's side goes
+/// through here, so that a change is announced by the one write that made it.
+pub(crate) async fn record_announced<S: StatusStore>(
+    statuses: &S,
+    events: &Events,
+    pipeline: &str,
+    spec: &JobSpec,
+    status: Status,
+) -> Result<Recorded, StatusError> {
+    let (recorded, before) = Box::pin(record_change(
+        statuses,
+        &spec.results_bucket,
+        &spec.status_key(),
+        status,
+    ))
+    .await?;
+    // A launch is announced by the launch, which knows where the instance landed.
+    if let Some(written) = changed_state(&recorded, before)
+        && JobState::of(written) != JobState::Launched
+    {
+        // Nothing on record: a verdict on an instance found it launched, at least.
+        let launched = written.instance.as_ref().is_some_and(|i| i.id.is_some());
+        let previous = before
+            .map(|(state, _)| state)
+            .or(launched.then_some(JobState::Launched));
+        events
+            .emit(JobEvent::of_status(pipeline, spec, written, previous))
+            .await;
+    }
+    Ok(recorded)
+}
+
+/// The job a status is of, as far as its events need it (the object, the upload, where the
+/// results are), for a job whose launch spec is not at hand.
+fn spec_of_status(status: &Status, results_bucket: &str, config: &JobsConfig) -> JobSpec {
+    JobSpec {
+        bucket: status.input.bucket.clone(),
+        key: status.input.key.clone(),
+        version_id: status.input.version_id.clone(),
+        etag: status.input.etag.clone(),
+        size: status.input.size,
+        sequencer: None,
+        job_id: status.job_id.clone(),
+        uploaded_at: status.uploaded_at.clone(),
+        results_bucket: results_bucket.to_owned(),
+        results_prefix: config.results_prefix.clone(),
+        command: None,
+        max_runtime_secs: config.max_runtime_secs,
+        worker: s3spot_bootstrap::WorkerArtifact {
+            uri: String::new(),
+            sha256: String::new(),
+        },
+        attempt: status.attempt,
+        pipeline: Some(config.pipeline.clone()),
+    }
 }
 
 #[cfg(test)]

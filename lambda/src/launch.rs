@@ -17,15 +17,18 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use s3spot_bootstrap::{
-    Claim, Expect, Instance, JobSpec, Recorded, State, Status, StatusError, StatusStore, Waiting,
-    WaitingPool, error_chain, parse_timestamp, read_claim, read_status, record, timestamp,
-    write_claim,
+    Claim, EventInstance, Expect, Instance, JobEvent, JobSpec, JobState, LaunchPrice, Recorded,
+    State, Status, StatusError, StatusStore, Usd, Waiting, WaitingPool, Writer, error_chain,
+    parse_timestamp, read_claim, read_status, timestamp, write_claim,
 };
 
 use crate::config::{Config, LaunchConfig, MarketType};
 use crate::event::ObjectCreated;
 use crate::handler::Handler;
-use crate::launcher::{LaunchError, LaunchRequest, Launcher, PoolError, Refusal, job_tags};
+use crate::jobs::record_announced;
+use crate::launcher::{
+    LaunchError, LaunchRequest, Launcher, PoolError, PriceQuery, Refusal, job_tags,
+};
 use crate::plan::PlannedJob;
 use crate::report::{FailedRecord, LaunchedJob, Report};
 use crate::token::{RequestShape, client_token};
@@ -76,7 +79,7 @@ pub(crate) enum Purpose {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Launch {
     /// On this instance: a new one, or the one EC2 already had for the same request.
-    Started(String),
+    Started(String, Box<Placed>),
     /// Nothing launched: the attempt has an instance, has run, or is being launched by another
     /// delivery. Reported as skipped.
     AlreadyDone {
@@ -84,6 +87,18 @@ pub(crate) enum Launch {
         reason: String,
     },
 }
+
+/// Where a launched instance landed, as EC2's answer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Placed {
+    instance_type: Option<String>,
+    /// A zone, or a subnet when EC2 named no zone.
+    placement: Option<String>,
+    market: MarketType,
+}
+
+/// How long the price of a launched instance is looked for: the claim waits for it.
+const PRICE_LOOKUP: Duration = Duration::from_secs(3);
 
 /// A launch that failed.
 struct Failed {
@@ -166,16 +181,23 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 let error = failure.record.error.clone();
                 self.fail_for_good(spec, &mut claim, &error).await;
             }
-            Ok(Launch::Started(instance_id)) => {
-                if let Some(since) = claim.since.clone().or(waiting_since) {
+            Ok(Launch::Started(instance_id, _)) => {
+                if let Some(since) = claim.since.clone().or(waiting_since.clone()) {
                     self.stop_waiting(spec, since, instance_id).await;
                 }
             }
             _ => {}
         }
+        let waited = claim.since.is_some() || waiting_since.is_some();
         match &launched {
-            Ok(Launch::Started(instance_id))
-            | Ok(Launch::AlreadyDone {
+            Ok(Launch::Started(instance_id, placed)) => {
+                claim.instance_id = Some(instance_id.clone());
+                let volume_gib = self.config.launch.volume_gib(spec.size).ok().flatten();
+                let price: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                    Box::pin(self.price_at_launch(placed, volume_gib));
+                claim.price = Some(price.await);
+            }
+            Ok(Launch::AlreadyDone {
                 instance_id: Some(instance_id),
                 ..
             }) => claim.instance_id = Some(instance_id.clone()),
@@ -205,7 +227,91 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                 "cannot record the launch in the attempt's claim"
             );
         }
+        if let Ok(Launch::Started(instance_id, placed)) = &launched {
+            let mut event = JobEvent::new(
+                &self.config.job.pipeline,
+                spec,
+                JobState::Launched,
+                waited.then_some(JobState::Waiting),
+                Writer::Launcher,
+            );
+            event.instance = Some(EventInstance {
+                id: Some(instance_id.clone()),
+                instance_type: placed.instance_type.clone(),
+                market: Some(placed.market.to_string()),
+                zone: claim.price.as_ref().and_then(|p| p.zone.clone()),
+            });
+            let emitted: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                Box::pin(self.events.emit(event));
+            emitted.await;
+        }
         launched.map_err(|failure| failure.record)
+    }
+
+    /// What the instance EC2 placed costs an hour: the spot price of its type in its zone now
+    /// (the highest among the zones when EC2 named only a subnet), or the on-demand list price.
+    /// Never fails: a price that cannot be found says why, and the attempt has no cost.
+    async fn price_at_launch(&self, placed: &Placed, volume_gib: Option<u64>) -> LaunchPrice {
+        let region = self.config.job.region.as_deref().unwrap_or_default();
+        let instance_type = placed.instance_type.clone().unwrap_or_default();
+        let zone = placed
+            .placement
+            .clone()
+            .filter(|p| !p.starts_with("subnet-"));
+        let on_demand = crate::prices::on_demand_usd_per_hour(region, &instance_type).map(Usd);
+        let (usd_per_hour, source) = match placed.market {
+            MarketType::OnDemand => match on_demand {
+                Some(usd) => (Some(usd), "on-demand list price".to_owned()),
+                None => (
+                    None,
+                    format!("no on-demand price known for {instance_type} in {region}"),
+                ),
+            },
+            MarketType::Spot => {
+                let query = PriceQuery {
+                    instance_types: vec![instance_type.clone()],
+                    availability_zone: zone.clone(),
+                    since: None,
+                };
+                match tokio::time::timeout(PRICE_LOOKUP, self.launcher.spot_prices(&query)).await {
+                    Ok(Ok(history)) => {
+                        let quotes = crate::prices::current(&history, region);
+                        let quote = quotes
+                            .iter()
+                            .filter(|q| q.instance_type == instance_type)
+                            .filter(|q| zone.as_ref().is_none_or(|z| *z == q.availability_zone))
+                            .map(|q| q.spot_usd_per_hour)
+                            .reduce(f64::max);
+                        match (quote, &zone) {
+                            (Some(usd), Some(_)) => {
+                                (Some(Usd(usd)), "spot price at launch".to_owned())
+                            }
+                            (Some(usd), None) => (
+                                Some(Usd(usd)),
+                                "spot price at launch, the highest among zones (EC2 named no \
+                                 zone)"
+                                    .to_owned(),
+                            ),
+                            (None, _) => {
+                                (None, format!("EC2 gave no spot price for {instance_type}"))
+                            }
+                        }
+                    }
+                    Ok(Err(error)) => (None, format!("no spot price: {error}")),
+                    Err(_) => (None, "no spot price: EC2 did not answer in time".to_owned()),
+                }
+            }
+        };
+        LaunchPrice {
+            instance_type,
+            zone,
+            market: placed.market.to_string(),
+            usd_per_hour,
+            source,
+            on_demand_usd_per_hour: on_demand,
+            launched_at: timestamp(SystemTime::now()),
+            volume_gib,
+        }
     }
 
     /// Takes the claim on `job`'s attempt: a new one, or one that was released, damaged or
@@ -386,11 +492,18 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                         bucket: spec.bucket.clone(),
                         key: spec.key.clone(),
                         instance_id: launched.instance_id.clone(),
-                        instance_type: launched.instance_type,
+                        instance_type: launched.instance_type.clone(),
                         market: market.to_string(),
                         client_token: request.client_token,
                     });
-                    return Ok(Launch::Started(launched.instance_id));
+                    return Ok(Launch::Started(
+                        launched.instance_id,
+                        Box::new(Placed {
+                            instance_type: launched.instance_type,
+                            placement: launched.placement,
+                            market,
+                        }),
+                    ));
                 }
                 Err(LaunchError::AlreadyLaunched) => {
                     let reason = format!(
@@ -513,8 +626,14 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
         let bucket = &spec.results_bucket;
         let status_key = spec.status_key();
-        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(record(&self.statuses, bucket, &status_key, status.clone()));
+        debug_assert_eq!(status_key, spec.status_key());
+        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(record_announced(
+            &self.statuses,
+            &self.events,
+            &self.config.job.pipeline,
+            spec,
+            status.clone(),
+        ));
         match recorded.await {
             Ok(Recorded::Written(_)) => {}
             // The status moved on (a later attempt, an outcome): nothing to list.
@@ -570,11 +689,11 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// waiting jobs. If the status cannot be written, the job stays listed: the reaper looks at
     /// it again once its wait is over, and finds what became of it.
     async fn record_and_unlist(&self, spec: &JobSpec, status: Status, what: &str) {
-        let status_key = spec.status_key();
-        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(record(
+        let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(record_announced(
             &self.statuses,
-            &spec.results_bucket,
-            &status_key,
+            &self.events,
+            &self.config.job.pipeline,
+            spec,
             status,
         ));
         if let Err(error) = recorded.await {

@@ -8,6 +8,7 @@
 //! for AWS. The status protocol is the contract crate's ([`s3spot_bootstrap`]).
 
 pub mod config;
+pub mod cost;
 pub mod ec2;
 pub mod event;
 #[cfg(feature = "fake")]
@@ -35,7 +36,16 @@ pub use launcher::{
 };
 pub use recover::REPLACEMENT_WAIT;
 pub use report::{HandlerError, METRICS_NAMESPACE, MetricsSink, RecordCounts, Report, Response};
-pub use s3spot_bootstrap::{S3Statuses, StatusError, StatusStore};
+pub use s3spot_bootstrap::{Events, S3Statuses, StatusError, StatusStore};
+
+/// Where the jobs' state-change events go, from `S3SPOT_EVENTS` (see [`Events::from_setting`]):
+/// the default EventBridge bus of `sdk`'s account and region unless it says otherwise.
+pub fn events_from_env(sdk: &aws_config::SdkConfig) -> anyhow::Result<Events> {
+    let setting = std::env::var("S3SPOT_EVENTS").ok();
+    Events::from_setting(setting.as_deref(), sdk)
+        .map_err(anyhow::Error::msg)
+        .map_err(|error| error.context("bad configuration"))
+}
 
 impl From<HandlerError> for lambda_runtime::Diagnostic {
     fn from(error: HandlerError) -> Self {

@@ -31,6 +31,7 @@ async fn run() -> anyhow::Result<()> {
     // to stdout beside the tracing subscriber's lines rather than through it.
     let handler = Arc::new(
         Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk))
+            .with_events(s3spot_lambda::events_from_env(&sdk)?)
             .with_metrics(Arc::new(|line: &str| println!("{line}"))),
     );
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {

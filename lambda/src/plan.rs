@@ -84,6 +84,7 @@ pub fn plan(
         max_runtime_secs: config.max_runtime_secs,
         worker: config.worker.clone(),
         attempt,
+        pipeline: Some(config.pipeline.clone()),
     };
     let user_data = render_user_data(&spec, config.region.as_deref())?;
     Ok(Plan::Launch(Box::new(PlannedJob { spec, user_data })))

@@ -205,7 +205,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             Err(error) => Err(failed(error_chain(&error), false)),
         };
         let next = match launched {
-            Ok(Launch::Started(instance_id)) => format!("re-launched on {instance_id}"),
+            Ok(Launch::Started(instance_id, _)) => format!("re-launched on {instance_id}"),
             Ok(Launch::AlreadyDone {
                 instance_id: Some(instance_id),
                 ..

@@ -154,12 +154,30 @@ fn no_instance_of_the_job() -> Rule {
         .then_output(|| DescribeInstancesOutput::builder().build())
 }
 
+/// The price the launcher looks up for the instance it got, for the attempt's cost.
+fn price_at_launch() -> Rule {
+    mock!(Client::describe_spot_price_history).then_output(|| {
+        DescribeSpotPriceHistoryOutput::builder()
+            .spot_price_history(
+                SpotPrice::builder()
+                    .instance_type(InstanceType::M7iLarge)
+                    .availability_zone("us-east-1a")
+                    .spot_price("0.041200")
+                    .timestamp(aws_sdk_ec2::primitives::DateTime::from_secs(1_800_000_000))
+                    .build(),
+            )
+            .build()
+    })
+}
+
 /// The production configuration, with backoff shortened so that retried sequences run fast.
 /// The job's own instances are looked up first, and there are none.
 fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher, MemoryStatuses> {
     let lookup = no_instance_of_the_job();
+    let price = price_at_launch();
     let rules: Vec<&Rule> = std::iter::once(&lookup)
         .chain(rules.iter().copied())
+        .chain(std::iter::once(&price))
         .collect();
     let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, &rules, |builder| {
         ec2::configure(builder).retry_config(
@@ -168,6 +186,8 @@ fn handler(config: Config, rules: &[&Rule]) -> Handler<Ec2Launcher, MemoryStatus
                 .with_initial_backoff(Duration::from_millis(1)),
         )
     });
+    let mut config = config;
+    config.job.region = Some("us-east-1".into());
     Handler::new(
         config,
         Ec2Launcher::from_client(client),
@@ -228,6 +248,21 @@ async fn one_request_names_every_type_in_every_subnet_with_the_job() {
         Some("m6i.large")
     );
     assert_eq!(fleet.num_calls(), 1);
+    // EC2 gave no price for the type it chose: the claim says so, and the job has no cost.
+    let price = claim_price(&handler);
+    assert_eq!(price["usd_per_hour"], Value::Null, "{price}");
+    assert_eq!(price["source"], "EC2 gave no spot price for m6i.large");
+}
+
+/// The price the launch kept in the attempt's claim.
+fn claim_price(handler: &Handler<Ec2Launcher, MemoryStatuses>) -> Value {
+    let (bucket, key) = handler
+        .statuses()
+        .writes()
+        .into_iter()
+        .rfind(|(_, key)| key.ends_with("/.s3spot/attempt-1.json"))
+        .expect("a claim");
+    handler.statuses().json(&bucket, &key).unwrap()["price"].clone()
 }
 
 #[tokio::test]
@@ -337,6 +372,17 @@ async fn all_pools_out_is_retryable_and_names_each_pool_then_on_demand_is_asked(
     let report = report(&handler).await;
     assert_eq!(report.launched[0].market, "on-demand");
     assert_eq!((spot.num_calls(), on_demand.num_calls()), (1, 1));
+    // On demand, the list price; no spot price is asked for.
+    let price = claim_price(&handler);
+    assert_eq!(
+        (&price["market"], &price["usd_per_hour"], &price["source"]),
+        (
+            &"on-demand".into(),
+            &0.1008.into(),
+            &"on-demand list price".into()
+        ),
+        "{price}"
+    );
 
     // Spot alone: the record waits for capacity, every pool's answer in its error.
     let spot = mock!(Client::create_fleet).then_output(|| {

@@ -4,15 +4,16 @@
 
 use std::time::{Duration, SystemTime};
 
+use s3spot_bootstrap::fake::RecordedEvents;
 use s3spot_bootstrap::{
-    Claim, JobSpec, S3Statuses, State, Status, Writer, job_from_base64_user_data, read_claim,
-    record, write_claim,
+    Claim, JobSpec, JobState, S3Statuses, State, Status, Usd, Writer, changed_state,
+    job_from_base64_user_data, read_claim, record, record_change, write_claim,
 };
 use s3spot_lambda::jobs::JobInstance;
 use s3spot_lambda::plan::{Decision, preview};
 use s3spot_lambda::{
     CLAIM_LEASE, Clock, Config, Ec2Launcher, Handler, HandlerError, Jobs, REPLACEMENT_WAIT, Report,
-    Response,
+    Response, Target,
 };
 use s3spot_tests::ec2::TOKEN_AFTER_TERMINATION;
 use s3spot_tests::{Ec2Double, REGION, S3Server, s3spot_lookup};
@@ -1104,4 +1105,132 @@ async fn a_refusal_of_the_accounts_setup_launches_once_it_is_fixed_and_redriven(
     );
     let redriven = handled(&handler, upload_event()).await;
     assert_eq!(redriven.launched.len(), 1, "{redriven:?}");
+}
+
+/// The handler of `setup`, announcing job state changes to `events`.
+async fn announcing(
+    setup: &Setup,
+    events: &RecordedEvents,
+    overrides: &[(&str, &str)],
+) -> Handler<Ec2Launcher, S3Statuses> {
+    setup.handler(overrides).await.with_events(events.events())
+}
+
+/// A job that waits, launches, and is cancelled, delivered again at every step: one event per
+/// change, from whoever made it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_of_a_jobs_state_is_one_event_however_often_it_is_delivered() {
+    let setup = Setup::start();
+    let events = RecordedEvents::new();
+    let handler = announcing(
+        &setup,
+        &events,
+        &[
+            ("S3SPOT_INSTANCE_TYPES", "m7i.large"),
+            ("S3SPOT_RESULTS_BUCKET", BUCKET),
+        ],
+    )
+    .await;
+    setup.ec2.set_spot_prices(&[
+        ("m7i.large", "us-east-1a", 0.04),
+        ("m7i.large", "us-east-1b", 0.05),
+        ("m5.large", "us-east-1a", 0.9),
+    ]);
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    handled(&handler, upload_event()).await;
+    handled(&handler, upload_event()).await;
+    assert_eq!(events.states(), [(1, "waiting".into())]);
+
+    setup.ec2.set_capacity("spot", true);
+    let launched = handled(&handler, upload_event()).await;
+    let instance_id = launched.launched[0].instance_id.clone();
+    handled(&handler, upload_event()).await;
+    assert_eq!(
+        events.states(),
+        [(1, "waiting".into()), (1, "launched".into())]
+    );
+    // The launch kept its price: the double names a subnet, not a zone, so the dearest zone's.
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let claim = read_claim(&statuses, BUCKET, &job.claim_key())
+        .await
+        .unwrap()
+        .unwrap()
+        .claim
+        .unwrap();
+    let price = claim.price.expect("the launch price");
+    assert_eq!(price.usd_per_hour, Some(Usd(0.05)));
+    assert_eq!(price.instance_type, "m7i.large");
+    assert_eq!(price.on_demand_usd_per_hour, Some(Usd(0.1008)));
+
+    let jobs = setup.jobs(&handler).await.with_events(events.events());
+    let target = Target::parse("in/f.csv");
+    let stopped = jobs
+        .cancel(&target, Clock::now(jobs.config()))
+        .await
+        .unwrap();
+    assert_eq!(stopped.errors, Vec::<String>::new());
+    // The cancelled worker's own account keeps the state: no change, no event.
+    let mut account = Status::initial(&job, Writer::Worker, SystemTime::now());
+    account.state = State::Interrupted;
+    account.error = Some("stopped by SIGTERM".into());
+    let (recorded, before) = record_change(&statuses, BUCKET, &job.status_key(), account)
+        .await
+        .unwrap();
+    assert_eq!(changed_state(&recorded, before), None);
+    assert_eq!(
+        events.states(),
+        [
+            (1, "waiting".into()),
+            (1, "launched".into()),
+            (1, "cancelled".into())
+        ]
+    );
+
+    let all = events.all();
+    assert_eq!(all[0].previous_state, None);
+    assert!(all[0].error.as_deref().unwrap().starts_with("no capacity"));
+    assert_eq!(all[1].previous_state, Some(JobState::Waiting));
+    let instance = all[1].instance.clone().unwrap();
+    assert_eq!(instance.id.as_deref(), Some(instance_id.as_str()));
+    assert_eq!(instance.market.as_deref(), Some("spot"));
+    assert_eq!(instance.instance_type.as_deref(), Some("m7i.large"));
+    assert_eq!(all[2].previous_state, Some(JobState::Launched));
+    let cost = all[2].cost.clone().expect("a cancel costs until now");
+    assert_eq!(cost.usd_per_hour, Usd(0.05));
+    assert!(cost.usd.0 >= 0.05 / 60.0, "at least a minute: {cost:?}");
+    for event in &all {
+        assert_eq!(event.pipeline, "s3spot");
+        assert_eq!(event.job_id, job.job_id);
+        assert_eq!(event.results.status, job.status_key());
+        s3spot_tests::events::assert_valid(&event.envelope("123456789012", REGION));
+    }
+}
+
+/// EventBridge down: the job waits, launches and is cancelled as it would be, and nothing is
+/// sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_that_cannot_be_sent_changes_nothing_of_the_jobs_outcome() {
+    let setup = Setup::start();
+    let events = RecordedEvents::new();
+    events.fail(true);
+    let handler = announcing(&setup, &events, &[("S3SPOT_RESULTS_BUCKET", BUCKET)]).await;
+    let job = planned(&handler);
+    setup.ec2.set_capacity("spot", false);
+    let waited = handled(&handler, upload_event()).await;
+    assert!(waited.failed[0].retryable, "{waited:?}");
+    assert_eq!(setup.status(&job).await.state, State::Waiting);
+    setup.ec2.set_capacity("spot", true);
+    let launched = handled(&handler, upload_event()).await;
+    assert_eq!(launched.launched.len(), 1, "{launched:?}");
+    assert_eq!(launched.failed, []);
+    let jobs = setup.jobs(&handler).await.with_events(events.events());
+    let stopped = jobs
+        .cancel(&Target::parse("in/f.csv"), Clock::now(jobs.config()))
+        .await
+        .unwrap();
+    assert_eq!(stopped.errors, Vec::<String>::new());
+    assert_eq!(setup.status(&job).await.state, State::Cancelled);
+    assert_eq!(setup.ec2.instances().len(), 1);
+    assert_eq!(events.all(), []);
 }

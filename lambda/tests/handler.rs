@@ -769,6 +769,7 @@ async fn the_last_attempt_interrupted_marks_the_job_failed_with_its_history() {
             instance_id: Some(format!("i-{attempt}")),
             error: None,
             finished_at: String::new(),
+            cost: None,
         })
         .collect();
     statuses.put_status("example-bucket", &status_key(), worker_status);

@@ -153,6 +153,7 @@ async fn list_shows_every_instance_with_its_result_and_flags_the_stuck_ones() {
         instance_id: Some("i-first".into()),
         error: None,
         finished_at: "t".into(),
+        cost: None,
     }];
     statuses.put_status(BUCKET, &status_key("in/c.csv"), status);
 
@@ -910,6 +911,137 @@ async fn an_attempt_stopped_by_other_than_a_spot_notice_is_failed_with_what_happ
         error.contains("after its worker was stopped, and not by a spot interruption")
             && error.contains("Client.UserInitiatedShutdown")
             && error.contains("the worker received SIGTERM"),
+        "{error}"
+    );
+}
+
+/// `s3spot jobs cost` over a real S3 listing two keys a page: every job's status.json is read
+/// whatever page it is on, a job's earlier attempts count too, and waits and other files do not.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_cost_sums_known_prices_and_durations_across_pages() {
+    use s3spot_bootstrap::{Cost, LaunchPrice, S3Statuses, Usd, parse_timestamp};
+    use s3spot_lambda::cost::CostBy;
+    use std::time::{Duration, SystemTime};
+
+    let server = s3spot_tests::S3Server::start(&[BUCKET]);
+    let client = server.client().await;
+    let statuses = S3Statuses::from_client(client.clone()).with_page_size(2);
+    let cost = |usd_per_hour: f64, on_demand: Option<f64>, secs: u64| {
+        let price = LaunchPrice {
+            instance_type: "m7i.large".into(),
+            zone: Some("us-east-1a".into()),
+            market: "spot".into(),
+            usd_per_hour: Some(Usd(usd_per_hour)),
+            source: "spot price at launch".into(),
+            on_demand_usd_per_hour: on_demand.map(Usd),
+            launched_at: "2026-11-30T10:00:00Z".into(),
+            volume_gib: None,
+        };
+        let ended = parse_timestamp("2026-11-30T10:00:00Z").unwrap() + Duration::from_secs(secs);
+        Cost::estimate(&price, ended).unwrap()
+    };
+    // Five jobs: 1 h, 2 h and 30 min at $0.04/h ($0.10/h on demand); one with an earlier
+    // interrupted attempt of 15 min; one without a price.
+    let plans = [
+        ("in/a.csv", Some(cost(0.04, Some(0.1), 3600)), None),
+        ("in/b.csv", Some(cost(0.04, Some(0.1), 7200)), None),
+        (
+            "other/c.csv",
+            Some(cost(0.04, Some(0.1), 1800)),
+            Some(cost(0.04, Some(0.1), 900)),
+        ),
+        ("in/d.csv", None, None),
+        ("in/e.csv", Some(cost(0.04, Some(0.1), 60)), None),
+    ];
+    for (key, last, earlier) in plans {
+        let attempt = if earlier.is_some() { 2 } else { 1 };
+        let (spec, _) = spec_of(&upload(key, UPLOADED_AT), attempt, &[]);
+        let mut status = Status::initial(&spec, Writer::Worker, SystemTime::now());
+        status.state = State::Succeeded;
+        status.finished_at = "2026-11-30T11:00:00Z".into();
+        status.cost = last;
+        if let Some(earlier) = earlier {
+            status.history = vec![Attempt {
+                attempt: 1,
+                state: State::Interrupted,
+                instance_id: Some("i-1".into()),
+                error: None,
+                finished_at: "2026-11-30T10:15:00Z".into(),
+                cost: Some(earlier),
+            }];
+        }
+        s3spot_bootstrap::write_status(
+            &statuses,
+            BUCKET,
+            &spec.status_key(),
+            &status,
+            &s3spot_bootstrap::Expect::Anything,
+        )
+        .await
+        .unwrap();
+    }
+    // What is not a job's account: a wait's list entry, a command's output named status.json
+    // elsewhere, and an unrelated file.
+    let (waiting, _) = spec_of(&upload("in/w.csv", UPLOADED_AT), 1, &[]);
+    for key in [
+        waiting.waiting_key(),
+        "elsewhere/status.json".into(),
+        "analysis/in/a.csv/notes.txt".into(),
+    ] {
+        client
+            .put_object()
+            .bucket(BUCKET)
+            .key(key)
+            .body(b"{}".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let jobs = Jobs::new(
+        config(&[("S3SPOT_RESULTS_BUCKET", BUCKET)]).jobs(),
+        ScriptedLauncher::default(),
+        statuses,
+    );
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let report = jobs.cost(an_hour_ago, CostBy::Prefix).await.unwrap();
+    assert_eq!(report.unreadable, Vec::<String>::new());
+    assert_eq!(report.jobs, 5);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    let total = &report.total;
+    assert_eq!((total.attempts, total.priced), (6, 5));
+    assert_eq!(total.seconds, 3600 + 7200 + 1800 + 900 + 60);
+    let hours = 13_560.0 / 3600.0;
+    assert!(close(total.usd, 0.04 * hours), "{total:?}");
+    assert!(close(total.on_demand_usd, 0.1 * hours), "{total:?}");
+    assert!(close(total.saving_usd, 0.06 * hours), "{total:?}");
+    let groups: Vec<(&str, usize, u64)> = report
+        .groups
+        .iter()
+        .map(|g| (g.group.as_str(), g.attempts, g.seconds))
+        .collect();
+    assert_eq!(
+        groups,
+        [("in/", 4, 3600 + 7200 + 60), ("other/", 2, 1800 + 900)]
+    );
+
+    // Written before `since`: left out.
+    let later = jobs
+        .cost(SystemTime::now() + Duration::from_secs(3600), CostBy::Day)
+        .await
+        .unwrap();
+    assert_eq!((later.jobs, later.total.attempts), (0, 0));
+    // Without a results bucket, it says which setting to give.
+    let error = Jobs::new(
+        config(&[]).jobs(),
+        ScriptedLauncher::default(),
+        MemoryStatuses::default(),
+    )
+    .cost(an_hour_ago, CostBy::Day)
+    .await
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("S3SPOT_RESULTS_BUCKET"),
         "{error}"
     );
 }

@@ -5,6 +5,7 @@
 //! of s3spot's own seams live beside those seams.
 
 pub mod ec2;
+pub mod events;
 mod http;
 pub mod iam;
 pub mod iam_double;

@@ -11,7 +11,7 @@ use crate::{Metadata, Settings, Worker, shut_down};
 use anyhow::{Context as _, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use s3spot_bootstrap::{DEFAULT_RESULTS_PREFIX, JobSpec, State, WorkerArtifact};
+use s3spot_bootstrap::{DEFAULT_RESULTS_PREFIX, Events, JobSpec, State, WorkerArtifact};
 
 #[derive(Parser)]
 #[command(
@@ -221,6 +221,7 @@ fn job(args: &RunArgs, matches: &ArgMatches) -> anyhow::Result<JobSpec> {
             sha256: String::new(),
         },
         attempt: 1,
+        pipeline: None,
     })
 }
 
@@ -245,6 +246,12 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
         let worker = Arc::new(Worker {
             s3,
             metadata: Metadata::from_env(),
+            events: Events::from_setting(std::env::var("S3SPOT_EVENTS").ok().as_deref(), &sdk)
+                .unwrap_or_else(|error| {
+                    // A bad setting costs the events, never the job.
+                    tracing::warn!(error, "no job events");
+                    Events::off()
+                }),
             settings: Settings {
                 work_root: args.work_dir.clone(),
                 kill_grace: Duration::from_secs(args.kill_grace),

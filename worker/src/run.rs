@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use s3spot_bootstrap::{
-    HARD_LIMIT_GRACE_SECS, JobSpec, RECORDS_FOLDER, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE,
-    STDERR_FILE, STDOUT_FILE, Stage, State, Status, Writer, record, timestamp,
+    Cost, EventInstance, Events, HARD_LIMIT_GRACE_SECS, JobEvent, JobSpec, JobState,
+    RECORDS_FOLDER, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
+    Stage, State, Status, Writer, changed_state, read_claim, record_change, timestamp,
 };
 use tokio::sync::watch;
 
@@ -99,6 +100,8 @@ pub struct Worker {
     pub s3: aws_sdk_s3::Client,
     pub metadata: Metadata,
     pub settings: Settings,
+    /// Where the job's `running` and outcome events go.
+    pub events: Events,
 }
 
 impl Worker {
@@ -125,6 +128,20 @@ impl Worker {
         let mut status = Status::initial(job, Writer::Worker, started);
         status.instance = self.metadata.identify().await;
         tracing::info!(bucket = job.bucket, key = ?job.key, attempt = job.attempt, instance = ?status.instance, "job started");
+        let mut running = JobEvent::new(
+            pipeline(job),
+            job,
+            JobState::Running,
+            Some(JobState::Launched),
+            Writer::Worker,
+        );
+        running.instance = status.instance.as_ref().map(|i| EventInstance {
+            id: i.id.clone(),
+            instance_type: i.instance_type.clone(),
+            market: i.lifecycle.clone(),
+            zone: None,
+        });
+        self.events.emit(running).await;
 
         let (interrupt, interrupted) = watch::channel(None);
         let watcher = status.instance.is_some().then(|| {
@@ -445,21 +462,35 @@ impl Worker {
     /// interruption's re-launch): a worker stopped from outside then takes its state, and adds
     /// its own account.
     async fn finish(&self, job: &JobSpec, status: &mut Status, by: Instant) {
-        status.finished_at = timestamp(SystemTime::now());
+        let ended = SystemTime::now();
+        status.finished_at = timestamp(ended);
         let statuses = S3Statuses::from_client(self.s3.clone());
         // A moment at least, even past the deadline: without status.json nobody learns anything.
         let by = by.max(Instant::now() + Duration::from_secs(2));
-        let recorded = tokio::time::timeout_at(
-            by.into(),
-            record(
+        let recorded = tokio::time::timeout_at(by.into(), async {
+            status.cost = self.cost(&statuses, job, ended).await;
+            record_change(
                 &statuses,
                 &job.results_bucket,
                 &job.status_key(),
                 status.clone(),
-            ),
-        )
+            )
+            .await
+        })
         .await;
-        match recorded {
+        if let Ok(Ok((recorded, before))) = &recorded
+            && let Some(written) = changed_state(recorded, *before)
+        {
+            // Nothing on record before, or the launcher's note of the launch, is the worker's
+            // own `running`.
+            let previous = match *before {
+                None | Some((JobState::Launched, _)) => JobState::Running,
+                Some((state, _)) => state,
+            };
+            let event = JobEvent::of_status(pipeline(job), job, written, Some(previous));
+            self.events.emit(event).await;
+        }
+        match recorded.map(|r| r.map(|(recorded, _)| recorded)) {
             Ok(Ok(Recorded::Written(written))) => *status = *written,
             Ok(Ok(Recorded::Kept { reason })) => {
                 tracing::warn!(reason, "status.json keeps what it holds");
@@ -477,6 +508,29 @@ impl Worker {
         tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
     }
 
+    /// The attempt's estimated cost until `ended`, from the price its launcher kept in the
+    /// attempt's claim; `None` if there is no price (a job run by hand, a launcher before
+    /// prices, a price EC2 did not give).
+    async fn cost(&self, statuses: &S3Statuses, job: &JobSpec, ended: SystemTime) -> Option<Cost> {
+        let claim = match read_claim(statuses, &job.results_bucket, &job.claim_key()).await {
+            Ok(Some(stored)) => stored.claim.ok()?,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(
+                    error = crate::error_chain(&error),
+                    "cannot read the attempt's claim: no cost in status.json"
+                );
+                return None;
+            }
+        };
+        let price = claim.price?;
+        let cost = Cost::estimate(&price, ended);
+        if cost.is_none() {
+            tracing::info!(source = price.source, "no price for the attempt's cost");
+        }
+        cost
+    }
+
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
         self.uploader_at(job, job.results_key_prefix())
     }
@@ -484,6 +538,11 @@ impl Worker {
     fn uploader_at<'a>(&'a self, job: &'a JobSpec, prefix: String) -> Uploader<'a> {
         Uploader::new(&self.s3, &job.results_bucket, prefix, self.settings.upload)
     }
+}
+
+/// The pipeline a job's events name: none for a job run by hand.
+fn pipeline(job: &JobSpec) -> &str {
+    job.pipeline.as_deref().unwrap_or_default()
 }
 
 /// One stage line on the log stream, in order with the logs around it.
@@ -738,6 +797,7 @@ mod tests {
                 sha256: String::new(),
             },
             attempt: 2,
+            pipeline: None,
         };
         let mut status = Status::initial(&job, Writer::Worker, SystemTime::UNIX_EPOCH);
         assert_eq!(status.started_at, "1970-01-01T00:00:00Z");

@@ -40,6 +40,7 @@ fn job() -> JobSpec {
             sha256: "0".repeat(64),
         },
         attempt: 1,
+        pipeline: None,
     }
 }
 

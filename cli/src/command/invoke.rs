@@ -16,7 +16,8 @@ pub fn run(event: &Path) -> anyhow::Result<bool> {
     runtime.block_on(async {
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         config.job.region = sdk.region().map(ToString::to_string);
-        let handler = Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk));
+        let handler = Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk))
+            .with_events(s3spot_lambda::events_from_env(&sdk)?);
         let outcome = handler.handle(event).await;
         // A retryable failure still has a report, and it is the useful part.
         let printed = match &outcome {

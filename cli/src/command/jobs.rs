@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use s3spot_bootstrap::Status;
+use s3spot_bootstrap::Usd;
 use s3spot_lambda::Report;
+use s3spot_lambda::cost::{CostGroup, CostReport};
 use s3spot_lambda::jobs::{JobDetail, JobInstance, Stopped};
 use s3spot_lambda::{Config, Ec2Launcher, Handler, Jobs, JobsConfig, S3Statuses};
 
@@ -44,18 +46,36 @@ pub fn run(args: JobsArgs) -> anyhow::Result<bool> {
 
 async fn in_aws(request: &Request) -> anyhow::Result<serde_json::Value> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    in_aws_with(&sdk, request).await
+}
+
+/// Runs `request` in AWS with `sdk`'s credentials and region, and the S3SPOT_* settings.
+pub(super) async fn in_aws_with(
+    sdk: &aws_config::SdkConfig,
+    request: &Request,
+) -> anyhow::Result<serde_json::Value> {
+    let sdk = sdk.clone();
     let launcher = Ec2Launcher::new(&sdk);
     let statuses = S3Statuses::new(&sdk);
+    let events = s3spot_lambda::events_from_env(&sdk)?;
     let answer = if request.launches() {
         let mut config = Config::from_env().context(
             "bad configuration (this command may launch, so it needs the function's whole \
              S3SPOT_* configuration)",
         )?;
         config.job.region = sdk.region().map(ToString::to_string);
-        on_handler(&Handler::new(config, launcher, statuses), request).await
+        on_handler(
+            &Handler::new(config, launcher, statuses).with_events(events),
+            request,
+        )
+        .await
     } else {
         let config = JobsConfig::from_env().context("bad configuration")?;
-        execute(&Jobs::new(config, launcher, statuses), request).await
+        execute(
+            &Jobs::new(config, launcher, statuses).with_events(events),
+            request,
+        )
+        .await
     };
     answer.map_err(|error| anyhow::anyhow!(error))
 }
@@ -86,6 +106,10 @@ fn print(request: &Request, answer: serde_json::Value, json: bool) -> anyhow::Re
         Request::Retry { .. } => {
             let report: Report = serde_json::from_value(answer.clone()).map_err(bad)?;
             (retried(&report), report.failed.is_empty())
+        }
+        Request::Cost { .. } => {
+            let report: CostReport = serde_json::from_value(answer.clone()).map_err(bad)?;
+            (cost(&report), report.unreadable.is_empty())
         }
     };
     if json {
@@ -160,8 +184,13 @@ fn table(rows: &[JobInstance]) -> String {
     let header = [
         "INSTANCE", "STATE", "MARKET", "TYPE", "AGE", "ATTEMPT", "RESULT", "JOB",
     ];
+    columns(&header, &cells)
+}
+
+/// Rows under a header, each column as wide as its widest cell; the last is left ragged.
+fn columns<const N: usize>(header: &[&str; N], cells: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
-    for row in &cells {
+    for row in cells {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -180,9 +209,64 @@ fn table(rows: &[JobInstance]) -> String {
         text.push('\n');
     };
     line(&header.map(String::from));
-    for row in &cells {
+    for row in cells {
         line(row);
     }
+    text
+}
+
+fn cost(report: &CostReport) -> String {
+    let by = serde_json::to_value(report.by)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_uppercase))
+        .unwrap_or_default();
+    let row = |g: &CostGroup| {
+        [
+            g.group.clone(),
+            g.attempts.to_string(),
+            g.priced.to_string(),
+            format!("{:.2}", g.seconds as f64 / 3600.0),
+            Usd(g.usd).to_string(),
+            Usd(g.on_demand_usd).to_string(),
+            match g.saving_percent() {
+                Some(percent) => format!("{} ({percent:.0}%)", Usd(g.saving_usd)),
+                None => Usd(g.saving_usd).to_string(),
+            },
+        ]
+    };
+    let mut cells: Vec<[String; 7]> = report.groups.iter().map(row).collect();
+    cells.push(row(&report.total));
+    let mut text = format!(
+        "{} jobs whose status.json was written since {}\n",
+        report.jobs, report.since
+    );
+    text.push_str(&columns(
+        &[
+            by.as_str(),
+            "ATTEMPTS",
+            "PRICED",
+            "HOURS",
+            "COST",
+            "ON-DEMAND",
+            "SAVING",
+        ],
+        &cells,
+    ));
+    if report.total.priced < report.total.attempts {
+        let _ = writeln!(
+            text,
+            "{} attempts have no price (launched before s3spot kept prices, or EC2 gave none): \
+             counted, not summed",
+            report.total.attempts - report.total.priced
+        );
+    }
+    for unreadable in &report.unreadable {
+        let _ = writeln!(text, "skipped {unreadable}");
+    }
+    text.push_str(
+        "An estimate: instance hours at the launch price (at least a minute each) plus the \
+         job's gp3 volume; not data transfer, requests, or the Lambda.\n",
+    );
     text
 }
 

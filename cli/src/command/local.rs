@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// in DIR/secret-key; serve prints it.
     #[arg(long)]
     secret_key: Option<String>,
+    /// The dashboard's port on 127.0.0.1; 0 picks a free one.
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    dashboard_port: u16,
 }
 
 #[derive(Args)]
@@ -162,6 +165,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<bool> {
     let pipeline = Pipeline::start(options).await?;
     let options = pipeline.options();
     let endpoint = pipeline.endpoint();
+    // The same page as `s3spot dashboard --local`, through the same control socket.
+    let (dashboard, dashboard_task) = crate::dashboard::start(
+        args.dashboard_port,
+        super::dashboard::local_info(3),
+        super::dashboard::local_ask(options.data_dir.clone()),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot serve the dashboard on 127.0.0.1:{}",
+            args.dashboard_port
+        )
+    })?;
     if args.shared.json {
         println!(
             "{}",
@@ -169,7 +185,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<bool> {
                 "endpoint": endpoint, "region": options.region,
                 "access_key": options.access_key, "secret_key": options.secret(),
                 "data_bucket": options.data_bucket, "artifacts_bucket": options.artifacts_bucket,
-                "data_dir": options.data_dir,
+                "data_dir": options.data_dir, "dashboard": dashboard.url(),
+                "events": options.data_dir.join(crate::local::EVENTS_FILE),
             }})
         );
     } else {
@@ -194,11 +211,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<bool> {
         println!(
             "  results      aws --endpoint-url {endpoint} s3 ls --recursive s3://{data}/analysis/"
         );
+        println!("  dashboard    {}", dashboard.url());
+        println!(
+            "  events       {}",
+            options.data_dir.join(crate::local::EVENTS_FILE).display()
+        );
         println!("Waiting for uploads; Ctrl-C stops.");
     }
     let printer = print_progress(&pipeline, args.shared.json, false);
     wait_for_stop_signal().await;
     eprintln!("s3spot local: stopping; running jobs upload what they have");
+    dashboard_task.abort();
     pipeline.shutdown().await;
     printer.abort();
     Ok(true)

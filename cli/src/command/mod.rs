@@ -1,6 +1,7 @@
 //! The `s3spot` command line. It lives in the library so that more than one binary can be this
 //! program: the `s3spot` binary, and the copy the end-to-end tests build and run.
 
+mod dashboard;
 mod doctor;
 mod invoke;
 mod jobs;
@@ -70,6 +71,11 @@ enum Command {
     ///
     /// Exits 0 only when every check passed, 1 when one failed.
     Doctor(doctor::DoctorArgs),
+    /// A web page of the pipeline's jobs (state, instance, duration, cost), each job's status
+    /// and logs, and a chart of jobs and cost by day, served on 127.0.0.1 with your own AWS
+    /// credentials (or a local pipeline's, with --local DIR). Prints its address, with a token
+    /// that each run makes anew. Ctrl-C stops it.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 /// The run produced an answer, but not a clean one.
@@ -105,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Jobs(args) => jobs::run(args),
         Command::Prices(args) => prices::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Dashboard(args) => dashboard::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -34,6 +34,9 @@ use super::progress::Progress;
 /// How long a terminated instance stays listed, as EC2 lists one for about an hour.
 const LISTED_AFTER_TERMINATION: i64 = 3600;
 
+/// Where every local instance is.
+const LOCAL_ZONE: &str = "local";
+
 /// The file beside each instance that keeps its bookkeeping.
 const RECORD_FILE: &str = "instance.json";
 
@@ -589,7 +592,7 @@ impl Launcher for LocalLauncher {
             return Ok(Launched {
                 instance_id: id.clone(),
                 instance_type: Some("local".into()),
-                placement: None,
+                placement: Some(LOCAL_ZONE.into()),
             });
         }
         table.next += 1;
@@ -609,7 +612,7 @@ impl Launcher for LocalLauncher {
         Ok(Launched {
             instance_id: id,
             instance_type: Some("local".into()),
-            placement: None,
+            placement: Some(LOCAL_ZONE.into()),
         })
     }
 
@@ -678,9 +681,18 @@ impl Launcher for LocalLauncher {
         Ok(())
     }
 
-    /// There is no spot market on this machine: no prices, so a configured order stands.
-    async fn spot_prices(&self, _query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
-        Ok(Vec::new())
+    /// There is no spot market on this machine: no prices, so a configured order stands. A
+    /// local instance itself costs nothing, and says so, so that its job's cost is $0.
+    async fn spot_prices(&self, query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
+        if query.instance_types != ["local"] {
+            return Ok(Vec::new());
+        }
+        Ok(vec![SpotPrice {
+            instance_type: "local".into(),
+            availability_zone: LOCAL_ZONE.into(),
+            usd_per_hour: 0.0,
+            at: unix_now(),
+        }])
     }
 
     async fn console_output(&self, instance_id: &str) -> Result<Option<String>, LaunchError> {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use s3spot_bootstrap::{STATUS_FILE, Status, read_status};
+use s3spot_bootstrap::{Events, JobEvent, JsonLines, STATUS_FILE, Status, read_status};
 use s3spot_lambda::report::{FailedRecord, Report};
 use s3spot_lambda::{Config, Handler, HandlerError, JobConfig, S3Statuses, error_chain};
 use serde_json::Value;
@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 pub use launcher::{Instance, InstanceState, LocalLauncher};
 pub use progress::Progress;
 pub use s3::Notification;
-pub use s3::serve;
+pub use s3::{bind, serve};
 
 /// Where the worker is published in the artifacts bucket.
 pub const WORKER_KEY: &str = "s3spot-worker";
@@ -264,11 +264,12 @@ impl Pipeline {
         let sha256 = publish_worker(&client, &options).await?;
 
         let (progress, first_subscriber) = broadcast::channel(4096);
+        let events_file = options.data_dir.join(EVENTS_FILE);
         let launcher = Arc::new(
             LocalLauncher::new(
                 options.data_dir.join("instances"),
                 s3_root,
-                instance_env(&endpoint, &options),
+                instance_env(&endpoint, &options, &events_file),
                 progress.clone(),
             )
             .map_err(|source| LocalError::Dir {
@@ -278,11 +279,18 @@ impl Pipeline {
         );
         let config = config(&options, &sha256)?;
         let job = config.job.clone();
-        let handler = Arc::new(Handler::new(
-            config,
-            Arc::clone(&launcher),
-            S3Statuses::from_client(client.clone()),
-        ));
+        let handler = Arc::new(
+            Handler::new(
+                config,
+                Arc::clone(&launcher),
+                S3Statuses::from_client(client.clone()),
+            )
+            .with_events(Events::to(JsonLines::new(&events_file))),
+        );
+        tasks.push(tokio::spawn(follow_events(
+            events_file.clone(),
+            progress.clone(),
+        )));
         // One invocation at a time: the guard's count and the launch that follows are then one
         // step, so the cap holds exactly.
         let serial = Arc::new(Mutex::new(()));
@@ -560,6 +568,57 @@ async fn reap(
     }
 }
 
+/// The jobs' state-change events, one JSON line each, in the data directory.
+pub const EVENTS_FILE: &str = "events.jsonl";
+
+/// How often `events.jsonl` is read for new lines.
+const EVENTS_POLL: Duration = Duration::from_millis(200);
+
+/// Shows each event that the pipeline and its instances add to `path` from now on as a
+/// progress line. Lines are read whole: a line still being written waits for its newline.
+async fn follow_events(path: PathBuf, progress: broadcast::Sender<Progress>) {
+    let mut offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let mut partial = Vec::new();
+    loop {
+        tokio::time::sleep(EVENTS_POLL).await;
+        let Ok(bytes) = read_from(&path, offset) else {
+            continue;
+        };
+        offset += bytes.len() as u64;
+        partial.extend_from_slice(&bytes);
+        while let Some(end) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=end).collect();
+            if let Some(line) = job_progress(&line) {
+                let _ = progress.send(line);
+            }
+        }
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Seek as _;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The progress line of one line of `events.jsonl`; `None` if it is not an event.
+fn job_progress(line: &[u8]) -> Option<Progress> {
+    let value: Value = serde_json::from_slice(line).ok()?;
+    let event: JobEvent = serde_json::from_value(value.get("detail")?.clone()).ok()?;
+    Some(Progress::Job {
+        state: event.state.to_string(),
+        bucket: event.bucket,
+        key: event.key,
+        attempt: event.attempt,
+        instance_id: event.instance.and_then(|i| i.id),
+        error: event.error,
+        cost_usd: event.cost.map(|c| c.usd),
+    })
+}
+
 /// Runs one notification through the handler until it is done: a record at the cap waits and
 /// tries again, like an SQS message that comes back, so no event is lost. Once done, the
 /// notification leaves the queue.
@@ -687,6 +746,8 @@ fn config(options: &Options, worker_sha256: &str) -> Result<Config, LocalError> 
         ("S3SPOT_WORKER_SHA256", worker_sha256.to_owned()),
         ("S3SPOT_MAX_INSTANCES", options.max_instances.to_string()),
         ("S3SPOT_PIPELINE", PIPELINE.to_owned()),
+        // Where `jobs cost` finds the statuses: the data bucket, as in the stack.
+        ("S3SPOT_RESULTS_BUCKET", options.data_bucket.clone()),
         ("S3SPOT_MARKET", "spot".to_owned()),
         ("S3SPOT_INSTANCE_TYPES", String::new()),
     ]);
@@ -706,7 +767,7 @@ fn config(options: &Options, worker_sha256: &str) -> Result<Config, LocalError> 
 /// What every local instance sees: the embedded endpoint and its credentials, no IMDS, none of
 /// this machine's own AWS configuration, a fetch for the worker without the AWS CLI, and JSON
 /// logs for the progress lines.
-fn instance_env(endpoint: &str, options: &Options) -> Vec<(String, String)> {
+fn instance_env(endpoint: &str, options: &Options, events: &Path) -> Vec<(String, String)> {
     let worker = shlex::try_quote(&options.worker.to_string_lossy())
         .map(|q| q.into_owned())
         .unwrap_or_default();
@@ -723,6 +784,8 @@ fn instance_env(endpoint: &str, options: &Options) -> Vec<(String, String)> {
             format!(r#"{worker} local fetch "$1" "$2""#),
         ),
         ("S3SPOT_LOG_FORMAT", "json".into()),
+        // The worker's events go where the pipeline's do.
+        ("S3SPOT_EVENTS", format!("file:{}", events.display())),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -54,6 +54,16 @@ pub enum Progress {
         key: String,
         ms: u64,
     },
+    /// A job state-change event, as `events.jsonl` has it.
+    Job {
+        state: String,
+        bucket: String,
+        key: String,
+        attempt: u32,
+        instance_id: Option<String>,
+        error: Option<String>,
+        cost_usd: Option<s3spot_bootstrap::Usd>,
+    },
     /// The instance ended, `ms` after its launch. `state` is from its status.json.
     Shutdown {
         instance_id: String,
@@ -76,6 +86,7 @@ impl Progress {
             | Progress::Download { key, .. }
             | Progress::Process { key, .. }
             | Progress::Upload { key, .. }
+            | Progress::Job { key, .. }
             | Progress::Shutdown { key, .. } => key,
         }
     }
@@ -130,6 +141,31 @@ impl Progress {
             Progress::Upload {
                 instance_id, ms, ..
             } => write!(line, "upload    {instance_id} {}", duration(*ms)),
+            Progress::Job {
+                state,
+                bucket,
+                key,
+                attempt,
+                instance_id,
+                error,
+                cost_usd,
+            } => {
+                let _ = write!(
+                    line,
+                    "job       {state} s3://{bucket}/{key:?} attempt {attempt}"
+                );
+                if let Some(id) = instance_id {
+                    let _ = write!(line, " on {id}");
+                }
+                if let Some(usd) = cost_usd {
+                    let _ = write!(line, ", {usd}");
+                }
+                match error {
+                    // An error is the worker's or the command's words: shown escaped, like a key.
+                    Some(error) => write!(line, ": {error:?}"),
+                    None => Ok(()),
+                }
+            }
             Progress::Shutdown {
                 instance_id,
                 ms,
@@ -202,6 +238,20 @@ mod tests {
         assert_eq!(
             shutdown.human(),
             "shutdown  i-local-000001 shut down: timed_out, 1.23 s after launch"
+        );
+        let job = Progress::Job {
+            state: "failed".into(),
+            bucket: "data".into(),
+            key: "in/\u{1b}x".into(),
+            attempt: 2,
+            instance_id: Some("i-local-000002".into()),
+            error: Some("exit status 3\nforged line".into()),
+            cost_usd: Some(s3spot_bootstrap::Usd(0.0)),
+        };
+        assert_eq!(
+            job.human(),
+            "job       failed s3://data/\"in/\\u{1b}x\" attempt 2 on i-local-000002, $0.0000: \
+             \"exit status 3\\nforged line\""
         );
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&shutdown.json()).unwrap(),

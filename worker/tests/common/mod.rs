@@ -98,6 +98,7 @@ impl Fixture {
                 sha256: "0".repeat(64),
             },
             attempt: 1,
+            pipeline: None,
         }
     }
 
