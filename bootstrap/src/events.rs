@@ -1,6 +1,6 @@
 //! Job state-change events: one for every change of a job's state, on the account's default
 //! EventBridge bus (`source: s3spot`, `detail-type: s3spot Job State Change`), or one JSON line
-//! each in the local pipeline's `events.jsonl`. The format is `events/job-state-change.schema.json`.
+//! each in the local pipeline's `events.jsonl`. The format is `events/schema/job-state-change.json`.
 //!
 //! The launcher emits `waiting`, `launched`, and the outcomes it decides (failed to launch,
 //! reaped, cancelled, interrupted); the worker emits `running` and its own outcome. An outcome
@@ -25,6 +25,11 @@ use crate::status::{State, Status, Writer, timestamp};
 pub const EVENT_SOURCE: &str = "s3spot";
 /// The `detail-type` of a job's state change.
 pub const EVENT_DETAIL_TYPE: &str = "s3spot Job State Change";
+/// How long one event may take to send, retries included: the job waits for it at its start
+/// and before its instance powers off.
+const SEND_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// Tries of an entry that EventBridge refused for a passing reason.
+const ENTRY_TRIES: u32 = 3;
 /// Errors longer than this are cut in an event: EventBridge takes 256 KiB per entry, and a
 /// notification e-mail is read by people.
 const MAX_ERROR_CHARS: usize = 2000;
@@ -172,12 +177,14 @@ impl JobEvent {
         }
     }
 
-    /// The job's state is now what `status` says (a status of `job`'s attempt, just written).
+    /// The job's state is now what `status` says (a status of `job`'s attempt, just written by
+    /// `emitted_by`: the document may hold another writer's account under its verdict).
     pub fn of_status(
         pipeline: &str,
         job: &JobSpec,
         status: &Status,
         previous_state: Option<JobState>,
+        emitted_by: Writer,
     ) -> JobEvent {
         let mut job = job.clone();
         job.attempt = status.attempt;
@@ -186,7 +193,7 @@ impl JobEvent {
             &job,
             JobState::of(status),
             previous_state,
-            status.written_by,
+            emitted_by,
         );
         event.error = status.error.as_deref().map(cut);
         event.cost = status.cost.clone();
@@ -223,7 +230,8 @@ impl JobEvent {
         })
     }
 
-    /// A stable id for the change: the same change announced again has the same one.
+    /// The announcement's id, from what it says: a reader of `events.jsonl` can tell a line
+    /// appended twice.
     fn id(&self) -> String {
         let digest = Sha256::digest(
             serde_json::json!([self.job_id, self.attempt, self.state, self.time])
@@ -258,6 +266,8 @@ pub enum EventError {
     Put(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("EventBridge refused the event: {code}: {message}")]
     Refused { code: String, message: String },
+    #[error("no answer in {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("cannot append to {path}")]
     File {
         path: PathBuf,
@@ -327,10 +337,14 @@ impl Events {
         }
     }
 
-    /// Sends `event`; a failure is logged, never returned: the job goes on.
+    /// Sends `event`, within a few seconds; a failure is logged, never returned: the job goes
+    /// on.
     pub async fn emit(&self, event: JobEvent) {
         let Some(sink) = &self.sink else { return };
-        match sink.put(&event).await {
+        let sent = tokio::time::timeout(SEND_TIME, sink.put(&event))
+            .await
+            .unwrap_or(Err(EventError::TimedOut(SEND_TIME)));
+        match sent {
             Ok(()) => tracing::info!(
                 job_id = event.job_id,
                 attempt = event.attempt,
@@ -377,28 +391,42 @@ impl EventSink for EventBridge {
             .detail(detail)
             .set_time(time)
             .build();
-        let output = self
-            .client
-            .put_events()
-            .entries(entry)
-            .send()
-            .await
-            .map_err(|error| EventError::Put(Box::new(error)))?;
-        // PutEvents answers 200 with per-entry failures.
-        if output.failed_entry_count() > 0 {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            // The SDK retries the call; an entry refused inside its 200 is ours to retry.
+            let output = self
+                .client
+                .put_events()
+                .entries(entry.clone())
+                .send()
+                .await
+                .map_err(|error| EventError::Put(Box::new(error)))?;
+            if output.failed_entry_count() == 0 {
+                return Ok(());
+            }
             let failed = output.entries().iter().find(|e| e.error_code().is_some());
-            return Err(EventError::Refused {
-                code: failed
-                    .and_then(|e| e.error_code())
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                message: failed
-                    .and_then(|e| e.error_message())
-                    .unwrap_or_default()
-                    .to_owned(),
-            });
+            let code = failed
+                .and_then(|e| e.error_code())
+                .unwrap_or("unknown")
+                .to_owned();
+            let passing = [
+                "ThrottlingException",
+                "InternalFailure",
+                "InternalException",
+            ]
+            .contains(&code.as_str());
+            if !passing || tries >= ENTRY_TRIES {
+                return Err(EventError::Refused {
+                    code,
+                    message: failed
+                        .and_then(|e| e.error_message())
+                        .unwrap_or_default()
+                        .to_owned(),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 << tries)).await;
         }
-        Ok(())
     }
 }
 
@@ -468,7 +496,7 @@ mod tests {
         let job = sample();
         let mut status = Status::initial(&job, Writer::Worker, SystemTime::now());
         status.error = Some("é".repeat(MAX_ERROR_CHARS + 10));
-        let event = JobEvent::of_status("p", &job, &status, None);
+        let event = JobEvent::of_status("p", &job, &status, None, Writer::Worker);
         assert_eq!(
             event.error.unwrap().chars().count(),
             MAX_ERROR_CHARS + "…".chars().count()

@@ -181,6 +181,9 @@ pub struct JobSpec {
     /// The pipeline that launched it, for its events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<String>,
+    /// The launcher's events are off (`S3SPOT_EVENTS=off`): so are the worker's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub events_off: bool,
 }
 
 /// The worker binary the instance downloads and verifies before running it.
@@ -281,6 +284,7 @@ pub(crate) mod tests {
             },
             attempt: 1,
             pipeline: None,
+            events_off: false,
         }
     }
 

@@ -33,6 +33,7 @@ fn job() -> JobSpec {
         },
         attempt: 1,
         pipeline: Some("p".into()),
+        events_off: false,
     }
 }
 
@@ -118,4 +119,34 @@ async fn a_refused_entry_and_a_failed_call_are_errors_that_say_why_and_are_only_
     );
     // Through the emitters' handle, the same failure is a log line and nothing else.
     Events::to(sink).emit(event()).await;
+}
+
+#[tokio::test]
+async fn an_entry_refused_for_a_passing_reason_is_sent_again() {
+    let throttled = mock!(Client::put_events)
+        .sequence()
+        .output(|| {
+            PutEventsOutput::builder()
+                .failed_entry_count(1)
+                .entries(
+                    PutEventsResultEntry::builder()
+                        .error_code("ThrottlingException")
+                        .error_message("Rate exceeded")
+                        .build(),
+                )
+                .build()
+        })
+        .output(|| {
+            PutEventsOutput::builder()
+                .failed_entry_count(0)
+                .entries(PutEventsResultEntry::builder().event_id("e-2").build())
+                .build()
+        })
+        .build();
+    let client = mock_client!(aws_sdk_eventbridge, RuleMode::MatchAny, &[&throttled]);
+    EventBridge::from_client(client)
+        .put(&event())
+        .await
+        .unwrap();
+    assert_eq!(throttled.num_calls(), 2);
 }

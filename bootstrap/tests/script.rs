@@ -58,6 +58,7 @@ fn job(key: &str, worker_sha256: &str) -> JobSpec {
         },
         attempt: 1,
         pipeline: None,
+        events_off: false,
     }
 }
 

@@ -33,6 +33,7 @@ pub const VARIABLES: &[&str] = &[
     "S3SPOT_MAX_WAIT",
     "S3SPOT_RETRY_AFTER",
     "S3SPOT_LAUNCH_RATE",
+    "S3SPOT_EVENTS",
 ];
 
 const DEFAULT_MAX_RUNTIME_SECS: u64 = 3600;
@@ -71,6 +72,21 @@ pub enum ConfigError {
     },
 }
 
+/// `S3SPOT_EVENTS`: whether it turns events off; a value that is none of the settings
+/// [`s3spot_bootstrap::Events::from_setting`] takes is refused here, at start-up.
+fn parse_events(lookup: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
+    match lookup("S3SPOT_EVENTS").as_deref().map(str::trim) {
+        None | Some("" | "eventbridge") => Ok(false),
+        Some("off") => Ok(true),
+        Some(file) if file.strip_prefix("file:").is_some_and(|p| !p.is_empty()) => Ok(false),
+        Some(other) => Err(invalid(
+            "S3SPOT_EVENTS",
+            other,
+            "expected eventbridge (the default bus), off, or file:<path>",
+        )),
+    }
+}
+
 fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         var,
@@ -103,6 +119,9 @@ pub struct JobConfig {
     /// Exported for the AWS CLI on the instance. Not an `S3SPOT_*` variable: the binary fills it
     /// in from the SDK's region.
     pub region: Option<String>,
+    /// `S3SPOT_EVENTS=off`: no job events, from the launcher or, told by the JobSpec, from the
+    /// worker.
+    pub events_off: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +319,7 @@ impl JobConfig {
             results_prefix,
             skip_substring,
             region: None,
+            events_off: parse_events(&lookup)?,
         })
     }
 }
@@ -769,6 +789,26 @@ mod tests {
     }
 
     #[test]
+    fn events_are_on_unless_turned_off_and_a_bad_setting_is_refused() {
+        assert!(!with(&[]).unwrap().job.events_off);
+        for on in ["eventbridge", "", "file:/tmp/events.jsonl"] {
+            assert!(
+                !with(&[("S3SPOT_EVENTS", on)]).unwrap().job.events_off,
+                "{on}"
+            );
+        }
+        assert!(with(&[("S3SPOT_EVENTS", "off")]).unwrap().job.events_off);
+        for bad in ["sns", "file:", "OFF"] {
+            let error = with(&[("S3SPOT_EVENTS", bad)]).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("S3SPOT_EVENTS={bad:?} is invalid")),
+                "{error}"
+            );
+            assert!(error.contains("eventbridge"), "{error}");
+        }
+    }
+
+    #[test]
     fn every_variable_is_read() {
         let config = with(&[
             ("S3SPOT_LAUNCH_TEMPLATE_VERSION", "7"),
@@ -777,6 +817,7 @@ mod tests {
             ("S3SPOT_RESULTS_BUCKET", "results-bucket"),
             ("S3SPOT_RESULTS_PREFIX", "out/"),
             ("S3SPOT_SKIP_SUBSTRING", "Processed"),
+            ("S3SPOT_EVENTS", "off"),
             ("S3SPOT_MARKET", "spot-then-on-demand"),
             ("S3SPOT_INSTANCE_TYPES", "m7i.large, m6i.large"),
             ("S3SPOT_MAX_INSTANCES", "3"),
@@ -822,7 +863,8 @@ mod tests {
             ),
             ("genomics", "out/", 60)
         );
-        assert_eq!(VARIABLES.len(), 23);
+        assert!(config.job.events_off);
+        assert_eq!(VARIABLES.len(), 24);
         let by_attributes = with(&[(
             "S3SPOT_INSTANCE_REQUIREMENTS",
             "vcpu=2-8 memory=4GiB- arch=arm64",

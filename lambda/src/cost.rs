@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use s3spot_bootstrap::{
     Cost, STATUS_FILE, Status, StatusStore, WAITING_FOLDER, parse_timestamp, timestamp,
+    upload_order,
 };
 use serde::{Deserialize, Serialize};
 
@@ -158,6 +159,15 @@ pub fn summarize(attempts: &[CostedAttempt], by: CostBy) -> (Vec<CostGroup>, Cos
     (groups.into_values().collect(), total)
 }
 
+/// The job id part of the upload folder that holds `key`, if `key` is a status.json directly
+/// in one (`<stamp>-<16 hex digits>/status.json`).
+fn upload_of(key: &str) -> Option<&str> {
+    let folder = key.strip_suffix(STATUS_FILE)?.strip_suffix('/')?;
+    let name = folder.rsplit('/').next()?;
+    upload_order(name)?;
+    name.rsplit('-').next()
+}
+
 /// `2026-11-30` of an RFC 3339 time; `(unknown)` if it is not one.
 fn day_of(time: &str) -> String {
     match parse_timestamp(time) {
@@ -177,12 +187,14 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             .ok_or(JobsError::NoResultsBucket)?;
         let prefix = &config.results_prefix;
         let waiting = format!("{prefix}{WAITING_FOLDER}");
+        // A job's status.json is directly in its upload's folder; a command's output of that
+        // name is deeper, or in a folder of another shape.
         let keys: Vec<String> = self
             .statuses()
             .named(&bucket, prefix, STATUS_FILE, since)
             .await?
             .into_iter()
-            .filter(|key| !key.starts_with(&waiting))
+            .filter(|key| !key.starts_with(&waiting) && upload_of(key).is_some())
             .collect();
         let read: Vec<(String, Result<Option<Status>, String>)> =
             futures_util::stream::iter(keys.into_iter().map(|key| {
@@ -191,8 +203,19 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
                     // Any job's: the id check is for writers, and the key says which job it is.
                     let status = match self.statuses().get(bucket, &key).await {
                         Ok(Some(document)) => serde_json::from_slice::<Status>(&document.body)
-                            .map(Some)
-                            .map_err(|e| format!("not a status: {e}")),
+                            .map_err(|e| format!("not a status: {e}"))
+                            .and_then(|status| {
+                                // The folder names the job: a copy of another's is not this one.
+                                let id = upload_of(&key).unwrap_or_default();
+                                if status.job_id.starts_with(id) {
+                                    Ok(Some(status))
+                                } else {
+                                    Err(format!(
+                                        "the status of job {}, not of its folder's",
+                                        status.job_id
+                                    ))
+                                }
+                            }),
                         Ok(None) => Ok(None),
                         Err(error) => Err(s3spot_bootstrap::error_chain(&error)),
                     };
@@ -209,7 +232,10 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
             match status {
                 Ok(Some(status)) => {
                     jobs += 1;
-                    attempts.extend(attempts_of(&status));
+                    // A document written lately can hold attempts that ended long before.
+                    attempts.extend(attempts_of(&status).into_iter().filter(|attempt| {
+                        parse_timestamp(&attempt.ended_at).is_none_or(|ended| ended >= since)
+                    }));
                 }
                 Ok(None) => {}
                 Err(error) => unreadable.push(format!("s3://{bucket}/{key}: {error}")),
@@ -254,6 +280,28 @@ mod tests {
             state: state.into(),
             ended_at: ended_at.into(),
             cost,
+        }
+    }
+
+    #[test]
+    fn only_a_status_directly_in_an_upload_folder_is_a_jobs() {
+        let folder = "analysis/in/a.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f";
+        assert_eq!(
+            upload_of(&format!("{folder}/status.json")),
+            Some("6f1c2a3b4c5d6e7f")
+        );
+        assert_eq!(
+            upload_of("analysis/in/a.csv/undated-6f1c2a3b4c5d6e7f/status.json"),
+            Some("6f1c2a3b4c5d6e7f")
+        );
+        for not in [
+            format!("{folder}/sub/status.json"),
+            format!("{folder}/attempt-1-stopped/status.json"),
+            "analysis/in/a.csv/status.json".to_owned(),
+            "status.json".to_owned(),
+            format!("{folder}/status.json.bak"),
+        ] {
+            assert_eq!(upload_of(&not), None, "{not}");
         }
     }
 

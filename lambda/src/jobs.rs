@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use s3spot_bootstrap::{
     Events, HARD_LIMIT_GRACE_SECS, Instance, JobEvent, JobSpec, JobState, Recorded, STATUS_FILE,
-    STDERR_FILE, STDOUT_FILE, State, Status, StatusError, StatusStore, Stored, Usd, changed_state,
-    job_from_base64_user_data, key_results_prefix, parse_timestamp, read_status, read_stored,
-    record_change, stopped_folder, timestamp, upload_folder, upload_order, waiting_prefix,
+    STDERR_FILE, STDOUT_FILE, State, Status, StatusError, StatusStore, Stored, Usd, Writer,
+    changed_state, job_from_base64_user_data, key_results_prefix, parse_timestamp, read_status,
+    read_stored, record_change, stopped_folder, timestamp, upload_folder, upload_order,
+    waiting_prefix,
 };
 
 use crate::config::JobsConfig;
@@ -569,6 +570,7 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         status.error = Some(error.to_owned());
         status.finished_at = timestamp(now);
         let spec = spec_of_status(&status, bucket, &self.config);
+        // Both name the folder from the key, the upload time and the job id.
         debug_assert_eq!(spec.status_key(), status_key);
         self.record_announced(&spec, status).await?;
         self.statuses.delete(bucket, &entry).await?;
@@ -1278,13 +1280,23 @@ pub(crate) async fn record_announced<S: StatusStore>(
     if let Some(written) = changed_state(&recorded, before)
         && JobState::of(written) != JobState::Launched
     {
-        // Nothing on record: a verdict on an instance found it launched, at least.
+        // A verdict on an instance with nothing on record of its attempt found it launched, at
+        // least; otherwise the job was as its stored status said (an earlier attempt's, for the
+        // wait of the next one).
         let launched = written.instance.as_ref().is_some_and(|i| i.id.is_some());
-        let previous = before
-            .map(|(state, _)| state)
-            .or(launched.then_some(JobState::Launched));
+        let previous = match before {
+            Some((state, attempt)) if attempt == written.attempt => Some(state),
+            _ if launched => Some(JobState::Launched),
+            other => other.map(|(state, _)| state),
+        };
         events
-            .emit(JobEvent::of_status(pipeline, spec, written, previous))
+            .emit(JobEvent::of_status(
+                pipeline,
+                spec,
+                written,
+                previous,
+                Writer::Launcher,
+            ))
             .await;
     }
     Ok(recorded)
@@ -1312,6 +1324,7 @@ fn spec_of_status(status: &Status, results_bucket: &str, config: &JobsConfig) ->
         },
         attempt: status.attempt,
         pipeline: Some(config.pipeline.clone()),
+        events_off: false,
     }
 }
 

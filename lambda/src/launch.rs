@@ -27,7 +27,7 @@ use crate::event::ObjectCreated;
 use crate::handler::Handler;
 use crate::jobs::record_announced;
 use crate::launcher::{
-    LaunchError, LaunchRequest, Launcher, PoolError, PriceQuery, Refusal, job_tags,
+    InstanceInfo, LaunchError, LaunchRequest, Launcher, PoolError, PriceQuery, Refusal, job_tags,
 };
 use crate::plan::PlannedJob;
 use crate::report::{FailedRecord, LaunchedJob, Report};
@@ -95,10 +95,13 @@ pub(crate) struct Placed {
     /// A zone, or a subnet when EC2 named no zone.
     placement: Option<String>,
     market: MarketType,
+    /// When EC2 answered with it.
+    at: SystemTime,
 }
 
-/// How long the price of a launched instance is looked for: the claim waits for it.
-const PRICE_LOOKUP: Duration = Duration::from_secs(3);
+/// How long the price of a launched instance is looked for: the claim waits for it. Within
+/// the pause between two launches at the slowest launch rate, so it costs the batch no time.
+const PRICE_LOOKUP: Duration = Duration::from_secs(2);
 
 /// A launch that failed.
 struct Failed {
@@ -138,7 +141,8 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         // deeper than the compiler follows.
         let already_done: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(self.already_done(job));
-        let (mut done, waiting_since) = already_done.await?;
+        let (mut done, waiting_since, found) = already_done.await?;
+        let waited = waiting_since.is_some();
         let mut held = None;
         if done.is_none() {
             let claimed: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(self.claim(job));
@@ -159,6 +163,11 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     self.stop_waiting(spec, since, instance_id).await;
                 }
                 report.skip(&spec.bucket, &spec.key, reason.clone());
+            }
+            if let Some(found) = &found {
+                let adopted: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                    Box::pin(self.adopt(spec, found, waited));
+                adopted.await;
             }
             return Ok(done);
         }
@@ -188,7 +197,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             }
             _ => {}
         }
-        let waited = claim.since.is_some() || waiting_since.is_some();
+        let waited = claim.since.is_some() || waited;
         match &launched {
             Ok(Launch::Started(instance_id, placed)) => {
                 claim.instance_id = Some(instance_id.clone());
@@ -228,28 +237,101 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             );
         }
         if let Ok(Launch::Started(instance_id, placed)) = &launched {
-            let mut event = JobEvent::new(
-                &self.config.job.pipeline,
-                spec,
-                JobState::Launched,
-                waited.then_some(JobState::Waiting),
-                Writer::Launcher,
-            );
-            event.instance = Some(EventInstance {
-                id: Some(instance_id.clone()),
-                instance_type: placed.instance_type.clone(),
-                market: Some(placed.market.to_string()),
-                zone: claim.price.as_ref().and_then(|p| p.zone.clone()),
-            });
-            let emitted: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-                Box::pin(self.events.emit(event));
-            emitted.await;
+            let announced: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                Box::pin(self.announce_launch(spec, instance_id, placed, &claim, waited));
+            announced.await;
         }
         launched.map_err(|failure| failure.record)
     }
 
-    /// What the instance EC2 placed costs an hour: the spot price of its type in its zone now
-    /// (the highest among the zones when EC2 named only a subnet), or the on-demand list price.
+    /// `launched`, for the instance `claim` now names.
+    async fn announce_launch(
+        &self,
+        spec: &JobSpec,
+        instance_id: &str,
+        placed: &Placed,
+        claim: &Claim,
+        waited: bool,
+    ) {
+        let mut event = JobEvent::new(
+            &self.config.job.pipeline,
+            spec,
+            JobState::Launched,
+            waited.then_some(JobState::Waiting),
+            Writer::Launcher,
+        );
+        event.time = timestamp(placed.at);
+        event.instance = Some(EventInstance {
+            id: Some(instance_id.to_owned()),
+            instance_type: placed.instance_type.clone(),
+            market: Some(placed.market.to_string()),
+            zone: claim.price.as_ref().and_then(|p| p.zone.clone()),
+        });
+        self.events.emit(event).await;
+    }
+
+    /// An instance of this attempt that EC2 lists, though the attempt's claim, abandoned, names
+    /// none: a delivery launched it, did not learn so (a timeout, a lost answer), and died. The
+    /// claim gets the instance and its price, and the launch is announced: once, by whichever
+    /// delivery's write of the claim holds. A claim still within its lease belongs to a launch
+    /// under way, which records its own instance.
+    async fn adopt(&self, spec: &JobSpec, instance: &InstanceInfo, waited: bool) {
+        let key = spec.claim_key();
+        let Ok(Some(stored)) = read_claim(&self.statuses, &spec.results_bucket, &key).await else {
+            return;
+        };
+        let Ok(mut claim) = stored.claim else { return };
+        let abandoned = claim
+            .age(SystemTime::now())
+            .is_none_or(|age| age >= CLAIM_LEASE);
+        if !claim.is_pending() || !abandoned {
+            return;
+        }
+        let placed = Placed {
+            instance_type: instance.instance_type.clone(),
+            placement: None,
+            market: if instance.market == "on-demand" {
+                MarketType::OnDemand
+            } else {
+                MarketType::Spot
+            },
+            at: instance
+                .launched_at
+                .and_then(|secs| u64::try_from(secs).ok())
+                .map_or_else(SystemTime::now, |secs| {
+                    std::time::UNIX_EPOCH + Duration::from_secs(secs)
+                }),
+        };
+        let volume_gib = self.config.launch.volume_gib(spec.size).ok().flatten();
+        claim.instance_id = Some(instance.instance_id.clone());
+        claim.price = Some(self.price_at_launch(&placed, volume_gib).await);
+        match write_claim(
+            &self.statuses,
+            &spec.results_bucket,
+            &key,
+            &claim,
+            &stored.expect,
+        )
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    instance_id = instance.instance_id,
+                    "an instance launched by an earlier delivery is the attempt's"
+                );
+                self.announce_launch(spec, &instance.instance_id, &placed, &claim, waited)
+                    .await;
+            }
+            Err(error) => tracing::info!(
+                error = error_chain(&error),
+                "the claim changed meanwhile: whoever changed it records the instance"
+            ),
+        }
+    }
+
+    /// What the instance EC2 placed costs an hour: the spot price of its type in its zone in
+    /// effect now (the highest among the zones when EC2 named only a subnet), or the on-demand
+    /// list price for an on-demand instance, or for a spot one whose price EC2 did not give.
     /// Never fails: a price that cannot be found says why, and the attempt has no cost.
     async fn price_at_launch(&self, placed: &Placed, volume_gib: Option<u64>) -> LaunchPrice {
         let region = self.config.job.region.as_deref().unwrap_or_default();
@@ -259,48 +341,23 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             .clone()
             .filter(|p| !p.starts_with("subnet-"));
         let on_demand = crate::prices::on_demand_usd_per_hour(region, &instance_type).map(Usd);
-        let (usd_per_hour, source) = match placed.market {
-            MarketType::OnDemand => match on_demand {
-                Some(usd) => (Some(usd), "on-demand list price".to_owned()),
-                None => (
-                    None,
-                    format!("no on-demand price known for {instance_type} in {region}"),
-                ),
-            },
+        let spot = match placed.market {
+            MarketType::OnDemand => Err("an on-demand instance".to_owned()),
             MarketType::Spot => {
-                let query = PriceQuery {
-                    instance_types: vec![instance_type.clone()],
-                    availability_zone: zone.clone(),
-                    since: None,
-                };
-                match tokio::time::timeout(PRICE_LOOKUP, self.launcher.spot_prices(&query)).await {
-                    Ok(Ok(history)) => {
-                        let quotes = crate::prices::current(&history, region);
-                        let quote = quotes
-                            .iter()
-                            .filter(|q| q.instance_type == instance_type)
-                            .filter(|q| zone.as_ref().is_none_or(|z| *z == q.availability_zone))
-                            .map(|q| q.spot_usd_per_hour)
-                            .reduce(f64::max);
-                        match (quote, &zone) {
-                            (Some(usd), Some(_)) => {
-                                (Some(Usd(usd)), "spot price at launch".to_owned())
-                            }
-                            (Some(usd), None) => (
-                                Some(Usd(usd)),
-                                "spot price at launch, the highest among zones (EC2 named no \
-                                 zone)"
-                                    .to_owned(),
-                            ),
-                            (None, _) => {
-                                (None, format!("EC2 gave no spot price for {instance_type}"))
-                            }
-                        }
-                    }
-                    Ok(Err(error)) => (None, format!("no spot price: {error}")),
-                    Err(_) => (None, "no spot price: EC2 did not answer in time".to_owned()),
-                }
+                self.spot_price(&instance_type, zone.as_deref(), region)
+                    .await
             }
+        };
+        let (usd_per_hour, source) = match (spot, on_demand) {
+            (Ok(found), _) => (Some(found.0), found.1),
+            (Err(_), Some(usd)) if placed.market == MarketType::OnDemand => {
+                (Some(usd), "on-demand list price".to_owned())
+            }
+            (Err(why), Some(usd)) => (Some(usd), format!("on-demand list price ({why})")),
+            (Err(why), None) => (
+                None,
+                format!("{why}, and no on-demand price known for {instance_type} in {region:?}"),
+            ),
         };
         LaunchPrice {
             instance_type,
@@ -309,9 +366,48 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             usd_per_hour,
             source,
             on_demand_usd_per_hour: on_demand,
-            launched_at: timestamp(SystemTime::now()),
+            launched_at: timestamp(placed.at),
             volume_gib,
         }
+    }
+
+    /// The spot price of `instance_type` in effect now, in `zone` or the highest among zones,
+    /// and where it comes from; or why there is none.
+    async fn spot_price(
+        &self,
+        instance_type: &str,
+        zone: Option<&str>,
+        region: &str,
+    ) -> Result<(Usd, String), String> {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let query = PriceQuery {
+            instance_types: vec![instance_type.to_owned()],
+            availability_zone: zone.map(str::to_owned),
+            // From now: the price in effect in each zone, one page, not the history.
+            since: i64::try_from(now).ok(),
+        };
+        let history =
+            match tokio::time::timeout(PRICE_LOOKUP, self.launcher.spot_prices(&query)).await {
+                Ok(Ok(history)) => history,
+                Ok(Err(error)) => return Err(format!("no spot price: {error}")),
+                Err(_) => return Err("no spot price: EC2 did not answer in time".to_owned()),
+            };
+        crate::prices::current(&history, region)
+            .iter()
+            .filter(|q| q.instance_type == instance_type)
+            .filter(|q| zone.is_none_or(|z| z == q.availability_zone))
+            .map(|q| q.spot_usd_per_hour)
+            .reduce(f64::max)
+            .map(|usd| match zone {
+                Some(_) => (Usd(usd), "spot price at launch".to_owned()),
+                None => (
+                    Usd(usd),
+                    "spot price at launch, the highest among zones (EC2 named no zone)".to_owned(),
+                ),
+            })
+            .ok_or_else(|| format!("EC2 gave no spot price for {instance_type}"))
     }
 
     /// Takes the claim on `job`'s attempt: a new one, or one that was released, damaged or
@@ -502,6 +598,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                             instance_type: launched.instance_type,
                             placement: launched.placement,
                             market,
+                            at: SystemTime::now(),
                         }),
                     ));
                 }
@@ -625,8 +722,6 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             claim.since = Some(since);
         }
         let bucket = &spec.results_bucket;
-        let status_key = spec.status_key();
-        debug_assert_eq!(status_key, spec.status_key());
         let recorded: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(record_announced(
             &self.statuses,
             &self.events,
@@ -721,7 +816,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     async fn already_done(
         &self,
         job: &PlannedJob,
-    ) -> Result<(Option<Launch>, Option<String>), FailedRecord> {
+    ) -> Result<(Option<Launch>, Option<String>, Option<InstanceInfo>), FailedRecord> {
         let spec = &job.spec;
         let failed = |error: String, retryable: bool| FailedRecord {
             bucket: spec.bucket.clone(),
@@ -784,6 +879,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             .filter(|waiting| waiting.instance_id.is_none())
             .map(|waiting| waiting.since.clone());
         if let Some(instance) = of_attempt.first() {
+            let own = (instance.attempt() == Some(spec.attempt)).then(|| (*instance).clone());
             return Ok((
                 Some(Launch::AlreadyDone {
                     instance_id: Some(instance.instance_id.clone()),
@@ -796,6 +892,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     ),
                 }),
                 waiting_since,
+                own,
             ));
         }
         let done = status
@@ -813,7 +910,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     status.state
                 ),
             });
-        Ok((done, waiting_since))
+        Ok((done, waiting_since, None))
     }
 }
 

@@ -85,6 +85,7 @@ pub fn plan(
         worker: config.worker.clone(),
         attempt,
         pipeline: Some(config.pipeline.clone()),
+        events_off: config.events_off,
     };
     let user_data = render_user_data(&spec, config.region.as_deref())?;
     Ok(Plan::Launch(Box::new(PlannedJob { spec, user_data })))

@@ -248,10 +248,13 @@ async fn one_request_names_every_type_in_every_subnet_with_the_job() {
         Some("m6i.large")
     );
     assert_eq!(fleet.num_calls(), 1);
-    // EC2 gave no price for the type it chose: the claim says so, and the job has no cost.
+    // EC2 gave no spot price for the type it chose: the on-demand list price, and why.
     let price = claim_price(&handler);
-    assert_eq!(price["usd_per_hour"], Value::Null, "{price}");
-    assert_eq!(price["source"], "EC2 gave no spot price for m6i.large");
+    assert_eq!(price["usd_per_hour"], 0.096, "{price}");
+    assert_eq!(
+        price["source"],
+        "on-demand list price (EC2 gave no spot price for m6i.large)"
+    );
 }
 
 /// The price the launch kept in the attempt's claim.

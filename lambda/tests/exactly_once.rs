@@ -1234,3 +1234,66 @@ async fn an_event_that_cannot_be_sent_changes_nothing_of_the_jobs_outcome() {
     assert_eq!(setup.ec2.instances().len(), 1);
     assert_eq!(events.all(), []);
 }
+
+/// A launcher that died after `CreateFleet` and before it recorded the instance: once its
+/// claim's lease is out, the delivery that finds the instance in EC2 records it, with its
+/// price, and announces the launch, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_whose_launcher_died_unknowing_is_recorded_and_announced_once() {
+    let setup = Setup::start();
+    let types = [("S3SPOT_INSTANCE_TYPES", "m7i.large")];
+    setup
+        .ec2
+        .set_spot_prices(&[("m7i.large", "us-east-1c", 0.03)]);
+    // The first delivery's launcher: it launches, and dies before recording or announcing.
+    let silent = setup.handler(&types).await;
+    let launched = deliver(&silent).await;
+    let id = launched.launched[0].instance_id.clone();
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let job = planned(&silent);
+    let key = job.claim_key();
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    let mut pending = stored.claim.unwrap();
+    pending.instance_id = None;
+    pending.price = None;
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+
+    let events = RecordedEvents::new();
+    let handler = announcing(&setup, &events, &types).await;
+    // Within its lease, the claim is a launch under way's: left alone.
+    let skipped = deliver(&handler).await;
+    assert_eq!(skipped.launched, [], "{skipped:?}");
+    let claim = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    assert_eq!(claim.claim.unwrap().instance_id, None);
+    assert_eq!(events.all(), []);
+
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    pending.claimed_at =
+        s3spot_bootstrap::timestamp(SystemTime::now() - CLAIM_LEASE - Duration::from_secs(1));
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let again = deliver(&handler).await;
+        assert_eq!(again.launched, [], "{again:?}");
+    }
+    assert_eq!(setup.ec2.instances().len(), 1, "exactly one instance");
+    let claim = read_claim(&statuses, BUCKET, &key)
+        .await
+        .unwrap()
+        .unwrap()
+        .claim
+        .unwrap();
+    assert_eq!(claim.instance_id.as_deref(), Some(id.as_str()));
+    let price = claim.price.expect("its price");
+    assert_eq!(price.usd_per_hour, Some(Usd(0.03)));
+    assert_eq!(events.states(), [(1, "launched".into())]);
+    let event = &events.all()[0];
+    assert_eq!(
+        event.instance.as_ref().and_then(|i| i.id.as_deref()),
+        Some(id.as_str())
+    );
+    assert_eq!(event.time, price.launched_at, "the launch's own time");
+}

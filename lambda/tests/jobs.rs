@@ -958,7 +958,7 @@ async fn jobs_cost_sums_known_prices_and_durations_across_pages() {
         let (spec, _) = spec_of(&upload(key, UPLOADED_AT), attempt, &[]);
         let mut status = Status::initial(&spec, Writer::Worker, SystemTime::now());
         status.state = State::Succeeded;
-        status.finished_at = "2026-11-30T11:00:00Z".into();
+        status.finished_at = s3spot_bootstrap::timestamp(SystemTime::now());
         status.cost = last;
         if let Some(earlier) = earlier {
             status.history = vec![Attempt {
@@ -966,7 +966,9 @@ async fn jobs_cost_sums_known_prices_and_durations_across_pages() {
                 state: State::Interrupted,
                 instance_id: Some("i-1".into()),
                 error: None,
-                finished_at: "2026-11-30T10:15:00Z".into(),
+                finished_at: s3spot_bootstrap::timestamp(
+                    SystemTime::now() - Duration::from_secs(600),
+                ),
                 cost: Some(earlier),
             }];
         }
@@ -981,10 +983,13 @@ async fn jobs_cost_sums_known_prices_and_durations_across_pages() {
         .unwrap();
     }
     // What is not a job's account: a wait's list entry, a command's output named status.json
-    // elsewhere, and an unrelated file.
+    // in a folder of its own, a file elsewhere, and an unrelated file.
     let (waiting, _) = spec_of(&upload("in/w.csv", UPLOADED_AT), 1, &[]);
+    let (a, _) = spec_of(&upload("in/a.csv", UPLOADED_AT), 1, &[]);
     for key in [
         waiting.waiting_key(),
+        format!("{}sub/status.json", a.results_key_prefix()),
+        format!("{}attempt-1-stopped/status.json", a.results_key_prefix()),
         "elsewhere/status.json".into(),
         "analysis/in/a.csv/notes.txt".into(),
     ] {
@@ -1025,6 +1030,12 @@ async fn jobs_cost_sums_known_prices_and_durations_across_pages() {
         [("in/", 4, 3600 + 7200 + 60), ("other/", 2, 1800 + 900)]
     );
 
+    // Attempts that ended before `since` are left out, though their document is recent.
+    let report = jobs
+        .cost(SystemTime::now() - Duration::from_secs(300), CostBy::State)
+        .await
+        .unwrap();
+    assert_eq!((report.jobs, report.total.attempts), (5, 5), "{report:?}");
     // Written before `since`: left out.
     let later = jobs
         .cost(SystemTime::now() + Duration::from_secs(3600), CostBy::Day)

@@ -222,6 +222,7 @@ fn job(args: &RunArgs, matches: &ArgMatches) -> anyhow::Result<JobSpec> {
         },
         attempt: 1,
         pipeline: None,
+        events_off: false,
     })
 }
 
@@ -246,12 +247,16 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
         let worker = Arc::new(Worker {
             s3,
             metadata: Metadata::from_env(),
-            events: Events::from_setting(std::env::var("S3SPOT_EVENTS").ok().as_deref(), &sdk)
-                .unwrap_or_else(|error| {
+            // The instance's own setting (the local pipeline's file) first, then the
+            // launcher's word in the job.
+            events: match std::env::var("S3SPOT_EVENTS").ok() {
+                None if job.events_off => Events::off(),
+                setting => Events::from_setting(setting.as_deref(), &sdk).unwrap_or_else(|error| {
                     // A bad setting costs the events, never the job.
                     tracing::warn!(error, "no job events");
                     Events::off()
                 }),
+            },
             settings: Settings {
                 work_root: args.work_dir.clone(),
                 kill_grace: Duration::from_secs(args.kill_grace),

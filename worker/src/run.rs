@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use s3spot_bootstrap::{
-    Cost, EventInstance, Events, HARD_LIMIT_GRACE_SECS, JobEvent, JobSpec, JobState,
+    Cost, EventInstance, Events, HARD_LIMIT_GRACE_SECS, JobEvent, JobSpec, JobState, LaunchPrice,
     RECORDS_FOLDER, REPORT_FILE, Recorded, S3Statuses, STATUS_FILE, STDERR_FILE, STDOUT_FILE,
     Stage, State, Status, Writer, changed_state, read_claim, record_change, timestamp,
 };
@@ -37,6 +37,9 @@ fn hand_over(work: &Path, dirs: &[&Path], user: &RunAs) -> std::io::Result<()> {
 /// [`RECORDS_FOLDER`], where the launcher keeps the attempts' claims (and the instance role may
 /// not write).
 const RESERVED: &[&str] = &[STATUS_FILE, STDOUT_FILE, STDERR_FILE];
+
+/// How long the attempt's claim, and its price, may take to read.
+const PRICE_READ: Duration = Duration::from_secs(3);
 
 /// Time kept before the hard limit for writing status.json, at most.
 const STATUS_RESERVE: Duration = Duration::from_secs(20);
@@ -115,7 +118,7 @@ impl Worker {
             Err(panic) => {
                 let mut status = Status::initial(&job, Writer::Worker, started);
                 status.error = Some(format!("the worker failed unexpectedly: {panic}"));
-                self.finish(&job, &mut status, Instant::now() + STATUS_TIME)
+                self.finish(&job, &mut status, Instant::now() + STATUS_TIME, None)
                     .await;
                 status
             }
@@ -142,6 +145,8 @@ impl Worker {
             zone: None,
         });
         self.events.emit(running).await;
+        // Read now, while nothing presses: the price is for the cost written at the end.
+        let price = self.launch_price(job).await;
 
         let (interrupt, interrupted) = watch::channel(None);
         let watcher = status.instance.is_some().then(|| {
@@ -181,7 +186,7 @@ impl Worker {
         status.spot_interruption = status.state == State::Interrupted
             && interrupted.borrow().as_ref().is_some_and(|i| i.spot);
         let by = (cutoff + STATUS_TIME).min(limits.hard);
-        self.finish(job, &mut status, by).await;
+        self.finish(job, &mut status, by, price).await;
         status
     }
 
@@ -461,14 +466,29 @@ impl Worker {
     /// may have written a verdict on this attempt first (a cancel, the reaper, a spot
     /// interruption's re-launch): a worker stopped from outside then takes its state, and adds
     /// its own account.
-    async fn finish(&self, job: &JobSpec, status: &mut Status, by: Instant) {
+    async fn finish(
+        &self,
+        job: &JobSpec,
+        status: &mut Status,
+        by: Instant,
+        price: Option<LaunchPrice>,
+    ) {
         let ended = SystemTime::now();
         status.finished_at = timestamp(ended);
         let statuses = S3Statuses::from_client(self.s3.clone());
+        // The launcher may have kept the price after the worker began (a local instance starts
+        // at once); one more look, if there is time for it besides status.json.
+        let price = match price {
+            Some(price) => Some(price),
+            None if by > Instant::now() + PRICE_READ + Duration::from_secs(2) => {
+                self.launch_price(job).await
+            }
+            None => None,
+        };
+        status.cost = price.and_then(|price| Cost::estimate(&price, ended));
         // A moment at least, even past the deadline: without status.json nobody learns anything.
         let by = by.max(Instant::now() + Duration::from_secs(2));
         let recorded = tokio::time::timeout_at(by.into(), async {
-            status.cost = self.cost(&statuses, job, ended).await;
             record_change(
                 &statuses,
                 &job.results_bucket,
@@ -481,13 +501,18 @@ impl Worker {
         if let Ok(Ok((recorded, before))) = &recorded
             && let Some(written) = changed_state(recorded, *before)
         {
-            // Nothing on record before, or the launcher's note of the launch, is the worker's
-            // own `running`.
+            // The worker ran: what is on record of this attempt before its account is the
+            // launcher's (a verdict), or nothing, or the launcher's note of the launch, which
+            // is the worker's own `running`; another attempt's is not this one's past.
             let previous = match *before {
-                None | Some((JobState::Launched, _)) => JobState::Running,
-                Some((state, _)) => state,
+                Some((state, attempt)) if attempt == written.attempt => match state {
+                    JobState::Launched | JobState::Waiting => JobState::Running,
+                    state => state,
+                },
+                _ => JobState::Running,
             };
-            let event = JobEvent::of_status(pipeline(job), job, written, Some(previous));
+            let event =
+                JobEvent::of_status(pipeline(job), job, written, Some(previous), Writer::Worker);
             self.events.emit(event).await;
         }
         match recorded.map(|r| r.map(|(recorded, _)| recorded)) {
@@ -508,27 +533,28 @@ impl Worker {
         tracing::info!(state = ?status.state, error = ?status.error, outputs = status.outputs.len(), "job finished");
     }
 
-    /// The attempt's estimated cost until `ended`, from the price its launcher kept in the
-    /// attempt's claim; `None` if there is no price (a job run by hand, a launcher before
-    /// prices, a price EC2 did not give).
-    async fn cost(&self, statuses: &S3Statuses, job: &JobSpec, ended: SystemTime) -> Option<Cost> {
-        let claim = match read_claim(statuses, &job.results_bucket, &job.claim_key()).await {
-            Ok(Some(stored)) => stored.claim.ok()?,
-            Ok(None) => return None,
-            Err(error) => {
+    /// The price the launcher kept in the attempt's claim; `None` if there is none (a job run
+    /// by hand, a launcher before prices, a claim not written yet) or it cannot be read in
+    /// [`PRICE_READ`].
+    async fn launch_price(&self, job: &JobSpec) -> Option<LaunchPrice> {
+        let statuses = S3Statuses::from_client(self.s3.clone());
+        let key = job.claim_key();
+        let read = read_claim(&statuses, &job.results_bucket, &key);
+        match tokio::time::timeout(PRICE_READ, read).await {
+            Ok(Ok(Some(stored))) => stored.claim.ok()?.price,
+            Ok(Ok(None)) => None,
+            Ok(Err(error)) => {
                 tracing::warn!(
                     error = crate::error_chain(&error),
                     "cannot read the attempt's claim: no cost in status.json"
                 );
-                return None;
+                None
             }
-        };
-        let price = claim.price?;
-        let cost = Cost::estimate(&price, ended);
-        if cost.is_none() {
-            tracing::info!(source = price.source, "no price for the attempt's cost");
+            Err(_) => {
+                tracing::warn!("the attempt's claim took too long to read: no cost in status.json");
+                None
+            }
         }
-        cost
     }
 
     fn uploader<'a>(&'a self, job: &'a JobSpec) -> Uploader<'a> {
@@ -798,6 +824,7 @@ mod tests {
             },
             attempt: 2,
             pipeline: None,
+            events_off: false,
         };
         let mut status = Status::initial(&job, Writer::Worker, SystemTime::UNIX_EPOCH);
         assert_eq!(status.started_at, "1970-01-01T00:00:00Z");

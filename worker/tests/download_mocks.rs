@@ -41,6 +41,7 @@ fn job() -> JobSpec {
         },
         attempt: 1,
         pipeline: None,
+        events_off: false,
     }
 }
 

@@ -12,6 +12,45 @@ use sha2::{Digest as _, Sha256};
 
 const CSV: &[u8] = b"id,name\n1,ada\n2,grace\n";
 
+/// Events that cannot be sent change nothing of the job: here a file that cannot be written,
+/// and a job whose launcher turned events off.
+#[test]
+fn a_job_ends_the_same_whatever_becomes_of_its_events() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job(
+        "in/data.csv",
+        Some("cat \"$S3SPOT_INPUT\" > \"$S3SPOT_OUTPUT_DIR/copy\""),
+    );
+    let nowhere = (
+        "S3SPOT_EVENTS",
+        "file:/nonexistent-dir/events.jsonl".to_owned(),
+    );
+    let output = fixture.run_job(&job, &[nowhere]);
+    assert!(output.status.success(), "{}", show(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot send the job event"),
+        "{}",
+        show(&output)
+    );
+    let status = fixture.status("data", &job.results_key_prefix());
+    assert_eq!(status.state, State::Succeeded);
+
+    let mut off = fixture.job("in/data.csv", None);
+    off.events_off = true;
+    off.attempt = 2;
+    let output = fixture
+        .command(&["run", "--job", &off.encode()], &[])
+        .env_remove("S3SPOT_EVENTS")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    assert_eq!(fixture.events(), Vec::<(String, String)>::new());
+    assert_eq!(fixture.shutdowns(), 2);
+    let status = fixture.status("data", &off.results_key_prefix());
+    assert_eq!((status.state, status.attempt), (State::Succeeded, 2));
+}
+
 #[test]
 fn a_command_runs_on_the_object_and_its_outputs_land_under_the_results_prefix() {
     let fixture = Fixture::new();
@@ -31,6 +70,13 @@ echo to-stderr >&2"#;
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("to-stdout"),
         "echoed"
+    );
+    assert_eq!(
+        fixture.events(),
+        [
+            ("running".to_owned(), "launched".to_owned()),
+            ("succeeded".to_owned(), "running".to_owned())
+        ]
     );
 
     let prefix = "analysis/in/data.csv/20261130T101937.123Z-6f1c2a3b4c5d6e7f/";

@@ -237,8 +237,10 @@ fn cost(report: &CostReport) -> String {
     let mut cells: Vec<[String; 7]> = report.groups.iter().map(row).collect();
     cells.push(row(&report.total));
     let mut text = format!(
-        "{} jobs whose status.json was written since {}\n",
-        report.jobs, report.since
+        "{} job{} whose status.json was written since {}\n",
+        report.jobs,
+        if report.jobs == 1 { "" } else { "s" },
+        report.since
     );
     text.push_str(&columns(
         &[

@@ -11,7 +11,9 @@
   const TOKEN = new URLSearchParams(location.search).get('token') || '';
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const DEFAULT_REFRESH_SECS = 3;
-  const CHART_EVERY_MS = 30000;
+  // The chart reads every job's status.json of the last 30 days: a few times an hour, not at
+  // every refresh, since each read is an S3 request.
+  const CHART_EVERY_MS = 5 * 60 * 1000;
   const REQUEST_TIMEOUT_MS = 30000;
   const MAX_MESSAGE_CHARS = 4000;
   const ACTIVE_EC2 = new Set(['pending', 'running']);
@@ -624,11 +626,24 @@
     return { text: lines.join('\n'), kind };
   }
 
+  // What a cancel or retry names: the shown job's own instance (its live one first), so that
+  // it acts on this job alone; an object would name every upload's job for a cancel. A job
+  // with no instance yet (waiting) is named by its object, which names its newest job.
+  function jobTarget(sel) {
+    const insts = state.detail && Array.isArray(state.detail.instances) ? state.detail.instances : [];
+    const live = insts.filter((i) => ACTIVE_EC2.has(i.state) && i.instance_id);
+    const any = insts.filter((i) => i.instance_id);
+    const pick = live.length ? live[live.length - 1] : (any.length ? any[any.length - 1] : null);
+    return pick ? pick.instance_id : sel.target;
+  }
+
   async function act(kind) {
     const sel = state.selected;
     if (!sel || state.actionBusy) return;
+    const job = jobTarget(sel);
+    const on = job === sel.target ? '' : ' (on ' + job + ')';
     const question = kind === 'cancel'
-      ? 'Cancel the job for ' + sel.target + '? Its instance is terminated.'
+      ? 'Cancel the job for ' + sel.target + on + '? Its instance is terminated.'
       : 'Launch ' + sel.target + ' again as its next attempt?';
     state.paused = true;
     let ok = false;
@@ -641,7 +656,7 @@
     state.actionBusy = true;
     setActionButtons();
     try {
-      const res = await post(kind, { job: sel.target });
+      const res = await post(kind, { job });
       const out = kind === 'cancel' ? cancelOutcome(res, sel.target) : retryOutcome(res, sel.target);
       showMessage(out.text, out.kind, 'action');
     } catch (e) {
@@ -730,7 +745,7 @@
     add('spent', usd(t && isNum(t.usd) ? t.usd : 0));
     if (t && isNum(t.saving_usd)) add('saved vs on-demand', usd(t.saving_usd), 'saving');
     if (t && isNum(t.seconds)) add('instance time', humanDuration(t.seconds));
-    if (data && isNum(data.unpriced) && data.unpriced > 0) add('unpriced', String(data.unpriced), 'warn');
+    if (t && isNum(t.attempts) && isNum(t.priced) && t.priced < t.attempts) add('unpriced', String(t.attempts - t.priced), 'warn');
   }
 
   function renderChart() {

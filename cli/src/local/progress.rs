@@ -150,12 +150,16 @@ impl Progress {
                 error,
                 cost_usd,
             } => {
+                // The file is appended to by the instances too: nothing read from it may move
+                // the cursor.
                 let _ = write!(
                     line,
-                    "job       {state} s3://{bucket}/{key:?} attempt {attempt}"
+                    "job       {} s3://{}/{key:?} attempt {attempt}",
+                    escaped(state),
+                    escaped(bucket)
                 );
                 if let Some(id) = instance_id {
-                    let _ = write!(line, " on {id}");
+                    let _ = write!(line, " on {}", escaped(id));
                 }
                 if let Some(usd) = cost_usd {
                     let _ = write!(line, ", {usd}");
@@ -201,6 +205,15 @@ impl Progress {
     }
 }
 
+/// `text` as it is, or quoted and escaped if it holds a control character.
+fn escaped(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        format!("{text:?}")
+    } else {
+        text.to_owned()
+    }
+}
+
 fn duration(ms: u64) -> String {
     let duration = Duration::from_millis(ms);
     if ms < 1000 {
@@ -241,7 +254,7 @@ mod tests {
         );
         let job = Progress::Job {
             state: "failed".into(),
-            bucket: "data".into(),
+            bucket: "da\rta".into(),
             key: "in/\u{1b}x".into(),
             attempt: 2,
             instance_id: Some("i-local-000002".into()),
@@ -250,7 +263,7 @@ mod tests {
         };
         assert_eq!(
             job.human(),
-            "job       failed s3://data/\"in/\\u{1b}x\" attempt 2 on i-local-000002, $0.0000: \
+            "job       failed s3://\"da\\rta\"/\"in/\\u{1b}x\" attempt 2 on i-local-000002, $0.0000: \
              \"exit status 3\\nforged line\""
         );
         assert_eq!(

@@ -99,6 +99,7 @@ impl Fixture {
             },
             attempt: 1,
             pipeline: None,
+            events_off: false,
         }
     }
 
@@ -117,7 +118,11 @@ impl Fixture {
                 "S3SPOT_SHUTDOWN_COMMAND",
                 format!("echo shutdown >> '{}'", self.shutdown_log().display()),
             )
-            .env("S3SPOT_WORK_DIR", self.dir.path().join("work"));
+            .env("S3SPOT_WORK_DIR", self.dir.path().join("work"))
+            .env(
+                "S3SPOT_EVENTS",
+                format!("file:{}", self.events_file().display()),
+            );
         for (name, value) in self.s3.env() {
             command.env(name, value);
         }
@@ -133,6 +138,31 @@ impl Fixture {
 
     pub fn run_job(&self, job: &JobSpec, env: &[(&str, String)]) -> Output {
         self.run(&["run", "--job", &job.encode()], env)
+    }
+
+    /// Where the worker's job events go.
+    pub fn events_file(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    /// The job events written, each checked against the schema: (state, previous state).
+    pub fn events(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(self.events_file())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .inspect(s3spot_tests::events::assert_valid)
+            .map(|event| {
+                let detail = &event["detail"];
+                (
+                    detail["state"].as_str().unwrap().to_owned(),
+                    detail["previous_state"]
+                        .as_str()
+                        .unwrap_or("none")
+                        .to_owned(),
+                )
+            })
+            .collect()
     }
 
     pub fn shutdowns(&self) -> usize {
