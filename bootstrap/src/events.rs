@@ -28,6 +28,10 @@ pub const EVENT_DETAIL_TYPE: &str = "s3spot Job State Change";
 /// How long one event may take to send, retries included: the job waits for it at its start
 /// and before its instance powers off.
 const SEND_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// Once a send has failed, the next ones for a while get this long: a launcher with a batch of
+/// records must not spend its timeout waiting on EventBridge.
+const SEND_TIME_WHILE_FAILING: std::time::Duration = std::time::Duration::from_millis(500);
+const FAILING_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// Tries of an entry that EventBridge refused for a passing reason.
 const ENTRY_TRIES: u32 = 3;
 /// Errors longer than this are cut in an event: EventBridge takes 256 KiB per entry, and a
@@ -230,11 +234,11 @@ impl JobEvent {
         })
     }
 
-    /// The announcement's id, from what it says: a reader of `events.jsonl` can tell a line
-    /// appended twice.
+    /// The change's id: a job's attempt comes to each state once, so the same change announced
+    /// twice (a launch recorded by two deliveries) has the same id, and a consumer can tell.
     fn id(&self) -> String {
         let digest = Sha256::digest(
-            serde_json::json!([self.job_id, self.attempt, self.state, self.time])
+            serde_json::json!([self.pipeline, self.job_id, self.attempt, self.state])
                 .to_string()
                 .as_bytes(),
         );
@@ -286,6 +290,8 @@ pub trait EventSink: Send + Sync {
 #[derive(Clone)]
 pub struct Events {
     sink: Option<Arc<dyn EventSink>>,
+    /// Until when sends get [`SEND_TIME_WHILE_FAILING`], after a failure.
+    failing_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Events {
@@ -306,12 +312,16 @@ impl Default for Events {
 
 impl Events {
     pub fn off() -> Events {
-        Events { sink: None }
+        Events {
+            sink: None,
+            failing_until: Arc::default(),
+        }
     }
 
     pub fn to(sink: impl EventSink + 'static) -> Events {
         Events {
             sink: Some(Arc::new(sink)),
+            failing_until: Arc::default(),
         }
     }
 
@@ -341,9 +351,16 @@ impl Events {
     /// on.
     pub async fn emit(&self, event: JobEvent) {
         let Some(sink) = &self.sink else { return };
-        let sent = tokio::time::timeout(SEND_TIME, sink.put(&event))
+        let now = std::time::Instant::now();
+        let limit = match *self.failing_until.lock().expect("not poisoned") {
+            Some(until) if now < until => SEND_TIME_WHILE_FAILING,
+            _ => SEND_TIME,
+        };
+        let sent = tokio::time::timeout(limit, sink.put(&event))
             .await
-            .unwrap_or(Err(EventError::TimedOut(SEND_TIME)));
+            .unwrap_or(Err(EventError::TimedOut(limit)));
+        *self.failing_until.lock().expect("not poisoned") =
+            sent.is_err().then(|| now + FAILING_FOR);
         match sent {
             Ok(()) => tracing::info!(
                 job_id = event.job_id,

@@ -231,11 +231,15 @@ impl<L: Launcher, S: StatusStore> Jobs<L, S> {
         for (key, status) in read {
             match status {
                 Ok(Some(status)) => {
-                    jobs += 1;
                     // A document written lately can hold attempts that ended long before.
-                    attempts.extend(attempts_of(&status).into_iter().filter(|attempt| {
-                        parse_timestamp(&attempt.ended_at).is_none_or(|ended| ended >= since)
-                    }));
+                    let recent: Vec<CostedAttempt> = attempts_of(&status)
+                        .into_iter()
+                        .filter(|attempt| {
+                            parse_timestamp(&attempt.ended_at).is_none_or(|ended| ended >= since)
+                        })
+                        .collect();
+                    jobs += usize::from(!recent.is_empty());
+                    attempts.extend(recent);
                 }
                 Ok(None) => {}
                 Err(error) => unreadable.push(format!("s3://{bucket}/{key}: {error}")),

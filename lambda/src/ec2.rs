@@ -284,6 +284,11 @@ impl Launcher for Ec2Launcher {
                     .since
                     .map(aws_sdk_ec2::primitives::DateTime::from_secs),
             )
+            .set_end_time(
+                query
+                    .until
+                    .map(aws_sdk_ec2::primitives::DateTime::from_secs),
+            )
             .into_paginator()
             .send();
         let mut prices = Vec::new();

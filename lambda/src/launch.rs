@@ -287,6 +287,20 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         if !claim.is_pending() || !abandoned {
             return;
         }
+        let waited = waited || claim.since.is_some();
+        // Found after its worker reported (a short job, a redelivery minutes later): the
+        // claim still gets the instance, but `launched` would come after the outcome.
+        let ended = !instance.is_active()
+            || read_status(
+                &self.statuses,
+                &spec.results_bucket,
+                &spec.status_key(),
+                &spec.job_id,
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|status| status.outcome_of(spec.attempt).is_some());
         let placed = Placed {
             instance_type: instance.instance_type.clone(),
             placement: None,
@@ -319,8 +333,10 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     instance_id = instance.instance_id,
                     "an instance launched by an earlier delivery is the attempt's"
                 );
-                self.announce_launch(spec, &instance.instance_id, &placed, &claim, waited)
-                    .await;
+                if !ended {
+                    self.announce_launch(spec, &instance.instance_id, &placed, &claim, waited)
+                        .await;
+                }
             }
             Err(error) => tracing::info!(
                 error = error_chain(&error),
@@ -344,7 +360,8 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         let spot = match placed.market {
             MarketType::OnDemand => Err("an on-demand instance".to_owned()),
             MarketType::Spot => {
-                self.spot_price(&instance_type, zone.as_deref(), region)
+                let at = placed.at;
+                self.spot_price(&instance_type, zone.as_deref(), region, at)
                     .await
             }
         };
@@ -371,22 +388,26 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
         }
     }
 
-    /// The spot price of `instance_type` in effect now, in `zone` or the highest among zones,
-    /// and where it comes from; or why there is none.
+    /// The spot price of `instance_type` in effect `at` the launch, in `zone` or the highest
+    /// among zones, and where it comes from; or why there is none.
     async fn spot_price(
         &self,
         instance_type: &str,
         zone: Option<&str>,
         region: &str,
+        at: SystemTime,
     ) -> Result<(Usd, String), String> {
-        let now = SystemTime::now()
+        let at = at
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok());
+        // The same start and end: the price in effect then in each zone (EC2 answers with the
+        // last change before it), one page, not the history.
         let query = PriceQuery {
             instance_types: vec![instance_type.to_owned()],
             availability_zone: zone.map(str::to_owned),
-            // From now: the price in effect in each zone, one page, not the history.
-            since: i64::try_from(now).ok(),
+            since: at,
+            until: at,
         };
         let history =
             match tokio::time::timeout(PRICE_LOOKUP, self.launcher.spot_prices(&query)).await {

@@ -252,6 +252,9 @@ pub struct PriceQuery {
     /// Seconds since the Unix epoch: prices in effect from then on. `None`: EC2's default, the
     /// current price of each type and zone.
     pub since: Option<i64>,
+    /// Seconds since the Unix epoch: prices in effect until then. With `since` the same
+    /// instant, the price in effect at that instant in each zone.
+    pub until: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]

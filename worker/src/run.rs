@@ -144,9 +144,12 @@ impl Worker {
             market: i.lifecycle.clone(),
             zone: None,
         });
-        self.events.emit(running).await;
-        // Read now, while nothing presses: the price is for the cost written at the end.
-        let price = self.launch_price(job).await;
+        // Beside the job, not before it: neither may hold up its command or its watchers.
+        let beside = async {
+            self.events.emit(running).await;
+            // The price is for the cost written at the end.
+            self.launch_price(job).await
+        };
 
         let (interrupt, interrupted) = watch::channel(None);
         let watcher = status.instance.is_some().then(|| {
@@ -160,20 +163,23 @@ impl Worker {
         let stop = || stop_signal(limits.runtime, job.max_runtime_secs, interrupted.clone());
         let cutoff = || outputs_cutoff(limits, interrupted.clone());
 
-        match tempfile::Builder::new()
-            .prefix("s3spot-job-")
-            .tempdir_in(&self.settings.work_root)
-        {
-            Ok(work) => {
-                self.work(job, work.path(), &mut status, stop, cutoff).await;
+        let main = async {
+            match tempfile::Builder::new()
+                .prefix("s3spot-job-")
+                .tempdir_in(&self.settings.work_root)
+            {
+                Ok(work) => {
+                    self.work(job, work.path(), &mut status, stop, cutoff).await;
+                }
+                Err(error) => {
+                    status.error = Some(format!(
+                        "cannot create a work directory in {}: {error}",
+                        self.settings.work_root.display()
+                    ));
+                }
             }
-            Err(error) => {
-                status.error = Some(format!(
-                    "cannot create a work directory in {}: {error}",
-                    self.settings.work_root.display()
-                ));
-            }
-        }
+        };
+        let (price, ()) = tokio::join!(beside, main);
         if let Some(watcher) = watcher {
             watcher.abort();
         }

@@ -45,6 +45,13 @@ fn a_job_ends_the_same_whatever_becomes_of_its_events() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", show(&output));
+    // Told off by its job, the worker sends nothing: not to the file (unset), nor to
+    // EventBridge (here the S3 server, which would refuse it, and the worker would say so).
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("job event"),
+        "{}",
+        show(&output)
+    );
     assert_eq!(fixture.events(), Vec::<(String, String)>::new());
     assert_eq!(fixture.shutdowns(), 2);
     let status = fixture.status("data", &off.results_key_prefix());

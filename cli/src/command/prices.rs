@@ -68,6 +68,7 @@ pub fn run(args: PricesArgs) -> anyhow::Result<bool> {
             instance_types: types.clone(),
             availability_zone: args.az.clone(),
             since: Some(DateTime::from(since).secs()),
+            until: None,
         };
         let history = Ec2Launcher::new(&sdk)
             .spot_prices(&query)

@@ -539,6 +539,7 @@
       const d = await api('job', { job: sel.target });
       if (state.selected !== sel || seq !== detailSeq) return; // selection changed meanwhile
       state.detail = d;
+      setActionButtons();
       renderDetail(d);
       clearMessage('detail');
     } catch (e) {
@@ -556,6 +557,7 @@
     if (!same) {
       state.selected = { bucket, key, target };
       state.detail = null;
+      setActionButtons();
       $('#detail-title').textContent = target;
       $('#detail-summary').replaceChildren();
       $('#detail-instances tbody').replaceChildren();
@@ -668,9 +670,10 @@
     await refreshNow();
   }
 
+  // Not before the job is loaded: its instance is what the buttons act on.
   function setActionButtons() {
-    $('#cancel').disabled = state.actionBusy;
-    $('#retry').disabled = state.actionBusy;
+    $('#cancel').disabled = state.actionBusy || !state.detail;
+    $('#retry').disabled = state.actionBusy || !state.detail;
   }
 
   // ---------------------------------------------------------------- chart
