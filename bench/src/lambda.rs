@@ -119,9 +119,10 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
     table.note(format!(
         "{} events in {:.2} s, with {IN_FLIGHT} instances of the pipeline running. Each event \
          asks EC2 for the job's instances, reads its status.json, claims the attempt, counts the \
-         pipeline's instances (the runaway guard), makes the fleet request and records the instance \
-         in the claim: two EC2 reads, a launch, a read and two writes to S3; unstripped binary \
-         {:.1} MiB.",
+         pipeline's instances (the runaway guard), makes the fleet request, looks up the spot price \
+         of the instance it got, records both in the claim and announces the launch: three EC2 \
+         reads, a launch, a read and two writes to S3, and an event to EventBridge; unstripped \
+         binary {:.1} MiB.",
         options.events,
         total.as_secs_f64(),
         size as f64 / 1048576.0
