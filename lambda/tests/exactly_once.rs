@@ -1297,3 +1297,42 @@ async fn an_instance_whose_launcher_died_unknowing_is_recorded_and_announced_onc
     );
     assert_eq!(event.time, price.launched_at, "the launch's own time");
 }
+
+/// Found only once its worker has reported: the claim gets the instance and its price, but no
+/// `launched` comes after the outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_found_after_its_job_ended_is_recorded_but_not_announced() {
+    let setup = Setup::start();
+    let silent = setup.handler(&[]).await;
+    let launched = deliver(&silent).await;
+    let id = launched.launched[0].instance_id.clone();
+    let statuses = S3Statuses::from_client(setup.s3.client().await);
+    let job = planned(&silent);
+    let key = job.claim_key();
+    let stored = read_claim(&statuses, BUCKET, &key).await.unwrap().unwrap();
+    let mut pending = stored.claim.unwrap();
+    pending.instance_id = None;
+    pending.price = None;
+    pending.claimed_at =
+        s3spot_bootstrap::timestamp(SystemTime::now() - CLAIM_LEASE - Duration::from_secs(1));
+    write_claim(&statuses, BUCKET, &key, &pending, &stored.expect)
+        .await
+        .unwrap();
+    let mut account = Status::initial(&job, Writer::Worker, SystemTime::now());
+    account.state = State::Succeeded;
+    setup.worker_writes(&job, account).await;
+
+    let events = RecordedEvents::new();
+    let handler = announcing(&setup, &events, &[]).await;
+    let again = deliver(&handler).await;
+    assert_eq!(again.launched, [], "{again:?}");
+    let claim = read_claim(&statuses, BUCKET, &key)
+        .await
+        .unwrap()
+        .unwrap()
+        .claim
+        .unwrap();
+    assert_eq!(claim.instance_id.as_deref(), Some(id.as_str()));
+    assert!(claim.price.is_some());
+    assert_eq!(events.all(), [], "no launch announced after the outcome");
+}
