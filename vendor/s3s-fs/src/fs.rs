@@ -31,6 +31,19 @@ pub struct FileSystem {
 
 pub(crate) type InternalInfo = serde_json::Map<String, serde_json::Value>;
 
+/// s3spot: which file an object's internal info was written for (see `load_internal_info`).
+const FILE_STAMP: &str = "s3spot_file";
+
+/// The object file's length and modification time, to the nanosecond.
+fn file_stamp(metadata: &std::fs::Metadata) -> serde_json::Value {
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    serde_json::json!([metadata.len(), modified.to_string()])
+}
+
 /// Stores standard object attributes alongside user metadata
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ObjectAttributes {
@@ -203,13 +216,28 @@ impl FileSystem {
             return Ok(None);
         }
         let content = fs::read(&path).await?;
-        let map = serde_json::from_slice(&content)?;
+        let map: InternalInfo = serde_json::from_slice(&content)?;
+        // s3spot: the object's file is renamed into place before its internal info is written;
+        // a process killed in between leaves the last write's ETag and checksum beside the new
+        // body. Info that names another file than the one there is no info: the ETag is then
+        // computed from the file, and no checksum is claimed.
+        if let Some(stamp) = map.get(FILE_STAMP) {
+            let object_path = self.get_object_path(bucket, key)?;
+            let current = fs::metadata(&object_path).await.ok().map(|m| file_stamp(&m));
+            if current.as_ref() != Some(stamp) {
+                return Ok(None);
+            }
+        }
         Ok(Some(map))
     }
 
     pub(crate) async fn save_internal_info(&self, bucket: &str, key: &str, info: &InternalInfo) -> Result<()> {
         let path = self.get_internal_info_path(bucket, key)?;
-        let content = serde_json::to_vec(info)?;
+        let mut info = info.clone();
+        if let Ok(metadata) = fs::metadata(self.get_object_path(bucket, key)?).await {
+            info.insert(FILE_STAMP.to_owned(), file_stamp(&metadata));
+        }
+        let content = serde_json::to_vec(&info)?;
         let mut file_writer = self.prepare_file_write(&path).await?;
         file_writer.writer().write_all(&content).await?;
         file_writer.writer().flush().await?;
