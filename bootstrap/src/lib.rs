@@ -34,8 +34,9 @@ pub use job::{
     job_id, key_results_prefix, stopped_folder, upload_folder, upload_order,
 };
 pub use render::{
-    HARD_LIMIT_GRACE_SECS, KILL_AFTER_SECS, MAX_USER_DATA_BYTES, RenderError, UserData,
-    job_from_base64_user_data, job_from_user_data, render_user_data,
+    HARD_LIMIT_GRACE_SECS, KILL_AFTER_SECS, MAX_CONTAINER_OVERRIDES_BYTES, MAX_USER_DATA_BYTES,
+    RenderError, UserData, container_environment, job_from_base64_user_data, job_from_user_data,
+    render_container_script, render_user_data,
 };
 pub use stage::Stage;
 pub use status::{

@@ -49,6 +49,11 @@ pub enum RenderError {
          base64); shorten S3SPOT_COMMAND, or the object key"
     )]
     TooLarge { size: usize, limit: usize },
+    #[error(
+        "the job's container environment is {size} bytes, over the {limit} bytes a Batch job's \
+         overrides may take; shorten S3SPOT_COMMAND, or the object key"
+    )]
+    OverridesTooLarge { size: usize, limit: usize },
     #[error("cannot render the bootstrap script")]
     Template(#[source] tera::Error),
 }
@@ -74,6 +79,7 @@ impl UserData {
 /// event produces byte-identical user-data, which `RunInstances` idempotency requires.
 pub fn render_user_data(job: &JobSpec, region: Option<&str>) -> Result<UserData, RenderError> {
     let mut context = Context::new();
+    context.insert("container", &false);
     context.insert("job", &job.encode());
     context.insert("region", &region);
     context.insert("worker_uri", &job.worker.uri);
@@ -95,6 +101,52 @@ pub fn render_user_data(job: &JobSpec, region: Option<&str>) -> Result<UserData,
         });
     }
     Ok(UserData(script))
+}
+
+/// ECS caps a task's overrides at 8,192 characters of JSON; a Batch job's environment
+/// overrides go there.
+pub const MAX_CONTAINER_OVERRIDES_BYTES: usize = 8_192;
+
+/// The command of a container that runs s3spot jobs (an AWS Batch job definition's): the
+/// bootstrap script without a job in it. Each job brings its own in the container's environment
+/// ([`container_environment`]). `region` is exported for the fetch of the worker.
+pub fn render_container_script(region: Option<&str>) -> Result<String, RenderError> {
+    let mut context = Context::new();
+    context.insert("container", &true);
+    context.insert("region", &region);
+    context.insert("kill_after_secs", &KILL_AFTER_SECS);
+    TERA.render(TEMPLATE_NAME, &context)
+        .map_err(RenderError::Template)
+}
+
+/// A job's environment in a container that runs [`render_container_script`]: the job itself,
+/// the worker to fetch, and the hard limit. Refused when it would not fit a task's overrides.
+pub fn container_environment(job: &JobSpec) -> Result<Vec<(String, String)>, RenderError> {
+    let environment = vec![
+        ("S3SPOT_JOB".to_owned(), job.encode()),
+        ("S3SPOT_WORKER_URI".to_owned(), job.worker.uri.clone()),
+        ("S3SPOT_WORKER_SHA256".to_owned(), job.worker.sha256.clone()),
+        (
+            "S3SPOT_HARD_LIMIT_SECS".to_owned(),
+            job.max_runtime_secs
+                .saturating_add(HARD_LIMIT_GRACE_SECS)
+                .to_string(),
+        ),
+    ];
+    // {"name":"...","value":"..."}, with the list's brackets and commas: the JSON the
+    // overrides take, as ECS counts it.
+    let size = environment
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + r#"{"name":"","value":""},"#.len())
+        .sum::<usize>()
+        + r#"{"containerOverrides":[{"environment":[]}]}"#.len();
+    if size > MAX_CONTAINER_OVERRIDES_BYTES {
+        return Err(RenderError::OverridesTooLarge {
+            size,
+            limit: MAX_CONTAINER_OVERRIDES_BYTES,
+        });
+    }
+    Ok(environment)
 }
 
 /// The [`JobSpec`] an instance was launched with, from its user-data as EC2 returns it: base64

@@ -4,6 +4,7 @@
 //! no s3spot crate, so that any crate's tests can use it without building the others; the fakes
 //! of s3spot's own seams live beside those seams.
 
+pub mod credentials;
 pub mod ec2;
 pub mod events;
 mod http;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use credentials::ContainerCredentials;
 pub use ec2::Ec2Double;
 pub use iam_double::IamDouble;
 pub use imds::FakeImds;

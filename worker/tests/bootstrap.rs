@@ -275,3 +275,189 @@ fn inside_namespaces() {
         "the command never ran"
     );
 }
+
+/// The AWS Batch job definition's command (the container form of the script), run with bash as
+/// the container runs it: the job only in the environment the launcher submits it with, no AWS
+/// CLI (the stock image has none), the worker fetched from S3 with curl's SigV4 signing and the
+/// container's credentials, which the S3 server checks. In namespaces of its own: the command
+/// runs as `nobody`, the script's default, whose processes the worker ends.
+#[test]
+fn the_batch_command_fetches_the_worker_with_curl_and_runs_the_job_from_its_environment() {
+    if common::in_namespaces(
+        "the_batch_command_fetches_the_worker_with_curl_and_runs_the_job_from_its_environment",
+        false,
+    ) {
+        batch_command_inside_namespaces();
+    }
+}
+
+/// The system's tools less `hidden`: a folder of links to them, for a PATH without the rest.
+fn tools_without(hidden: &[&str]) -> tempfile::TempDir {
+    let tools = tempfile::tempdir().unwrap();
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries {
+            let name = entry.unwrap().file_name();
+            let link = tools.path().join(&name);
+            if !hidden.iter().any(|tool| name == *tool) && link.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(Path::new(dir).join(&name), link).unwrap();
+            }
+        }
+    }
+    tools
+}
+
+fn batch_command_inside_namespaces() {
+    let fixture = Fixture::new();
+    std::fs::set_permissions(fixture.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let worker = env!("CARGO_BIN_EXE_s3spot-worker");
+    let worker_bytes = std::fs::read(worker).unwrap();
+    fixture.put("results", "workers/abc/s3spot-worker", &worker_bytes);
+    let credentials = s3spot_tests::ContainerCredentials::start(
+        s3spot_tests::ACCESS_KEY,
+        s3spot_tests::SECRET_KEY,
+    );
+    let script = s3spot_bootstrap::render_container_script(None).unwrap();
+    let tools = tools_without(&["aws"]);
+    let home = fixture.dir.path().join("home");
+    let log = fixture.dir.path().join("s3spot.log");
+    let endpoint = fixture
+        .s3
+        .env()
+        .into_iter()
+        .find(|(name, _)| *name == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
+
+    // Runs the command for `key`, as Batch would with the job's environment overrides; `edit`
+    // changes that environment first. Returns the output and the bootstrap log.
+    let run = |key: &str, edit: &dyn Fn(&mut Vec<(String, String)>)| {
+        fixture.put("data", key, b"a,b\n1,2\n");
+        let mut job = fixture.job(
+            key,
+            Some(r#"id -un > "$S3SPOT_OUTPUT_DIR/user"; wc -c < "$S3SPOT_INPUT" > "$S3SPOT_OUTPUT_DIR/bytes""#),
+        );
+        job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
+        job.worker.sha256 = hex::encode(Sha256::digest(&worker_bytes));
+        let mut environment = s3spot_bootstrap::container_environment(&job).unwrap();
+        edit(&mut environment);
+        let _ = std::fs::remove_file(&log);
+        let mut command = Command::new("bash");
+        command
+            .args(["-c", &script, "s3spot-batch"])
+            .env_clear()
+            .env("PATH", tools.path())
+            .env("S3SPOT_HOME", &home)
+            .env("S3SPOT_LOG", &log)
+            .env("S3SPOT_WORK_DIR", "/var/tmp")
+            // What ECS gives a task with a job role, and the job definition's environment.
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL_S3", &endpoint)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_BATCH_JOB_ATTEMPT", "1")
+            .envs(environment);
+        let output = command.output().unwrap();
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        (output, log_text)
+    };
+
+    let (output, log_text) = run("in/batch.csv", &|_| {});
+    assert!(output.status.success(), "{}\n{log_text}", show(&output));
+    let prefix = format!("analysis/in/batch.csv/{}/", common::UPLOAD);
+    let status = fixture.status("data", &prefix);
+    assert_eq!(status.state, State::Succeeded, "{status:#?}\n{log_text}");
+    assert_eq!(fixture.text("data", &format!("{prefix}bytes")).trim(), "8");
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}user")).trim(),
+        "nobody",
+        "the command runs as another user than the worker"
+    );
+    assert!(
+        log_text.contains("fetching the worker from s3://results/workers/abc/s3spot-worker"),
+        "{log_text}"
+    );
+    assert!(
+        !log_text.contains(s3spot_tests::SECRET_KEY) && !log_text.contains("session-token"),
+        "no credential reaches the log: {log_text}"
+    );
+    assert!(
+        credentials.requests() >= 2,
+        "the script's fetch and the worker both took the container's credentials"
+    );
+
+    // The job is data: a hostile key reaches the worker intact through the environment.
+    let hostile = "in/$(touch /tmp/pwned-batch)`id`;'\"\n.csv";
+    let (output, log_text) = run(hostile, &|_| {});
+    assert!(output.status.success(), "{}\n{log_text}", show(&output));
+    assert!(!Path::new("/tmp/pwned-batch").exists());
+    let status = fixture.status("data", &format!("analysis/{hostile}/{}/", common::UPLOAD));
+    assert_eq!(status.state, State::Succeeded, "{status:#?}");
+
+    // A worker that is not the one named is never run.
+    let (output, log_text) = run("in/wrong-sha.csv", &|env| {
+        env.iter_mut()
+            .find(|(name, _)| name == "S3SPOT_WORKER_SHA256")
+            .unwrap()
+            .1 = "0".repeat(64);
+    });
+    assert!(!output.status.success());
+    assert!(log_text.contains("worker sha256 mismatch"), "{log_text}");
+
+    // A container started without a job says which variable is missing.
+    let (output, log_text) = run("in/no-job.csv", &|env| {
+        env.retain(|(name, _)| name != "S3SPOT_JOB");
+    });
+    assert!(!output.status.success());
+    assert!(log_text.contains("S3SPOT_JOB is not set"), "{log_text}");
+}
+
+/// The signature is checked: with credentials S3 does not know, the fetch fails and nothing
+/// runs. (It proves the test above could fail.)
+#[test]
+fn the_batch_command_refuses_to_run_without_a_worker_it_could_fetch() {
+    let fixture = Fixture::new();
+    fixture.put(
+        "results",
+        "workers/abc/s3spot-worker",
+        b"#!/bin/sh\nexit 0\n",
+    );
+    let credentials = s3spot_tests::ContainerCredentials::start("someone-else", "wrong-secret");
+    let script = s3spot_bootstrap::render_container_script(None).unwrap();
+    let tools = tools_without(&["aws"]);
+    let endpoint = fixture
+        .s3
+        .env()
+        .into_iter()
+        .find(|(name, _)| *name == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
+    let mut job = fixture.job("in/x.csv", None);
+    job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
+    let log = fixture.dir.path().join("s3spot.log");
+    let output = Command::new("bash")
+        .args(["-c", &script, "s3spot-batch"])
+        .env_clear()
+        .env("PATH", tools.path())
+        .env("S3SPOT_HOME", fixture.dir.path().join("home"))
+        .env("S3SPOT_LOG", &log)
+        .env("S3SPOT_RUN_AS", "")
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL_S3", &endpoint)
+        .envs(s3spot_bootstrap::container_environment(&job).unwrap())
+        .output()
+        .unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!output.status.success(), "{log_text}");
+    assert!(credentials.requests() >= 1, "{log_text}");
+    assert!(
+        !fixture.dir.path().join("home/s3spot-worker").exists(),
+        "{log_text}"
+    );
+    assert!(log_text.contains("worker finished") == false, "{log_text}");
+}
