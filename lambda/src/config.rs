@@ -10,6 +10,9 @@ use crate::fleet::{DiskRule, EBS_MAX_GIB, InstanceRequirements, Pool};
 
 /// Every variable this crate reads, so that the process environment is read in one place.
 pub const VARIABLES: &[&str] = &[
+    "S3SPOT_BACKEND",
+    "S3SPOT_BATCH_JOB_QUEUE",
+    "S3SPOT_BATCH_JOB_DEFINITION",
     "S3SPOT_LAUNCH_TEMPLATE",
     "S3SPOT_LAUNCH_TEMPLATE_VERSION",
     "S3SPOT_WORKER_URI",
@@ -100,6 +103,72 @@ fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigE
 pub struct Config {
     pub job: JobConfig,
     pub launch: LaunchConfig,
+    pub backend: Backend,
+}
+
+/// The launch template a Batch configuration reports when none is set: Batch's compute
+/// environment names its own.
+const BATCH_TEMPLATE: &str = "s3spot-batch-compute-environment";
+
+/// Batch answers 50 API calls a second per account, and a submit is two (the lookup by name,
+/// then the submit): 10 a second per invocation leaves room for two concurrent invocations and
+/// the job commands.
+const BATCH_LAUNCH_RATE: f64 = 10.0;
+
+/// Where jobs run (`S3SPOT_BACKEND`): one EC2 instance each, or an AWS Batch queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Ec2,
+    Batch(BatchTarget),
+}
+
+/// The queue jobs are submitted to, and the job definition that runs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchTarget {
+    /// `S3SPOT_BATCH_JOB_QUEUE`: a name or an ARN.
+    pub job_queue: String,
+    /// `S3SPOT_BATCH_JOB_DEFINITION`: `name`, `name:revision` or an ARN.
+    pub job_definition: String,
+}
+
+impl Backend {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars = read_env()?;
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        match non_empty(lookup("S3SPOT_BACKEND")).as_deref() {
+            None | Some("ec2") => Ok(Backend::Ec2),
+            Some("batch") => Ok(Backend::Batch(BatchTarget {
+                job_queue: required(
+                    &lookup,
+                    "S3SPOT_BATCH_JOB_QUEUE",
+                    "S3SPOT_BACKEND=batch submits jobs to this AWS Batch job queue (the stack's \
+                     BatchJobQueue output)",
+                )?,
+                job_definition: required(
+                    &lookup,
+                    "S3SPOT_BATCH_JOB_DEFINITION",
+                    "S3SPOT_BACKEND=batch runs jobs with this AWS Batch job definition (the \
+                     stack's BatchJobDefinition output)",
+                )?,
+            })),
+            Some(other) => Err(invalid(
+                "S3SPOT_BACKEND",
+                other,
+                "expected ec2 (one spot instance per object) or batch (jobs on an AWS Batch \
+                 queue)",
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Ec2 => "ec2",
+            Backend::Batch(_) => "batch",
+        }
+    }
 }
 
 /// What goes into every [`s3spot_bootstrap::JobSpec`], and which objects are not jobs at all.
@@ -243,9 +312,35 @@ impl Config {
 
     /// Reads variables through `lookup`, so tests need not touch the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let backend = Backend::from_lookup(&lookup)?;
+        let launch = match backend {
+            Backend::Ec2 => LaunchConfig::from_lookup(&lookup)?,
+            // Batch launches from its compute environment's own template; the function needs
+            // none, and the one it is given (the stack's) is never named in a request.
+            Backend::Batch(_) => {
+                if let Some(market) = non_empty(lookup("S3SPOT_MARKET")).filter(|m| m != "spot") {
+                    return Err(invalid(
+                        "S3SPOT_MARKET",
+                        &market,
+                        "with S3SPOT_BACKEND=batch the compute environment chooses the market \
+                         (the stack's is spot); leave S3SPOT_MARKET unset",
+                    ));
+                }
+                LaunchConfig::from_lookup(|name| match name {
+                    "S3SPOT_LAUNCH_TEMPLATE" => {
+                        non_empty(lookup(name)).or_else(|| Some(BATCH_TEMPLATE.to_owned()))
+                    }
+                    "S3SPOT_LAUNCH_RATE" => {
+                        non_empty(lookup(name)).or_else(|| Some(BATCH_LAUNCH_RATE.to_string()))
+                    }
+                    _ => lookup(name),
+                })?
+            }
+        };
         Ok(Config {
             job: JobConfig::from_lookup(&lookup)?,
-            launch: LaunchConfig::from_lookup(&lookup)?,
+            launch,
+            backend,
         })
     }
 }
@@ -864,7 +959,8 @@ mod tests {
             ("genomics", "out/", 60)
         );
         assert!(config.job.events_off);
-        assert_eq!(VARIABLES.len(), 24);
+        // The three of S3SPOT_BACKEND=batch are read in the Batch backend's test.
+        assert_eq!(VARIABLES.len(), 27);
         let by_attributes = with(&[(
             "S3SPOT_INSTANCE_REQUIREMENTS",
             "vcpu=2-8 memory=4GiB- arch=arm64",
@@ -1048,5 +1144,69 @@ mod tests {
         );
         let base_too_big = with(&[("S3SPOT_DISK", "100GiB"), ("S3SPOT_MAX_DISK", "50")]);
         assert!(base_too_big.is_err());
+    }
+
+    #[test]
+    fn the_batch_backend_needs_its_queue_and_job_definition_and_no_launch_template() {
+        assert_eq!(with(&[]).unwrap().backend, Backend::Ec2);
+        assert_eq!(
+            with(&[("S3SPOT_BACKEND", "ec2")]).unwrap().backend,
+            Backend::Ec2
+        );
+        let error = with(&[("S3SPOT_BACKEND", "batch")]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ConfigError::Missing {
+                    var: "S3SPOT_BATCH_JOB_QUEUE",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let error =
+            with(&[("S3SPOT_BACKEND", "batch"), ("S3SPOT_BATCH_JOB_QUEUE", "q")]).unwrap_err();
+        assert!(
+            error.to_string().contains("S3SPOT_BATCH_JOB_DEFINITION"),
+            "{error}"
+        );
+        let error = with(&[("S3SPOT_BACKEND", "fargate")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"fargate\"") && error.contains("ec2") && error.contains("batch"),
+            "{error}"
+        );
+
+        let batch = Config::from_lookup(lookup(&[
+            ("S3SPOT_BACKEND", "batch"),
+            ("S3SPOT_BATCH_JOB_QUEUE", "s3spot-jobs"),
+            ("S3SPOT_BATCH_JOB_DEFINITION", "s3spot-job:3"),
+            ("S3SPOT_LAUNCH_TEMPLATE", ""),
+            ("S3SPOT_WORKER_URI", "s3://artifacts/s3spot-worker"),
+            ("S3SPOT_WORKER_SHA256", &"a".repeat(64)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            batch.backend,
+            Backend::Batch(BatchTarget {
+                job_queue: "s3spot-jobs".into(),
+                job_definition: "s3spot-job:3".into(),
+            })
+        );
+        assert_eq!(
+            batch.launch.launch_interval,
+            Duration::from_secs_f64(1.0 / BATCH_LAUNCH_RATE),
+            "Batch's own API rate, not EC2's launch bucket"
+        );
+        let error = with(&[
+            ("S3SPOT_BACKEND", "batch"),
+            ("S3SPOT_BATCH_JOB_QUEUE", "q"),
+            ("S3SPOT_BATCH_JOB_DEFINITION", "d"),
+            ("S3SPOT_MARKET", "on-demand"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("compute environment chooses"), "{error}");
     }
 }

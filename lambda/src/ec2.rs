@@ -46,6 +46,8 @@ const TRANSIENT_ERRORS: &[&str] = &[
     "InternalError",
     "ServiceUnavailable",
     "Unavailable",
+    // AWS Batch's throttling.
+    "TooManyRequestsException",
 ];
 
 #[derive(Debug, Clone)]
@@ -638,7 +640,7 @@ fn classify_create_fleet(error: SdkError<CreateFleetError>) -> LaunchError {
     }
 }
 
-fn api_error<E>(operation: &'static str, error: &SdkError<E>) -> LaunchError
+pub(crate) fn api_error<E>(operation: &'static str, error: &SdkError<E>) -> LaunchError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {

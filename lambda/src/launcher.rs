@@ -313,7 +313,9 @@ impl LaunchError {
         matches!(
             self,
             LaunchError::Api { message, .. }
-                if message.starts_with("RequestLimitExceeded") || message.starts_with("Throttling")
+                if message.starts_with("RequestLimitExceeded")
+                    || message.starts_with("Throttling")
+                    || message.starts_with("TooManyRequestsException")
         )
     }
 

@@ -7,6 +7,7 @@
 //! operator's view. [`Handler`] dispatches each record to these; [`Ec2Launcher`] is the launcher
 //! for AWS. The status protocol is the contract crate's ([`s3spot_bootstrap`]).
 
+pub mod batch;
 pub mod config;
 pub mod cost;
 pub mod ec2;
@@ -25,7 +26,8 @@ mod recover;
 pub mod report;
 pub mod token;
 
-pub use config::{Config, ConfigError, JobConfig, JobsConfig};
+pub use batch::{AwsLauncher, BatchLauncher};
+pub use config::{Backend, BatchTarget, Config, ConfigError, JobConfig, JobsConfig};
 pub use ec2::Ec2Launcher;
 pub use handler::{Handler, error_chain};
 pub use jobs::{Clock, Jobs, JobsError, Target};

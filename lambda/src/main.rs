@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use lambda_runtime::{LambdaEvent, service_fn};
-use s3spot_lambda::{Config, Ec2Launcher, Handler, S3Statuses};
+use s3spot_lambda::{AwsLauncher, Config, Handler, S3Statuses};
 use serde_json::Value;
 
 // One thread: the function handles one event at a time, and Lambda gives a small function a
@@ -29,8 +29,9 @@ async fn run() -> anyhow::Result<()> {
     config.job.region = sdk.region().map(ToString::to_string);
     // Embedded Metric Format must be a log line of its own with `_aws` at the top, so it goes
     // to stdout beside the tracing subscriber's lines rather than through it.
+    let launcher = AwsLauncher::new(&sdk, &config.backend);
     let handler = Arc::new(
-        Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk))
+        Handler::new(config, launcher, S3Statuses::new(&sdk))
             .with_events(s3spot_lambda::events_from_env(&sdk)?)
             .with_metrics(Arc::new(|line: &str| println!("{line}"))),
     );

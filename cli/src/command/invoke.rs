@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use s3spot_lambda::{Config, Ec2Launcher, Handler, HandlerError, Response, S3Statuses};
+use s3spot_lambda::{AwsLauncher, Config, Handler, HandlerError, Response, S3Statuses};
 
 /// Returns whether every record succeeded.
 pub fn run(event: &Path) -> anyhow::Result<bool> {
@@ -16,7 +16,8 @@ pub fn run(event: &Path) -> anyhow::Result<bool> {
     runtime.block_on(async {
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         config.job.region = sdk.region().map(ToString::to_string);
-        let handler = Handler::new(config, Ec2Launcher::new(&sdk), S3Statuses::new(&sdk))
+        let launcher = AwsLauncher::new(&sdk, &config.backend);
+        let handler = Handler::new(config, launcher, S3Statuses::new(&sdk))
             .with_events(s3spot_lambda::events_from_env(&sdk)?);
         let outcome = handler.handle(event).await;
         // A retryable failure still has a report, and it is the useful part.

@@ -11,7 +11,7 @@ use s3spot_bootstrap::Usd;
 use s3spot_lambda::Report;
 use s3spot_lambda::cost::{CostGroup, CostReport};
 use s3spot_lambda::jobs::{JobDetail, JobInstance, Stopped};
-use s3spot_lambda::{Config, Ec2Launcher, Handler, Jobs, JobsConfig, S3Statuses};
+use s3spot_lambda::{AwsLauncher, Backend, Config, Handler, Jobs, JobsConfig, S3Statuses};
 
 use crate::jobs::{Request, execute, on_handler};
 use crate::local::control;
@@ -55,7 +55,10 @@ pub(super) async fn in_aws_with(
     request: &Request,
 ) -> anyhow::Result<serde_json::Value> {
     let sdk = sdk.clone();
-    let launcher = Ec2Launcher::new(&sdk);
+    let launcher = AwsLauncher::new(
+        &sdk,
+        &Backend::from_env().context("bad configuration (S3SPOT_BACKEND)")?,
+    );
     let statuses = S3Statuses::new(&sdk);
     let events = s3spot_lambda::events_from_env(&sdk)?;
     let answer = if request.launches() {

@@ -41,13 +41,20 @@ enum Command {
     },
     /// Show the user-data script and JobSpec each record of an event would launch with. Calls
     /// nothing in AWS; needs only the job settings (S3SPOT_WORKER_URI, S3SPOT_WORKER_SHA256, ...).
+    ///
+    /// With --container, print instead the command of an AWS Batch job definition (or of any
+    /// container) that runs s3spot jobs: the bootstrap script that takes its job from the
+    /// environment. Needs no settings.
     Render {
         /// Event JSON file; - for stdin.
-        #[arg(long, value_name = "FILE")]
-        event: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "container")]
+        event: Option<PathBuf>,
         /// Print one JSON document instead of the scripts.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         json: bool,
+        /// Print the container command (S3SPOT_BACKEND=batch's job definition).
+        #[arg(long, conflicts_with = "event")]
+        container: bool,
     },
     /// The whole pipeline on this machine: an embedded S3 server, the handler, and local
     /// "instances" that run the bootstrap script and the worker. No AWS account needed.
@@ -105,7 +112,12 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Invoke { event } => invoke::run(&event),
-        Command::Render { event, json } => render::run(&event, json),
+        Command::Render {
+            event: Some(event),
+            json,
+            container: false,
+        } => render::run(&event, json),
+        Command::Render { .. } => render::container(),
         Command::Local(command) => local::run(command),
         Command::Demo(args) => local::demo(args),
         Command::Jobs(args) => jobs::run(args),

@@ -49,6 +49,13 @@ pub fn run(event: &Path, as_json: bool) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
+/// The job definition's command for the Batch backend. The stack's is this, with the region
+/// left to the job definition's environment (a template test keeps the two equal).
+pub fn container() -> anyhow::Result<bool> {
+    print!("{}", s3spot_bootstrap::render_container_script(None)?);
+    Ok(true)
+}
+
 fn to_json(decision: &Decision) -> serde_json::Value {
     match decision {
         Decision::Launch { job, .. } => json!({
