@@ -4,6 +4,7 @@
 //! no s3spot crate, so that any crate's tests can use it without building the others; the fakes
 //! of s3spot's own seams live beside those seams.
 
+pub mod batch;
 pub mod credentials;
 pub mod ec2;
 pub mod events;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use batch::BatchDouble;
 pub use credentials::ContainerCredentials;
 pub use ec2::Ec2Double;
 pub use iam_double::IamDouble;

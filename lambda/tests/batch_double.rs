@@ -1,0 +1,271 @@
+//! The Batch backend against the Batch double (`s3spot_tests::BatchDouble`), where jobs wait on
+//! the queue until the test moves them and Batch's request rate holds: what moto's Docker-less
+//! Batch, which finishes every job as it is submitted, cannot show.
+
+use s3spot_bootstrap::State;
+use s3spot_lambda::{
+    BatchLauncher, Clock, Config, Handler, HandlerError, Jobs, Response, S3Statuses, Target,
+};
+use s3spot_tests::{BatchDouble, REGION, S3Server, s3spot_lookup};
+use serde_json::json;
+
+const QUEUE: &str = "s3spot-jobs";
+
+struct Setup {
+    double: BatchDouble,
+    _s3: S3Server,
+    s3_client: aws_sdk_s3::Client,
+    sdk: aws_config::SdkConfig,
+}
+
+async fn setup(double: BatchDouble) -> Setup {
+    let sdk = double.sdk_config().await;
+    let s3 = S3Server::start(&["data"]);
+    let s3_client = s3.client().await;
+    Setup {
+        double,
+        _s3: s3,
+        s3_client,
+        sdk,
+    }
+}
+
+impl Setup {
+    fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let mut vars = vec![
+            ("S3SPOT_BACKEND", "batch"),
+            ("S3SPOT_BATCH_JOB_QUEUE", QUEUE),
+            ("S3SPOT_BATCH_JOB_DEFINITION", "s3spot-job"),
+            ("S3SPOT_RESULTS_BUCKET", "data"),
+        ];
+        vars.extend_from_slice(overrides);
+        let mut config = Config::from_lookup(s3spot_lookup("", &vars)).unwrap();
+        config.job.region = Some(REGION.into());
+        config
+    }
+
+    fn launcher(&self) -> BatchLauncher {
+        let s3spot_lambda::Backend::Batch(target) = self.config(&[]).backend else {
+            unreachable!()
+        };
+        BatchLauncher::from_client(aws_sdk_batch::Client::new(&self.sdk), target)
+    }
+
+    fn handler(&self, overrides: &[(&str, &str)]) -> Handler<BatchLauncher, S3Statuses> {
+        Handler::new(
+            self.config(overrides),
+            self.launcher(),
+            S3Statuses::from_client(self.s3_client.clone()),
+        )
+    }
+
+    fn jobs(&self) -> Jobs<BatchLauncher, S3Statuses> {
+        Jobs::new(
+            self.config(&[]).jobs(),
+            self.launcher(),
+            S3Statuses::from_client(self.s3_client.clone()),
+        )
+    }
+}
+
+fn upload(key: &str, sequencer: &str) -> serde_json::Value {
+    json!({"eventName": "ObjectCreated:Put", "eventTime": "2026-11-30T10:19:37.123Z",
+           "s3": {"bucket": {"name": "data"},
+                  "object": {"key": key, "eTag": "e", "size": 10, "sequencer": sequencer}}})
+}
+
+/// The job's status.json: the one in its upload folder under the key's results.
+async fn status_of(setup: &Setup, key: &str) -> s3spot_bootstrap::Status {
+    let listed = setup
+        .s3_client
+        .list_objects_v2()
+        .bucket("data")
+        .prefix(format!("analysis/{key}/"))
+        .send()
+        .await
+        .unwrap();
+    let status_key = listed
+        .contents()
+        .iter()
+        .filter_map(|object| object.key())
+        .find(|k| k.ends_with("/status.json") && !k.contains("/.s3spot/"))
+        .unwrap_or_else(|| panic!("no status.json for {key}"))
+        .to_owned();
+    let body = setup
+        .s3_client
+        .get_object()
+        .bucket("data")
+        .key(status_key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_job_still_on_the_queue_is_found_by_its_name_and_never_submitted_twice() {
+    let setup = setup(BatchDouble::start()).await;
+    let launcher = setup.launcher();
+    let event = json!({"Records": [upload("in/a.csv", "01")]});
+    let s3spot_lambda::event::Invocation::Direct(records) =
+        s3spot_lambda::event::parse(event).unwrap()
+    else {
+        unreachable!()
+    };
+    let Some(s3spot_lambda::event::Record::Created(object)) = records.into_iter().next() else {
+        unreachable!()
+    };
+    let request = s3spot_lambda::launch_requests(&setup.config(&[]), object)
+        .unwrap()
+        .unwrap()
+        .remove(0);
+    let first = s3spot_lambda::Launcher::launch(&launcher, &request)
+        .await
+        .unwrap();
+    // The launcher died before it recorded the submit; the next delivery launches again.
+    let again = s3spot_lambda::Launcher::launch(&launcher, &request)
+        .await
+        .unwrap();
+    assert_eq!(again.instance_id, first.instance_id);
+    let jobs = setup.double.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(jobs[0].status, "RUNNABLE");
+    // Running, the same.
+    setup.double.set_status(&first.instance_id, "RUNNING", None);
+    let running = s3spot_lambda::Launcher::launch(&launcher, &request)
+        .await
+        .unwrap();
+    assert_eq!(running.instance_id, first.instance_id);
+    assert_eq!(setup.double.jobs().len(), 1);
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_terminates_it_and_records_why() {
+    let setup = setup(BatchDouble::start()).await;
+    let handler = setup.handler(&[]);
+    let event = json!({"Records": [upload("in/a.csv", "01"), upload("in/b.csv", "02")]});
+    let Ok(Response::Report(report)) = handler.handle(event).await else {
+        panic!("the handler failed");
+    };
+    assert_eq!(report.launched.len(), 2, "{report:#?}");
+    let jobs = setup.jobs();
+    let clock = Clock::now(jobs.config());
+    let listed = jobs.list(clock).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|job| job.state == "pending"),
+        "{listed:#?}"
+    );
+
+    let stopped = jobs
+        .cancel(
+            &Target::Object {
+                bucket: Some("data".into()),
+                key: "in/b.csv".into(),
+            },
+            clock,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stopped.instances.len(), 1, "{stopped:#?}");
+    let b = setup
+        .double
+        .jobs()
+        .into_iter()
+        .find(|job| job.id == stopped.instances[0].instance_id)
+        .unwrap();
+    assert_eq!(b.status, "FAILED", "TerminateJob ends a queued job");
+    assert!(b.status_reason.is_some_and(|r| r.contains("s3spot")));
+    let status = status_of(&setup, "in/b.csv").await;
+    assert_eq!(status.state, State::Cancelled, "{status:#?}");
+    // The other job is untouched.
+    assert_eq!(
+        setup
+            .double
+            .jobs()
+            .iter()
+            .filter(|job| job.status == "RUNNABLE")
+            .count(),
+        1
+    );
+}
+
+/// A job Batch gave up on (its host lost on every retry) and whose worker wrote nothing: the
+/// reaper records it failed, with Batch's reason.
+#[tokio::test]
+async fn the_reaper_gives_a_silently_failed_batch_job_its_reason() {
+    let setup = setup(BatchDouble::start()).await;
+    let handler = setup.handler(&[]);
+    let Ok(Response::Report(report)) = handler
+        .handle(json!({"Records": [upload("in/a.csv", "01")]}))
+        .await
+    else {
+        panic!("the handler failed");
+    };
+    let id = &report.launched[0].instance_id;
+    setup.double.set_status(id, "RUNNING", None);
+    setup
+        .double
+        .set_status(id, "FAILED", Some("Host EC2 (instance i-0abc) terminated."));
+    let clock = Clock::now(handler.jobs().config());
+    let stopped = handler.reap(clock, false).await.unwrap();
+    assert_eq!(stopped.ended.len(), 1, "{stopped:#?}");
+    let status = status_of(&setup, "in/a.csv").await;
+    assert_eq!(status.state, State::Failed, "{status:#?}");
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains("Host EC2 (instance i-0abc) terminated."),
+        "{error}"
+    );
+    // A second sweep finds the verdict and records nothing more.
+    let again = handler.reap(clock, false).await.unwrap();
+    assert!(again.ended.is_empty(), "{again:#?}");
+}
+
+/// Batch answers 50 calls a second per account. A burst over it is throttled: the SDK retries,
+/// and what still fails waits for its next delivery; nothing is lost or submitted twice.
+#[tokio::test]
+async fn a_burst_over_batchs_rate_loses_nothing_and_submits_each_upload_once() {
+    let setup = setup(BatchDouble::start_rate_limited()).await;
+    // No pacing of our own: Batch's rate alone holds the burst back.
+    let handler = setup.handler(&[("S3SPOT_LAUNCH_RATE", "1000")]);
+    let uploads: Vec<serde_json::Value> = (0..120)
+        .map(|n| upload(&format!("in/{n:03}.csv"), &format!("{n:04}")))
+        .collect();
+    let mut pending = uploads.clone();
+    for _delivery in 0..20 {
+        if pending.is_empty() {
+            break;
+        }
+        let report = match handler.handle(json!({ "Records": pending })).await {
+            Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            report.failed.iter().all(|f| f.retryable),
+            "throttling is never final: {:#?}",
+            report.failed
+        );
+        let failed: Vec<&str> = report.failed.iter().map(|f| f.key.as_str()).collect();
+        pending = uploads
+            .iter()
+            .filter(|u| failed.contains(&u["s3"]["object"]["key"].as_str().unwrap()))
+            .cloned()
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert!(pending.is_empty(), "{} never launched", pending.len());
+    let jobs = setup.double.jobs();
+    let mut names: Vec<&str> = jobs.iter().map(|job| job.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 120, "one job per upload");
+    assert_eq!(jobs.len(), 120, "none submitted twice");
+    let (_, throttled) = setup.double.calls();
+    assert!(throttled > 0, "the burst went over Batch's rate");
+}
