@@ -36,6 +36,8 @@ SESSION_CHANNELS = [
     "ssmmessages:OpenControlChannel",
     "ssmmessages:OpenDataChannel",
 ]
+# Batch's job listing and description, which support no resource-level permissions.
+BATCH_READS = ["batch:ListJobs", "batch:DescribeJobs"]
 TEMPLATE_RESOURCE_TYPES = {"volume", "network-interface", "subnet", "security-group", "image", "key-pair"}
 
 # Job state-change events: what the launcher, the worker and the operators may put on the
@@ -142,9 +144,11 @@ def check_resource_star_only_where_required(template):
                     ["ec2:DescribeInstances"],
                     ["ec2:DescribeSpotPriceHistory"],
                     SESSION_CHANNELS,
+                    BATCH_READS,
                 ), (
                     f"{where}: Resource '*' for {s['Action']}; only DescribeInstances, "
-                    "DescribeSpotPriceHistory and the Session Manager channels need it"
+                    "DescribeSpotPriceHistory, the Session Manager channels and Batch's "
+                    "ListJobs and DescribeJobs need it"
                 )
                 assert "RequiresWildcard" in s.get("Sid", ""), (
                     f"{where}: the Resource '*' statement must say why in its Sid"
@@ -680,7 +684,9 @@ def check_job_events(template):
         for s in statements(document):
             if any(a.startswith("events:") for a in as_list(s["Action"])):
                 found.setdefault(where.split("/")[0], []).append(s)
-    assert sorted(found) == ["InstanceRole", "LauncherRole", "OperatorPolicy"], sorted(found)
+    assert sorted(found) == [
+        "BatchJobRole", "InstanceRole", "LauncherRole", "OperatorPolicy"
+    ], sorted(found)
     for where, found_statements in found.items():
         assert found_statements == [PUT_JOB_EVENTS], (
             f"{where}: events:PutEvents on the default bus, for source {EVENT_SOURCE!r} and "
@@ -831,6 +837,121 @@ def check_notifications(template):
     assert f"s3://<{bucket}>/<{key_var}>" in message, "the e-mail names the upload"
 
 
+BATCH_RESOURCES = [
+    "BatchInstanceRole", "BatchInstanceProfile", "BatchLaunchTemplate", "BatchComputeEnvironment",
+    "BatchJobQueue", "BatchJobRole", "BatchJobDefinition", "BatchJobsPolicy",
+]
+JOB_ARN = "arn:${AWS::Partition}:batch:${AWS::Region}:${AWS::AccountId}:job/*"
+
+
+def check_batch_backend(template):
+    """Backend=batch: spot capacity that scales to zero, IMDS out of the containers' reach, a
+    queue that cancels jobs stuck RUNNABLE, retries on host loss alone, the worker's own
+    permissions for the jobs, and the launcher's Batch permissions on its own jobs only."""
+    resources = template["Resources"]
+    for name in BATCH_RESOURCES:
+        assert resources[name].get("Condition") == "UsesBatch", f"{name} exists only with batch"
+    assert template["Conditions"]["UsesBatch"] == {"Fn::Equals": [{"Ref": "Backend"}, "batch"]}
+
+    compute = resources["BatchComputeEnvironment"]["Properties"]
+    assert compute["Type"] == "MANAGED"
+    capacity = compute["ComputeResources"]
+    assert capacity["Type"] == "SPOT"
+    assert capacity["AllocationStrategy"] == "SPOT_PRICE_CAPACITY_OPTIMIZED"
+    assert capacity["MinvCpus"] == 0, "nothing runs, and nothing bills, on an empty queue"
+    assert capacity["MaxvCpus"] == {"Ref": "BatchMaxVcpus"}
+    assert capacity["InstanceTypes"] == {"Ref": "InstanceTypes"}
+    assert capacity["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": "BatchLaunchTemplate"}
+    assert capacity["Ec2Configuration"] == [{"ImageType": "ECS_AL2023"}]
+    data = resources["BatchLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"] == {
+        "HttpTokens": "required",
+        "HttpEndpoint": "enabled",
+        "HttpPutResponseHopLimit": 1,
+    }, "IMDSv2, one hop: the containers cannot reach the hosts' credentials"
+    for mapping in data["BlockDeviceMappings"]:
+        assert mapping["Ebs"]["Encrypted"] is True
+
+    queue = resources["BatchJobQueue"]["Properties"]
+    assert [o["ComputeEnvironment"] for o in queue["ComputeEnvironmentOrder"]] == [
+        {"Ref": "BatchComputeEnvironment"}
+    ]
+    actions = queue.get("JobStateTimeLimitActions", [])
+    assert {a["Reason"] for a in actions} >= {"CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"}
+    for action in actions:
+        assert action["State"] == "RUNNABLE" and action["Action"] == "CANCEL", action
+        assert action["MaxTimeSeconds"] == {"Ref": "BatchMaxRunnableSeconds"}, action
+
+    definition = resources["BatchJobDefinition"]["Properties"]
+    retry = definition["RetryStrategy"]
+    assert retry["Attempts"] > 1
+    rules = retry["EvaluateOnExit"]
+    assert rules[0] == {"OnStatusReason": "Host EC2*", "Action": "RETRY"}, rules
+    assert rules[-1] == {"OnReason": "*", "Action": "EXIT"}, "any other end is the job's outcome"
+    assert all(r["Action"] == "EXIT" for r in rules[1:]), rules
+    container = definition["ContainerProperties"]
+    assert container["JobRoleArn"] == {"Fn::GetAtt": ["BatchJobRole", "Arn"]}
+    assert container["Command"][:2] == ["bash", "-c"]
+    assert not container.get("Privileged"), "a job's container is never privileged"
+    assert definition["PlatformCapabilities"] == ["EC2"]
+
+    # The jobs' role: exactly the instance role's statements for the worker.
+    worker_sids = {
+        "ReadInputs", "WriteResultsOnly", "NeverTheLaunchersClaims",
+        "PutJobEventsOnTheDefaultBus", "ReadTheWorkerBinary",
+    }
+    instance = [s for s in role_statements(template, "InstanceRole") if s["Sid"] in worker_sids]
+    job = role_statements(template, "BatchJobRole")
+    assert job == instance, "BatchJobRole grants what InstanceRole grants the worker, no more"
+    trust = resources["BatchJobRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert [t["Principal"] for t in trust] == [{"Service": "ecs-tasks.amazonaws.com"}]
+    assert all("aws:SourceAccount" in t["Condition"]["StringEquals"] for t in trust)
+
+    policy = resources["BatchJobsPolicy"]["Properties"]
+    assert policy["Roles"] == [{"Ref": "LauncherRole"}]
+    grants = {}
+    for s in statements(policy["PolicyDocument"]):
+        assert s["Effect"] == "Allow"
+        for action in as_list(s["Action"]):
+            grants.setdefault(action, []).append(s)
+    assert sorted(grants) == [
+        "batch:DescribeJobs", "batch:ListJobs", "batch:SubmitJob", "batch:TagResource",
+        "batch:TerminateJob",
+    ], sorted(grants)
+    (submit,) = grants["batch:SubmitJob"]
+    assert {sub_text(r) for r in as_list(submit["Resource"])} == {
+        "arn:${AWS::Partition}:batch:${AWS::Region}:${AWS::AccountId}:job-queue/${PipelineName}-jobs",
+        "arn:${AWS::Partition}:batch:${AWS::Region}:${AWS::AccountId}:job-definition/${PipelineName}-job:*",
+        JOB_ARN,
+    }, "the pipeline's queue and job definition only"
+    assert resources["BatchJobQueue"]["Properties"]["JobQueueName"] == {
+        "Fn::Sub": "${PipelineName}-jobs"
+    }
+    assert resources["BatchJobDefinition"]["Properties"]["JobDefinitionName"] == {
+        "Fn::Sub": "${PipelineName}-job"
+    }
+    (tag,) = grants["batch:TagResource"]
+    assert tag.get("Condition") == {"ForAllValues:StringLike": {"aws:TagKeys": "s3spot:*"}}, tag
+    (terminate,) = grants["batch:TerminateJob"]
+    assert [sub_text(r) for r in as_list(terminate["Resource"])] == [JOB_ARN]
+    assert terminate.get("Condition") == {
+        "StringEquals": {"aws:ResourceTag/s3spot:pipeline": {"Ref": "PipelineName"}}
+    }, "only the pipeline's own jobs"
+
+    env = function_environment(template)
+    assert env.get("S3SPOT_BACKEND") == {"Ref": "Backend"}
+    assert env.get("S3SPOT_BATCH_JOB_QUEUE") == {"Fn::If": ["UsesBatch", {"Ref": "BatchJobQueue"}, ""]}
+    assert env.get("S3SPOT_BATCH_JOB_DEFINITION") == {
+        "Fn::If": ["UsesBatch", {"Ref": "BatchJobDefinition"}, ""]
+    }
+    assert env["S3SPOT_MARKET"] == {"Fn::If": ["UsesBatch", "", {"Ref": "Market"}]}
+
+
+def function_environment(template):
+    (function,) = resources_of_type(template, "AWS::Lambda::Function").values()
+    return function["Properties"]["Environment"]["Variables"]
+
+
 def check_parameter_groups(template):
     """The console shows every parameter, in one group each."""
     groups = template["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
@@ -863,6 +984,7 @@ CHECKS = [
     check_job_events,
     check_notifications,
     check_parameter_groups,
+    check_batch_backend,
 ]
 
 
@@ -886,7 +1008,9 @@ class TemplateProperties(unittest.TestCase):
         self.assertNotIn("AWS::Serverless::Function", kinds)
         # The transform adds no role or policy of its own: the function uses LauncherRole.
         roles = set(resources_of_type(self.template, "AWS::IAM::Role"))
-        self.assertEqual(roles, {"LauncherRole", "InstanceRole"})
+        self.assertEqual(
+            roles, {"LauncherRole", "InstanceRole", "BatchInstanceRole", "BatchJobRole"}
+        )
 
 
 class EveryStatementSaysWhy(unittest.TestCase):
@@ -1254,6 +1378,133 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
                     s["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/analysis/*"}
 
         self.expect_failure(check_operator_policy, edit)
+
+    def batch(self, template, name):
+        return template["Resources"][name]["Properties"]
+
+    def test_batch_compute_that_never_scales_to_zero(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchComputeEnvironment")["ComputeResources"].update(
+                MinvCpus=1
+            ),
+        )
+
+    def test_batch_on_demand_capacity(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchComputeEnvironment")["ComputeResources"].update(
+                Type="EC2", AllocationStrategy="BEST_FIT_PROGRESSIVE"
+            ),
+        )
+
+    def test_batch_containers_reach_imds(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchLaunchTemplate")["LaunchTemplateData"][
+                "MetadataOptions"
+            ].update(HttpPutResponseHopLimit=2),
+        )
+
+    def test_batch_jobs_stuck_runnable_forever(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchJobQueue").pop("JobStateTimeLimitActions"),
+        )
+
+    def test_batch_retries_the_jobs_own_failure(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchJobDefinition")["RetryStrategy"][
+                "EvaluateOnExit"
+            ].pop(),
+        )
+
+    def test_batch_retries_nothing(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchJobDefinition")["RetryStrategy"][
+                "EvaluateOnExit"
+            ].pop(0),
+        )
+
+    def test_batch_job_role_reads_everything(self):
+        def edit(t):
+            for s in role_statements(t, "BatchJobRole"):
+                if s["Sid"] == "ReadTheWorkerBinary":
+                    s["Resource"] = {"Fn::Sub": "${ArtifactsBucket.Arn}/*"}
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_job_role_may_forge_claims(self):
+        def edit(t):
+            statements_ = self.batch(t, "BatchJobRole")["Policies"][0]["PolicyDocument"]
+            statements_["Statement"] = [
+                s for s in statements_["Statement"] if s["Sid"] != "NeverTheLaunchersClaims"
+            ]
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_job_role_trusts_any_account(self):
+        def edit(t):
+            for s in self.batch(t, "BatchJobRole")["AssumeRolePolicyDocument"]["Statement"]:
+                s["Condition"]["StringEquals"].pop("aws:SourceAccount")
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_privileged_container(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchJobDefinition")["ContainerProperties"].update(
+                Privileged=True
+            ),
+        )
+
+    def test_batch_submit_to_any_queue(self):
+        def edit(t):
+            for s in self.batch(t, "BatchJobsPolicy")["PolicyDocument"]["Statement"]:
+                if s["Sid"] == "SubmitToThePipelinesQueue":
+                    s["Resource"][0] = {
+                        "Fn::Sub": "arn:${AWS::Partition}:batch:${AWS::Region}:${AWS::AccountId}:job-queue/*"
+                    }
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_terminate_any_job(self):
+        def edit(t):
+            for s in self.batch(t, "BatchJobsPolicy")["PolicyDocument"]["Statement"]:
+                if s["Sid"] == "TerminateOwnJobs":
+                    s.pop("Condition")
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_tags_of_any_key(self):
+        def edit(t):
+            for s in self.batch(t, "BatchJobsPolicy")["PolicyDocument"]["Statement"]:
+                if s["Sid"] == "TagJobsAtSubmit":
+                    s.pop("Condition")
+
+        self.expect_failure(check_batch_backend, edit)
+
+    def test_batch_resources_in_an_ec2_stack(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: t["Resources"]["BatchComputeEnvironment"].pop("Condition"),
+        )
+
+    def test_batch_launcher_not_told_its_queue(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: function_environment(t).pop("S3SPOT_BATCH_JOB_QUEUE"),
+        )
+
+    def test_batch_cancel_any_job_with_wildcard_reads(self):
+        def edit(t):
+            for s in self.batch(t, "BatchJobsPolicy")["PolicyDocument"]["Statement"]:
+                if s["Sid"] == "JobLookupRequiresWildcard":
+                    s["Action"] = [*s["Action"], "batch:TerminateJob"]
+
+        self.expect_failure(check_resource_star_only_where_required, edit)
 
     def test_operator_policy_drifts_from_the_launcher(self):
         def edit(t):

@@ -333,6 +333,8 @@ impl Config {
                     "S3SPOT_LAUNCH_RATE" => {
                         non_empty(lookup(name)).or_else(|| Some(BATCH_LAUNCH_RATE.to_string()))
                     }
+                    // The stack says "" for none.
+                    "S3SPOT_MARKET" => non_empty(lookup(name)),
                     _ => lookup(name),
                 })?
             }

@@ -238,3 +238,87 @@ async fn the_templates_fleet_parameters_reach_the_launcher() {
         "m7i.large,m6i.large,m5.large"
     );
 }
+
+/// With `Backend=batch`, the function's environment configures the Batch backend on the stack's
+/// queue and job definition, and nothing of EC2's market.
+#[test]
+fn the_templates_batch_backend_configures_the_launcher_for_its_queue() {
+    let mut all: Vec<(&str, &str)> = vec![
+        ("WorkerKey", WORKER_KEY),
+        ("WorkerSha256", SHA256),
+        ("VpcId", "vpc-0123456789abcdef0"),
+        ("SubnetId", "subnet-0123456789abcdef0"),
+        ("Backend", "batch"),
+    ];
+    let environment = s3spot_tests::template::resolve(
+        &all,
+        &[
+            ("WorkerLaunchTemplate", "lt-0123456789abcdef0"),
+            ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
+            ("ArtifactsBucket", "s3spot-artifacts-x"),
+            ("DataBucket", "example-bucket"),
+            (
+                "BatchJobQueue",
+                "arn:aws:batch:us-east-1:123456789012:job-queue/s3spot-jobs",
+            ),
+            (
+                "BatchJobDefinition",
+                "arn:aws:batch:us-east-1:123456789012:job-definition/s3spot-job:1",
+            ),
+        ],
+        &[],
+    )
+    .environment;
+    let config = Config::from_lookup(|name| environment.get(name).cloned())
+        .unwrap_or_else(|e| panic!("the template's environment is refused: {e}\n{environment:#?}"));
+    assert_eq!(
+        config.backend,
+        s3spot_lambda::Backend::Batch(s3spot_lambda::BatchTarget {
+            job_queue: "arn:aws:batch:us-east-1:123456789012:job-queue/s3spot-jobs".into(),
+            job_definition: "arn:aws:batch:us-east-1:123456789012:job-definition/s3spot-job:1"
+                .into(),
+        })
+    );
+    // And the default stack stays on EC2.
+    all.pop();
+    let environment = s3spot_tests::template::resolve(
+        &all,
+        &[
+            ("WorkerLaunchTemplate", "lt-0123456789abcdef0"),
+            ("WorkerLaunchTemplate.LatestVersionNumber", "1"),
+            ("ArtifactsBucket", "s3spot-artifacts-x"),
+            ("DataBucket", "example-bucket"),
+        ],
+        &[],
+    )
+    .environment;
+    let config = Config::from_lookup(|name| environment.get(name).cloned()).unwrap();
+    assert_eq!(config.backend, s3spot_lambda::Backend::Ec2);
+}
+
+/// The job definition's command in the template is the container script as s3spot renders it
+/// (`s3spot render --container`): the two never drift apart.
+#[test]
+fn the_templates_batch_command_is_the_rendered_container_script() {
+    let output =
+        std::process::Command::new(s3spot_tests::workspace_root().join(".venv/bin/python"))
+            .current_dir(s3spot_tests::workspace_root())
+            .args([
+                "-c",
+                "import json; from infra.tests.template import source; \
+             print(json.dumps(source()['Resources']['BatchJobDefinition']['Properties']\
+             ['ContainerProperties']['Command']))",
+            ])
+            .output()
+            .expect("run the template reader");
+    assert!(output.status.success(), "{}", s3spot_tests::show(&output));
+    let command: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
+    let script = s3spot_bootstrap::render_container_script(None).unwrap();
+    assert_eq!(command.len(), 4, "{command:?}");
+    assert_eq!(command[..2], ["bash", "-c"]);
+    assert!(
+        command[2] == script,
+        "the template's job definition command differs from `s3spot render --container`; \
+         paste the rendered script into infra/template.yaml"
+    );
+}
