@@ -37,6 +37,8 @@ enum Command {
     Local(Options),
     /// A burst of uploads launched against an EC2 double that throttles like EC2.
     Burst(Options),
+    /// The Batch backend and the EC2 backend on one large burst, against their doubles.
+    Backends(Options),
     /// Runs a shell command and prints its wall time, CPU time and peak RSS as JSON.
     #[command(hide = true)]
     Measure { command: String },
@@ -77,6 +79,12 @@ pub struct Options {
     /// Seconds before a record that waited is delivered again.
     #[arg(long, default_value_t = 10)]
     pub burst_visibility_secs: u64,
+    /// Uploads in the burst the two backends are compared on.
+    #[arg(long, default_value_t = 10_000)]
+    pub backend_burst: usize,
+    /// Seconds the EC2 backend gets for that burst; the rest is projected from its rate.
+    #[arg(long, default_value_t = 180)]
+    pub ec2_budget_secs: u64,
     /// Concurrent invocations taking the burst from the queue (the template's QueueConcurrency).
     #[arg(long, default_value_t = 2)]
     pub pollers: usize,
@@ -98,11 +106,13 @@ pub fn main() -> anyhow::Result<()> {
                 worker::run(&options).await?.print();
                 local::run(&options).await?.print();
                 burst::run(&options).await?.print();
+                burst::backends(&options).await?.print();
             }
             Command::Lambda(options) => lambda::run(&options).await?.print(),
             Command::Worker(options) => worker::run(&options).await?.print(),
             Command::Local(options) => local::run(&options).await?.print(),
             Command::Burst(options) => burst::run(&options).await?.print(),
+            Command::Backends(options) => burst::backends(&options).await?.print(),
             Command::Measure { .. } => unreachable!("handled above"),
         }
         Ok(())

@@ -181,6 +181,20 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
                     }),
                 }
             }
+            // Batch retries a job whose host went away (its job definition's retry strategy):
+            // the warning is for one of Batch's hosts, not an instance of s3spot's.
+            Record::Interrupted { instance_id }
+                if matches!(self.config.backend, crate::config::Backend::Batch(_)) =>
+            {
+                report.skip(
+                    "",
+                    "",
+                    format!(
+                        "spot interruption of {instance_id}: with S3SPOT_BACKEND=batch, Batch \
+                         retries the jobs of a host it loses"
+                    ),
+                );
+            }
             Record::Interrupted { instance_id } => {
                 let recover: Pin<Box<dyn Future<Output = _> + Send + '_>> =
                     Box::pin(self.recover(&instance_id, state, report));

@@ -227,18 +227,19 @@ async fn the_reaper_gives_a_silently_failed_batch_job_its_reason() {
     assert!(again.ended.is_empty(), "{again:#?}");
 }
 
-/// Batch answers 50 calls a second per account. A burst over it is throttled: the SDK retries,
-/// and what still fails waits for its next delivery; nothing is lost or submitted twice.
+/// Batch answers 50 calls a second per account (the double, 2 here, so that the burst goes over
+/// it on any machine). A burst over it is throttled: the SDK retries, and what still fails waits
+/// for its next delivery; nothing is lost or submitted twice.
 #[tokio::test]
 async fn a_burst_over_batchs_rate_loses_nothing_and_submits_each_upload_once() {
-    let setup = setup(BatchDouble::start_rate_limited()).await;
+    let setup = setup(BatchDouble::start_with_rate(2.0)).await;
     // No pacing of our own: Batch's rate alone holds the burst back.
     let handler = setup.handler(&[("S3SPOT_LAUNCH_RATE", "1000")]);
-    let uploads: Vec<serde_json::Value> = (0..120)
+    let uploads: Vec<serde_json::Value> = (0..20)
         .map(|n| upload(&format!("in/{n:03}.csv"), &format!("{n:04}")))
         .collect();
     let mut pending = uploads.clone();
-    for _delivery in 0..20 {
+    for _delivery in 0..60 {
         if pending.is_empty() {
             break;
         }
@@ -264,8 +265,66 @@ async fn a_burst_over_batchs_rate_loses_nothing_and_submits_each_upload_once() {
     let mut names: Vec<&str> = jobs.iter().map(|job| job.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 120, "one job per upload");
-    assert_eq!(jobs.len(), 120, "none submitted twice");
+    assert_eq!(names.len(), 20, "one job per upload");
+    assert_eq!(jobs.len(), 20, "none submitted twice");
     let (_, throttled) = setup.double.calls();
     assert!(throttled > 0, "the burst went over Batch's rate");
+}
+
+/// `s3spot jobs retry` of a job Batch ended submits its next attempt as a job of its own; a
+/// job still on the queue is not retried.
+#[tokio::test]
+async fn retry_submits_the_next_attempt_as_a_new_job() {
+    let setup = setup(BatchDouble::start()).await;
+    let handler = setup.handler(&[]);
+    let Ok(Response::Report(report)) = handler
+        .handle(json!({"Records": [upload("in/a.csv", "01")]}))
+        .await
+    else {
+        panic!("the handler failed");
+    };
+    let first = report.launched[0].instance_id.clone();
+    let target = Target::Object {
+        bucket: Some("data".into()),
+        key: "in/a.csv".into(),
+    };
+    let still = handler.retry(&target).await;
+    assert!(
+        matches!(still, Err(s3spot_lambda::JobsError::StillActive { .. })),
+        "{still:?}"
+    );
+    setup
+        .double
+        .set_status(&first, "FAILED", Some("Essential container in task exited"));
+    let retried = handler.retry(&target).await.unwrap();
+    assert_eq!(retried.launched.len(), 1, "{retried:#?}");
+    let jobs = setup.double.jobs();
+    assert_eq!(jobs.len(), 2);
+    let second = jobs.iter().find(|job| job.id != first).unwrap();
+    assert!(second.name.ends_with("-2"), "attempt 2: {}", second.name);
+    assert_eq!(
+        second
+            .tags
+            .iter()
+            .find(|(k, _)| k == "s3spot:attempt")
+            .map(|(_, v)| v.as_str()),
+        Some("2")
+    );
+}
+
+/// EC2's spot warnings reach the intake queue whatever the backend; with Batch they are for
+/// Batch's hosts, whose jobs Batch retries: skipped, not failed, and nothing launched.
+#[tokio::test]
+async fn a_spot_warning_for_a_batch_host_is_skipped() {
+    let setup = setup(BatchDouble::start()).await;
+    let handler = setup.handler(&[]);
+    let Ok(Response::Report(report)) = handler
+        .handle(s3spot_tests::event("spot-interruption.json"))
+        .await
+    else {
+        panic!("the handler failed");
+    };
+    assert!(report.failed.is_empty(), "{report:#?}");
+    assert_eq!(report.skipped.len(), 1, "{report:#?}");
+    assert!(setup.double.jobs().is_empty());
 }

@@ -48,8 +48,8 @@ pub struct DoubleJob {
 #[derive(Default)]
 struct State {
     jobs: Vec<DoubleJob>,
-    /// (tokens, last refill); `None`: no rate limit.
-    rate: Option<(f64, Instant)>,
+    /// (calls a second, tokens, last refill); `None`: no rate limit.
+    rate: Option<(f64, f64, Instant)>,
     calls: usize,
     throttled: usize,
 }
@@ -76,8 +76,14 @@ impl BatchDouble {
 
     /// Batch's own: [`CALLS_PER_SECOND`], starting full.
     pub fn start_rate_limited() -> BatchDouble {
+        Self::start_with_rate(CALLS_PER_SECOND)
+    }
+
+    /// `per_second` calls a second, a second's worth at most in hand: a test's burst goes over
+    /// a low rate whatever the machine's speed.
+    pub fn start_with_rate(per_second: f64) -> BatchDouble {
         let double = Self::start();
-        double.state().rate = Some((CALLS_PER_SECOND, Instant::now()));
+        double.state().rate = Some((per_second, per_second, Instant::now()));
         double
     }
 
@@ -148,12 +154,11 @@ fn client_error(message: &str) -> Response<Full<Bytes>> {
 }
 
 fn take_token(state: &mut State) -> bool {
-    let Some((tokens, last)) = state.rate.as_mut() else {
+    let Some((per_second, tokens, last)) = state.rate.as_mut() else {
         return true;
     };
     let now = Instant::now();
-    *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * CALLS_PER_SECOND)
-        .min(CALLS_PER_SECOND);
+    *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * *per_second).min(*per_second);
     *last = now;
     if *tokens >= 1.0 {
         *tokens -= 1.0;

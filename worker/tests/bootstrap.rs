@@ -408,6 +408,72 @@ fn batch_command_inside_namespaces() {
     assert!(!output.status.success());
     assert!(log_text.contains("worker sha256 mismatch"), "{log_text}");
 
+    // The container runtime's SIGTERM (TerminateJob, a spot host drained, Batch's timeout) is
+    // the interruption notice on Batch: the worker stops the command and records the stop.
+    fixture.put("data", "in/stopped.csv", b"a\n");
+    let mut job = fixture.job(
+        "in/stopped.csv",
+        Some("touch \"$S3SPOT_OUTPUT_DIR/started\"; sleep 120"),
+    );
+    job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
+    job.worker.sha256 = hex::encode(Sha256::digest(&worker_bytes));
+    let _ = std::fs::remove_file(&log);
+    let mut child = Command::new("bash")
+        .args(["-c", &script, "s3spot-batch"])
+        .env_clear()
+        .env("PATH", tools.path())
+        .env("S3SPOT_HOME", &home)
+        .env("S3SPOT_LOG", &log)
+        .env("S3SPOT_WORK_DIR", "/var/tmp")
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL_S3", &endpoint)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .envs(s3spot_bootstrap::container_environment(&job).unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("running the worker")
+    {
+        assert!(started.elapsed().as_secs() < 60, "the worker never started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Time for the worker to fetch the input and start the command.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let signalled = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed().as_secs() < 45,
+            "the worker did not stop on the container's SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!exit.success(), "{log_text}");
+    let status = fixture.status(
+        "data",
+        &format!("analysis/in/stopped.csv/{}/", common::UPLOAD),
+    );
+    assert_eq!(status.state, State::Interrupted, "{status:#?}\n{log_text}");
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("SIGTERM")),
+        "{status:#?}"
+    );
+
     // A container started without a job says which variable is missing.
     let (output, log_text) = run("in/no-job.csv", &|env| {
         env.retain(|(name, _)| name != "S3SPOT_JOB");
