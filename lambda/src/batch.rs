@@ -10,6 +10,8 @@
 //! delivery looks, well past the few seconds `ListJobs` may lag behind a submit.
 //!
 //! A job is the unit the job commands see: [`InstanceInfo::instance_id`] is its Batch job id.
+//! The pipeline's list holds its active jobs and those that ended within [`LISTED_AFTER_END`];
+//! one job's list holds every attempt Batch still keeps.
 //! Batch bounds the spend itself (the compute environment's maximum vCPUs), so the runaway
 //! guard's count is not taken; Batch places and prices instances, so a job carries no type or
 //! price of its own.
@@ -42,6 +44,27 @@ pub const BATCH_MARKET: &str = "batch";
 
 /// `DescribeJobs` takes at most 100 ids a call.
 const DESCRIBE_BATCH: usize = 100;
+
+/// `ListJobs` pages hold up to 1000 jobs: ten calls list a 10,000-job backfill.
+const LIST_PAGE: i32 = 1000;
+
+/// How long an ended job stays in the pipeline's list, as EC2 lists a terminated instance for
+/// about an hour: long enough for the reaper to see it ended, where Batch keeps jobs for days.
+pub const LISTED_AFTER_END: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// One job of a `ListJobs` page.
+struct Listed {
+    id: String,
+    status: JobStatus,
+    /// Milliseconds since the epoch.
+    stopped_at: Option<i64>,
+}
+
+impl Listed {
+    fn has_ended(&self) -> bool {
+        matches!(self.status, JobStatus::Succeeded | JobStatus::Failed)
+    }
+}
 
 /// Batch's name of one attempt of a job: at most 50 characters of the letters, digits and
 /// hyphens a job name allows.
@@ -85,7 +108,7 @@ impl BatchLauncher {
 
     /// The ids of the queue's jobs whose names match `filter` (a name, or a prefix and `*`),
     /// whatever their status: with a filter, `ListJobs` ignores the status.
-    async fn list(&self, filter: &str) -> Result<Vec<(String, JobStatus)>, LaunchError> {
+    async fn list(&self, filter: &str) -> Result<Vec<Listed>, LaunchError> {
         let mut pages = self
             .client
             .list_jobs()
@@ -96,6 +119,7 @@ impl BatchLauncher {
                     .values(filter)
                     .build(),
             )
+            .max_results(LIST_PAGE)
             .into_paginator()
             .send();
         let mut jobs = Vec::new();
@@ -108,7 +132,13 @@ impl BatchLauncher {
                         job.job_name()
                             .is_some_and(|name| name.starts_with(JOB_NAME_PREFIX))
                     })
-                    .filter_map(|job| Some((job.job_id()?.to_owned(), job.status()?.clone()))),
+                    .filter_map(|job| {
+                        Some(Listed {
+                            id: job.job_id()?.to_owned(),
+                            status: job.status()?.clone(),
+                            stopped_at: job.stopped_at(),
+                        })
+                    }),
             );
         }
         Ok(jobs)
@@ -185,10 +215,7 @@ impl Launcher for BatchLauncher {
             })?;
         let name = job_name(&spec.job_id, spec.attempt);
         let found = self.list(&name).await?;
-        if let Some((id, _)) = found
-            .iter()
-            .find(|(_, status)| !matches!(status, JobStatus::Succeeded | JobStatus::Failed))
-        {
+        if let Some(Listed { id, .. }) = found.iter().find(|job| !job.has_ended()) {
             tracing::info!(
                 job_name = name,
                 batch_job_id = id,
@@ -283,11 +310,24 @@ impl Launcher for BatchLauncher {
             Some(job) => format!("{JOB_NAME_PREFIX}{job}-*"),
             None => format!("{JOB_NAME_PREFIX}*"),
         };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let horizon = i64::try_from(LISTED_AFTER_END.as_millis()).unwrap_or(i64::MAX);
         let ids: Vec<String> = self
             .list(&filter)
             .await?
             .into_iter()
-            .map(|(id, _)| id)
+            // One job's every attempt, whenever it ended; the whole pipeline's active jobs and
+            // those that ended within the hour, not a week of history on every sweep.
+            .filter(|listed| {
+                job.is_some()
+                    || !listed.has_ended()
+                    || listed
+                        .stopped_at
+                        .is_none_or(|stopped| now_ms.saturating_sub(stopped) <= horizon)
+            })
+            .map(|listed| listed.id)
             .collect();
         Ok(self
             .details(&ids)

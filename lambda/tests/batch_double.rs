@@ -225,6 +225,20 @@ async fn the_reaper_gives_a_silently_failed_batch_job_its_reason() {
     // A second sweep finds the verdict and records nothing more.
     let again = handler.reap(clock, false).await.unwrap();
     assert!(again.ended.is_empty(), "{again:#?}");
+    // An hour after its end the job leaves the pipeline's list (Batch keeps it for days, and
+    // each sweep would read its status again), as EC2 forgets an instance; named by its Batch
+    // job id, it is still found.
+    setup.double.ended_ago(
+        id,
+        s3spot_lambda::batch::LISTED_AFTER_END + std::time::Duration::from_secs(60),
+    );
+    let jobs = handler.jobs();
+    assert!(jobs.list(clock).await.unwrap().is_empty());
+    let found = jobs
+        .find(&Target::Instance(id.clone()), clock)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:#?}");
 }
 
 /// Batch answers 50 calls a second per account (the double, 2 here, so that the burst goes over

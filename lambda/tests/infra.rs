@@ -319,6 +319,6 @@ fn the_templates_batch_command_is_the_rendered_container_script() {
     assert!(
         command[2] == script,
         "the template's job definition command differs from `s3spot render --container`; \
-         paste the rendered script into infra/template.yaml"
+         run scripts/sync-batch-command"
     );
 }

@@ -43,6 +43,7 @@ pub struct DoubleJob {
     /// Milliseconds since the epoch.
     pub created_at: i64,
     pub started_at: Option<i64>,
+    pub stopped_at: Option<i64>,
 }
 
 #[derive(Default)]
@@ -118,6 +119,20 @@ impl BatchDouble {
         if status == "RUNNING" {
             job.started_at = Some(now_ms());
         }
+        if matches!(status, "SUCCEEDED" | "FAILED") {
+            job.stopped_at = Some(now_ms());
+        }
+    }
+
+    /// Moves a job's end `ago` into the past.
+    pub fn ended_ago(&self, id: &str, ago: std::time::Duration) {
+        let mut state = self.state();
+        let job = state
+            .jobs
+            .iter_mut()
+            .find(|job| job.id == id)
+            .unwrap_or_else(|| panic!("no job {id}"));
+        job.stopped_at = Some(now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX));
     }
 
     /// API calls answered, and refused for the rate.
@@ -206,6 +221,7 @@ async fn handle(
             if !matches!(job.status.as_str(), "SUCCEEDED" | "FAILED") {
                 job.status = "FAILED".into();
                 job.status_reason = input["reason"].as_str().map(str::to_owned);
+                job.stopped_at = Some(now_ms());
             }
             answer(StatusCode::OK, &json!({}), None)
         }
@@ -273,6 +289,7 @@ fn submit(state: &mut State, input: &Value) -> Response<Full<Bytes>> {
         attempt_duration_secs: input["timeout"]["attemptDurationSeconds"].as_i64(),
         created_at: now_ms(),
         started_at: None,
+        stopped_at: None,
     });
     answer(
         StatusCode::OK,
@@ -315,7 +332,9 @@ fn list(state: &State, input: &Value) -> Response<Full<Bytes>> {
         .as_str()
         .and_then(|token| token.parse().ok())
         .unwrap_or(0);
-    let page = usize::try_from(input["maxResults"].as_u64().unwrap_or(100)).unwrap_or(100);
+    let page = usize::try_from(input["maxResults"].as_u64().unwrap_or(100))
+        .unwrap_or(100)
+        .min(1000);
     let summaries: Vec<Value> = matching
         .iter()
         .skip(start)
@@ -323,7 +342,8 @@ fn list(state: &State, input: &Value) -> Response<Full<Bytes>> {
         .map(|job| {
             json!({"jobArn": format!("arn:aws:batch:us-east-1:123456789012:job/{}", job.id),
                    "jobId": job.id, "jobName": job.name, "status": job.status,
-                   "statusReason": job.status_reason, "createdAt": job.created_at})
+                   "statusReason": job.status_reason, "createdAt": job.created_at,
+                   "stoppedAt": job.stopped_at})
         })
         .collect();
     let mut body = json!({ "jobSummaryList": summaries });
@@ -353,7 +373,7 @@ fn describe(state: &State, input: &Value) -> Response<Full<Bytes>> {
                 "jobId": job.id, "jobName": job.name, "jobQueue": job.queue,
                 "jobDefinition": job.definition, "status": job.status,
                 "statusReason": job.status_reason, "createdAt": job.created_at,
-                "startedAt": job.started_at,
+                "startedAt": job.started_at, "stoppedAt": job.stopped_at,
                 "tags": job.tags.iter()
                     .map(|(k, v)| (k.clone(), json!(v)))
                     .collect::<serde_json::Map<_, _>>(),
