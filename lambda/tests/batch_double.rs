@@ -4,7 +4,7 @@
 
 use s3spot_bootstrap::State;
 use s3spot_lambda::{
-    BatchLauncher, Clock, Config, Handler, HandlerError, Jobs, Response, S3Statuses, Target,
+    BatchLauncher, Clock, Config, Handler, HandlerError, Response, S3Statuses, Target,
 };
 use s3spot_tests::{BatchDouble, REGION, S3Server, s3spot_lookup};
 use serde_json::json;
@@ -54,14 +54,6 @@ impl Setup {
     fn handler(&self, overrides: &[(&str, &str)]) -> Handler<BatchLauncher, S3Statuses> {
         Handler::new(
             self.config(overrides),
-            self.launcher(),
-            S3Statuses::from_client(self.s3_client.clone()),
-        )
-    }
-
-    fn jobs(&self) -> Jobs<BatchLauncher, S3Statuses> {
-        Jobs::new(
-            self.config(&[]).jobs(),
             self.launcher(),
             S3Statuses::from_client(self.s3_client.clone()),
         )
@@ -147,13 +139,14 @@ async fn a_job_still_on_the_queue_is_found_by_its_name_and_never_submitted_twice
 #[tokio::test]
 async fn cancelling_a_queued_job_terminates_it_and_records_why() {
     let setup = setup(BatchDouble::start()).await;
-    let handler = setup.handler(&[]);
+    let events = s3spot_bootstrap::fake::RecordedEvents::new();
+    let handler = setup.handler(&[]).with_events(events.events());
     let event = json!({"Records": [upload("in/a.csv", "01"), upload("in/b.csv", "02")]});
     let Ok(Response::Report(report)) = handler.handle(event).await else {
         panic!("the handler failed");
     };
     assert_eq!(report.launched.len(), 2, "{report:#?}");
-    let jobs = setup.jobs();
+    let jobs = handler.jobs();
     let clock = Clock::now(jobs.config());
     let listed = jobs.list(clock).await.unwrap();
     assert_eq!(listed.len(), 2);
@@ -183,6 +176,23 @@ async fn cancelling_a_queued_job_terminates_it_and_records_why() {
     assert!(b.status_reason.is_some_and(|r| r.contains("s3spot")));
     let status = status_of(&setup, "in/b.csv").await;
     assert_eq!(status.state, State::Cancelled, "{status:#?}");
+    // The same state changes as on EC2: each submit is `launched` (its instance the Batch
+    // job), and the cancel `cancelled`, each valid against the events' schema.
+    let mut states: Vec<String> = events.all().iter().map(|e| e.state.to_string()).collect();
+    states.sort();
+    assert_eq!(states, ["cancelled", "launched", "launched"]);
+    for event in events.all() {
+        s3spot_tests::events::assert_valid(&event.envelope("123456789012", REGION));
+    }
+    let cancelled = events
+        .all()
+        .into_iter()
+        .find(|e| e.state.to_string() == "cancelled")
+        .unwrap();
+    assert_eq!(
+        cancelled.instance.map(|i| i.id),
+        Some(Some(stopped.instances[0].instance_id.clone()))
+    );
     // The other job is untouched.
     assert_eq!(
         setup
