@@ -51,7 +51,7 @@ pub enum RenderError {
     TooLarge { size: usize, limit: usize },
     #[error(
         "the job's container environment is {size} bytes, over the {limit} bytes a Batch job's \
-         overrides may take; shorten S3SPOT_COMMAND, or the object key"
+         overrides leave it; shorten S3SPOT_COMMAND, or the object key"
     )]
     OverridesTooLarge { size: usize, limit: usize },
     #[error("cannot render the bootstrap script")]
@@ -103,9 +103,10 @@ pub fn render_user_data(job: &JobSpec, region: Option<&str>) -> Result<UserData,
     Ok(UserData(script))
 }
 
-/// ECS caps a task's overrides at 8,192 characters of JSON; a Batch job's environment
-/// overrides go there.
-pub const MAX_CONTAINER_OVERRIDES_BYTES: usize = 8_192;
+/// What a job's own environment may take of a Batch job's overrides. ECS caps a task's
+/// overrides at 8,192 characters of JSON, and Batch sends the job's command (the job
+/// definition's short one) and its own variables (`AWS_BATCH_JOB_ID`, ...) there too.
+pub const MAX_CONTAINER_OVERRIDES_BYTES: usize = 7_168;
 
 /// The command of a container that runs s3spot jobs (an AWS Batch job definition's): the
 /// bootstrap script without a job in it. Each job brings its own in the container's environment

@@ -868,7 +868,15 @@ def check_batch_backend(template):
         "HttpTokens": "required",
         "HttpEndpoint": "enabled",
         "HttpPutResponseHopLimit": 1,
-    }, "IMDSv2, one hop: the containers cannot reach the hosts' credentials"
+    }, "IMDSv2, one hop"
+    # Batch runs ECS jobs in the host's network: the hosts' own rules keep the commands' uids
+    # from the metadata service, the ECS credentials endpoint and the agent.
+    user_data = data.get("UserData", {}).get("Fn::Base64", "")
+    firewall = (ROOT / "infra" / "batch-host-firewall.sh").read_text()
+    assert firewall in user_data, "the Batch hosts run infra/batch-host-firewall.sh at boot"
+    assert user_data.startswith("MIME-Version: 1.0\n"), "Batch takes MIME multi-part user data"
+    for blocked in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "51678-51679"):
+        assert blocked in firewall, f"the hosts' firewall blocks {blocked}"
     for mapping in data["BlockDeviceMappings"]:
         assert mapping["Ebs"]["Encrypted"] is True
 
@@ -892,6 +900,11 @@ def check_batch_backend(template):
     container = definition["ContainerProperties"]
     assert container["JobRoleArn"] == {"Fn::GetAtt": ["BatchJobRole", "Arn"]}
     assert container["Command"][:2] == ["bash", "-c"]
+    assert len(json.dumps(container["Command"])) < 512, (
+        "Batch sends the command with each job's overrides (8,192 characters in all): it only "
+        "starts the script, which is the job definition's environment"
+    )
+    assert any(e["Name"] == "S3SPOT_BOOTSTRAP_SCRIPT" for e in container["Environment"])
     assert not container.get("Privileged"), "a job's container is never privileged"
     assert definition["PlatformCapabilities"] == ["EC2"]
 
@@ -1397,6 +1410,19 @@ class ChecksFailOnWeakenedTemplates(unittest.TestCase):
                 Type="EC2", AllocationStrategy="BEST_FIT_PROGRESSIVE"
             ),
         )
+
+    def test_batch_hosts_without_the_firewall(self):
+        self.expect_failure(
+            check_batch_backend,
+            lambda t: self.batch(t, "BatchLaunchTemplate")["LaunchTemplateData"].pop("UserData"),
+        )
+
+    def test_batch_script_in_the_command(self):
+        def edit(t):
+            container = self.batch(t, "BatchJobDefinition")["ContainerProperties"]
+            container["Command"][2] = "x" * 8000
+
+        self.expect_failure(check_batch_backend, edit)
 
     def test_batch_containers_reach_imds(self):
         self.expect_failure(

@@ -33,7 +33,7 @@ use crate::config::{Backend, BatchTarget};
 use crate::ec2::{Ec2Launcher, api_error};
 use crate::launcher::{
     InstanceInfo, LaunchError, LaunchRequest, Launched, Launcher, PriceQuery, SpotPrice,
-    StateReason, TAG_NAME, job_tags,
+    StateReason, TAG_ATTEMPT, TAG_JOB, TAG_MAX_RUNTIME, TAG_PIPELINE, TAG_UPLOAD, job_tags,
 };
 
 /// Every s3spot job's name starts so: the queue's other jobs are not s3spot's.
@@ -41,6 +41,9 @@ pub const JOB_NAME_PREFIX: &str = "s3spot-";
 
 /// The market a Batch job reports: Batch chooses the instance and its market.
 pub const BATCH_MARKET: &str = "batch";
+
+/// Batch's answer to a call over its rate (HTTP 429).
+const THROTTLED: &str = "TooManyRequestsException";
 
 /// `DescribeJobs` takes at most 100 ids a call.
 const DESCRIBE_BATCH: usize = 100;
@@ -55,8 +58,10 @@ pub const LISTED_AFTER_END: std::time::Duration = std::time::Duration::from_secs
 /// One job of a `ListJobs` page.
 struct Listed {
     id: String,
+    name: String,
     status: JobStatus,
-    /// Milliseconds since the epoch.
+    /// Milliseconds since the epoch. A job cancelled before it started has no stop time: its
+    /// creation stands in.
     stopped_at: Option<i64>,
 }
 
@@ -72,14 +77,25 @@ pub fn job_name(job_id: &str, attempt: u32) -> String {
     format!("{JOB_NAME_PREFIX}{job_id}-{attempt}")
 }
 
-/// Batch tag values allow letters, digits, spaces and `_ . : / = + - @`. The job's identity
-/// tags (job, attempt, upload, bucket, max runtime) are made of those; a pipeline or key that is
-/// not is left off the tags (the job's environment has it whole), rather than refused.
+/// The tags a Batch job gets: its identity (pipeline, job, attempt, upload, max runtime), never
+/// the object's key or bucket, which the job's environment has whole. Batch refuses a submit
+/// whose tag values hold anything but letters, digits, spaces and `_ . : / = + - @` (by its own
+/// Unicode classes), and a key is the uploader's choice.
+const BATCH_TAGS: &[&str] = &[
+    TAG_PIPELINE,
+    TAG_JOB,
+    TAG_ATTEMPT,
+    TAG_UPLOAD,
+    TAG_MAX_RUNTIME,
+];
+
+/// What Batch accepts, by the ASCII part of its rule alone (the identity tags are ASCII): a
+/// pipeline named otherwise is left off rather than refused.
 fn is_taggable(value: &str) -> bool {
-    value.chars().count() <= 256
+    value.len() <= 256
         && value
             .chars()
-            .all(|c| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || " _.:/=+-@".contains(c))
 }
 
 /// `SUBMITTED` to `STARTING`: queued or being placed, the Batch form of `pending`.
@@ -135,8 +151,9 @@ impl BatchLauncher {
                     .filter_map(|job| {
                         Some(Listed {
                             id: job.job_id()?.to_owned(),
+                            name: job.job_name()?.to_owned(),
                             status: job.status()?.clone(),
-                            stopped_at: job.stopped_at(),
+                            stopped_at: job.stopped_at().or(job.created_at()),
                         })
                     }),
             );
@@ -214,7 +231,25 @@ impl Launcher for BatchLauncher {
                 retryable: false,
             })?;
         let name = job_name(&spec.job_id, spec.attempt);
-        let found = self.list(&name).await?;
+        // A lookup that fails submitted nothing: the record waits for its next delivery (a
+        // refusal, not an unknown outcome, which would hold the claim for its lease).
+        let found = self.list(&name).await.map_err(|error| match error {
+            LaunchError::Api { message, .. } if message.starts_with(THROTTLED) => {
+                LaunchError::Throttled {
+                    operation: "ListJobs",
+                    message,
+                }
+            }
+            error => LaunchError::NoInstance {
+                pools: vec![crate::launcher::PoolError {
+                    pool: format!("batch queue {}", self.target.job_queue),
+                    code: "ListJobs".to_owned(),
+                    message: error.to_string(),
+                }],
+            },
+        })?;
+        // The filter is case-insensitive, and a prefix match where a name ends in `*`.
+        let found: Vec<Listed> = found.into_iter().filter(|job| job.name == name).collect();
         if let Some(Listed { id, .. }) = found.iter().find(|job| !job.has_ended()) {
             tracing::info!(
                 job_name = name,
@@ -234,13 +269,15 @@ impl Launcher for BatchLauncher {
         let tags: HashMap<String, String> = request
             .tags
             .iter()
-            .filter(|(name, value)| name != TAG_NAME && is_taggable(value))
+            .filter(|(name, value)| BATCH_TAGS.contains(&name.as_str()) && is_taggable(value))
             .cloned()
             .collect();
         // Past the script's own hard limit and its kill: only a container that hangs anyway.
         let limit = spec
             .max_runtime_secs
             .saturating_add(HARD_LIMIT_GRACE_SECS + KILL_AFTER_SECS + 60);
+        // Batch has no client token: a submit the SDK sent again after a lost answer would be a
+        // second job. Sent once; an unknown outcome is looked up by the next delivery instead.
         let output = self
             .client
             .submit_job()
@@ -265,9 +302,19 @@ impl Launcher for BatchLauncher {
                     .attempt_duration_seconds(i32::try_from(limit).unwrap_or(i32::MAX))
                     .build(),
             )
+            .customize()
+            .config_override(
+                aws_sdk_batch::config::Builder::default()
+                    .retry_config(aws_sdk_batch::config::retry::RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|error| match error.code() {
+                // Refused for Batch's rate, and sent once: nothing was submitted.
+                Some(THROTTLED) => LaunchError::Throttled {
+                    operation: "SubmitJob",
+                    message: error.message().unwrap_or(THROTTLED).to_owned(),
+                },
                 // A queue or job definition that is not there (or not valid) is the account's
                 // setup: its owner fixes it and the job launches, within S3SPOT_MAX_WAIT.
                 Some(code @ "ClientException") => LaunchError::NoInstance {
@@ -362,18 +409,34 @@ impl Launcher for BatchLauncher {
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> Result<(), LaunchError> {
+        // Each job is stopped whatever became of the one before it.
+        let mut failed = Vec::new();
         for id in instance_ids {
             // TerminateJob ends a job in any state: a queued one never starts, a running one
             // gets SIGTERM, which the worker takes as a stop from outside.
-            self.client
+            if let Err(error) = self
+                .client
                 .terminate_job()
                 .job_id(id)
                 .reason("stopped by s3spot")
                 .send()
                 .await
-                .map_err(|e| api_error("TerminateJob", &e))?;
+            {
+                failed.push((id, api_error("TerminateJob", &error)));
+            }
         }
-        Ok(())
+        match failed.len() {
+            0 => Ok(()),
+            _ => Err(LaunchError::Api {
+                operation: "TerminateJob",
+                retryable: failed.iter().any(|(_, error)| error.is_retryable()),
+                message: failed
+                    .iter()
+                    .map(|(id, error)| format!("{id}: {error}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+        }
     }
 
     async fn spot_prices(&self, _query: &PriceQuery) -> Result<Vec<SpotPrice>, LaunchError> {
@@ -477,10 +540,14 @@ mod tests {
     #[test]
     fn only_values_batch_accepts_become_tags() {
         assert!(is_taggable("20261130T101937.123Z-0123456789abcdef"));
-        assert!(is_taggable("my-bucket.example"));
+        assert!(is_taggable("genomics-prod"));
         assert!(!is_taggable("photos (1).jpg"));
         assert!(!is_taggable("a&b"));
+        // Letters Batch's own classes may not count as such (a combining vowel sign).
+        assert!(!is_taggable("\u{915}\u{93f}"));
         assert!(!is_taggable(&"x".repeat(257)));
+        assert!(!BATCH_TAGS.contains(&crate::launcher::TAG_KEY));
+        assert!(!BATCH_TAGS.contains(&crate::launcher::TAG_BUCKET));
     }
 
     #[test]

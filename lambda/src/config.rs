@@ -110,10 +110,10 @@ pub struct Config {
 /// environment names its own.
 const BATCH_TEMPLATE: &str = "s3spot-batch-compute-environment";
 
-/// Batch answers 50 API calls a second per account, and a submit is two (the lookup by name,
-/// then the submit): 10 a second per invocation leaves room for two concurrent invocations and
-/// the job commands.
-const BATCH_LAUNCH_RATE: f64 = 10.0;
+/// Batch answers 50 API calls a second per account, and a launch makes three (the job's
+/// attempts listed, the lookup by name, the submit): 6 a second per invocation leaves room for
+/// two concurrent invocations, the reaper and the job commands.
+const BATCH_LAUNCH_RATE: f64 = 6.0;
 
 /// Where jobs run (`S3SPOT_BACKEND`): one EC2 instance each, or an AWS Batch queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -282,6 +282,13 @@ pub enum LaunchError {
          instance types, command or worker changed since); {message}"
     )]
     ParameterMismatch { message: String },
+    /// The provider refused the call for its request rate, and did nothing: a call made once,
+    /// without the SDK's retries (Batch's `SubmitJob`, which has no client token).
+    #[error("{operation} was throttled: {message}")]
+    Throttled {
+        operation: &'static str,
+        message: String,
+    },
     #[error("{operation} failed: {message}")]
     Api {
         operation: &'static str,
@@ -294,7 +301,9 @@ impl LaunchError {
     /// Whether trying the whole event again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LaunchError::Capacity { .. } | LaunchError::Quota { .. } => true,
+            LaunchError::Capacity { .. }
+            | LaunchError::Quota { .. }
+            | LaunchError::Throttled { .. } => true,
             LaunchError::NoInstance { pools } => {
                 pools.iter().any(|pool| pool.refusal().is_retryable())
             }
@@ -310,13 +319,14 @@ impl LaunchError {
     /// Throttling counts as unknown: the SDK retries it, and an earlier try may have timed out
     /// after EC2 launched the instance.
     pub fn is_throttling(&self) -> bool {
-        matches!(
-            self,
-            LaunchError::Api { message, .. }
-                if message.starts_with("RequestLimitExceeded")
-                    || message.starts_with("Throttling")
-                    || message.starts_with("TooManyRequestsException")
-        )
+        matches!(self, LaunchError::Throttled { .. })
+            || matches!(
+                self,
+                LaunchError::Api { message, .. }
+                    if message.starts_with("RequestLimitExceeded")
+                        || message.starts_with("Throttling")
+                        || message.starts_with("TooManyRequestsException")
+            )
     }
 
     pub fn may_have_launched(&self) -> bool {

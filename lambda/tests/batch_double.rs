@@ -6,6 +6,7 @@ use s3spot_bootstrap::State;
 use s3spot_lambda::{
     BatchLauncher, Clock, Config, Handler, HandlerError, Response, S3Statuses, Target,
 };
+use s3spot_tests::batch::SubmitFault;
 use s3spot_tests::{BatchDouble, REGION, S3Server, s3spot_lookup};
 use serde_json::json;
 
@@ -103,19 +104,7 @@ async fn status_of(setup: &Setup, key: &str) -> s3spot_bootstrap::Status {
 async fn a_job_still_on_the_queue_is_found_by_its_name_and_never_submitted_twice() {
     let setup = setup(BatchDouble::start()).await;
     let launcher = setup.launcher();
-    let event = json!({"Records": [upload("in/a.csv", "01")]});
-    let s3spot_lambda::event::Invocation::Direct(records) =
-        s3spot_lambda::event::parse(event).unwrap()
-    else {
-        unreachable!()
-    };
-    let Some(s3spot_lambda::event::Record::Created(object)) = records.into_iter().next() else {
-        unreachable!()
-    };
-    let request = s3spot_lambda::launch_requests(&setup.config(&[]), object)
-        .unwrap()
-        .unwrap()
-        .remove(0);
+    let request = request_for(&setup, "in/a.csv", "01");
     let first = s3spot_lambda::Launcher::launch(&launcher, &request)
         .await
         .unwrap();
@@ -251,48 +240,85 @@ async fn the_reaper_gives_a_silently_failed_batch_job_its_reason() {
     assert_eq!(found.len(), 1, "{found:#?}");
 }
 
-/// Batch answers 50 calls a second per account (the double, 2 here, so that the burst goes over
-/// it on any machine). A burst over it is throttled: the SDK retries, and what still fails waits
-/// for its next delivery; nothing is lost or submitted twice.
+/// A submit refused for Batch's rate did nothing: its record waits for its next delivery, and
+/// the records after it in the invocation too (no more calls into the throttling); a submit
+/// whose answer is lost may have been made, and is never made again: the next launch of it
+/// finds it by its name. No upload is lost, none is submitted twice.
 #[tokio::test]
-async fn a_burst_over_batchs_rate_loses_nothing_and_submits_each_upload_once() {
-    let setup = setup(BatchDouble::start_with_rate(2.0)).await;
-    // No pacing of our own: Batch's rate alone holds the burst back.
-    let handler = setup.handler(&[("S3SPOT_LAUNCH_RATE", "1000")]);
-    let uploads: Vec<serde_json::Value> = (0..20)
+async fn throttled_and_lost_submits_lose_nothing_and_submit_each_upload_once() {
+    let setup = setup(BatchDouble::start()).await;
+    let handler = setup.handler(&[]);
+    let uploads: Vec<serde_json::Value> = (0..6)
         .map(|n| upload(&format!("in/{n:03}.csv"), &format!("{n:04}")))
         .collect();
-    let mut pending = uploads.clone();
-    for _delivery in 0..60 {
-        if pending.is_empty() {
-            break;
-        }
-        let report = match handler.handle(json!({ "Records": pending })).await {
-            Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
-            other => panic!("{other:?}"),
-        };
-        assert!(
-            report.failed.iter().all(|f| f.retryable),
-            "throttling is never final: {:#?}",
-            report.failed
-        );
-        let failed: Vec<&str> = report.failed.iter().map(|f| f.key.as_str()).collect();
-        pending = uploads
-            .iter()
-            .filter(|u| failed.contains(&u["s3"]["object"]["key"].as_str().unwrap()))
-            .cloned()
-            .collect();
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-    assert!(pending.is_empty(), "{} never launched", pending.len());
+    setup.double.fail_submits(&[SubmitFault::Throttled]);
+    let report = match handler.handle(json!({ "Records": uploads.clone() })).await {
+        Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+        other => panic!("{other:?}"),
+    };
+    assert!(report.launched.is_empty(), "{report:#?}");
+    assert_eq!(
+        report.failed.len(),
+        6,
+        "the first throttled, the rest held back"
+    );
+    assert!(report.failed.iter().all(|f| f.retryable), "{report:#?}");
+    assert!(setup.double.jobs().is_empty());
+
+    // The next delivery: the first submit's answer is lost.
+    setup.double.fail_submits(&[SubmitFault::AnswerLost]);
+    let report = match handler.handle(json!({ "Records": uploads.clone() })).await {
+        Ok(Response::Report(report)) | Err(HandlerError::Retryable(report)) => report,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(report.launched.len(), 5, "{report:#?}");
+    assert_eq!(report.failed.len(), 1, "{report:#?}");
+    assert_eq!(
+        setup.double.jobs().len(),
+        6,
+        "the lost answer's job was submitted"
+    );
+
+    // Its record's claim is pending until its lease is out; then the launch looks it up, and
+    // finds it, rather than submitting it again.
+    let lost = report.failed[0].key.clone();
+    let launcher = setup.launcher();
+    let n: usize = lost["in/".len()..lost.len() - ".csv".len()]
+        .parse()
+        .unwrap();
+    let request = request_for(&setup, &lost, &format!("{n:04}"));
+    let again = s3spot_lambda::Launcher::launch(&launcher, &request)
+        .await
+        .unwrap();
     let jobs = setup.double.jobs();
+    assert_eq!(jobs.len(), 6, "none submitted twice: {jobs:#?}");
+    assert!(jobs.iter().any(|job| job.id == again.instance_id));
     let mut names: Vec<&str> = jobs.iter().map(|job| job.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 20, "one job per upload");
-    assert_eq!(jobs.len(), 20, "none submitted twice");
-    let (_, throttled) = setup.double.calls();
-    assert!(throttled > 0, "the burst went over Batch's rate");
+    assert_eq!(names.len(), 6, "one job per upload");
+    assert_eq!(
+        setup.double.calls().1,
+        1,
+        "one refusal, never retried into the throttling"
+    );
+}
+
+/// The launch request the handler makes for `key`, uploaded with `sequencer`.
+fn request_for(setup: &Setup, key: &str, sequencer: &str) -> s3spot_lambda::LaunchRequest {
+    let event = json!({"Records": [upload(key, sequencer)]});
+    let s3spot_lambda::event::Invocation::Direct(records) =
+        s3spot_lambda::event::parse(event).unwrap()
+    else {
+        unreachable!()
+    };
+    let Some(s3spot_lambda::event::Record::Created(object)) = records.into_iter().next() else {
+        unreachable!()
+    };
+    s3spot_lambda::launch_requests(&setup.config(&[]), object)
+        .unwrap()
+        .unwrap()
+        .remove(0)
 }
 
 /// `s3spot jobs retry` of a job Batch ended submits its next attempt as a job of its own; a

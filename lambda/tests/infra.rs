@@ -296,29 +296,59 @@ fn the_templates_batch_backend_configures_the_launcher_for_its_queue() {
     assert_eq!(config.backend, s3spot_lambda::Backend::Ec2);
 }
 
-/// The job definition's command in the template is the container script as s3spot renders it
-/// (`s3spot render --container`): the two never drift apart.
+/// The job definition's script in the template is the container script as s3spot renders it
+/// (`s3spot render --container`), its command only starts it, and the Batch hosts' user data is
+/// `infra/batch-host-firewall.sh`: none of them drifts apart from its source.
 #[test]
-fn the_templates_batch_command_is_the_rendered_container_script() {
+fn the_templates_batch_resources_carry_the_rendered_script_and_the_host_firewall() {
     let output =
         std::process::Command::new(s3spot_tests::workspace_root().join(".venv/bin/python"))
             .current_dir(s3spot_tests::workspace_root())
             .args([
                 "-c",
-                "import json; from infra.tests.template import source; \
-             print(json.dumps(source()['Resources']['BatchJobDefinition']['Properties']\
-             ['ContainerProperties']['Command']))",
+                "import json; from infra.tests.template import source; r = source()['Resources']; \
+             print(json.dumps([r['BatchJobDefinition']['Properties']['ContainerProperties'], \
+             r['BatchLaunchTemplate']['Properties']['LaunchTemplateData']['UserData']]))",
             ])
             .output()
             .expect("run the template reader");
     assert!(output.status.success(), "{}", s3spot_tests::show(&output));
-    let command: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
+    let (container, user_data): (serde_json::Value, serde_json::Value) =
+        serde_json::from_slice(&output.stdout).unwrap();
     let script = s3spot_bootstrap::render_container_script(None).unwrap();
-    assert_eq!(command.len(), 4, "{command:?}");
-    assert_eq!(command[..2], ["bash", "-c"]);
+    let environment = container["Environment"].as_array().unwrap();
+    let value = |name: &str| {
+        environment
+            .iter()
+            .find(|pair| pair["Name"] == name)
+            .and_then(|pair| pair["Value"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
     assert!(
-        command[2] == script,
-        "the template's job definition command differs from `s3spot render --container`; \
-         run scripts/sync-batch-command"
+        value("S3SPOT_BOOTSTRAP_SCRIPT") == script,
+        "the template's S3SPOT_BOOTSTRAP_SCRIPT differs from `s3spot render --container`; run \
+         scripts/sync-batch-command"
+    );
+    assert_eq!(
+        container["Command"],
+        serde_json::json!([
+            "bash",
+            "-c",
+            "exec bash -c \"$S3SPOT_BOOTSTRAP_SCRIPT\" s3spot-batch"
+        ]),
+        "the command, sent with every job's overrides, only starts the script"
+    );
+    let firewall = std::fs::read_to_string(
+        s3spot_tests::workspace_root().join("infra/batch-host-firewall.sh"),
+    )
+    .unwrap();
+    let user_data = user_data["Fn::Base64"].as_str().unwrap();
+    assert!(
+        user_data.contains(&format!(
+            "Content-Type: text/x-shellscript; charset=\"us-ascii\"\n\n{firewall}--==S3SPOT==--"
+        )),
+        "the Batch hosts' user data is not infra/batch-host-firewall.sh; run \
+         scripts/sync-batch-command\n{user_data}"
     );
 }

@@ -9,6 +9,8 @@
 //!   status (<https://docs.aws.amazon.com/batch/latest/APIReference/API_KeyValuesPair.html>);
 //!   pages of `maxResults` (default 100) with a `nextToken`.
 //! - `TerminateJob` ends a job in any state: `FAILED`, with its reason.
+//! - Faults a test sets for the next `SubmitJob`s ([`SubmitFault`]): a refusal for the rate,
+//!   and a submit whose answer is lost.
 //! - Batch's request rate (<https://repost.aws/knowledge-center/aws-batch-requests-error>): 50
 //!   API calls a second per account, every operation counted; a call over it is HTTP 429
 //!   `TooManyRequestsException`, and does nothing.
@@ -53,6 +55,18 @@ struct State {
     rate: Option<(f64, f64, Instant)>,
     calls: usize,
     throttled: usize,
+    /// What the next `SubmitJob`s meet, first first.
+    submit_faults: std::collections::VecDeque<SubmitFault>,
+}
+
+/// A fault of one `SubmitJob`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitFault {
+    /// Refused for the rate (HTTP 429): nothing is submitted.
+    Throttled,
+    /// The job is submitted, and the answer is an internal error (HTTP 500): the caller cannot
+    /// tell it from a submit that failed.
+    AnswerLost,
 }
 
 pub struct BatchDouble {
@@ -80,9 +94,8 @@ impl BatchDouble {
         Self::start_with_rate(CALLS_PER_SECOND)
     }
 
-    /// `per_second` calls a second, a second's worth at most in hand: a test's burst goes over
-    /// a low rate whatever the machine's speed.
-    pub fn start_with_rate(per_second: f64) -> BatchDouble {
+    /// `per_second` calls a second, a second's worth at most in hand.
+    fn start_with_rate(per_second: f64) -> BatchDouble {
         let double = Self::start();
         double.state().rate = Some((per_second, per_second, Instant::now()));
         double
@@ -133,6 +146,11 @@ impl BatchDouble {
             .find(|job| job.id == id)
             .unwrap_or_else(|| panic!("no job {id}"));
         job.stopped_at = Some(now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX));
+    }
+
+    /// The next `SubmitJob`s meet `faults`, one each.
+    pub fn fail_submits(&self, faults: &[SubmitFault]) {
+        self.state().submit_faults.extend(faults);
     }
 
     /// API calls answered, and refused for the rate.
@@ -208,7 +226,25 @@ async fn handle(
         );
     }
     match operation.as_str() {
-        "submitjob" => submit(&mut state, &input),
+        "submitjob" => match state.submit_faults.pop_front() {
+            None => submit(&mut state, &input),
+            Some(SubmitFault::Throttled) => {
+                state.throttled += 1;
+                answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({"message": "Too Many Requests"}),
+                    Some("TooManyRequestsException"),
+                )
+            }
+            Some(SubmitFault::AnswerLost) => {
+                let _ = submit(&mut state, &input);
+                answer(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"message": "internal error"}),
+                    Some("ServerException"),
+                )
+            }
+        },
         "listjobs" => list(&state, &input),
         "describejobs" => describe(&state, &input),
         "terminatejob" | "canceljob" => {

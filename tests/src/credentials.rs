@@ -19,6 +19,20 @@ pub struct ContainerCredentials {
 impl ContainerCredentials {
     /// Serves `access_key` and `secret_key`, with a session token, at every path.
     pub fn start(access_key: &str, secret_key: &str) -> ContainerCredentials {
+        Self::start_on(
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            access_key,
+            secret_key,
+        )
+    }
+
+    /// On `address`: ECS's own, 169.254.170.2:80, where `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`
+    /// points (in a network namespace of the test's own).
+    pub fn start_on(
+        address: std::net::SocketAddr,
+        access_key: &str,
+        secret_key: &str,
+    ) -> ContainerCredentials {
         let body = serde_json::json!({
             "AccessKeyId": access_key,
             "SecretAccessKey": secret_key,
@@ -42,14 +56,17 @@ impl ContainerCredentials {
             }
         });
         ContainerCredentials {
-            server: ServerThread::start("container-credentials", service),
+            server: ServerThread::start_on("container-credentials", address, service),
             requests,
         }
     }
 
+    /// For `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`, on 169.254.170.2:80.
+    pub const RELATIVE_URI: &str = "/v2/credentials/0f1e2d3c-s3spot-test";
+
     /// For `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
     pub fn uri(&self) -> String {
-        format!("http://{}/v2/credentials/s3spot-test", self.server.address)
+        format!("http://{}{}", self.server.address, Self::RELATIVE_URI)
     }
 
     pub fn requests(&self) -> usize {

@@ -276,16 +276,18 @@ fn inside_namespaces() {
     );
 }
 
-/// The AWS Batch job definition's command (the container form of the script), run with bash as
-/// the container runs it: the job only in the environment the launcher submits it with, no AWS
-/// CLI (the stock image has none), the worker fetched from S3 with curl's SigV4 signing and the
-/// container's credentials, which the S3 server checks. In namespaces of its own: the command
-/// runs as `nobody`, the script's default, whose processes the worker ends.
+/// The AWS Batch job definition's command, run with bash as the container runs it, in a
+/// network namespace of its own that stands for a Batch host: the host's firewall
+/// (`infra/batch-host-firewall.sh`, the launch template's user data) applied, IMDS at
+/// 169.254.169.254 and the ECS credentials endpoint at 169.254.170.2, where a task with a job
+/// role finds them. The job comes only in the environment the launcher submits it with; there
+/// is no AWS CLI (the stock image has none), so the worker is fetched with curl's SigV4 signing
+/// and the container's credentials, which the S3 server checks; the command runs as `nobody`.
 #[test]
 fn the_batch_command_fetches_the_worker_with_curl_and_runs_the_job_from_its_environment() {
     if common::in_namespaces(
         "the_batch_command_fetches_the_worker_with_curl_and_runs_the_job_from_its_environment",
-        false,
+        true,
     ) {
         batch_command_inside_namespaces();
     }
@@ -309,61 +311,128 @@ fn tools_without(hidden: &[&str]) -> tempfile::TempDir {
     tools
 }
 
+/// The container of a Batch job, as far as the command sees it: the job definition's command
+/// (which starts its script, `S3SPOT_BOOTSTRAP_SCRIPT`) under bash, with what ECS gives a task
+/// with a job role (its credentials' address), the job definition's environment, and the job's.
+struct Container {
+    script: String,
+    tools: tempfile::TempDir,
+    home: std::path::PathBuf,
+    log: std::path::PathBuf,
+    /// The credentials' variable and its value.
+    credentials: (&'static str, String),
+    endpoint: String,
+}
+
+/// A change to a job's environment before its container starts.
+type Edit<'a> = &'a dyn Fn(&mut Vec<(String, String)>);
+
+impl Container {
+    fn new(fixture: &Fixture, credentials: (&'static str, String)) -> Container {
+        Container {
+            script: s3spot_bootstrap::render_container_script(None).unwrap(),
+            // The stock image has no AWS CLI.
+            tools: tools_without(&["aws"]),
+            home: fixture.dir.path().join("home"),
+            log: fixture.dir.path().join("s3spot.log"),
+            credentials,
+            endpoint: fixture
+                .s3
+                .env()
+                .into_iter()
+                .find(|(name, _)| *name == "AWS_ENDPOINT_URL")
+                .unwrap()
+                .1,
+        }
+    }
+
+    fn command(&self, job: &s3spot_bootstrap::JobSpec, edit: Edit<'_>) -> Command {
+        let mut environment = s3spot_bootstrap::container_environment(job).unwrap();
+        edit(&mut environment);
+        let _ = std::fs::remove_file(&self.log);
+        let mut command = Command::new("bash");
+        command
+            // The job definition's command, as the template has it.
+            .args([
+                "-c",
+                "exec bash -c \"$S3SPOT_BOOTSTRAP_SCRIPT\" s3spot-batch",
+            ])
+            .env_clear()
+            .env("S3SPOT_BOOTSTRAP_SCRIPT", &self.script)
+            .env("PATH", self.tools.path())
+            .env("S3SPOT_HOME", &self.home)
+            .env("S3SPOT_LOG", &self.log)
+            .env("S3SPOT_WORK_DIR", "/var/tmp")
+            .env(self.credentials.0, &self.credentials.1)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL_S3", &self.endpoint)
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_BATCH_JOB_ATTEMPT", "1")
+            .envs(environment);
+        command
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 fn batch_command_inside_namespaces() {
+    // The host: IMDS and the ECS credentials endpoint at their own addresses, and the firewall
+    // the launch template's user data sets up.
+    sh(
+        "ip link set lo up && ip addr add 169.254.169.254/32 dev lo && ip addr add 169.254.170.2/32 dev lo",
+    );
+    let _imds = s3spot_tests::FakeImds::start_on("169.254.169.254:80".parse().unwrap());
+    let credentials = s3spot_tests::ContainerCredentials::start_on(
+        "169.254.170.2:80".parse().unwrap(),
+        s3spot_tests::ACCESS_KEY,
+        s3spot_tests::SECRET_KEY,
+    );
+    let firewall = s3spot_tests::workspace_root().join("infra/batch-host-firewall.sh");
+    let output = Command::new("bash").arg(&firewall).output().unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+
     let fixture = Fixture::new();
     std::fs::set_permissions(fixture.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let worker = env!("CARGO_BIN_EXE_s3spot-worker");
     let worker_bytes = std::fs::read(worker).unwrap();
     fixture.put("results", "workers/abc/s3spot-worker", &worker_bytes);
-    let credentials = s3spot_tests::ContainerCredentials::start(
-        s3spot_tests::ACCESS_KEY,
-        s3spot_tests::SECRET_KEY,
+    let container = Container::new(
+        &fixture,
+        (
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            s3spot_tests::ContainerCredentials::RELATIVE_URI.to_owned(),
+        ),
     );
-    let script = s3spot_bootstrap::render_container_script(None).unwrap();
-    let tools = tools_without(&["aws"]);
-    let home = fixture.dir.path().join("home");
-    let log = fixture.dir.path().join("s3spot.log");
-    let endpoint = fixture
-        .s3
-        .env()
-        .into_iter()
-        .find(|(name, _)| *name == "AWS_ENDPOINT_URL")
-        .unwrap()
-        .1;
-
-    // Runs the command for `key`, as Batch would with the job's environment overrides; `edit`
-    // changes that environment first. Returns the output and the bootstrap log.
-    let run = |key: &str, edit: &dyn Fn(&mut Vec<(String, String)>)| {
+    let job = |key: &str, command: &str| {
         fixture.put("data", key, b"a,b\n1,2\n");
-        let mut job = fixture.job(
-            key,
-            Some(r#"id -un > "$S3SPOT_OUTPUT_DIR/user"; wc -c < "$S3SPOT_INPUT" > "$S3SPOT_OUTPUT_DIR/bytes""#),
-        );
+        let mut job = fixture.job(key, Some(command));
         job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
         job.worker.sha256 = hex::encode(Sha256::digest(&worker_bytes));
-        let mut environment = s3spot_bootstrap::container_environment(&job).unwrap();
-        edit(&mut environment);
-        let _ = std::fs::remove_file(&log);
-        let mut command = Command::new("bash");
-        command
-            .args(["-c", &script, "s3spot-batch"])
-            .env_clear()
-            .env("PATH", tools.path())
-            .env("S3SPOT_HOME", &home)
-            .env("S3SPOT_LOG", &log)
-            .env("S3SPOT_WORK_DIR", "/var/tmp")
-            // What ECS gives a task with a job role, and the job definition's environment.
-            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL_S3", &endpoint)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_BATCH_JOB_ATTEMPT", "1")
-            .envs(environment);
-        let output = command.output().unwrap();
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        (output, log_text)
+        job
+    };
+    // What the command can reach, written to its outputs.
+    let probe = r#"
+        out="$S3SPOT_OUTPUT_DIR"
+        id -un > "$out/user"
+        wc -c < "$S3SPOT_INPUT" > "$out/bytes"
+        for address in 169.254.169.254 169.254.170.2; do
+          if bash -c "exec 3<> /dev/tcp/$address/80" 2> /dev/null; then
+            echo "reachable $address" >> "$out/reach"
+          else
+            echo "blocked $address" >> "$out/reach"
+          fi
+        done
+        env > "$out/env"
+        "#;
+    // Runs the command for `key`, as Batch would with the job's environment overrides; `edit`
+    // changes that environment first. Returns the output and the bootstrap log.
+    let run = |key: &str, edit: Edit<'_>| {
+        let job = job(key, probe);
+        let output = container.command(&job, edit).output().unwrap();
+        (output, container.log())
     };
 
     let (output, log_text) = run("in/batch.csv", &|_| {});
@@ -377,6 +446,21 @@ fn batch_command_inside_namespaces() {
         "nobody",
         "the command runs as another user than the worker"
     );
+    assert_eq!(
+        fixture.text("data", &format!("{prefix}reach")),
+        "blocked 169.254.169.254\nblocked 169.254.170.2\n",
+        "the host's firewall keeps the command from IMDS and the ECS credentials"
+    );
+    let command_env = fixture.text("data", &format!("{prefix}env"));
+    assert!(
+        !command_env.contains("AWS_CONTAINER_CREDENTIALS") && !command_env.contains("S3SPOT_JOB="),
+        "the command's environment names no credentials: {command_env}"
+    );
+    assert_eq!(
+        status.instance.and_then(|i| i.id).as_deref(),
+        Some(s3spot_tests::imds::INSTANCE_ID),
+        "the worker, root, still reads IMDS (who it runs on, spot notices)"
+    );
     assert!(
         log_text.contains("fetching the worker from s3://results/workers/abc/s3spot-worker"),
         "{log_text}"
@@ -389,6 +473,26 @@ fn batch_command_inside_namespaces() {
         credentials.requests() >= 2,
         "the script's fetch and the worker both took the container's credentials"
     );
+
+    // Without the host's firewall, the worker's check finds IMDS in reach of the command's
+    // user, and refuses to run the command.
+    sh("nft flush ruleset");
+    let (output, log_text) = run("in/unblocked.csv", &|_| {});
+    assert!(!output.status.success(), "{log_text}");
+    let status = fixture.status(
+        "data",
+        &format!("analysis/in/unblocked.csv/{}/", common::UPLOAD),
+    );
+    assert_eq!(status.state, State::Failed, "{status:#?}");
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("can reach the instance metadata service")),
+        "{status:#?}"
+    );
+    let output = Command::new("bash").arg(&firewall).output().unwrap();
+    assert!(output.status.success(), "{}", show(&output));
 
     // The job is data: a hostile key reaches the worker intact through the environment.
     let hostile = "in/$(touch /tmp/pwned-batch)`id`;'\"\n.csv";
@@ -410,37 +514,18 @@ fn batch_command_inside_namespaces() {
 
     // The container runtime's SIGTERM (TerminateJob, a spot host drained, Batch's timeout) is
     // the interruption notice on Batch: the worker stops the command and records the stop.
-    fixture.put("data", "in/stopped.csv", b"a\n");
-    let mut job = fixture.job(
+    let stopped = job(
         "in/stopped.csv",
-        Some("touch \"$S3SPOT_OUTPUT_DIR/started\"; sleep 120"),
+        "touch \"$S3SPOT_OUTPUT_DIR/started\"; sleep 120",
     );
-    job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
-    job.worker.sha256 = hex::encode(Sha256::digest(&worker_bytes));
-    let _ = std::fs::remove_file(&log);
-    let mut child = Command::new("bash")
-        .args(["-c", &script, "s3spot-batch"])
-        .env_clear()
-        .env("PATH", tools.path())
-        .env("S3SPOT_HOME", &home)
-        .env("S3SPOT_LOG", &log)
-        .env("S3SPOT_WORK_DIR", "/var/tmp")
-        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL_S3", &endpoint)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .envs(s3spot_bootstrap::container_environment(&job).unwrap())
+    let mut child = container
+        .command(&stopped, &|_| {})
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("running the worker")
-    {
+    while !container.log().contains("running the worker") {
         assert!(started.elapsed().as_secs() < 60, "the worker never started");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -459,7 +544,7 @@ fn batch_command_inside_namespaces() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let log_text = container.log();
     assert!(!exit.success(), "{log_text}");
     let status = fixture.status(
         "data",
@@ -487,43 +572,33 @@ fn batch_command_inside_namespaces() {
 #[test]
 fn the_batch_command_refuses_to_run_without_a_worker_it_could_fetch() {
     let fixture = Fixture::new();
-    fixture.put(
-        "results",
-        "workers/abc/s3spot-worker",
-        b"#!/bin/sh\nexit 0\n",
-    );
+    let worker = b"#!/bin/sh\necho ran > \"$0.ran\"\n";
+    fixture.put("results", "workers/abc/s3spot-worker", worker);
     let credentials = s3spot_tests::ContainerCredentials::start("someone-else", "wrong-secret");
-    let script = s3spot_bootstrap::render_container_script(None).unwrap();
-    let tools = tools_without(&["aws"]);
-    let endpoint = fixture
-        .s3
-        .env()
-        .into_iter()
-        .find(|(name, _)| *name == "AWS_ENDPOINT_URL")
-        .unwrap()
-        .1;
+    let container = Container::new(
+        &fixture,
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri()),
+    );
     let mut job = fixture.job("in/x.csv", None);
     job.worker.uri = "s3://results/workers/abc/s3spot-worker".into();
-    let log = fixture.dir.path().join("s3spot.log");
-    let output = Command::new("bash")
-        .args(["-c", &script, "s3spot-batch"])
-        .env_clear()
-        .env("PATH", tools.path())
-        .env("S3SPOT_HOME", fixture.dir.path().join("home"))
-        .env("S3SPOT_LOG", &log)
+    // The right sha256: only the signature stands between the script and the worker.
+    job.worker.sha256 = hex::encode(Sha256::digest(worker));
+    let output = container
+        .command(&job, &|_| {})
         .env("S3SPOT_RUN_AS", "")
-        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", credentials.uri())
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL_S3", &endpoint)
-        .envs(s3spot_bootstrap::container_environment(&job).unwrap())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .output()
         .unwrap();
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let log_text = container.log();
     assert!(!output.status.success(), "{log_text}");
     assert!(credentials.requests() >= 1, "{log_text}");
     assert!(
-        !fixture.dir.path().join("home/s3spot-worker").exists(),
+        log_text.contains("403"),
+        "S3 refused the signature: {log_text}"
+    );
+    assert!(!log_text.contains("running the worker"), "{log_text}");
+    assert!(
+        !container.home.join("s3spot-worker.ran").exists(),
         "{log_text}"
     );
-    assert!(log_text.contains("worker finished") == false, "{log_text}");
 }
