@@ -350,6 +350,21 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// list price for an on-demand instance, or for a spot one whose price EC2 did not give.
     /// Never fails: a price that cannot be found says why, and the attempt has no cost.
     async fn price_at_launch(&self, placed: &Placed, volume_gib: Option<u64>) -> LaunchPrice {
+        let Some(_) = placed.instance_type else {
+            // A Batch job: Batch places it on an instance that its jobs share, later.
+            return LaunchPrice {
+                instance_type: String::new(),
+                zone: None,
+                market: placed.market.to_string(),
+                usd_per_hour: None,
+                source: "no instance of its own to price: the provider places the job on \
+                         instances its jobs share"
+                    .to_owned(),
+                on_demand_usd_per_hour: None,
+                launched_at: timestamp(placed.at),
+                volume_gib,
+            };
+        };
         let region = self.config.job.region.as_deref().unwrap_or_default();
         let instance_type = placed.instance_type.clone().unwrap_or_default();
         let zone = placed
