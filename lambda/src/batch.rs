@@ -10,8 +10,9 @@
 //! delivery looks, well past the few seconds `ListJobs` may lag behind a submit.
 //!
 //! A job is the unit the job commands see: [`InstanceInfo::instance_id`] is its Batch job id.
-//! The pipeline's list holds its active jobs and those that ended within [`LISTED_AFTER_END`];
-//! one job's list holds every attempt Batch still keeps.
+//! The pipeline's list holds its active jobs and those that ended within [`LISTED_AFTER_END`]
+//! (or, never started, were created within [`LISTED_UNSTARTED`]); one job's list holds every
+//! attempt Batch still keeps.
 //! Batch bounds the spend itself (the compute environment's maximum vCPUs), so the runaway
 //! guard's count is not taken; Batch places and prices instances, so a job carries no type or
 //! price of its own.
@@ -48,21 +49,26 @@ const THROTTLED: &str = "TooManyRequestsException";
 /// `DescribeJobs` takes at most 100 ids a call.
 const DESCRIBE_BATCH: usize = 100;
 
-/// `ListJobs` pages hold up to 1000 jobs: ten calls list a 10,000-job backfill.
-const LIST_PAGE: i32 = 1000;
+/// `ListJobs` answers at most 100 jobs a page when it is given a filter.
+const LIST_PAGE: i32 = 100;
 
 /// How long an ended job stays in the pipeline's list, as EC2 lists a terminated instance for
 /// about an hour: long enough for the reaper to see it ended, where Batch keeps jobs for days.
 pub const LISTED_AFTER_END: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How long a job that ended without having run stays listed, from its creation: Batch gives
+/// it no stop time, and the queue cancels a job that waited RUNNABLE up to a day
+/// (`BatchMaxRunnableSeconds`), which the reaper must then see ended.
+pub const LISTED_UNSTARTED: std::time::Duration = std::time::Duration::from_secs(25 * 3600);
 
 /// One job of a `ListJobs` page.
 struct Listed {
     id: String,
     name: String,
     status: JobStatus,
-    /// Milliseconds since the epoch. A job cancelled before it started has no stop time: its
-    /// creation stands in.
+    /// Milliseconds since the epoch. Batch sets it only for a job that ran.
     stopped_at: Option<i64>,
+    created_at: Option<i64>,
 }
 
 impl Listed {
@@ -153,7 +159,8 @@ impl BatchLauncher {
                             id: job.job_id()?.to_owned(),
                             name: job.job_name()?.to_owned(),
                             status: job.status()?.clone(),
-                            stopped_at: job.stopped_at().or(job.created_at()),
+                            stopped_at: job.stopped_at(),
+                            created_at: job.created_at(),
                         })
                     }),
             );
@@ -360,19 +367,23 @@ impl Launcher for BatchLauncher {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let horizon = i64::try_from(LISTED_AFTER_END.as_millis()).unwrap_or(i64::MAX);
+        let within = |at: Option<i64>, window: std::time::Duration| {
+            let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+            at.is_none_or(|at| now_ms.saturating_sub(at) <= window)
+        };
         let ids: Vec<String> = self
             .list(&filter)
             .await?
             .into_iter()
             // One job's every attempt, whenever it ended; the whole pipeline's active jobs and
-            // those that ended within the hour, not a week of history on every sweep.
+            // those that ended lately, not a week of history on every sweep.
             .filter(|listed| {
                 job.is_some()
                     || !listed.has_ended()
-                    || listed
-                        .stopped_at
-                        .is_none_or(|stopped| now_ms.saturating_sub(stopped) <= horizon)
+                    || match listed.stopped_at {
+                        Some(stopped) => within(Some(stopped), LISTED_AFTER_END),
+                        None => within(listed.created_at, LISTED_UNSTARTED),
+                    }
             })
             .map(|listed| listed.id)
             .collect();

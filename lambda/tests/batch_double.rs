@@ -238,6 +238,34 @@ async fn the_reaper_gives_a_silently_failed_batch_job_its_reason() {
         .await
         .unwrap();
     assert_eq!(found.len(), 1, "{found:#?}");
+
+    // A job the queue cancelled after it waited RUNNABLE for hours never ran: Batch gives it no
+    // stop time. It is still listed, so the reaper records it.
+    let Ok(Response::Report(report)) = handler
+        .handle(json!({"Records": [upload("in/b.csv", "02")]}))
+        .await
+    else {
+        panic!("the handler failed");
+    };
+    let waited = &report.launched[0].instance_id;
+    setup
+        .double
+        .created_ago(waited, std::time::Duration::from_secs(6 * 3600));
+    setup.double.set_status(
+        waited,
+        "FAILED",
+        Some("Job canceled: CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+    );
+    let stopped = handler.reap(clock, false).await.unwrap();
+    assert_eq!(stopped.ended.len(), 1, "{stopped:#?}");
+    let status = status_of(&setup, "in/b.csv").await;
+    assert_eq!(status.state, State::Failed, "{status:#?}");
+    assert!(
+        status
+            .error
+            .is_some_and(|e| e.contains("CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY")),
+        "Batch's reason"
+    );
 }
 
 /// A submit refused for Batch's rate did nothing: its record waits for its next delivery, and

@@ -9,6 +9,7 @@
 //!   status (<https://docs.aws.amazon.com/batch/latest/APIReference/API_KeyValuesPair.html>);
 //!   pages of `maxResults` (default 100) with a `nextToken`.
 //! - `TerminateJob` ends a job in any state: `FAILED`, with its reason.
+//! - `stoppedAt` is set only for a job that ran (went through `RUNNING`).
 //! - Faults a test sets for the next `SubmitJob`s ([`SubmitFault`]): a refusal for the rate,
 //!   and a submit whose answer is lost.
 //! - Batch's request rate (<https://repost.aws/knowledge-center/aws-batch-requests-error>): 50
@@ -132,9 +133,21 @@ impl BatchDouble {
         if status == "RUNNING" {
             job.started_at = Some(now_ms());
         }
-        if matches!(status, "SUCCEEDED" | "FAILED") {
+        // Batch gives a stop time only to a job that ran.
+        if matches!(status, "SUCCEEDED" | "FAILED") && job.started_at.is_some() {
             job.stopped_at = Some(now_ms());
         }
+    }
+
+    /// Moves a job's creation `ago` into the past.
+    pub fn created_ago(&self, id: &str, ago: std::time::Duration) {
+        let mut state = self.state();
+        let job = state
+            .jobs
+            .iter_mut()
+            .find(|job| job.id == id)
+            .unwrap_or_else(|| panic!("no job {id}"));
+        job.created_at = now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
     }
 
     /// Moves a job's end `ago` into the past.
@@ -257,7 +270,9 @@ async fn handle(
             if !matches!(job.status.as_str(), "SUCCEEDED" | "FAILED") {
                 job.status = "FAILED".into();
                 job.status_reason = input["reason"].as_str().map(str::to_owned);
-                job.stopped_at = Some(now_ms());
+                if job.started_at.is_some() {
+                    job.stopped_at = Some(now_ms());
+                }
             }
             answer(StatusCode::OK, &json!({}), None)
         }
