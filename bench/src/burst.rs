@@ -342,10 +342,12 @@ pub async fn backends(options: &Options) -> anyhow::Result<Table> {
     );
     let launched = ec2.instances().len();
     let ec2_steady = steady_rate(&on_ec2.launch_times, options.burst_tokens);
+    // What is left goes at EC2's refill at best: a rate measured over a few minutes, with the
+    // bucket's first tokens near its start, can only overstate it.
     let ec2_total = if launched >= burst {
         ec2_secs
     } else {
-        ec2_secs + (burst - launched) as f64 / ec2_steady
+        ec2_secs + (burst - launched) as f64 / ec2_steady.min(REFILL_PER_SECOND)
     };
 
     let mut table = Table::new(
@@ -363,7 +365,10 @@ pub async fn backends(options: &Options) -> anyhow::Result<Table> {
         if launched >= burst {
             format!("{ec2_total:.0} s")
         } else {
-            format!("{ec2_total:.0} s (projected at the steady rate)")
+            format!(
+                "{ec2_total:.0} s (projected: the rest at {:.2} /s)",
+                ec2_steady.min(REFILL_PER_SECOND)
+            )
         },
     ]);
     table.row(vec![
@@ -395,9 +400,10 @@ pub async fn backends(options: &Options) -> anyhow::Result<Table> {
         format!("{} fleet requests", ec2.throttled_requests()),
     ]);
     table.note(format!(
-        "{} pollers (QueueConcurrency) take batches of 10. Batch: each launch is a ListJobs (the \
-         lookup by name) and a SubmitJob, paced at S3SPOT_LAUNCH_RATE's Batch default of 10 a \
-         second per invocation, under Batch's 50 calls a second per account. EC2: one \
+        "{} pollers (QueueConcurrency) take batches of 10. Batch: each launch is three calls \
+         (the job's attempts listed, the lookup by name, the SubmitJob), paced at \
+         S3SPOT_LAUNCH_RATE's Batch default of 6 a second per invocation, under Batch's 50 \
+         calls a second per account. EC2: one \
          CreateFleet per upload from a bucket of {BUCKET_SIZE} launches, {} left at the start, \
          refilled {REFILL_PER_SECOND} a second. Either way one job per upload; on Batch many \
          jobs then share an instance, which boots once.",
