@@ -62,11 +62,14 @@ fn event(uploads: &[usize]) -> Value {
     json!({ "Records": records })
 }
 
-pub async fn run(options: &Options) -> anyhow::Result<Table> {
+/// The EC2 double throttling as EC2 does, its bucket `options.burst_tokens` full, an S3 server,
+/// and one handler per poller on them (one concurrent invocation each, with its own clients).
+async fn ec2_pollers(
+    options: &Options,
+) -> anyhow::Result<(Ec2Double, S3Server, Vec<Handler<Ec2Launcher, S3Statuses>>)> {
     let ec2 = Ec2Double::start();
     ec2.set_launch_bucket(BUCKET_SIZE, options.burst_tokens as f64, REFILL_PER_SECOND);
     let s3 = S3Server::start(&[BUCKET]);
-    let visibility = Duration::from_secs(options.burst_visibility_secs);
     let mut config = Config::from_lookup(s3spot_lookup(
         "s3spot-worker",
         &[
@@ -86,6 +89,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Table> {
             S3Statuses::from_client(s3.client().await),
         ));
     }
+    Ok((ec2, s3, handlers))
+}
+
+pub async fn run(options: &Options) -> anyhow::Result<Table> {
+    let visibility = Duration::from_secs(options.burst_visibility_secs);
+    let (ec2, _s3, handlers) = ec2_pollers(options).await?;
     let started = Instant::now();
     let tally = simulate(handlers, options.burst, visibility, None).await?;
     let total = started.elapsed().as_secs_f64();
@@ -310,27 +319,7 @@ pub async fn backends(options: &Options) -> anyhow::Result<Table> {
     );
     let (calls, throttled) = batch.calls();
 
-    let ec2 = Ec2Double::start();
-    ec2.set_launch_bucket(BUCKET_SIZE, options.burst_tokens as f64, REFILL_PER_SECOND);
-    let s3 = S3Server::start(&[BUCKET]);
-    let mut config = Config::from_lookup(s3spot_lookup(
-        "s3spot-worker",
-        &[
-            ("S3SPOT_MAX_INSTANCES", "100000"),
-            ("S3SPOT_RESULTS_BUCKET", BUCKET),
-            ("S3SPOT_INSTANCE_TYPES", "m7i.large,m6i.large,m5.large"),
-            ("S3SPOT_SUBNETS", "subnet-0a,subnet-0b,subnet-0c"),
-        ],
-    ))?;
-    config.job.region = Some(REGION.into());
-    let mut handlers = Vec::new();
-    for _ in 0..options.pollers {
-        handlers.push(Handler::new(
-            config.clone(),
-            Ec2Launcher::new(&ec2.sdk_config().await),
-            S3Statuses::from_client(s3.client().await),
-        ));
-    }
+    let (ec2, _s3, handlers) = ec2_pollers(options).await?;
     let budget = Duration::from_secs(options.ec2_budget_secs);
     let started = Instant::now();
     let on_ec2 = simulate(handlers, burst, visibility, Some(budget)).await?;

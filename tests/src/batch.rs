@@ -120,45 +120,40 @@ impl BatchDouble {
         self.state().jobs.clone()
     }
 
-    /// Moves a job on, as Batch's scheduler would: `RUNNING` also starts its clock.
-    pub fn set_status(&self, id: &str, status: &str, reason: Option<&str>) {
+    /// Changes job `id` with `edit`.
+    fn edit_job(&self, id: &str, edit: impl FnOnce(&mut DoubleJob)) {
         let mut state = self.state();
         let job = state
             .jobs
             .iter_mut()
             .find(|job| job.id == id)
             .unwrap_or_else(|| panic!("no job {id}"));
-        job.status = status.to_owned();
-        job.status_reason = reason.map(str::to_owned);
-        if status == "RUNNING" {
-            job.started_at = Some(now_ms());
-        }
-        // Batch gives a stop time only to a job that ran.
-        if matches!(status, "SUCCEEDED" | "FAILED") && job.started_at.is_some() {
-            job.stopped_at = Some(now_ms());
-        }
+        edit(job);
+    }
+
+    /// Moves a job on, as Batch's scheduler would: `RUNNING` also starts its clock.
+    pub fn set_status(&self, id: &str, status: &str, reason: Option<&str>) {
+        self.edit_job(id, |job| {
+            job.status = status.to_owned();
+            job.status_reason = reason.map(str::to_owned);
+            if status == "RUNNING" {
+                job.started_at = Some(now_ms());
+            }
+            // Batch gives a stop time only to a job that ran.
+            if matches!(status, "SUCCEEDED" | "FAILED") && job.started_at.is_some() {
+                job.stopped_at = Some(now_ms());
+            }
+        });
     }
 
     /// Moves a job's creation `ago` into the past.
     pub fn created_ago(&self, id: &str, ago: std::time::Duration) {
-        let mut state = self.state();
-        let job = state
-            .jobs
-            .iter_mut()
-            .find(|job| job.id == id)
-            .unwrap_or_else(|| panic!("no job {id}"));
-        job.created_at = now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+        self.edit_job(id, |job| job.created_at = ms_ago(ago));
     }
 
     /// Moves a job's end `ago` into the past.
     pub fn ended_ago(&self, id: &str, ago: std::time::Duration) {
-        let mut state = self.state();
-        let job = state
-            .jobs
-            .iter_mut()
-            .find(|job| job.id == id)
-            .unwrap_or_else(|| panic!("no job {id}"));
-        job.stopped_at = Some(now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX));
+        self.edit_job(id, |job| job.stopped_at = Some(ms_ago(ago)));
     }
 
     /// The next `SubmitJob`s meet `faults`, one each.
@@ -171,6 +166,10 @@ impl BatchDouble {
         let state = self.state();
         (state.calls, state.throttled)
     }
+}
+
+fn ms_ago(ago: std::time::Duration) -> i64 {
+    now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn now_ms() -> i64 {
