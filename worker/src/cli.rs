@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::settings::RunAs;
-use crate::{Metadata, Settings, Worker, shut_down};
+use crate::{Metadata, Settings, StopSignals, Worker, shut_down};
 use anyhow::{Context as _, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -129,6 +129,15 @@ struct RunArgs {
 
 /// Parses the process's arguments, runs the job and shuts down: the whole `s3spot-worker`.
 pub fn main() -> ExitCode {
+    // Held back from the start, and let through once the job's handlers have them (`run`): a
+    // stop that comes while the worker starts is then the job's to record, rather than the end
+    // of the process with no account. Threads started meanwhile inherit the mask, so the main
+    // thread alone takes these signals; processes started later get an empty one.
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&StopSignals::set()),
+        None,
+    );
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -236,6 +245,12 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
         .build()
         .context("cannot start the async runtime")?;
     let status = runtime.block_on(async {
+        let signals = StopSignals::take();
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+            Some(&StopSignals::set()),
+            None,
+        );
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         // A custom endpoint (an S3-compatible server, a local one) seldom has per-bucket DNS.
         let path_style = sdk.endpoint_url().is_some();
@@ -267,7 +282,7 @@ fn run(job: JobSpec, args: &RunArgs) -> anyhow::Result<State> {
                 ..Settings::default()
             },
         });
-        worker.run_guarded(Arc::new(job)).await
+        worker.run_guarded(Arc::new(job), signals).await
     });
     // An analysis abandoned at the deadline may still be reading on a blocking thread; it must
     // not hold back the exit, and with it the shutdown.

@@ -17,7 +17,7 @@ pub mod upload;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 pub use instance::Metadata;
-pub use run::{Worker, catch_panic, local_name};
+pub use run::{StopSignals, Worker, catch_panic, local_name};
 pub use s3spot_bootstrap::error_chain;
 pub use settings::Settings;
 

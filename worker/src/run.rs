@@ -109,11 +109,11 @@ pub struct Worker {
 
 impl Worker {
     /// Runs `job`, catching a panic anywhere in it: the status still says what happened.
-    pub async fn run_guarded(self: Arc<Self>, job: Arc<JobSpec>) -> Status {
+    pub async fn run_guarded(self: Arc<Self>, job: Arc<JobSpec>, signals: StopSignals) -> Status {
         let started = SystemTime::now();
         let worker = Arc::clone(&self);
         let task_job = Arc::clone(&job);
-        match catch_panic(async move { worker.run(&task_job).await }).await {
+        match catch_panic(async move { worker.run(&task_job, signals).await }).await {
             Ok(status) => status,
             Err(panic) => {
                 let mut status = Status::initial(&job, Writer::Worker, started);
@@ -125,9 +125,17 @@ impl Worker {
         }
     }
 
-    pub async fn run(&self, job: &JobSpec) -> Status {
+    /// Runs `job`; a stop that `signals` receives (from their taking, which may be before this
+    /// call) stops it the way an interruption does.
+    pub async fn run(&self, job: &JobSpec, signals: StopSignals) -> Status {
         let started = SystemTime::now();
         let limits = Limits::new(Instant::now(), job, &self.settings);
+        let (interrupt, interrupted) = watch::channel(None);
+        let signals = tokio::spawn(watch_for_signals(
+            signals,
+            interrupt.clone(),
+            self.settings.upload_grace,
+        ));
         let mut status = Status::initial(job, Writer::Worker, started);
         status.instance = self.metadata.identify().await;
         tracing::info!(bucket = job.bucket, key = ?job.key, attempt = job.attempt, instance = ?status.instance, "job started");
@@ -151,15 +159,13 @@ impl Worker {
             self.launch_price(job).await
         };
 
-        let (interrupt, interrupted) = watch::channel(None);
         let watcher = status.instance.is_some().then(|| {
             tokio::spawn(watch_for_interruption(
                 self.metadata.clone(),
                 self.settings.interruption_poll,
-                interrupt.clone(),
+                interrupt,
             ))
         });
-        let signals = tokio::spawn(watch_for_signals(interrupt, self.settings.upload_grace));
         let stop = || stop_signal(limits.runtime, job.max_runtime_secs, interrupted.clone());
         let cutoff = || outputs_cutoff(limits, interrupted.clone());
 
@@ -686,15 +692,50 @@ async fn watch_for_interruption(
     }
 }
 
+/// The signals that stop a job, taken over from their default action (the end of the process,
+/// with no account of the job) by [`StopSignals::take`].
+pub struct StopSignals {
+    term: std::io::Result<tokio::signal::unix::Signal>,
+    int: std::io::Result<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// SIGTERM and SIGINT, from now on: a signal that comes before the job starts is still
+    /// received. SIGQUIT is taken too, and nothing is done with it: a worker started as a
+    /// shell's background job inherits SIGQUIT (and SIGINT) ignored, and the command would
+    /// inherit that from it; a handled signal is reset to its default at the command's exec.
+    /// Needs a Tokio runtime.
+    pub fn take() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Err(error) = signal(SignalKind::quit()) {
+            tracing::warn!(%error, "cannot take over SIGQUIT; the command may inherit it ignored");
+        }
+        StopSignals {
+            term: signal(SignalKind::terminate()),
+            int: signal(SignalKind::interrupt()),
+        }
+    }
+
+    /// The signals `take` takes over, for a process to hold back until it has.
+    pub fn set() -> nix::sys::signal::SigSet {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+            set.add(signal);
+        }
+        set
+    }
+}
+
 /// SIGTERM (the bootstrap's hard limit, a shutdown) and SIGINT (Ctrl-C in a local run) stop the
 /// job the way an interruption does: outputs and status are still uploaded, within
 /// `upload_grace`.
-async fn watch_for_signals(interrupt: watch::Sender<Option<Interruption>>, upload_grace: Duration) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+async fn watch_for_signals(
+    signals: StopSignals,
+    interrupt: watch::Sender<Option<Interruption>>,
+    upload_grace: Duration,
+) {
+    let (Ok(mut term), Ok(mut int)) = (signals.term, signals.int) else {
         return;
     };
     let name = tokio::select! {

@@ -822,3 +822,96 @@ fn uploads_stop_before_the_hard_limit_so_that_status_json_is_written() {
     );
     assert_eq!(fixture.shutdowns(), 1);
 }
+
+/// A stop that comes while the worker is still asking IMDS who it is (up to a second where
+/// IMDS does not answer) is the job's to record, not the end of the process with no account.
+#[test]
+fn a_stop_signal_while_the_worker_starts_is_recorded() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job("in/data.csv", None);
+    // An IMDS that takes the connection and never answers.
+    let imds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", imds.local_addr().unwrap());
+    let mut child = fixture
+        .command(
+            &["run", "--job", &job.encode()],
+            &[
+                ("AWS_EC2_METADATA_DISABLED", "false".into()),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    imds.set_nonblocking(true).unwrap();
+    let asked = Instant::now();
+    let _held = loop {
+        match imds.accept() {
+            Ok((held, _)) => break held,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if asked.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    panic!("the worker never asked IMDS");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    let status = fixture.status("data", &job.results_key_prefix());
+    assert_eq!(status.state, State::Interrupted, "{status:#?}\n{stderr}");
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("SIGTERM")),
+        "{status:#?}"
+    );
+    assert_eq!(fixture.shutdowns(), 1);
+}
+
+/// A shell starts its background jobs with SIGINT and SIGQUIT ignored, and the bootstrap starts
+/// the worker as one. The command still gets every signal's default.
+#[test]
+fn the_command_gets_default_signals_when_the_worker_is_a_background_job() {
+    let fixture = Fixture::new();
+    fixture.put("data", "in/data.csv", CSV);
+    let job = fixture.job(
+        "in/data.csv",
+        Some(r#"grep '^SigIgn:' /proc/self/status > "$S3SPOT_OUTPUT_DIR/ignored""#),
+    );
+    let encoded = job.encode();
+    let worker = fixture.command(&["run", "--job", &encoded], &[]);
+    let mut shell = std::process::Command::new("bash");
+    shell
+        .env_clear()
+        .envs(
+            worker
+                .get_envs()
+                .filter_map(|(name, value)| Some((name, value?))),
+        )
+        .arg("-c")
+        .arg(r#""$0" "$@" & wait "$!""#)
+        .arg(worker.get_program())
+        .args(worker.get_args());
+    let output = shell.output().unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    let ignored = fixture.text("data", &format!("{}ignored", job.results_key_prefix()));
+    let mask = u64::from_str_radix(ignored.trim().trim_start_matches("SigIgn:").trim(), 16)
+        .unwrap_or_else(|e| panic!("{e}: {ignored}"));
+    // Bit n - 1 of the mask is signal n.
+    for (name, number) in [("SIGINT", 2), ("SIGQUIT", 3), ("SIGTERM", 15)] {
+        assert_eq!(mask & (1 << (number - 1)), 0, "{name} ignored: {ignored}");
+    }
+}
