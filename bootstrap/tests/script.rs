@@ -3,11 +3,13 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use s3spot_bootstrap::{
-    JobSpec, MAX_USER_DATA_BYTES, RenderError, WorkerArtifact, job_from_user_data, render_user_data,
+    JobSpec, KILL_AFTER_SECS, MAX_USER_DATA_BYTES, RenderError, WorkerArtifact,
+    container_environment, job_from_user_data, render_container_script, render_user_data,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -89,6 +91,11 @@ impl Sandbox {
     }
 
     fn run(&self, script: &str, env: &[(&str, &str)]) -> Output {
+        self.command(script, env).output().unwrap()
+    }
+
+    /// bash running `script` in the sandbox, not started yet.
+    fn command(&self, script: &str, env: &[(&str, &str)]) -> Command {
         let script_path = self.path("user-data.sh");
         fs::write(&script_path, script).unwrap();
         let path = format!(
@@ -99,6 +106,8 @@ impl Sandbox {
         let shutdown = format!("touch {}", self.path("shutdown-ran").display());
         let mut command = Command::new("bash");
         command
+            // A group of its own, so that a failed test can stop all of it.
+            .process_group(0)
             .arg(&script_path)
             .current_dir(self.dir.path())
             .env("PATH", path)
@@ -110,9 +119,52 @@ impl Sandbox {
         for (name, value) in env {
             command.env(name, value);
         }
-        command.output().unwrap()
+        command
     }
 
+    /// Starts `script` with output to the log only, and returns once the stub worker has
+    /// touched `worker-started`.
+    fn start_until_worker_runs(&self, script: &str, env: &[(&str, &str)]) -> std::process::Child {
+        let mut child = self
+            .command(script, env)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !self.path("worker-started").exists() {
+            if started.elapsed().as_secs() >= 30 {
+                kill_group(&mut child);
+                panic!("the worker never started");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    }
+}
+
+/// `child`'s exit status, or a failed test (with everything in its group killed) after `secs`.
+fn exit_within(child: &mut std::process::Child, secs: u64, what: &str) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed().as_secs() >= secs {
+            kill_group(child);
+            panic!("{what}: still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL to `child`'s group: the script and all it started, a stub worker left behind too.
+fn kill_group(child: &mut std::process::Child) {
+    let group = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).unwrap());
+    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+impl Sandbox {
     fn args(&self, name: &str) -> Vec<String> {
         let raw = fs::read(self.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         raw.split(|b| *b == 0)
@@ -304,60 +356,91 @@ fn a_signal_to_the_script_reaches_the_worker_which_then_finishes_before_the_shut
     // A worker that takes its time, notes the TERM, and exits as the real one does after
     // uploading what it has.
     let worker = "#!/bin/sh\ntrap 'echo term > \"$STUB_DIR/worker-got-term\"; sleep 0.2; exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n";
-    std::fs::write(sandbox.path("worker-binary"), worker).unwrap();
-    let sha256 = hex::encode(Sha256::digest(worker));
-    let spec = job("in/data.csv", &sha256);
-    let script_path = sandbox.path("user-data.sh");
-    std::fs::write(
-        &script_path,
-        render_user_data(&spec, None).unwrap().script(),
-    )
-    .unwrap();
-    let path = format!(
-        "{}:{}",
-        sandbox.path("bin").display(),
-        std::env::var("PATH").unwrap()
-    );
-    let mut child = Command::new("bash")
-        .arg(&script_path)
-        .env("PATH", path)
-        .env("STUB_DIR", sandbox.dir.path())
-        .env("S3SPOT_HOME", sandbox.path("home"))
-        .env("S3SPOT_LOG", sandbox.path("log/s3spot.log"))
-        .env("S3SPOT_RUN_AS", "")
-        .env(
-            "S3SPOT_SHUTDOWN_COMMAND",
-            format!("touch {}", sandbox.path("shutdown-ran").display()),
-        )
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !sandbox.path("worker-started").exists() {
-        assert!(started.elapsed().as_secs() < 10, "the worker never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    fs::write(sandbox.path("worker-binary"), worker).unwrap();
+    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
+    let mut child =
+        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let signalled = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if signalled.elapsed().as_secs() >= 20 {
-            let _ = child.kill();
-            panic!("the script did not pass the TERM on: the worker is still running");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(1), "the worker's exit status");
+    let status = exit_within(&mut child, 20, "the TERM was not passed on");
+    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "the worker's exit status: {log}");
     assert!(
         sandbox.path("worker-got-term").exists(),
         "the TERM reached the worker"
     );
     assert!(sandbox.path("shutdown-ran").exists());
-    let log = std::fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
     assert!(log.contains("worker finished with status 1"), "{log}");
+}
+
+/// A TERM can reach the worker before it listens for one (the moment it starts), and be lost:
+/// the script sends it again until the worker ends.
+#[test]
+fn a_stop_the_worker_missed_is_sent_again() {
+    let sandbox = Sandbox::new();
+    // A worker deaf to its first TERM.
+    let worker = "#!/bin/sh\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; [ \"$(wc -l < \"$STUB_DIR/worker-terms\")\" -ge 2 ] && exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n";
+    fs::write(sandbox.path("worker-binary"), worker).unwrap();
+    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
+    let mut child =
+        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Well before the hard limit (the job's max runtime plus 300 s).
+    let status = exit_within(&mut child, 20, "the TERM was not sent again");
+    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let terms = fs::read_to_string(sandbox.path("worker-terms")).unwrap();
+    assert!(terms.lines().count() >= 2, "{terms}");
+    assert!(!log.contains("hard limit"), "{log}");
+    assert!(sandbox.path("shutdown-ran").exists());
+}
+
+/// The hard limit catches a worker that hangs even past its own stop: TERM at the limit, KILL
+/// `KILL_AFTER_SECS` later, and the instance still shuts down. (The container form takes the
+/// limit from its environment, so a test can make it short.)
+#[test]
+fn a_worker_that_hangs_past_the_hard_limit_is_stopped_then_killed() {
+    let sandbox = Sandbox::new();
+    let worker = "#!/bin/sh\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.1; done\n";
+    fs::write(sandbox.path("worker-binary"), worker).unwrap();
+    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
+    let limit = 3;
+    let mut env = container_environment(&spec).unwrap();
+    env.iter_mut()
+        .find(|(name, _)| name == "S3SPOT_HARD_LIMIT_SECS")
+        .unwrap()
+        .1 = limit.to_string();
+    let env: Vec<(&str, &str)> = env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let started = std::time::Instant::now();
+    let mut child = sandbox.start_until_worker_runs(&render_container_script(None).unwrap(), &env);
+    let status = exit_within(&mut child, limit + KILL_AFTER_SECS + 30, "the hung worker");
+    let took = started.elapsed();
+    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    assert_eq!(status.code(), Some(137), "{log}");
+    assert_eq!(
+        fs::read_to_string(sandbox.path("worker-terms")).unwrap(),
+        "term\n",
+        "one TERM at the limit"
+    );
+    assert!(
+        log.contains(&format!(
+            "worker passed the hard limit of {limit}s; stopping it"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "worker still running {KILL_AFTER_SECS}s after the hard limit; killing it"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("worker finished with status 137"), "{log}");
+    assert!(sandbox.path("shutdown-ran").exists());
+    assert!(
+        took >= std::time::Duration::from_secs(limit + KILL_AFTER_SECS),
+        "took {took:?}"
+    );
 }
 
 #[test]
