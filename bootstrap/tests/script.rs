@@ -396,6 +396,27 @@ fn a_stop_the_worker_missed_is_sent_again() {
     assert!(sandbox.path("shutdown-ran").exists());
 }
 
+/// A TERM in the instant after the worker's start, before it can catch one, would end it with
+/// no account of the job: the script holds the stop until the worker catches TERM.
+#[test]
+fn a_stop_waits_until_the_worker_catches_term() {
+    let sandbox = Sandbox::new();
+    // A worker that takes a second and a half to start listening. (bash: dash blocks every
+    // signal while it waits for a command, which reads as "holding TERM back".)
+    let worker = "#!/bin/bash\ntouch \"$STUB_DIR/worker-started\"\nsleep 1.5\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; exit 1' TERM\nwhile :; do sleep 0.05; done\n";
+    fs::write(sandbox.path("worker-binary"), worker).unwrap();
+    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
+    let mut child =
+        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = exit_within(&mut child, 20, "the stop never reached the worker");
+    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "killed before it listened: {log}");
+    assert!(sandbox.path("worker-terms").exists(), "{log}");
+    assert!(sandbox.path("shutdown-ran").exists());
+}
+
 /// The hard limit catches a worker that hangs even past its own stop: TERM at the limit, KILL
 /// `KILL_AFTER_SECS` later, and the instance still shuts down. (The container form takes the
 /// limit from its environment, so a test can make it short.)
