@@ -350,26 +350,38 @@ fn the_workers_exit_status_is_kept_and_the_instance_still_shuts_down() {
     assert!(sandbox.path("shutdown-ran").exists());
 }
 
+impl Sandbox {
+    /// Runs the EC2 script with `worker` as the worker, sends the script a TERM once the worker
+    /// has started, and returns the script's exit status and log. The instance shut down.
+    fn stopped_once_the_worker_runs(&self, worker: &str) -> (std::process::ExitStatus, String) {
+        fs::write(self.path("worker-binary"), worker).unwrap();
+        let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
+        let mut child =
+            self.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        // Well before the hard limit (the job's max runtime plus 300 s).
+        let status = exit_within(&mut child, 20, "the stop never ended the worker");
+        let log = fs::read_to_string(self.path("log/s3spot.log")).unwrap();
+        assert!(self.path("shutdown-ran").exists(), "{log}");
+        assert!(!log.contains("hard limit"), "{log}");
+        (status, log)
+    }
+}
+
 #[test]
 fn a_signal_to_the_script_reaches_the_worker_which_then_finishes_before_the_shutdown() {
     let sandbox = Sandbox::new();
     // A worker that takes its time, notes the TERM, and exits as the real one does after
     // uploading what it has.
-    let worker = "#!/bin/sh\ntrap 'echo term > \"$STUB_DIR/worker-got-term\"; sleep 0.2; exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n";
-    fs::write(sandbox.path("worker-binary"), worker).unwrap();
-    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
-    let mut child =
-        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = exit_within(&mut child, 20, "the TERM was not passed on");
-    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    let (status, log) = sandbox.stopped_once_the_worker_runs(
+        "#!/bin/sh\ntrap 'echo term > \"$STUB_DIR/worker-got-term\"; sleep 0.2; exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n",
+    );
     assert_eq!(status.code(), Some(1), "the worker's exit status: {log}");
     assert!(
         sandbox.path("worker-got-term").exists(),
         "the TERM reached the worker"
     );
-    assert!(sandbox.path("shutdown-ran").exists());
     assert!(log.contains("worker finished with status 1"), "{log}");
 }
 
@@ -379,21 +391,12 @@ fn a_signal_to_the_script_reaches_the_worker_which_then_finishes_before_the_shut
 fn a_stop_the_worker_missed_is_sent_again() {
     let sandbox = Sandbox::new();
     // A worker deaf to its first TERM.
-    let worker = "#!/bin/sh\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; [ \"$(wc -l < \"$STUB_DIR/worker-terms\")\" -ge 2 ] && exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n";
-    fs::write(sandbox.path("worker-binary"), worker).unwrap();
-    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
-    let mut child =
-        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    // Well before the hard limit (the job's max runtime plus 300 s).
-    let status = exit_within(&mut child, 20, "the TERM was not sent again");
-    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    let (status, log) = sandbox.stopped_once_the_worker_runs(
+        "#!/bin/sh\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; [ \"$(wc -l < \"$STUB_DIR/worker-terms\")\" -ge 2 ] && exit 1' TERM\ntouch \"$STUB_DIR/worker-started\"\nwhile :; do sleep 0.05; done\n",
+    );
     assert_eq!(status.code(), Some(1), "{log}");
     let terms = fs::read_to_string(sandbox.path("worker-terms")).unwrap();
     assert!(terms.lines().count() >= 2, "{terms}");
-    assert!(!log.contains("hard limit"), "{log}");
-    assert!(sandbox.path("shutdown-ran").exists());
 }
 
 /// A TERM in the instant after the worker's start, before it can catch one, would end it with
@@ -403,18 +406,11 @@ fn a_stop_waits_until_the_worker_catches_term() {
     let sandbox = Sandbox::new();
     // A worker that takes a second and a half to start listening. (bash: dash blocks every
     // signal while it waits for a command, which reads as "holding TERM back".)
-    let worker = "#!/bin/bash\ntouch \"$STUB_DIR/worker-started\"\nsleep 1.5\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; exit 1' TERM\nwhile :; do sleep 0.05; done\n";
-    fs::write(sandbox.path("worker-binary"), worker).unwrap();
-    let spec = job("in/data.csv", &hex::encode(Sha256::digest(worker)));
-    let mut child =
-        sandbox.start_until_worker_runs(render_user_data(&spec, None).unwrap().script(), &[]);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = exit_within(&mut child, 20, "the stop never reached the worker");
-    let log = fs::read_to_string(sandbox.path("log/s3spot.log")).unwrap();
+    let (status, log) = sandbox.stopped_once_the_worker_runs(
+        "#!/bin/bash\ntouch \"$STUB_DIR/worker-started\"\nsleep 1.5\ntrap 'echo term >> \"$STUB_DIR/worker-terms\"; exit 1' TERM\nwhile :; do sleep 0.05; done\n",
+    );
     assert_eq!(status.code(), Some(1), "killed before it listened: {log}");
     assert!(sandbox.path("worker-terms").exists(), "{log}");
-    assert!(sandbox.path("shutdown-ran").exists());
 }
 
 /// The hard limit catches a worker that hangs even past its own stop: TERM at the limit, KILL
