@@ -350,7 +350,7 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
     /// list price for an on-demand instance, or for a spot one whose price EC2 did not give.
     /// Never fails: a price that cannot be found says why, and the attempt has no cost.
     async fn price_at_launch(&self, placed: &Placed, volume_gib: Option<u64>) -> LaunchPrice {
-        let Some(_) = placed.instance_type else {
+        let Some(instance_type) = placed.instance_type.clone() else {
             // A Batch job: Batch places it on an instance that its jobs share, later.
             return LaunchPrice {
                 instance_type: String::new(),
@@ -366,7 +366,6 @@ impl<L: Launcher, S: StatusStore> Handler<L, S> {
             };
         };
         let region = self.config.job.region.as_deref().unwrap_or_default();
-        let instance_type = placed.instance_type.clone().unwrap_or_default();
         let zone = placed
             .placement
             .clone()
